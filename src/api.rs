@@ -1,0 +1,309 @@
+//! Client of the Provena data store API: fetch a dataset, list the registry,
+//! get read credentials.
+//!
+//! Every call carries a Bearer access token from [`TokenSource`]. A 401 can
+//! mean "token expired" or "not allowed"; the client refreshes the token once
+//! and retries, and only a second 401 is taken as a refusal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::auth::{AuthError, TokenSource};
+use crate::wire::{
+    AwsCredentials, CredentialsRequest, CredentialsResponse, ErrorDetail, FetchDatasetResponse,
+    ItemDataset, ListRequest, ListResponse,
+};
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Base URL, e.g. `https://data-api.mds.gbrrestoration.org`.
+    pub base_url: String,
+    /// Registry list page size.
+    pub page_size: u32,
+    /// Attempts for transient failures (5xx, resets) per call.
+    pub attempts: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://data-api.mds.gbrrestoration.org".into(),
+            page_size: 100,
+            attempts: 4,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("no dataset with handle {0}")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the data store API answered HTTP {status}: {detail}")]
+    Http { status: u16, detail: String },
+    #[error("cannot reach the data store API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the data store API sent an answer we cannot read: {0}")]
+    Malformed(String),
+}
+
+impl ApiError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Http { status, .. } => *status >= 500 || *status == 429,
+            ApiError::Unreachable { .. } => true,
+            ApiError::Auth(a) => a.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A reqwest error in words, without the request body (where tokens live).
+pub fn describe_reqwest(e: &reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "answer cut short"
+    } else {
+        "request failed"
+    };
+    let mut src = std::error::Error::source(e);
+    let mut root = String::new();
+    while let Some(s) = src {
+        root = s.to_string();
+        src = s.source();
+    }
+    if root.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} ({root})")
+    }
+}
+
+/// Talks to the data store API for one user.
+pub struct DataStoreClient {
+    http: reqwest::Client,
+    config: ApiConfig,
+    tokens: Arc<TokenSource>,
+}
+
+enum Method<'a> {
+    Get(&'a [(&'a str, &'a str)]),
+    Post(serde_json::Value),
+}
+
+impl DataStoreClient {
+    pub fn new(http: reqwest::Client, config: ApiConfig, tokens: Arc<TokenSource>) -> Self {
+        Self {
+            http,
+            config,
+            tokens,
+        }
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenSource> {
+        &self.tokens
+    }
+
+    /// The registry record of `handle`; `NotFound` when the service does not know it.
+    pub async fn fetch_dataset(&self, handle: &str) -> Result<ItemDataset, ApiError> {
+        let span = info_span!("fetch_dataset", handle);
+        async {
+            let r: FetchDatasetResponse = self
+                .call(
+                    "/registry/items/fetch-dataset",
+                    Method::Get(&[("handle_id", handle)]),
+                    handle,
+                )
+                .await?;
+            match (r.status.success, r.item) {
+                (true, Some(item)) => Ok(item),
+                _ => Err(ApiError::NotFound(handle.to_string())),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Every dataset the user may see, all pages.
+    pub async fn list_datasets(&self) -> Result<Vec<ItemDataset>, ApiError> {
+        let span = info_span!("list_datasets");
+        async {
+            let mut out = Vec::new();
+            let mut key: Option<serde_json::Value> = None;
+            let mut pages = 0u32;
+            loop {
+                let body = serde_json::to_value(ListRequest {
+                    page_size: self.config.page_size,
+                    pagination_key: key.take(),
+                    sort_by: None,
+                })
+                .map_err(|e| ApiError::Malformed(e.to_string()))?;
+                let r: ListResponse = self
+                    .call("/registry/items/list", Method::Post(body), "")
+                    .await?;
+                if !r.status.success {
+                    return Err(ApiError::Http {
+                        status: 200,
+                        detail: r.status.details,
+                    });
+                }
+                pages += 1;
+                out.extend(r.items);
+                match r.pagination_key {
+                    Some(k) if !k.is_null() => key = Some(k),
+                    _ => break,
+                }
+                if pages > 100_000 {
+                    return Err(ApiError::Malformed("registry list never ends".into()));
+                }
+            }
+            debug!(pages, datasets = out.len(), "registry listed");
+            Ok(out)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Temporary S3 read credentials for `handle`.
+    pub async fn read_credentials(&self, handle: &str) -> Result<AwsCredentials, ApiError> {
+        let span = info_span!("read_credentials", handle);
+        async {
+            let body = serde_json::to_value(CredentialsRequest {
+                dataset_id: handle.to_string(),
+                console_session_required: false,
+            })
+            .map_err(|e| ApiError::Malformed(e.to_string()))?;
+            let r: CredentialsResponse = self
+                .call(
+                    "/registry/credentials/generate-read-access-credentials",
+                    Method::Post(body),
+                    handle,
+                )
+                .await?;
+            if !r.status.success {
+                return Err(ApiError::Http {
+                    status: 200,
+                    detail: r.status.details,
+                });
+            }
+            Ok(r.credentials)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One API call with token refresh on 401 and retries on transient failures.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        method: Method<'_>,
+        handle: &str,
+    ) -> Result<T, ApiError> {
+        let mut attempt = 0u32;
+        let mut refreshed = false;
+        loop {
+            attempt += 1;
+            let res = self.call_once(path, &method, handle).await;
+            match res {
+                Err(Refusal::Unauthorized(detail, token)) => {
+                    if refreshed {
+                        return Err(ApiError::PermissionDenied(detail));
+                    }
+                    self.tokens.invalidate(&token).await;
+                    refreshed = true;
+                }
+                Err(Refusal::Other(e)) if e.is_transient() && attempt < self.config.attempts => {
+                    let wait = crate::retry::backoff(attempt);
+                    warn!(path, attempt, error = %e, "data store call failed, retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(Refusal::Other(e)) => return Err(e),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+
+    async fn call_once<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        method: &Method<'_>,
+        handle: &str,
+    ) -> Result<T, Refusal> {
+        let token = self.tokens.access_token().await.map_err(ApiError::Auth)?;
+        let url = format!("{}{}", self.config.base_url.trim_end_matches('/'), path);
+        let req = match method {
+            Method::Get(q) => self.http.get(&url).query(q),
+            Method::Post(b) => self.http.post(&url).json(b),
+        };
+        let unreachable = |e: reqwest::Error| ApiError::Unreachable {
+            url: url.clone(),
+            reason: describe_reqwest(&e),
+        };
+        let resp = req
+            .bearer_auth(token.expose())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(unreachable)?;
+        match status {
+            200 => serde_json::from_slice(&body)
+                .map_err(|e| Refusal::Other(ApiError::Malformed(format!("{path}: {e}")))),
+            401 | 403 => {
+                let detail = detail_of(&body);
+                if status == 401 {
+                    Err(Refusal::Unauthorized(detail, token))
+                } else {
+                    Err(Refusal::Other(ApiError::PermissionDenied(detail)))
+                }
+            }
+            400 | 404 if !handle.is_empty() => {
+                // fetch-dataset answers an unknown handle with 400 + detail.
+                debug!(status, detail = %detail_of(&body), "dataset not found");
+                Err(Refusal::Other(ApiError::NotFound(handle.to_string())))
+            }
+            _ => Err(Refusal::Other(ApiError::Http {
+                status,
+                detail: detail_of(&body),
+            })),
+        }
+    }
+}
+
+enum Refusal {
+    Unauthorized(String, crate::secret::Secret),
+    Other(ApiError),
+}
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        Refusal::Other(e)
+    }
+}
+
+/// The human part of an error body: FastAPI `detail`, or `status.details`.
+fn detail_of(body: &[u8]) -> String {
+    if let Ok(d) = serde_json::from_slice::<ErrorDetail>(body) {
+        return match d.detail {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        if let Some(s) = v.pointer("/status/details").and_then(|s| s.as_str()) {
+            return s.to_string();
+        }
+    }
+    String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+}

@@ -1,0 +1,452 @@
+//! The fuser adapter: one thin method per FUSE operation.
+//!
+//! Every operation that may touch the network is handed to a tokio task with
+//! its reply, so the FUSE worker threads never wait on S3 or the API.
+//! Errors become errnos here and only here ([`errno`]), logged once.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyCreate, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::tree::{Attr, DirEntry, FileKind, Tree};
+use super::FsError;
+use crate::read::OpenFile;
+
+/// Ownership and modes shown for every inode.
+#[derive(Clone, Debug)]
+pub struct FuseConfig {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Self {
+            uid,
+            gid,
+            file_mode: 0o444,
+            dir_mode: 0o555,
+        }
+    }
+}
+
+/// The one place where errors become errnos.
+pub fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::PermissionDenied(_) => Errno::EACCES,
+        FsError::Stale => Errno::ESTALE,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::BadHandle => Errno::EBADF,
+        FsError::Io(_) => Errno::EIO,
+    }
+}
+
+fn log_failure(op: &str, e: &FsError) {
+    match e {
+        FsError::NotFound => debug!(op, "not found"),
+        FsError::PermissionDenied(_) | FsError::Stale => warn!(op, error = %e, "failed"),
+        _ => warn!(op, error = %e, "failed"),
+    }
+}
+
+pub struct ProvenaFs {
+    tree: Arc<Tree>,
+    cfg: FuseConfig,
+    rt: Handle,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
+    next_fh: AtomicU64,
+}
+
+impl ProvenaFs {
+    pub fn new(tree: Arc<Tree>, cfg: FuseConfig, rt: Handle) -> Self {
+        Self {
+            tree,
+            cfg,
+            rt,
+            files: Default::default(),
+            dirs: Default::default(),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        fuse_attr(&self.cfg, a)
+    }
+
+    fn fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn fuse_attr(cfg: &FuseConfig, a: &Attr) -> FileAttr {
+    let (kind, perm, nlink) = match a.kind {
+        FileKind::Directory => (FileType::Directory, cfg.dir_mode, 2),
+        FileKind::File => (FileType::RegularFile, cfg.file_mode, 1),
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind,
+        perm,
+        nlink,
+        uid: cfg.uid,
+        gid: cfg.gid,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Filesystem for ProvenaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags;
+        let want = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS;
+        if let Err(missing) = config.add_capabilities(want) {
+            debug!(?missing, "kernel lacks some FUSE capabilities");
+        }
+        let _ = config.set_max_readahead(1024 * 1024);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let tree = self.tree.clone();
+        let cfg = self.cfg.clone();
+        let span = info_span!("lookup", parent = parent.0, name = %name);
+        self.rt.spawn(
+            async move {
+                match tree.lookup(parent.0, &name).await {
+                    Ok(a) => {
+                        let ttl = tree.ttl();
+                        reply.entry(&ttl, &fuse_attr(&cfg, &a), Generation(0))
+                    }
+                    Err(FsError::NotFound) => {
+                        // A negative entry the kernel may cache for the TTL.
+                        reply.error(Errno::ENOENT)
+                    }
+                    Err(e) => {
+                        log_failure("lookup", &e);
+                        reply.error(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = info_span!("getattr", ino = ino.0).entered();
+        match self.tree.getattr(ino.0) {
+            Ok(a) => reply.attr(&self.tree.ttl(), &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = info_span!("open", ino = ino.0).entered();
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        match self.tree.file(ino.0) {
+            Ok(f) => {
+                let fh = self.fh();
+                lock(&self.files).insert(fh, Arc::new(OpenFile::new(f)));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => {
+                log_failure("open", &e);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = lock(&self.files).get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let span = info_span!("read", ino = ino.0, offset, size);
+        self.rt.spawn(
+            async move {
+                match file.read(offset, size).await {
+                    Ok(b) => reply.data(&b),
+                    Err(e) => {
+                        log_failure("read", &e);
+                        reply.error(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.files).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.is_dir(ino.0) {
+            Ok(true) => {}
+            Ok(false) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(errno(&e)),
+        }
+        let tree = self.tree.clone();
+        let dirs = self.dirs.clone();
+        let fh = self.fh();
+        let span = info_span!("opendir", ino = ino.0);
+        self.rt.spawn(
+            async move {
+                // The listing is taken once per open directory handle, so
+                // readdir offsets stay valid however the folder changes.
+                match tree.readdir(ino.0).await {
+                    Ok(entries) => {
+                        lock(&dirs).insert(fh, Arc::new(entries));
+                        reply.opened(FileHandle(fh), FopenFlags::empty());
+                    }
+                    Err(e) => {
+                        log_failure("opendir", &e);
+                        reply.error(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _s = info_span!("readdir", ino = ino.0, offset).entered();
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let dots = [(ino.0, "."), (ino.0, "..")];
+        let total = entries.len() as u64 + 2;
+        for i in offset..total {
+            let full = if i < 2 {
+                let (n, name) = dots[i as usize];
+                reply.add(INodeNo(n), i + 1, FileType::Directory, name)
+            } else {
+                let e = &entries[(i - 2) as usize];
+                let kind = match e.attr.kind {
+                    FileKind::Directory => FileType::Directory,
+                    FileKind::File => FileType::RegularFile,
+                };
+                reply.add(INodeNo(e.attr.ino), i + 1, kind, &e.name)
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let _s = info_span!("readdirplus", ino = ino.0, offset).entered();
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let ttl = self.tree.ttl();
+        let total = entries.len() as u64 + 2;
+        for i in offset..total {
+            let full = if i < 2 {
+                let name = if i == 0 { "." } else { ".." };
+                let Ok(a) = self.tree.getattr(ino.0) else {
+                    break;
+                };
+                // `.` and `..` carry no lookup count; zero TTL keeps it so.
+                reply.add(INodeNo(ino.0), i + 1, name, &Duration::ZERO, &self.attr(&a), Generation(0))
+            } else {
+                let e = &entries[(i - 2) as usize];
+                reply.add(INodeNo(e.attr.ino), i + 1, &e.name, &ttl, &self.attr(&e.attr), Generation(0))
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.bits() & libc::W_OK != 0 {
+            reply.error(Errno::EROFS);
+        } else {
+            reply.ok();
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    // Everything that would change the tree: read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}

@@ -1,0 +1,718 @@
+//! The inode table: root → handle prefix → dataset → S3 folders and objects.
+//!
+//! It owns names, inode numbers, listings and their TTLs, and knows nothing
+//! of FUSE. Network calls are made without holding the table lock; results
+//! are merged in afterwards, so one slow listing never blocks other lookups.
+//!
+//! Costs it promises (see docs/SEMANTICS.md): a lookup in a folder listed
+//! within the metadata TTL makes no request, positive or negative; a lookup
+//! of one handle never lists the registry; the registry is listed at most
+//! once per TTL however many `ls` run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tracing::{debug, warn};
+
+use super::names;
+use super::FsError;
+use crate::api::{ApiError, DataStoreClient};
+use crate::s3::{ObjectMeta, ObjectStore, StoreFactory};
+use crate::wire::{split_handle, ItemDataset};
+
+pub const ROOT_INO: u64 = 1;
+
+/// The registry as the tree needs it.
+#[async_trait]
+pub trait Catalog: Send + Sync {
+    async fn list(&self) -> Result<Vec<ItemDataset>, ApiError>;
+    async fn fetch(&self, handle: &str) -> Result<ItemDataset, ApiError>;
+}
+
+#[async_trait]
+impl Catalog for DataStoreClient {
+    async fn list(&self) -> Result<Vec<ItemDataset>, ApiError> {
+        self.list_datasets().await
+    }
+    async fn fetch(&self, handle: &str) -> Result<ItemDataset, ApiError> {
+        self.fetch_dataset(handle).await
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TreeConfig {
+    /// How long listings, attributes and negative lookups are trusted.
+    pub metadata_ttl: Duration,
+    /// Keys per ListObjectsV2 page.
+    pub list_page_size: i32,
+}
+
+impl Default for TreeConfig {
+    fn default() -> Self {
+        Self {
+            metadata_ttl: Duration::from_secs(60),
+            list_page_size: 1000,
+        }
+    }
+}
+
+/// One dataset: where its objects live and how to reach them.
+pub struct Dataset {
+    pub handle: String,
+    pub bucket: String,
+    /// Key prefix, always ending in `/`.
+    pub prefix: String,
+    pub updated: SystemTime,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Directory,
+    File,
+}
+
+/// Attributes of one inode, FUSE-agnostic.
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: String,
+    pub attr: Attr,
+}
+
+/// What `open` needs of a file: where to read it and which version.
+#[derive(Clone)]
+pub struct FileRef {
+    pub dataset: Arc<Dataset>,
+    pub meta: ObjectMeta,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Root,
+    Prefix(String),
+    Dir { ds: Arc<Dataset>, prefix: String },
+    File { ds: Arc<Dataset>, meta: ObjectMeta },
+}
+
+impl Kind {
+    fn file_kind(&self) -> FileKind {
+        match self {
+            Kind::File { .. } => FileKind::File,
+            _ => FileKind::Directory,
+        }
+    }
+}
+
+struct Listing {
+    at: Instant,
+    children: BTreeMap<String, u64>,
+}
+
+struct Node {
+    kind: Kind,
+    listing: Option<Listing>,
+    /// Names recently found missing, with when.
+    missing: HashMap<String, Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: HashMap<u64, Node>,
+    index: HashMap<(u64, String), u64>,
+    next_ino: u64,
+    datasets: HashMap<String, Arc<Dataset>>,
+    /// Handles seen in the last registry listing, and when.
+    registry: Option<(Instant, BTreeSet<String>)>,
+    hidden_logged: HashSet<String>,
+}
+
+pub struct Tree {
+    cfg: TreeConfig,
+    catalog: Arc<dyn Catalog>,
+    stores: Arc<dyn StoreFactory>,
+    state: Mutex<State>,
+    /// Single flight for registry listings.
+    registry_refresh: tokio::sync::Mutex<()>,
+    mounted_at: SystemTime,
+}
+
+impl Tree {
+    pub fn new(cfg: TreeConfig, catalog: Arc<dyn Catalog>, stores: Arc<dyn StoreFactory>) -> Self {
+        let mut st = State {
+            next_ino: ROOT_INO + 1,
+            ..Default::default()
+        };
+        st.nodes.insert(
+            ROOT_INO,
+            Node {
+                kind: Kind::Root,
+                listing: None,
+                missing: HashMap::new(),
+            },
+        );
+        Self {
+            cfg,
+            catalog,
+            stores,
+            state: Mutex::new(st),
+            registry_refresh: tokio::sync::Mutex::new(()),
+            mounted_at: SystemTime::now(),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.cfg.metadata_ttl
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent maps (every
+        // mutation is a single insert), so poisoning is not fatal.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.cfg.metadata_ttl
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let st = self.state();
+        let node = st.nodes.get(&ino).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(ino, &node.kind))
+    }
+
+    fn attr_of(&self, ino: u64, kind: &Kind) -> Attr {
+        match kind {
+            Kind::File { meta, .. } => Attr {
+                ino,
+                kind: FileKind::File,
+                size: meta.size,
+                mtime: meta.last_modified,
+            },
+            Kind::Dir { ds, prefix } if *prefix == ds.prefix => Attr {
+                ino,
+                kind: FileKind::Directory,
+                size: 0,
+                mtime: ds.updated,
+            },
+            _ => Attr {
+                ino,
+                kind: FileKind::Directory,
+                size: 0,
+                mtime: self.mounted_at,
+            },
+        }
+    }
+
+    /// Inode for `name` under `parent`, reusing the number it had before
+    /// unless it changed between file and directory.
+    fn intern(&self, st: &mut State, parent: u64, name: &str, kind: Kind) -> u64 {
+        let key = (parent, name.to_string());
+        if let Some(&ino) = st.index.get(&key) {
+            if let Some(node) = st.nodes.get_mut(&ino) {
+                if node.kind.file_kind() == kind.file_kind() {
+                    node.kind = kind;
+                    return ino;
+                }
+            }
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        st.nodes.insert(
+            ino,
+            Node {
+                kind,
+                listing: None,
+                missing: HashMap::new(),
+            },
+        );
+        st.index.insert(key, ino);
+        ino
+    }
+
+    fn entry(&self, st: &mut State, parent: u64, name: &str, kind: Kind) -> Attr {
+        let ino = self.intern(st, parent, name, kind.clone());
+        self.attr_of(ino, &kind)
+    }
+
+    fn log_hidden(&self, st: &mut State, key: &str, why: names::Hidden) {
+        if st.hidden_logged.insert(key.to_string()) {
+            warn!(key = %key.escape_debug(), reason = why.reason(), "S3 key hidden from the mount");
+        }
+    }
+
+    fn dataset_from(&self, st: &mut State, item: &ItemDataset) -> Arc<Dataset> {
+        if let Some(ds) = st.datasets.get(&item.id) {
+            return ds.clone();
+        }
+        let mut prefix = item.s3.path.trim_start_matches('/').to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let ds = Arc::new(Dataset {
+            handle: item.id.clone(),
+            bucket: item.s3.bucket_name.clone(),
+            store: self.stores.open(&item.id, &item.s3.bucket_name),
+            prefix,
+            updated: item
+                .updated_timestamp
+                .or(item.created_timestamp)
+                .filter(|t| *t > 0)
+                .map(|t| UNIX_EPOCH + Duration::from_secs(t as u64))
+                .unwrap_or(self.mounted_at),
+        });
+        st.datasets.insert(item.id.clone(), ds.clone());
+        ds
+    }
+
+    /// The registry's handles, listed at most once per TTL.
+    async fn registry(&self) -> Result<BTreeSet<String>, FsError> {
+        if let Some((at, set)) = &self.state().registry {
+            if self.fresh(*at) {
+                return Ok(set.clone());
+            }
+        }
+        let _flight = self.registry_refresh.lock().await;
+        if let Some((at, set)) = &self.state().registry {
+            if self.fresh(*at) {
+                return Ok(set.clone());
+            }
+        }
+        let items = self.catalog.list().await?;
+        let mut st = self.state();
+        let mut set = BTreeSet::new();
+        for item in &items {
+            if split_handle(&item.id).is_none() {
+                warn!(handle = %item.id, "registry returned a malformed handle; skipped");
+                continue;
+            }
+            self.dataset_from(&mut st, item);
+            set.insert(item.id.clone());
+        }
+        st.registry = Some((Instant::now(), set.clone()));
+        Ok(set)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        let kind = {
+            let st = self.state();
+            let node = st.nodes.get(&parent).ok_or(FsError::NotFound)?;
+            if let Some(l) = node.listing.as_ref().filter(|l| self.fresh(l.at)) {
+                // Listed recently: the listing is the answer, both ways.
+                return match l.children.get(name) {
+                    Some(&ino) => Ok(self.attr_of(ino, &st.nodes[&ino].kind)),
+                    None => Err(FsError::NotFound),
+                };
+            }
+            if node.missing.get(name).is_some_and(|at| self.fresh(*at)) {
+                return Err(FsError::NotFound);
+            }
+            node.kind.clone()
+        };
+        let found = match kind {
+            Kind::Root => self.lookup_prefix(name),
+            Kind::Prefix(p) => self.lookup_dataset(parent, &p, name).await,
+            Kind::Dir { ds, prefix } => self.lookup_object(parent, &ds, &prefix, name).await,
+            Kind::File { .. } => Err(FsError::NotDir),
+        };
+        if let Err(FsError::NotFound) = found {
+            let mut st = self.state();
+            if let Some(node) = st.nodes.get_mut(&parent) {
+                node.missing.insert(name.to_string(), Instant::now());
+            }
+        }
+        found
+    }
+
+    fn lookup_prefix(&self, name: &str) -> Result<Attr, FsError> {
+        // Any name shaped like a handle prefix resolves, so a handle that
+        // is not listed still opens by path; nothing is fetched until a
+        // suffix below it is looked up.
+        if !names::is_handle_prefix(name) {
+            return Err(FsError::NotFound);
+        }
+        let mut st = self.state();
+        Ok(self.entry(&mut st, ROOT_INO, name, Kind::Prefix(name.to_string())))
+    }
+
+    async fn lookup_dataset(&self, parent: u64, prefix: &str, suffix: &str) -> Result<Attr, FsError> {
+        if !names::is_handle_suffix(suffix) {
+            return Err(FsError::NotFound);
+        }
+        let handle = format!("{prefix}/{suffix}");
+        let known = self.state().datasets.get(&handle).cloned();
+        let ds = match known {
+            Some(ds) => ds,
+            None => {
+                let item = self.catalog.fetch(&handle).await?;
+                if item.id != handle {
+                    warn!(asked = %handle, got = %item.id, "fetch-dataset returned another handle");
+                    return Err(FsError::NotFound);
+                }
+                let mut st = self.state();
+                self.dataset_from(&mut st, &item)
+            }
+        };
+        let mut st = self.state();
+        let prefix = ds.prefix.clone();
+        Ok(self.entry(&mut st, parent, suffix, Kind::Dir { ds, prefix }))
+    }
+
+    async fn lookup_object(
+        &self,
+        parent: u64,
+        ds: &Arc<Dataset>,
+        dir: &str,
+        name: &str,
+    ) -> Result<Attr, FsError> {
+        if names::check(name).is_err() {
+            return Err(FsError::NotFound);
+        }
+        let key = format!("{dir}{name}");
+        let sub = format!("{key}/");
+        // Directory and object probes in parallel; the directory wins.
+        let (listed, head) = tokio::join!(
+            ds.store.list(&sub, Some("/"), None, Some(1)),
+            ds.store.head(&key)
+        );
+        let listed = listed?;
+        let mut st = self.state();
+        if !listed.objects.is_empty() || !listed.prefixes.is_empty() {
+            return Ok(self.entry(
+                &mut st,
+                parent,
+                name,
+                Kind::Dir {
+                    ds: ds.clone(),
+                    prefix: sub,
+                },
+            ));
+        }
+        let meta = head?;
+        Ok(self.entry(&mut st, parent, name, Kind::File { ds: ds.clone(), meta }))
+    }
+
+    /// Every entry of directory `ino`, from a listing no older than the TTL.
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        let kind = {
+            let st = self.state();
+            let node = st.nodes.get(&ino).ok_or(FsError::NotFound)?;
+            if let Some(l) = node.listing.as_ref().filter(|l| self.fresh(l.at)) {
+                return Ok(self.entries(&st, &l.children));
+            }
+            node.kind.clone()
+        };
+        let children = match kind {
+            Kind::Root => {
+                let handles = self.registry().await?;
+                let mut st = self.state();
+                let mut prefixes: BTreeSet<String> = handles
+                    .iter()
+                    .filter_map(|h| split_handle(h).map(|(p, _)| p.to_string()))
+                    .collect();
+                // Prefixes resolved by name stay visible too.
+                prefixes.extend(st.index.keys().filter(|(p, _)| *p == ROOT_INO).map(|(_, n)| n.clone()));
+                prefixes
+                    .into_iter()
+                    .map(|p| {
+                        let ino = self.intern(&mut st, ROOT_INO, &p, Kind::Prefix(p.clone()));
+                        (p, ino)
+                    })
+                    .collect()
+            }
+            Kind::Prefix(p) => {
+                let handles = self.registry().await?;
+                let mut st = self.state();
+                let want = format!("{p}/");
+                let mut out = BTreeMap::new();
+                let datasets: Vec<Arc<Dataset>> = st
+                    .datasets
+                    .values()
+                    .filter(|d| {
+                        d.handle.starts_with(&want)
+                            && (handles.contains(&d.handle)
+                                || st.index.contains_key(&(ino, d.handle[want.len()..].to_string())))
+                    })
+                    .cloned()
+                    .collect();
+                for ds in datasets {
+                    let suffix = ds.handle[want.len()..].to_string();
+                    let prefix = ds.prefix.clone();
+                    let child = self.intern(&mut st, ino, &suffix, Kind::Dir { ds, prefix });
+                    out.insert(suffix, child);
+                }
+                out
+            }
+            Kind::Dir { ds, prefix } => self.list_dir(ino, &ds, &prefix).await?,
+            Kind::File { .. } => return Err(FsError::NotDir),
+        };
+        let mut st = self.state();
+        let entries = self.entries(&st, &children);
+        if let Some(node) = st.nodes.get_mut(&ino) {
+            node.missing.clear();
+            node.listing = Some(Listing {
+                at: Instant::now(),
+                children,
+            });
+        }
+        Ok(entries)
+    }
+
+    fn entries(&self, st: &State, children: &BTreeMap<String, u64>) -> Vec<DirEntry> {
+        children
+            .iter()
+            .filter_map(|(name, ino)| {
+                st.nodes.get(ino).map(|n| DirEntry {
+                    name: name.clone(),
+                    attr: self.attr_of(*ino, &n.kind),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_dir(
+        &self,
+        ino: u64,
+        ds: &Arc<Dataset>,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, u64>, FsError> {
+        let mut dirs: BTreeSet<String> = BTreeSet::new();
+        let mut files: Vec<(String, ObjectMeta)> = Vec::new();
+        let mut hidden: Vec<(String, names::Hidden)> = Vec::new();
+        let mut token = None;
+        let mut pages = 0;
+        loop {
+            let page = ds
+                .store
+                .list(prefix, Some("/"), token.take(), Some(self.cfg.list_page_size))
+                .await?;
+            pages += 1;
+            for p in page.prefixes {
+                let name = p[prefix.len().min(p.len())..].trim_end_matches('/').to_string();
+                // `a//b` lists as prefix `a//`: an empty segment.
+                match names::check(&name) {
+                    Ok(()) if p.ends_with('/') && !p[prefix.len()..p.len() - 1].contains('/') => {
+                        dirs.insert(name);
+                    }
+                    Ok(()) => hidden.push((p, names::Hidden::Empty)),
+                    Err(why) => hidden.push((p, why)),
+                }
+            }
+            for o in page.objects {
+                let name = &o.key[prefix.len().min(o.key.len())..];
+                if name.is_empty() {
+                    continue; // the folder marker of this directory itself
+                }
+                match names::check(name) {
+                    Ok(()) => files.push((name.to_string(), o)),
+                    Err(why) => hidden.push((o.key.clone(), why)),
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        debug!(handle = %ds.handle, prefix, pages, dirs = dirs.len(), files = files.len(), "listed");
+        let mut st = self.state();
+        for (key, why) in hidden {
+            self.log_hidden(&mut st, &key, why);
+        }
+        let mut children = BTreeMap::new();
+        for d in dirs {
+            let sub = format!("{prefix}{d}/");
+            let child = self.intern(
+                &mut st,
+                ino,
+                &d,
+                Kind::Dir {
+                    ds: ds.clone(),
+                    prefix: sub,
+                },
+            );
+            children.insert(d, child);
+        }
+        for (name, meta) in files {
+            if children.contains_key(&name) {
+                // The directory wins; the object is shadowed.
+                let key = meta.key.clone();
+                if st.hidden_logged.insert(key.clone()) {
+                    warn!(key = %key.escape_debug(), "object shadowed by a directory of the same name");
+                }
+                continue;
+            }
+            let child = self.intern(&mut st, ino, &name, Kind::File { ds: ds.clone(), meta });
+            children.insert(name, child);
+        }
+        Ok(children)
+    }
+
+    /// What `open` needs to read file `ino`.
+    pub fn file(&self, ino: u64) -> Result<FileRef, FsError> {
+        let st = self.state();
+        match &st.nodes.get(&ino).ok_or(FsError::NotFound)?.kind {
+            Kind::File { ds, meta } => Ok(FileRef {
+                dataset: ds.clone(),
+                meta: meta.clone(),
+            }),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// Whether `ino` is a directory (for opendir); no network.
+    pub fn is_dir(&self, ino: u64) -> Result<bool, FsError> {
+        let st = self.state();
+        Ok(st.nodes.get(&ino).ok_or(FsError::NotFound)?.kind.file_kind() == FileKind::Directory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::memory::{MemoryFactory, MemoryStore};
+    use crate::wire::S3Location;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct FakeCatalog {
+        items: Vec<ItemDataset>,
+        lists: AtomicU64,
+        fetches: AtomicU64,
+    }
+
+    fn item(handle: &str) -> ItemDataset {
+        ItemDataset {
+            id: handle.into(),
+            display_name: None,
+            collection_format: None,
+            s3: S3Location {
+                bucket_name: "b".into(),
+                path: format!("datasets/{}/", handle.replace(['.', '/'], "-")),
+                s3_uri: None,
+            },
+            created_timestamp: Some(1),
+            updated_timestamp: Some(2),
+            release_status: None,
+            extra: Default::default(),
+        }
+    }
+
+    #[async_trait]
+    impl Catalog for FakeCatalog {
+        async fn list(&self) -> Result<Vec<ItemDataset>, ApiError> {
+            self.lists.fetch_add(1, Ordering::Relaxed);
+            Ok(self.items.iter().filter(|i| i.id != "1.2/hidden").cloned().collect())
+        }
+        async fn fetch(&self, handle: &str) -> Result<ItemDataset, ApiError> {
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.items
+                .iter()
+                .find(|i| i.id == handle)
+                .cloned()
+                .ok_or_else(|| ApiError::NotFound(handle.into()))
+        }
+    }
+
+    fn setup() -> (Tree, Arc<FakeCatalog>, Arc<MemoryStore>) {
+        let cat = Arc::new(FakeCatalog {
+            items: vec![item("1.2/3"), item("1.2/4"), item("7/8"), item("1.2/hidden")],
+            lists: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+        });
+        let store = Arc::new(MemoryStore::new());
+        for k in [
+            "datasets/1-2-3/a.csv",
+            "datasets/1-2-3/data/x.bin",
+            "datasets/1-2-3/data/sub/y",
+            "datasets/1-2-3/clash",
+            "datasets/1-2-3/clash/inner",
+            "datasets/1-2-3/./dot",
+            "datasets/1-2-3/marker/",
+            "datasets/1-2-hidden/z",
+        ] {
+            store.put(k, "hello");
+        }
+        let tree = Tree::new(
+            TreeConfig::default(),
+            cat.clone(),
+            Arc::new(MemoryFactory(store.clone())),
+        );
+        (tree, cat, store)
+    }
+
+    fn names(v: &[DirEntry]) -> Vec<&str> {
+        v.iter().map(|e| e.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn walks_root_prefix_dataset_and_folders() {
+        let (t, cat, _) = setup();
+        assert_eq!(names(&t.readdir(ROOT_INO).await.unwrap()), ["1.2", "7"]);
+        let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
+        assert_eq!(names(&t.readdir(p.ino).await.unwrap()), ["3", "4"]);
+        let d = t.lookup(p.ino, "3").await.unwrap();
+        assert_eq!(cat.fetches.load(Ordering::Relaxed), 0, "listed handle needs no fetch");
+        let e = t.readdir(d.ino).await.unwrap();
+        assert_eq!(names(&e), ["a.csv", "clash", "data", "marker"]);
+        assert!(e.iter().all(|x| x.name != "." && x.name != "dot"));
+        let clash = e.iter().find(|x| x.name == "clash").unwrap();
+        assert_eq!(clash.attr.kind, FileKind::Directory, "directory wins");
+        let a = t.lookup(d.ino, "a.csv").await.unwrap();
+        assert_eq!((a.kind, a.size), (FileKind::File, 5));
+        assert_eq!(cat.lists.load(Ordering::Relaxed), 1, "registry listed once per TTL");
+    }
+
+    #[tokio::test]
+    async fn lookups_in_listed_folders_make_no_requests() {
+        let (t, _, store) = setup();
+        let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
+        let d = t.lookup(p.ino, "3").await.unwrap();
+        t.readdir(d.ino).await.unwrap();
+        let before = (store.lists.load(Ordering::Relaxed), store.heads.load(Ordering::Relaxed));
+        t.lookup(d.ino, "a.csv").await.unwrap();
+        assert!(matches!(t.lookup(d.ino, ".git").await, Err(FsError::NotFound)));
+        let after = (store.lists.load(Ordering::Relaxed), store.heads.load(Ordering::Relaxed));
+        assert_eq!(before, after);
+    }
+
+    #[tokio::test]
+    async fn unlisted_handle_resolves_by_name_and_unknown_is_enoent() {
+        let (t, cat, _) = setup();
+        let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
+        let h = t.lookup(p.ino, "hidden").await.unwrap();
+        assert_eq!(h.kind, FileKind::Directory);
+        assert_eq!(cat.lists.load(Ordering::Relaxed), 0, "lookup never lists the registry");
+        assert!(matches!(t.lookup(p.ino, "999").await, Err(FsError::NotFound)));
+        assert!(matches!(t.lookup(p.ino, "999").await, Err(FsError::NotFound)));
+        assert_eq!(cat.fetches.load(Ordering::Relaxed), 2, "negative lookups are cached");
+        assert!(matches!(t.lookup(ROOT_INO, ".git").await, Err(FsError::NotFound)));
+        // A dataset resolved by name stays visible in its prefix folder.
+        assert_eq!(names(&t.readdir(p.ino).await.unwrap()), ["3", "4", "hidden"]);
+    }
+
+    #[tokio::test]
+    async fn lookup_without_listing_probes_dir_then_object() {
+        let (t, _, store) = setup();
+        let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
+        let d = t.lookup(p.ino, "3").await.unwrap();
+        let data = t.lookup(d.ino, "data").await.unwrap();
+        assert_eq!(data.kind, FileKind::Directory);
+        let x = t.lookup(data.ino, "x.bin").await.unwrap();
+        assert_eq!(x.kind, FileKind::File);
+        let clash = t.lookup(d.ino, "clash").await.unwrap();
+        assert_eq!(clash.kind, FileKind::Directory);
+        let marker = t.lookup(d.ino, "marker").await.unwrap();
+        assert_eq!(marker.kind, FileKind::Directory);
+        assert_eq!(store.gets.load(Ordering::Relaxed), 0);
+        let f = t.file(x.ino).unwrap();
+        assert_eq!(f.meta.key, "datasets/1-2-3/data/x.bin");
+    }
+}

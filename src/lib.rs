@@ -1,0 +1,21 @@
+//! provenafs: the Provena data store as a read-only FUSE file system.
+//!
+//! Layers, top to bottom (each knows only the ones below):
+//! [`cli`] → [`mount`] → [`fs`] (FUSE adapter, inode table) → [`read`]
+//! (per-open-file reads) → [`s3`] (object stores) → [`credentials`]
+//! (per-dataset STS) → [`api`] (data store client) → [`auth`] (tokens).
+//! [`sim`] is the emulator; it shares only [`wire`] with the rest.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod credentials;
+pub mod demo;
+pub mod fs;
+pub mod mount;
+pub mod read;
+pub mod retry;
+pub mod s3;
+pub mod secret;
+pub mod sim;
+pub mod wire;

@@ -1,0 +1,270 @@
+//! Wiring a mount: check the mountpoint, exchange the token, build the
+//! layers, mount, serve until unmounted or signalled.
+//!
+//! Without `--foreground` the command re-runs itself in the foreground as
+//! a detached child and returns once the child says the mount is ready, so
+//! every failure before that point reaches the user's terminal as one line
+//! and a non-zero exit status.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::api::{ApiConfig, DataStoreClient};
+use crate::auth::{AuthConfig, AuthError, TokenSource};
+use crate::fs::fuse::{FuseConfig, ProvenaFs};
+use crate::fs::tree::{Tree, TreeConfig};
+use crate::s3::aws::{AwsFactory, S3Config};
+use crate::secret::Secret;
+
+/// Printed by a detached child on stdout once the mount answers.
+const READY: &str = "\u{1}provenafs-ready";
+/// Set in a detached child's environment.
+const CHILD_ENV: &str = "PROVENAFS_DETACHED_CHILD";
+
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    pub token: Secret,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub s3: S3Config,
+    pub tree: TreeConfig,
+    pub fuse: FuseConfig,
+    pub max_threads: usize,
+    pub allow_other: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error("mountpoint {0} does not exist; create it with `mkdir -p {0}`")]
+    NoMountpoint(String),
+    #[error("mountpoint {0} is not a directory")]
+    NotDir(String),
+    #[error("mountpoint {0} is not empty; mount on an empty directory")]
+    NotEmpty(String),
+    #[error("{0} is already a mount point; unmount it first with `provenafs unmount {0}`")]
+    AlreadyMounted(String),
+    #[error("{0} is a stale mount (transport endpoint not connected); clear it with `fusermount3 -u {0}`")]
+    Stale(String),
+    #[error("cannot use mountpoint {0}: {1}")]
+    Mountpoint(String, std::io::Error),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("mount failed: {0} (is fuse3 installed and /dev/fuse available?)")]
+    Fuse(std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Refuses mountpoints that would surprise: missing, not a directory, not
+/// empty, already mounted, or left stale by a killed process.
+pub fn check_mountpoint(p: &Path) -> Result<(), MountError> {
+    let shown = p.display().to_string();
+    match std::fs::metadata(p) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(MountError::Stale(shown)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(MountError::NoMountpoint(shown)),
+        Err(e) => return Err(MountError::Mountpoint(shown, e)),
+        Ok(m) if !m.is_dir() => return Err(MountError::NotDir(shown)),
+        Ok(_) => {}
+    }
+    if is_mountpoint(p) {
+        return Err(MountError::AlreadyMounted(shown));
+    }
+    let mut rd = std::fs::read_dir(p).map_err(|e| MountError::Mountpoint(shown.clone(), e))?;
+    if rd.next().is_some() {
+        return Err(MountError::NotEmpty(shown));
+    }
+    Ok(())
+}
+
+/// Whether `p` is listed as a mount point in /proc/self/mountinfo.
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(canon) = p.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(unescape_mountinfo)
+            .is_some_and(|m| Path::new(&m) == canon)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Unmounts `p`: a plain unmount first, a lazy one if it is busy.
+pub fn unmount(p: &Path) -> Result<(), String> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: `c` is a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EBUSY) {
+            // SAFETY: as above.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                return Ok(());
+            }
+        }
+        return Err(format!("cannot unmount {}: {}", p.display(), std::io::Error::last_os_error()));
+    }
+    for args in [&["-u"][..], &["-u", "-z"][..]] {
+        let ok = Command::new("fusermount3")
+            .args(args)
+            .arg(p)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+    }
+    Err(format!("cannot unmount {} (fusermount3 -u failed)", p.display()))
+}
+
+/// Starts a detached child that mounts in the foreground and returns once
+/// it is ready, passing on every line it prints before then.
+pub fn spawn_detached() -> Result<(), MountError> {
+    let exe = std::env::current_exe().map_err(|e| MountError::Other(e.to_string()))?;
+    let (reader, writer) = std::io::pipe().map_err(|e| MountError::Other(e.to_string()))?;
+    let writer2 = writer.try_clone().map_err(|e| MountError::Other(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer2);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from the
+    // terminal so a Ctrl-C there does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| MountError::Other(e.to_string()))?;
+    drop(cmd);
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        if line == READY {
+            return Ok(());
+        }
+        eprintln!("{line}");
+    }
+    let status = child.wait().map_err(|e| MountError::Other(e.to_string()))?;
+    Err(MountError::Other(format!("mount process exited ({status})")))
+}
+
+fn is_detached_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// After the mount is ready, a detached child tells its parent and stops
+/// writing to the parent's pipe.
+fn signal_ready() {
+    if !is_detached_child() {
+        return;
+    }
+    println!("{READY}");
+    let _ = std::io::stdout().flush();
+    // SAFETY: plain fd juggling on fds we own; /dev/null always opens.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            if !crate::cli::logs_to_file() {
+                libc::dup2(null, 2);
+            }
+            libc::close(null);
+        }
+    }
+}
+
+/// Mounts and serves until unmounted or SIGINT/SIGTERM.
+pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
+    check_mountpoint(&cfg.mountpoint)?;
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("provenafs/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| MountError::Other(e.to_string()))?;
+    let tokens = Arc::new(TokenSource::new(http.clone(), cfg.auth.clone(), cfg.token.clone()));
+    // Exchange now: a bad token or an unreachable service fails here,
+    // before anything is mounted.
+    rt.block_on(tokens.access_token())?;
+    let api = Arc::new(DataStoreClient::new(http, cfg.api.clone(), tokens));
+    let stores = Arc::new(AwsFactory::new(cfg.s3.clone(), api.clone()));
+    let tree = Arc::new(Tree::new(cfg.tree.clone(), api, stores));
+    let fs = ProvenaFs::new(tree, cfg.fuse.clone(), rt.handle().clone());
+    serve(fs, &cfg, rt)
+}
+
+/// Mounts `fs` at the configured mountpoint and serves it.
+pub fn serve(fs: ProvenaFs, cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
+    use fuser::MountOption;
+    let mut fc = fuser::Config::default();
+    fc.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("provenafs".into()),
+        MountOption::Subtype("provenafs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if cfg.allow_other {
+        fc.acl = fuser::SessionACL::All;
+    }
+    fc.n_threads = Some(cfg.max_threads.max(1));
+    fc.clone_fd = true;
+    let session = fuser::Session::new(fs, &cfg.mountpoint, &fc).map_err(MountError::Fuse)?;
+    let bg = session.spawn().map_err(MountError::Fuse)?;
+    info!(mountpoint = %cfg.mountpoint.display(), "mounted");
+    signal_ready();
+
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let _ = bg.join();
+        let _ = tx2.send("unmounted");
+    });
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        let why = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        let _ = tx.send(why);
+    });
+    let why = rx.recv().unwrap_or("unmounted");
+    if why != "unmounted" {
+        info!(signal = why, "unmounting");
+        if let Err(e) = unmount(&cfg.mountpoint) {
+            warn!("{e}");
+        }
+        // Give the session a moment to see the unmount and end cleanly.
+        let _ = rx.recv_timeout(Duration::from_secs(3));
+    }
+    info!("unmounted");
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Object access for one dataset: the [`ObjectStore`] trait, its aws-sdk-s3
+//! implementation ([`aws::AwsObjectStore`]) and an in-memory one
+//! ([`memory::MemoryStore`]) for fast unit tests of the layers above.
+
+pub mod aws;
+pub mod memory;
+
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::api::ApiError;
+
+/// What a listing or HEAD says about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: SystemTime,
+}
+
+/// One ListObjectsV2 page.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    /// Common prefixes, each ending in the delimiter.
+    pub prefixes: Vec<String>,
+    /// Continuation token for the next page, `None` on the last.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum S3Error {
+    #[error("no such object")]
+    NotFound,
+    #[error("the object changed since it was opened")]
+    Stale,
+    #[error("access denied by S3")]
+    AccessDenied,
+    #[error("S3 rejected the temporary credentials as expired")]
+    ExpiredCredentials,
+    #[error("cannot get read credentials: {0}")]
+    Credentials(#[from] ApiError),
+    #[error("S3 asked us to slow down")]
+    Throttled,
+    #[error("S3 answered HTTP {0}")]
+    Server(u16),
+    #[error("S3 request failed: {0}")]
+    Network(String),
+    #[error("S3 sent {got} bytes where {expected} were due")]
+    ShortBody { expected: u64, got: u64 },
+    #[error("S3 error: {0}")]
+    Other(String),
+}
+
+impl S3Error {
+    /// Worth another attempt: the next try may well succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            S3Error::Throttled
+            | S3Error::Network(_)
+            | S3Error::ShortBody { .. }
+            | S3Error::ExpiredCredentials => true,
+            S3Error::Server(s) => *s >= 500 || *s == 429,
+            S3Error::Credentials(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Read access to one dataset's objects in one bucket.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// One ListObjectsV2 page under `prefix`.
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, S3Error>;
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error>;
+
+    /// Bytes `range` of `key`; with `etag`, only from that version (If-Match).
+    /// Returns exactly `range.len()` bytes or an error, never fewer.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Bytes, S3Error>;
+}
+
+/// Opens the [`ObjectStore`] of a dataset, given its handle and bucket.
+pub trait StoreFactory: Send + Sync {
+    fn open(&self, handle: &str, bucket: &str) -> std::sync::Arc<dyn ObjectStore>;
+}

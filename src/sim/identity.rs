@@ -1,0 +1,211 @@
+//! Keycloak's realm endpoints as the client sees them: the token endpoint
+//! (offline-token refresh and the device-code grant) and device
+//! authorisation, with the real error answers and `expires_in`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use serde_json::json;
+
+use super::{Reply, SimState};
+use crate::wire::{CLIENT_ID, DEVICE_GRANT};
+
+/// A JWT-shaped random token (`header.payload.signature`, base64url).
+pub fn jwt_like(kind: &str) -> String {
+    let mut rng = rand::thread_rng();
+    let mut part = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                let c = rng.gen_range(0..64u8);
+                (match c {
+                    0..=25 => b'A' + c,
+                    26..=51 => b'a' + c - 26,
+                    52..=61 => b'0' + c - 52,
+                    62 => b'-',
+                    _ => b'_',
+                }) as char
+            })
+            .collect()
+    };
+    let header = match kind {
+        "offline" => "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9".to_string(),
+        _ => "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9".to_string(),
+    };
+    format!("{header}.{}.{}", part(120), part(86))
+}
+
+pub struct Device {
+    pub user_code: String,
+    pub expires: Instant,
+    pub approved: bool,
+    pub denied: bool,
+    pub last_poll: Option<Instant>,
+    pub interval: Duration,
+}
+
+#[derive(Default)]
+pub struct Identity {
+    /// Offline tokens and whether they are revoked.
+    pub offline: HashMap<String, bool>,
+    /// Access tokens and their expiry.
+    pub access: HashMap<String, Instant>,
+    pub devices: HashMap<String, Device>,
+}
+
+fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
+    Reply::json(status, json!({"error": error, "error_description": description}))
+}
+
+impl SimState {
+    /// A fresh access token for a valid offline token.
+    fn issue_tokens(&self, offline: &str) -> Reply {
+        let token = jwt_like("access");
+        let ttl = self.cfg.access_token_ttl;
+        let mut id = self.identity();
+        let now = Instant::now();
+        id.access.retain(|_, exp| *exp > now);
+        id.access.insert(token.clone(), now + Duration::from_secs(ttl));
+        Reply::json(
+            200,
+            json!({
+                "access_token": token,
+                "expires_in": ttl,
+                "refresh_expires_in": 0,
+                "refresh_token": offline,
+                "token_type": "Bearer",
+                "not-before-policy": 0,
+                "session_state": uuid_like(),
+                "scope": "offline_access roles",
+            }),
+        )
+    }
+
+    pub fn new_offline_token(&self) -> String {
+        let t = jwt_like("offline");
+        self.identity().offline.insert(t.clone(), false);
+        t
+    }
+
+    pub fn access_token_valid(&self, token: &str) -> bool {
+        self.identity()
+            .access
+            .get(token)
+            .is_some_and(|exp| *exp > Instant::now())
+    }
+
+    pub fn token(&self, form: &HashMap<String, String>) -> Reply {
+        if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+            return oauth_error(401, "unauthorized_client", "Invalid client or Invalid client credentials");
+        }
+        match form.get("grant_type").map(String::as_str) {
+            Some("refresh_token") => {
+                let Some(rt) = form.get("refresh_token") else {
+                    return oauth_error(400, "invalid_request", "Missing parameter: refresh_token");
+                };
+                let valid = self.identity().offline.get(rt) == Some(&false);
+                if !valid {
+                    return oauth_error(400, "invalid_grant", "Invalid refresh token");
+                }
+                self.issue_tokens(rt)
+            }
+            Some(DEVICE_GRANT) => {
+                let Some(code) = form.get("device_code") else {
+                    return oauth_error(400, "invalid_request", "Missing parameter: device_code");
+                };
+                let now = Instant::now();
+                let mut id = self.identity();
+                let Some(dev) = id.devices.get_mut(code) else {
+                    return oauth_error(400, "invalid_grant", "Device code not valid");
+                };
+                if dev.expires <= now {
+                    return oauth_error(400, "expired_token", "Device code is expired");
+                }
+                if dev.denied {
+                    return oauth_error(400, "access_denied", "The end user denied the authorization request");
+                }
+                let too_fast = dev.last_poll.is_some_and(|t| now.duration_since(t) < dev.interval);
+                dev.last_poll = Some(now);
+                if too_fast {
+                    return oauth_error(400, "slow_down", "Slow down");
+                }
+                if !dev.approved {
+                    return oauth_error(400, "authorization_pending", "The authorization request is still pending");
+                }
+                id.devices.remove(code);
+                drop(id);
+                let offline = self.new_offline_token();
+                self.issue_tokens(&offline)
+            }
+            Some(_) => oauth_error(400, "unsupported_grant_type", "Unsupported grant_type"),
+            None => oauth_error(400, "invalid_request", "Missing form parameter: grant_type"),
+        }
+    }
+
+    pub fn device_authorization(&self, form: &HashMap<String, String>) -> Reply {
+        if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+            return oauth_error(401, "unauthorized_client", "Invalid client or Invalid client credentials");
+        }
+        let device_code: String = rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .take(43)
+            .map(char::from)
+            .collect();
+        let letters: String = (0..8)
+            .map(|_| (b'A' + rand::thread_rng().gen_range(0..26u8)) as char)
+            .collect();
+        let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
+        let interval = self.cfg.device_interval;
+        let expires_in = 600;
+        self.identity().devices.insert(
+            device_code.clone(),
+            Device {
+                user_code: user_code.clone(),
+                expires: Instant::now() + Duration::from_secs(expires_in),
+                approved: self.cfg.auto_approve,
+                denied: false,
+                last_poll: None,
+                interval: Duration::from_secs(interval),
+            },
+        );
+        let uri = format!("{}/device", self.realm_url());
+        Reply::json(
+            200,
+            json!({
+                "device_code": device_code,
+                "user_code": user_code,
+                "verification_uri": uri,
+                "verification_uri_complete": format!("{uri}?user_code={user_code}"),
+                "expires_in": expires_in,
+                "interval": interval,
+            }),
+        )
+    }
+
+    /// Approves (or denies) a pending device login, as the user would in a browser.
+    pub fn decide_device(&self, user_code: &str, approve: bool) -> bool {
+        let mut id = self.identity();
+        match id.devices.values_mut().find(|d| d.user_code == user_code) {
+            Some(d) => {
+                d.approved = approve;
+                d.denied = !approve;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Revokes every offline token: the token endpoint answers `invalid_grant`.
+    pub fn revoke_all(&self) {
+        for v in self.identity().offline.values_mut() {
+            *v = true;
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}

@@ -1,0 +1,215 @@
+//! A real S3 endpoint over the data folder, built on the `s3s` crate.
+//!
+//! s3s brings the protocol, routing and SigV4 checking; this module brings
+//! the few read operations a mount uses (GetObject with Range and If-Match,
+//! HeadObject, ListObjectsV2), answering straight from disk with a large
+//! read buffer so the server is not the bottleneck, and accepting only the
+//! temporary credentials the emulator issued, scoped to their dataset.
+
+use std::io::SeekFrom;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream;
+use s3s::auth::{S3Auth, SecretKey};
+use s3s::dto::*;
+use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::store::{Entry, ObjectFile, BUCKET};
+use super::SimState;
+
+pub struct SimS3(pub Arc<SimState>);
+pub struct SimAuth(pub Arc<SimState>);
+
+#[async_trait]
+impl S3Auth for SimAuth {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        let creds = self.0.creds();
+        match creds.get(access_key) {
+            None => Err(s3_error!(InvalidAccessKeyId, "The AWS Access Key Id you provided does not exist in our records.")),
+            Some(c) if c.expires <= Instant::now() => {
+                self.0.stats.expired_rejections.fetch_add(1, Ordering::Relaxed);
+                Err(s3_error!(ExpiredToken, "The provided token has expired."))
+            }
+            Some(c) => Ok(SecretKey::from(c.secret.as_str())),
+        }
+    }
+}
+
+fn etag(e: &str) -> ETag {
+    ETag::Strong(e.to_string())
+}
+
+impl SimS3 {
+    /// The session token must match the access key, and the key must be
+    /// inside the dataset prefix the credentials were issued for.
+    fn authorize<T>(&self, req: &S3Request<T>, bucket: &str, key: &str) -> S3Result<()> {
+        let Some(cred) = &req.credentials else {
+            return Err(s3_error!(AccessDenied, "Anonymous access is not allowed"));
+        };
+        let creds = self.0.creds();
+        let Some(issued) = creds.get(&cred.access_key) else {
+            return Err(s3_error!(InvalidAccessKeyId));
+        };
+        let token = req
+            .headers
+            .get("x-amz-security-token")
+            .and_then(|v| v.to_str().ok());
+        if token != Some(issued.session.as_str()) {
+            return Err(s3_error!(InvalidToken, "The provided token is malformed or otherwise invalid."));
+        }
+        if bucket != BUCKET {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        if !key.starts_with(&issued.s3_prefix) {
+            return Err(s3_error!(AccessDenied, "Access Denied"));
+        }
+        Ok(())
+    }
+
+    fn object(&self, key: &str) -> S3Result<ObjectFile> {
+        self.0
+            .store
+            .object(key)
+            .ok_or_else(|| s3_error!(NoSuchKey, "The specified key does not exist."))
+    }
+}
+
+fn check_if_match(cond: &Option<IfMatch>, obj: &ObjectFile) -> S3Result<()> {
+    match cond {
+        Some(ETagCondition::ETag(ETag::Strong(e) | ETag::Weak(e))) if e.trim_matches('"') != obj.etag => {
+            Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl S3 for SimS3 {
+    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        self.authorize(&req, &req.input.bucket, &req.input.key)?;
+        let st = &self.0.stats;
+        st.gets.fetch_add(1, Ordering::Relaxed);
+        let input = req.input;
+        let obj = self.object(&input.key)?;
+        check_if_match(&input.if_match, &obj)?;
+        let (range, content_range) = match input.range {
+            None => (0..obj.size, None),
+            Some(r) => {
+                let r = r.check(obj.size).map_err(|_| s3_error!(InvalidRange))?;
+                let cr = format!("bytes {}-{}/{}", r.start, r.end - 1, obj.size);
+                (r, Some(cr))
+            }
+        };
+        let len = range.end - range.start;
+        st.get_bytes.fetch_add(len, Ordering::Relaxed);
+        let mut file = tokio::fs::File::open(&obj.path)
+            .await
+            .map_err(|_| s3_error!(NoSuchKey))?;
+        file.seek(SeekFrom::Start(range.start))
+            .await
+            .map_err(|e| s3_error!(e, InternalError))?;
+        // Stream the range in 1 MiB chunks: s3s-fs's 4 KiB reads would make
+        // the server, not the client, the bottleneck of every benchmark.
+        let body = stream::unfold((file, len), |(mut file, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(1 << 20) as usize;
+            let mut buf = BytesMut::zeroed(n);
+            match file.read_exact(&mut buf).await {
+                Ok(_) => Some((Ok::<Bytes, std::io::Error>(buf.freeze()), (file, left - n as u64))),
+                Err(e) => Some((Err(e), (file, 0))),
+            }
+        });
+        Ok(S3Response::new(GetObjectOutput {
+            body: Some(StreamingBlob::wrap(body)),
+            content_length: Some(len as i64),
+            content_range,
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(etag(&obj.etag)),
+            last_modified: Some(Timestamp::from(obj.modified)),
+            ..Default::default()
+        }))
+    }
+
+    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+        self.authorize(&req, &req.input.bucket, &req.input.key)?;
+        self.0.stats.heads.fetch_add(1, Ordering::Relaxed);
+        let obj = self.object(&req.input.key)?;
+        check_if_match(&req.input.if_match, &obj)?;
+        Ok(S3Response::new(HeadObjectOutput {
+            content_length: Some(obj.size as i64),
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(etag(&obj.etag)),
+            last_modified: Some(Timestamp::from(obj.modified)),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let prefix = req.input.prefix.clone().unwrap_or_default();
+        self.authorize(&req, &req.input.bucket, &prefix)?;
+        self.0.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let input = req.input;
+        let delimited = match input.delimiter.as_deref() {
+            None | Some("") => false,
+            Some("/") => true,
+            Some(_) => return Err(s3_error!(NotImplemented, "only '/' is supported as delimiter")),
+        };
+        let max = input.max_keys.unwrap_or(1000).clamp(1, 1000).min(self.0.cfg.s3_page_size as i32) as usize;
+        let marker = match &input.continuation_token {
+            Some(t) => Some(
+                hex::decode(t)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?,
+            ),
+            None => input.start_after.clone(),
+        };
+        let entries = self.0.store.list(&prefix, delimited);
+        let rest: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| marker.as_ref().is_none_or(|m| e.key() > m.as_str()))
+            .collect();
+        let truncated = rest.len() > max;
+        let page = &rest[..rest.len().min(max)];
+        let mut contents = Vec::new();
+        let mut prefixes = Vec::new();
+        for e in page {
+            match e {
+                Entry::Object(o) => contents.push(Object {
+                    key: Some(o.key.clone()),
+                    size: Some(o.size as i64),
+                    e_tag: Some(etag(&o.etag)),
+                    last_modified: Some(Timestamp::from(o.modified)),
+                    storage_class: Some(ObjectStorageClass::from_static(ObjectStorageClass::STANDARD)),
+                    ..Default::default()
+                }),
+                Entry::Prefix(p) => prefixes.push(CommonPrefix { prefix: Some(p.clone()) }),
+            }
+        }
+        let next = truncated.then(|| hex::encode(page[page.len() - 1].key()));
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            max_keys: Some(max as i32),
+            key_count: Some(page.len() as i32),
+            continuation_token: input.continuation_token,
+            start_after: input.start_after,
+            is_truncated: Some(truncated),
+            next_continuation_token: next,
+            contents: Some(contents),
+            common_prefixes: Some(prefixes),
+            ..Default::default()
+        }))
+    }
+}

@@ -1,0 +1,306 @@
+//! The emulator's view of its data folder: datasets and S3 keys.
+//!
+//! `ROOT/<prefix>/<suffix>/` is the dataset `<prefix>/<suffix>`; a file at
+//! `ROOT/<prefix>/<suffix>/<rel>` is the object
+//! `datasets/<prefix with . as ->-<suffix>/<rel>` of [`BUCKET`]. Everything is
+//! read from disk at request time, so tests may change files while serving.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use md5::{Digest, Md5};
+
+pub const BUCKET: &str = "provena-bucket";
+
+#[derive(Clone, Debug)]
+pub struct SimDataset {
+    pub handle: String,
+    pub dir: PathBuf,
+    /// `datasets/<dashed>/`
+    pub s3_prefix: String,
+    pub name: String,
+    pub description: String,
+    pub created: i64,
+    pub updated: i64,
+}
+
+/// `10378.1/1687966` → `datasets/10378-1-1687966/`, as the service derives it.
+pub fn s3_prefix_of(handle: &str) -> String {
+    format!("datasets/{}/", handle.replace(['.', '/'], "-"))
+}
+
+pub struct FolderStore {
+    root: PathBuf,
+}
+
+/// One S3 object on disk.
+#[derive(Clone, Debug)]
+pub struct ObjectFile {
+    pub key: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub modified: SystemTime,
+    pub etag: String,
+}
+
+pub enum Entry {
+    Object(ObjectFile),
+    Prefix(String),
+}
+
+impl Entry {
+    pub fn key(&self) -> &str {
+        match self {
+            Entry::Object(o) => &o.key,
+            Entry::Prefix(p) => p,
+        }
+    }
+}
+
+fn unix(t: std::io::Result<SystemTime>) -> i64 {
+    t.ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// ETag from identity and version of the file, not its bytes: cheap for
+/// large files, and it changes whenever the file is replaced or rewritten.
+fn etag_of(rel: &str, md: &fs::Metadata) -> String {
+    let mut h = Md5::new();
+    h.update(rel.as_bytes());
+    h.update(md.len().to_le_bytes());
+    h.update(md.mtime().to_le_bytes());
+    h.update(md.mtime_nsec().to_le_bytes());
+    h.update(md.ino().to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+impl FolderStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// All datasets, sorted by handle.
+    pub fn datasets(&self) -> Vec<SimDataset> {
+        let mut out = Vec::new();
+        let Ok(prefixes) = fs::read_dir(&self.root) else {
+            return out;
+        };
+        for p in prefixes.flatten() {
+            let Some(prefix) = p.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if prefix.starts_with('.') || !p.path().is_dir() {
+                continue;
+            }
+            let Ok(suffixes) = fs::read_dir(p.path()) else {
+                continue;
+            };
+            for s in suffixes.flatten() {
+                let Some(suffix) = s.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if suffix.starts_with('.') || !s.path().is_dir() {
+                    continue;
+                }
+                out.push(self.describe(&format!("{prefix}/{suffix}"), s.path()));
+            }
+        }
+        out.sort_by(|a, b| a.handle.cmp(&b.handle));
+        out
+    }
+
+    pub fn dataset(&self, handle: &str) -> Option<SimDataset> {
+        let (p, s) = crate::wire::split_handle(handle)?;
+        if [p, s].iter().any(|x| x.starts_with('.')) {
+            return None;
+        }
+        let dir = self.root.join(p).join(s);
+        dir.is_dir().then(|| self.describe(handle, dir))
+    }
+
+    fn describe(&self, handle: &str, dir: PathBuf) -> SimDataset {
+        let md = fs::metadata(&dir).ok();
+        let meta: serde_json::Value = fs::read(dir.join("metadata.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let text = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        SimDataset {
+            handle: handle.to_string(),
+            s3_prefix: s3_prefix_of(handle),
+            name: text("name").unwrap_or_else(|| format!("Dataset {handle}")),
+            description: text("description").unwrap_or_default(),
+            created: unix(md.as_ref().map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.created().or(m.modified()))),
+            updated: unix(md.as_ref().map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.modified())),
+            dir,
+        }
+    }
+
+    /// The dataset owning `key` and the key's path inside it.
+    fn resolve(&self, key: &str) -> Option<(SimDataset, String)> {
+        let rest = key.strip_prefix("datasets/")?;
+        let (dashed, rel) = rest.split_once('/')?;
+        let ds = self
+            .datasets()
+            .into_iter()
+            .find(|d| d.s3_prefix == format!("datasets/{dashed}/"))?;
+        Some((ds, rel.to_string()))
+    }
+
+    /// The object `key`, if a regular file holds it. Folder keys are `None`
+    /// (404 NoSuchKey, never a server error).
+    pub fn object(&self, key: &str) -> Option<ObjectFile> {
+        let (ds, rel) = self.resolve(key)?;
+        if rel.is_empty() || rel.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+            return None;
+        }
+        let path = ds.dir.join(&rel);
+        let md = fs::metadata(&path).ok()?;
+        md.is_file().then(|| ObjectFile {
+            key: key.to_string(),
+            etag: etag_of(&rel, &md),
+            size: md.len(),
+            modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            path,
+        })
+    }
+
+    /// Every entry whose key starts with `prefix`, sorted by key, with keys
+    /// below the next `/` folded into common prefixes when `delimited`.
+    /// Only the folder named by `prefix` is read unless not `delimited`.
+    pub fn list(&self, prefix: &str, delimited: bool) -> Vec<Entry> {
+        let dir_part = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        let partial = &prefix[dir_part.len()..];
+        let mut out: BTreeMap<String, Entry> = BTreeMap::new();
+        match dir_part {
+            "" | "datasets/" => {
+                for ds in self.datasets() {
+                    if !ds.s3_prefix.starts_with(prefix) && !prefix.starts_with(&ds.s3_prefix) {
+                        continue;
+                    }
+                    if delimited {
+                        let fold = if dir_part.is_empty() { "datasets/".to_string() } else { ds.s3_prefix.clone() };
+                        if fold.starts_with(prefix) {
+                            out.insert(fold.clone(), Entry::Prefix(fold));
+                        }
+                    } else {
+                        self.walk(&ds.dir, &ds.s3_prefix, prefix, &mut out);
+                    }
+                }
+            }
+            _ => {
+                let Some((ds, rel)) = self.resolve(dir_part) else {
+                    return Vec::new();
+                };
+                if rel.split('/').any(|s| s == "." || s == "..") || rel.contains("//") {
+                    return Vec::new();
+                }
+                let dir = ds.dir.join(rel.trim_end_matches('/'));
+                if delimited {
+                    let Ok(rd) = fs::read_dir(&dir) else {
+                        return Vec::new();
+                    };
+                    for e in rd.flatten() {
+                        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                            continue;
+                        };
+                        if !name.starts_with(partial) {
+                            continue;
+                        }
+                        let key = format!("{dir_part}{name}");
+                        let Ok(md) = fs::metadata(e.path()) else { continue };
+                        if md.is_dir() {
+                            out.insert(format!("{key}/"), Entry::Prefix(format!("{key}/")));
+                        } else if md.is_file() {
+                            let rel = &key[ds.s3_prefix.len()..];
+                            out.insert(key.clone(), Entry::Object(ObjectFile {
+                                etag: etag_of(rel, &md),
+                                size: md.len(),
+                                modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                                path: e.path(),
+                                key,
+                            }));
+                        }
+                    }
+                } else {
+                    self.walk(&dir, dir_part, prefix, &mut out);
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    fn walk(&self, dir: &Path, key_prefix: &str, want: &str, out: &mut BTreeMap<String, Entry>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let key = format!("{key_prefix}{name}");
+            let Ok(md) = fs::metadata(e.path()) else { continue };
+            if md.is_dir() {
+                let sub = format!("{key}/");
+                if sub.starts_with(want) || want.starts_with(&sub) {
+                    self.walk(&e.path(), &sub, want, out);
+                }
+            } else if md.is_file() && key.starts_with(want) {
+                let rel = key.splitn(3, '/').nth(2).unwrap_or_default().to_string();
+                out.insert(key.clone(), Entry::Object(ObjectFile {
+                    etag: etag_of(&rel, &md),
+                    size: md.len(),
+                    modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    path: e.path(),
+                    key,
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &[Entry]) -> Vec<&str> {
+        v.iter().map(|e| e.key()).collect()
+    }
+
+    #[test]
+    fn maps_folders_to_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("10378.1/42");
+        fs::create_dir_all(d.join("data/sub")).unwrap();
+        fs::write(d.join("a.txt"), "a").unwrap();
+        fs::write(d.join("data/b c.bin"), "bb").unwrap();
+        fs::write(d.join("data/sub/ü"), "").unwrap();
+        let s = FolderStore::new(t.path().to_path_buf());
+        assert_eq!(s.datasets()[0].s3_prefix, "datasets/10378-1-42/");
+        let top = s.list("datasets/10378-1-42/", true);
+        assert_eq!(keys(&top), ["datasets/10378-1-42/a.txt", "datasets/10378-1-42/data/"]);
+        let all = s.list("datasets/10378-1-42/", false);
+        assert_eq!(
+            keys(&all),
+            [
+                "datasets/10378-1-42/a.txt",
+                "datasets/10378-1-42/data/b c.bin",
+                "datasets/10378-1-42/data/sub/ü"
+            ]
+        );
+        assert_eq!(keys(&s.list("datasets/10378-1-42/da", true)), ["datasets/10378-1-42/data/"]);
+        assert_eq!(keys(&s.list("", true)), ["datasets/"]);
+        assert_eq!(keys(&s.list("datasets/", true)), ["datasets/10378-1-42/"]);
+        assert_eq!(s.object("datasets/10378-1-42/data/b c.bin").unwrap().size, 2);
+        assert!(s.object("datasets/10378-1-42/data").is_none());
+        assert!(s.object("datasets/10378-1-42/data/").is_none());
+        assert!(s.object("datasets/10378-1-42/../42/a.txt").is_none());
+    }
+}
