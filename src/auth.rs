@@ -158,16 +158,12 @@ impl TokenSource {
                 ("scope", "roles"),
             ];
             let started = Instant::now();
-            let resp = self
-                .http
-                .post(&url)
-                .form(&form)
-                .send()
-                .await
-                .map_err(|e| AuthError::Unreachable {
+            let resp = self.http.post(&url).form(&form).send().await.map_err(|e| {
+                AuthError::Unreachable {
                     url: url.clone(),
                     reason: crate::api::describe_reqwest(&e),
-                })?;
+                }
+            })?;
             let status = resp.status().as_u16();
             let body = resp.bytes().await.map_err(|e| AuthError::Unreachable {
                 url: url.clone(),

@@ -17,7 +17,11 @@ use crate::secret::Secret;
 use crate::sim::SimConfig;
 
 #[derive(Parser)]
-#[command(name = "provenafs", version, about = "Mount the Provena research data store as a read-only file system")]
+#[command(
+    name = "provenafs",
+    version,
+    about = "Mount the Provena research data store as a read-only file system"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,9 +32,7 @@ pub enum Command {
     /// Mount the data store at MOUNTPOINT (token from RRAP_OFFLINE_TOKEN or --token-file).
     Mount(MountArgs),
     /// Unmount a provenafs mount (works for root and for the user who mounted it).
-    Unmount {
-        mountpoint: PathBuf,
-    },
+    Unmount { mountpoint: PathBuf },
     /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     Sim(SimArgs),
     /// Generate sample datasets, run the emulator and mount it in the foreground.
@@ -54,10 +56,18 @@ pub struct LogArgs {
 #[derive(Args, Clone)]
 pub struct EndpointArgs {
     /// Keycloak realm URL.
-    #[arg(long, env = "PROVENA_AUTH_URL", default_value = "https://auth.mds.gbrrestoration.org/auth/realms/rrap")]
+    #[arg(
+        long,
+        env = "PROVENA_AUTH_URL",
+        default_value = "https://auth.mds.gbrrestoration.org/auth/realms/rrap"
+    )]
     pub auth_url: String,
     /// Data store API base URL.
-    #[arg(long, env = "PROVENA_API_URL", default_value = "https://data-api.mds.gbrrestoration.org")]
+    #[arg(
+        long,
+        env = "PROVENA_API_URL",
+        default_value = "https://data-api.mds.gbrrestoration.org"
+    )]
     pub api_url: String,
     /// S3 endpoint URL; unset means AWS S3 itself.
     #[arg(long, env = "PROVENA_S3_ENDPOINT")]
@@ -133,7 +143,9 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match &log.log_file {
         Some(p) => {
             let f = std::fs::OpenOptions::new()
@@ -142,7 +154,10 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
                 .open(p)
                 .map_err(|e| format!("cannot open log file {}: {e}", p.display()))?;
             LOG_TO_FILE.store(true, Ordering::Relaxed);
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }
@@ -219,6 +234,7 @@ pub fn main() -> i32 {
                 }
                 return match mount::spawn_detached() {
                     Ok(()) => 0,
+                    Err(mount::MountError::ChildFailed(code)) => code,
                     Err(e) => fail(e),
                 };
             }
@@ -271,7 +287,9 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
         device_interval: a.device_interval,
         auto_approve: a.auto_approve,
     };
-    let sim = crate::sim::Sim::start(cfg).await.map_err(|e| e.to_string())?;
+    let sim = crate::sim::Sim::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     let lines = sim.env.shell();
     if let Some(p) = &a.env_file {
         write_private(p, &lines).map_err(|e| format!("cannot write {}: {e}", p.display()))?;

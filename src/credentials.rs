@@ -70,7 +70,10 @@ impl DatasetCredentials {
         let raw = self.api.read_credentials(&self.handle).await?;
         let obtained = SystemTime::now();
         let expiry = parse_expiry(&raw.expiry).ok_or_else(|| {
-            ApiError::Malformed(format!("credential expiry {:?} is not ISO 8601", raw.expiry))
+            ApiError::Malformed(format!(
+                "credential expiry {:?} is not ISO 8601",
+                raw.expiry
+            ))
         })?;
         debug!(handle = %self.handle, lifetime = ?expiry.duration_since(obtained).ok(), "read credentials issued");
         let issued = Issued {
@@ -115,10 +118,7 @@ impl ProvideCredentials for SdkProvider {
         Self: 'a,
     {
         provider::future::ProvideCredentials::new(async move {
-            self.0
-                .get()
-                .await
-                .map_err(CredentialsError::provider_error)
+            self.0.get().await.map_err(CredentialsError::provider_error)
         })
     }
 }

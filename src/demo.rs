@@ -41,11 +41,25 @@ pub fn generate(root: &Path) -> std::io::Result<()> {
     for day in 0..365u32 {
         for (i, site) in ["Heron", "Lizard", "Davies", "Moore"].iter().enumerate() {
             let t = 24.0 + 3.0 * ((day as f64) / 58.0).sin() + i as f64 * 0.4;
-            writeln!(csv, "2025-{:03},{site},-{}.{},{}.{},{t:.2}", day + 1, 14 + i * 3, i, 145 + i, day % 10)?;
+            writeln!(
+                csv,
+                "2025-{:03},{site},-{}.{},{}.{},{t:.2}",
+                day + 1,
+                14 + i * 3,
+                i,
+                145 + i,
+                day % 10
+            )?;
         }
     }
-    fs::write(sst.join("data/large.bin"), pseudo_random(0x5eed, 48 * 1024 * 1024))?;
-    fs::write(sst.join("README.txt"), "Sample dataset served by the provenafs demo.\n")?;
+    fs::write(
+        sst.join("data/large.bin"),
+        pseudo_random(0x5eed, 48 * 1024 * 1024),
+    )?;
+    fs::write(
+        sst.join("README.txt"),
+        "Sample dataset served by the provenafs demo.\n",
+    )?;
 
     let coral = root.join("10378.1/1687967");
     fs::create_dir_all(coral.join("surveys/2024/north"))?;
@@ -55,15 +69,30 @@ pub fn generate(root: &Path) -> std::io::Result<()> {
         coral.join("metadata.json"),
         r#"{"name": "Coral cover surveys (nested sample)", "description": "A nested folder tree"}"#,
     )?;
-    fs::write(coral.join("surveys/2024/north/transect-1.csv"), "transect,cover\n1,0.42\n2,0.38\n")?;
-    fs::write(coral.join("surveys/2025/south/transect-9.csv"), "transect,cover\n9,0.51\n")?;
-    fs::write(coral.join("notes with spaces/réef notes ü.txt"), "unicode names work\n")?;
+    fs::write(
+        coral.join("surveys/2024/north/transect-1.csv"),
+        "transect,cover\n1,0.42\n2,0.38\n",
+    )?;
+    fs::write(
+        coral.join("surveys/2025/south/transect-9.csv"),
+        "transect,cover\n9,0.51\n",
+    )?;
+    fs::write(
+        coral.join("notes with spaces/réef notes ü.txt"),
+        "unicode names work\n",
+    )?;
     fs::write(coral.join("surveys/empty.txt"), "")?;
 
     let other = root.join("102.100.100/42");
     fs::create_dir_all(&other)?;
-    fs::write(other.join("metadata.json"), r#"{"name": "Another deployment's handle prefix"}"#)?;
-    fs::write(other.join("hello.txt"), "hello from another handle prefix\n")?;
+    fs::write(
+        other.join("metadata.json"),
+        r#"{"name": "Another deployment's handle prefix"}"#,
+    )?;
+    fs::write(
+        other.join("hello.txt"),
+        "hello from another handle prefix\n",
+    )?;
     Ok(())
 }
 

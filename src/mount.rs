@@ -61,6 +61,9 @@ pub enum MountError {
     Fuse(std::io::Error),
     #[error("{0}")]
     Other(String),
+    /// The detached child failed and already said why.
+    #[error("mount process exited with status {0}")]
+    ChildFailed(i32),
 }
 
 /// Refuses mountpoints that would surprise: missing, not a directory, not
@@ -69,7 +72,9 @@ pub fn check_mountpoint(p: &Path) -> Result<(), MountError> {
     let shown = p.display().to_string();
     match std::fs::metadata(p) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(MountError::Stale(shown)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(MountError::NoMountpoint(shown)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MountError::NoMountpoint(shown))
+        }
         Err(e) => return Err(MountError::Mountpoint(shown, e)),
         Ok(m) if !m.is_dir() => return Err(MountError::NotDir(shown)),
         Ok(_) => {}
@@ -111,7 +116,8 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn unmount(p: &Path) -> Result<(), String> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let c =
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
         // SAFETY: `c` is a valid NUL-terminated path.
         if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
             return Ok(());
@@ -123,7 +129,11 @@ pub fn unmount(p: &Path) -> Result<(), String> {
                 return Ok(());
             }
         }
-        return Err(format!("cannot unmount {}: {}", p.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot unmount {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     for args in [&["-u"][..], &["-u", "-z"][..]] {
         let ok = Command::new("fusermount3")
@@ -136,7 +146,10 @@ pub fn unmount(p: &Path) -> Result<(), String> {
             return Ok(());
         }
     }
-    Err(format!("cannot unmount {} (fusermount3 -u failed)", p.display()))
+    Err(format!(
+        "cannot unmount {} (fusermount3 -u failed)",
+        p.display()
+    ))
 }
 
 /// Starts a detached child that mounts in the foreground and returns once
@@ -144,7 +157,9 @@ pub fn unmount(p: &Path) -> Result<(), String> {
 pub fn spawn_detached() -> Result<(), MountError> {
     let exe = std::env::current_exe().map_err(|e| MountError::Other(e.to_string()))?;
     let (reader, writer) = std::io::pipe().map_err(|e| MountError::Other(e.to_string()))?;
-    let writer2 = writer.try_clone().map_err(|e| MountError::Other(e.to_string()))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(|e| MountError::Other(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
         .arg("--foreground")
@@ -170,7 +185,7 @@ pub fn spawn_detached() -> Result<(), MountError> {
         eprintln!("{line}");
     }
     let status = child.wait().map_err(|e| MountError::Other(e.to_string()))?;
-    Err(MountError::Other(format!("mount process exited ({status})")))
+    Err(MountError::ChildFailed(status.code().unwrap_or(1).max(1)))
 }
 
 fn is_detached_child() -> bool {
@@ -206,7 +221,11 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
         .connect_timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| MountError::Other(e.to_string()))?;
-    let tokens = Arc::new(TokenSource::new(http.clone(), cfg.auth.clone(), cfg.token.clone()));
+    let tokens = Arc::new(TokenSource::new(
+        http.clone(),
+        cfg.auth.clone(),
+        cfg.token.clone(),
+    ));
     // Exchange now: a bad token or an unreachable service fails here,
     // before anything is mounted.
     rt.block_on(tokens.access_token())?;
@@ -218,7 +237,11 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
 }
 
 /// Mounts `fs` at the configured mountpoint and serves it.
-pub fn serve(fs: ProvenaFs, cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
+pub fn serve(
+    fs: ProvenaFs,
+    cfg: &MountConfig,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), MountError> {
     use fuser::MountOption;
     let mut fc = fuser::Config::default();
     fc.mount_options = vec![
@@ -247,7 +270,10 @@ pub fn serve(fs: ProvenaFs, cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> 
     });
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             return;
         };
         let why = tokio::select! {

@@ -219,7 +219,10 @@ mod tests {
 
     #[test]
     fn handles_split_on_exactly_one_slash() {
-        assert_eq!(split_handle("10378.1/1687966"), Some(("10378.1", "1687966")));
+        assert_eq!(
+            split_handle("10378.1/1687966"),
+            Some(("10378.1", "1687966"))
+        );
         assert_eq!(split_handle("10378.1"), None);
         assert_eq!(split_handle("a/b/c"), None);
         assert_eq!(split_handle("/b"), None);

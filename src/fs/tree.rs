@@ -344,7 +344,12 @@ impl Tree {
         Ok(self.entry(&mut st, ROOT_INO, name, Kind::Prefix(name.to_string())))
     }
 
-    async fn lookup_dataset(&self, parent: u64, prefix: &str, suffix: &str) -> Result<Attr, FsError> {
+    async fn lookup_dataset(
+        &self,
+        parent: u64,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<Attr, FsError> {
         if !names::is_handle_suffix(suffix) {
             return Err(FsError::NotFound);
         }
@@ -398,7 +403,15 @@ impl Tree {
             ));
         }
         let meta = head?;
-        Ok(self.entry(&mut st, parent, name, Kind::File { ds: ds.clone(), meta }))
+        Ok(self.entry(
+            &mut st,
+            parent,
+            name,
+            Kind::File {
+                ds: ds.clone(),
+                meta,
+            },
+        ))
     }
 
     /// Every entry of directory `ino`, from a listing no older than the TTL.
@@ -420,7 +433,12 @@ impl Tree {
                     .filter_map(|h| split_handle(h).map(|(p, _)| p.to_string()))
                     .collect();
                 // Prefixes resolved by name stay visible too.
-                prefixes.extend(st.index.keys().filter(|(p, _)| *p == ROOT_INO).map(|(_, n)| n.clone()));
+                prefixes.extend(
+                    st.index
+                        .keys()
+                        .filter(|(p, _)| *p == ROOT_INO)
+                        .map(|(_, n)| n.clone()),
+                );
                 prefixes
                     .into_iter()
                     .map(|p| {
@@ -440,7 +458,9 @@ impl Tree {
                     .filter(|d| {
                         d.handle.starts_with(&want)
                             && (handles.contains(&d.handle)
-                                || st.index.contains_key(&(ino, d.handle[want.len()..].to_string())))
+                                || st
+                                    .index
+                                    .contains_key(&(ino, d.handle[want.len()..].to_string())))
                     })
                     .cloned()
                     .collect();
@@ -493,11 +513,18 @@ impl Tree {
         loop {
             let page = ds
                 .store
-                .list(prefix, Some("/"), token.take(), Some(self.cfg.list_page_size))
+                .list(
+                    prefix,
+                    Some("/"),
+                    token.take(),
+                    Some(self.cfg.list_page_size),
+                )
                 .await?;
             pages += 1;
             for p in page.prefixes {
-                let name = p[prefix.len().min(p.len())..].trim_end_matches('/').to_string();
+                let name = p[prefix.len().min(p.len())..]
+                    .trim_end_matches('/')
+                    .to_string();
                 // `a//b` lists as prefix `a//`: an empty segment.
                 match names::check(&name) {
                     Ok(()) if p.ends_with('/') && !p[prefix.len()..p.len() - 1].contains('/') => {
@@ -550,7 +577,15 @@ impl Tree {
                 }
                 continue;
             }
-            let child = self.intern(&mut st, ino, &name, Kind::File { ds: ds.clone(), meta });
+            let child = self.intern(
+                &mut st,
+                ino,
+                &name,
+                Kind::File {
+                    ds: ds.clone(),
+                    meta,
+                },
+            );
             children.insert(name, child);
         }
         Ok(children)
@@ -571,7 +606,13 @@ impl Tree {
     /// Whether `ino` is a directory (for opendir); no network.
     pub fn is_dir(&self, ino: u64) -> Result<bool, FsError> {
         let st = self.state();
-        Ok(st.nodes.get(&ino).ok_or(FsError::NotFound)?.kind.file_kind() == FileKind::Directory)
+        Ok(st
+            .nodes
+            .get(&ino)
+            .ok_or(FsError::NotFound)?
+            .kind
+            .file_kind()
+            == FileKind::Directory)
     }
 }
 
@@ -609,7 +650,12 @@ mod tests {
     impl Catalog for FakeCatalog {
         async fn list(&self) -> Result<Vec<ItemDataset>, ApiError> {
             self.lists.fetch_add(1, Ordering::Relaxed);
-            Ok(self.items.iter().filter(|i| i.id != "1.2/hidden").cloned().collect())
+            Ok(self
+                .items
+                .iter()
+                .filter(|i| i.id != "1.2/hidden")
+                .cloned()
+                .collect())
         }
         async fn fetch(&self, handle: &str) -> Result<ItemDataset, ApiError> {
             self.fetches.fetch_add(1, Ordering::Relaxed);
@@ -623,7 +669,12 @@ mod tests {
 
     fn setup() -> (Tree, Arc<FakeCatalog>, Arc<MemoryStore>) {
         let cat = Arc::new(FakeCatalog {
-            items: vec![item("1.2/3"), item("1.2/4"), item("7/8"), item("1.2/hidden")],
+            items: vec![
+                item("1.2/3"),
+                item("1.2/4"),
+                item("7/8"),
+                item("1.2/hidden"),
+            ],
             lists: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         });
@@ -659,7 +710,11 @@ mod tests {
         let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
         assert_eq!(names(&t.readdir(p.ino).await.unwrap()), ["3", "4"]);
         let d = t.lookup(p.ino, "3").await.unwrap();
-        assert_eq!(cat.fetches.load(Ordering::Relaxed), 0, "listed handle needs no fetch");
+        assert_eq!(
+            cat.fetches.load(Ordering::Relaxed),
+            0,
+            "listed handle needs no fetch"
+        );
         let e = t.readdir(d.ino).await.unwrap();
         assert_eq!(names(&e), ["a.csv", "clash", "data", "marker"]);
         assert!(e.iter().all(|x| x.name != "." && x.name != "dot"));
@@ -667,7 +722,11 @@ mod tests {
         assert_eq!(clash.attr.kind, FileKind::Directory, "directory wins");
         let a = t.lookup(d.ino, "a.csv").await.unwrap();
         assert_eq!((a.kind, a.size), (FileKind::File, 5));
-        assert_eq!(cat.lists.load(Ordering::Relaxed), 1, "registry listed once per TTL");
+        assert_eq!(
+            cat.lists.load(Ordering::Relaxed),
+            1,
+            "registry listed once per TTL"
+        );
     }
 
     #[tokio::test]
@@ -676,10 +735,19 @@ mod tests {
         let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
         let d = t.lookup(p.ino, "3").await.unwrap();
         t.readdir(d.ino).await.unwrap();
-        let before = (store.lists.load(Ordering::Relaxed), store.heads.load(Ordering::Relaxed));
+        let before = (
+            store.lists.load(Ordering::Relaxed),
+            store.heads.load(Ordering::Relaxed),
+        );
         t.lookup(d.ino, "a.csv").await.unwrap();
-        assert!(matches!(t.lookup(d.ino, ".git").await, Err(FsError::NotFound)));
-        let after = (store.lists.load(Ordering::Relaxed), store.heads.load(Ordering::Relaxed));
+        assert!(matches!(
+            t.lookup(d.ino, ".git").await,
+            Err(FsError::NotFound)
+        ));
+        let after = (
+            store.lists.load(Ordering::Relaxed),
+            store.heads.load(Ordering::Relaxed),
+        );
         assert_eq!(before, after);
     }
 
@@ -689,13 +757,33 @@ mod tests {
         let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
         let h = t.lookup(p.ino, "hidden").await.unwrap();
         assert_eq!(h.kind, FileKind::Directory);
-        assert_eq!(cat.lists.load(Ordering::Relaxed), 0, "lookup never lists the registry");
-        assert!(matches!(t.lookup(p.ino, "999").await, Err(FsError::NotFound)));
-        assert!(matches!(t.lookup(p.ino, "999").await, Err(FsError::NotFound)));
-        assert_eq!(cat.fetches.load(Ordering::Relaxed), 2, "negative lookups are cached");
-        assert!(matches!(t.lookup(ROOT_INO, ".git").await, Err(FsError::NotFound)));
+        assert_eq!(
+            cat.lists.load(Ordering::Relaxed),
+            0,
+            "lookup never lists the registry"
+        );
+        assert!(matches!(
+            t.lookup(p.ino, "999").await,
+            Err(FsError::NotFound)
+        ));
+        assert!(matches!(
+            t.lookup(p.ino, "999").await,
+            Err(FsError::NotFound)
+        ));
+        assert_eq!(
+            cat.fetches.load(Ordering::Relaxed),
+            2,
+            "negative lookups are cached"
+        );
+        assert!(matches!(
+            t.lookup(ROOT_INO, ".git").await,
+            Err(FsError::NotFound)
+        ));
         // A dataset resolved by name stays visible in its prefix folder.
-        assert_eq!(names(&t.readdir(p.ino).await.unwrap()), ["3", "4", "hidden"]);
+        assert_eq!(
+            names(&t.readdir(p.ino).await.unwrap()),
+            ["3", "4", "hidden"]
+        );
     }
 
     #[tokio::test]

@@ -164,7 +164,12 @@ fn classify(status: u16, code: &str) -> S3Error {
     }
 }
 
-fn meta(key: &str, size: Option<i64>, etag: Option<&str>, lm: Option<&aws_smithy_types::DateTime>) -> ObjectMeta {
+fn meta(
+    key: &str,
+    size: Option<i64>,
+    etag: Option<&str>,
+    lm: Option<&aws_smithy_types::DateTime>,
+) -> ObjectMeta {
     ObjectMeta {
         key: key.to_string(),
         size: size.unwrap_or(0).max(0) as u64,

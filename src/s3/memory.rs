@@ -57,8 +57,13 @@ impl ObjectStore for MemoryStore {
         max_keys: Option<i32>,
     ) -> Result<ListPage, S3Error> {
         self.lists.fetch_add(1, Ordering::Relaxed);
-        let max = max_keys.map(|m| m.max(1) as usize).unwrap_or(self.page_size);
-        let objects = self.objects.lock().map_err(|_| S3Error::Other("poisoned".into()))?;
+        let max = max_keys
+            .map(|m| m.max(1) as usize)
+            .unwrap_or(self.page_size);
+        let objects = self
+            .objects
+            .lock()
+            .map_err(|_| S3Error::Other("poisoned".into()))?;
         let mut page = ListPage::default();
         let mut last: Option<String> = None;
         let mut count = 0;
@@ -99,7 +104,10 @@ impl ObjectStore for MemoryStore {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error> {
         self.heads.fetch_add(1, Ordering::Relaxed);
-        let objects = self.objects.lock().map_err(|_| S3Error::Other("poisoned".into()))?;
+        let objects = self
+            .objects
+            .lock()
+            .map_err(|_| S3Error::Other("poisoned".into()))?;
         objects
             .get(key)
             .map(|(d, e)| Self::meta(key, d, e))
@@ -113,7 +121,10 @@ impl ObjectStore for MemoryStore {
         etag: Option<&str>,
     ) -> Result<Bytes, S3Error> {
         self.gets.fetch_add(1, Ordering::Relaxed);
-        let objects = self.objects.lock().map_err(|_| S3Error::Other("poisoned".into()))?;
+        let objects = self
+            .objects
+            .lock()
+            .map_err(|_| S3Error::Other("poisoned".into()))?;
         let (data, e) = objects.get(key).ok_or(S3Error::NotFound)?;
         if etag.is_some_and(|t| t != e) {
             return Err(S3Error::Stale);

@@ -55,7 +55,10 @@ pub struct Identity {
 }
 
 fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
-    Reply::json(status, json!({"error": error, "error_description": description}))
+    Reply::json(
+        status,
+        json!({"error": error, "error_description": description}),
+    )
 }
 
 impl SimState {
@@ -66,7 +69,8 @@ impl SimState {
         let mut id = self.identity();
         let now = Instant::now();
         id.access.retain(|_, exp| *exp > now);
-        id.access.insert(token.clone(), now + Duration::from_secs(ttl));
+        id.access
+            .insert(token.clone(), now + Duration::from_secs(ttl));
         Reply::json(
             200,
             json!({
@@ -97,7 +101,11 @@ impl SimState {
 
     pub fn token(&self, form: &HashMap<String, String>) -> Reply {
         if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
-            return oauth_error(401, "unauthorized_client", "Invalid client or Invalid client credentials");
+            return oauth_error(
+                401,
+                "unauthorized_client",
+                "Invalid client or Invalid client credentials",
+            );
         }
         match form.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {
@@ -123,15 +131,25 @@ impl SimState {
                     return oauth_error(400, "expired_token", "Device code is expired");
                 }
                 if dev.denied {
-                    return oauth_error(400, "access_denied", "The end user denied the authorization request");
+                    return oauth_error(
+                        400,
+                        "access_denied",
+                        "The end user denied the authorization request",
+                    );
                 }
-                let too_fast = dev.last_poll.is_some_and(|t| now.duration_since(t) < dev.interval);
+                let too_fast = dev
+                    .last_poll
+                    .is_some_and(|t| now.duration_since(t) < dev.interval);
                 dev.last_poll = Some(now);
                 if too_fast {
                     return oauth_error(400, "slow_down", "Slow down");
                 }
                 if !dev.approved {
-                    return oauth_error(400, "authorization_pending", "The authorization request is still pending");
+                    return oauth_error(
+                        400,
+                        "authorization_pending",
+                        "The authorization request is still pending",
+                    );
                 }
                 id.devices.remove(code);
                 drop(id);
@@ -145,7 +163,11 @@ impl SimState {
 
     pub fn device_authorization(&self, form: &HashMap<String, String>) -> Reply {
         if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
-            return oauth_error(401, "unauthorized_client", "Invalid client or Invalid client credentials");
+            return oauth_error(
+                401,
+                "unauthorized_client",
+                "Invalid client or Invalid client credentials",
+            );
         }
         let device_code: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
@@ -207,5 +229,12 @@ impl SimState {
 fn uuid_like() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }

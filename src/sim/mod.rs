@@ -111,7 +111,10 @@ impl SimState {
     }
 
     pub fn base_url(&self) -> String {
-        self.base_url.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.base_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn realm_url(&self) -> String {
@@ -229,7 +232,9 @@ async fn serve(
             let s3 = s3.clone();
             async move { route(state, s3, req).await }
         });
-        let conn = builder.serve_connection(TokioIo::new(socket), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(socket), svc)
+            .into_owned();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "connection ended");
@@ -259,7 +264,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, s3s::HttpError> {
     let path = req.uri().path().to_string();
-    let is_api = path.starts_with(REALM_PATH) || path.starts_with("/registry/") || path.starts_with("/_sim/");
+    let is_api = path.starts_with(REALM_PATH)
+        || path.starts_with("/registry/")
+        || path.starts_with("/_sim/");
     if !is_api {
         return s3.call(req.map(Body::from)).await;
     }
@@ -299,7 +306,10 @@ async fn route(
             Reply::json(if found { 200 } else { 404 }, json!({"found": found}))
         }
         (_, p) if p.starts_with("/registry/") => {
-            if !bearer.as_deref().is_some_and(|t| state.access_token_valid(t)) {
+            if !bearer
+                .as_deref()
+                .is_some_and(|t| state.access_token_valid(t))
+            {
                 Reply::json(401, json!({"detail": "Could not validate credentials"}))
             } else {
                 match (method.as_str(), p) {

@@ -86,7 +86,10 @@ impl SimState {
 
     pub fn fetch_dataset(&self, query: &HashMap<String, String>) -> Reply {
         let Some(handle) = query.get("handle_id") else {
-            return Reply::json(422, json!({"detail": [{"loc": ["query", "handle_id"], "msg": "field required", "type": "value_error.missing"}]}));
+            return Reply::json(
+                422,
+                json!({"detail": [{"loc": ["query", "handle_id"], "msg": "field required", "type": "value_error.missing"}]}),
+            );
         };
         match self.store.dataset(handle) {
             Some(ds) => {
@@ -95,17 +98,23 @@ impl SimState {
                 } else {
                     json!(["metadata-read", "dataset-data-read"])
                 };
-                Reply::json(200, json!({
-                    "status": {"success": true, "details": "Successfully retrieved item"},
-                    "item": record(&ds),
-                    "roles": roles,
-                    "locked": false,
-                }))
+                Reply::json(
+                    200,
+                    json!({
+                        "status": {"success": true, "details": "Successfully retrieved item"},
+                        "item": record(&ds),
+                        "roles": roles,
+                        "locked": false,
+                    }),
+                )
             }
-            None => Reply::json(200, json!({
-                "status": {"success": false, "details": format!("Item with handle {handle} does not exist.")},
-                "item": null, "roles": null, "locked": null,
-            })),
+            None => Reply::json(
+                200,
+                json!({
+                    "status": {"success": false, "details": format!("Item with handle {handle} does not exist.")},
+                    "item": null, "roles": null, "locked": null,
+                }),
+            ),
         }
     }
 
@@ -125,19 +134,28 @@ impl SimState {
         let total = all.len();
         let rest: Vec<&SimDataset> = all
             .iter()
-            .filter(|d| after.as_ref().is_none_or(|a| d.handle.as_str() > a.as_str()))
+            .filter(|d| {
+                after
+                    .as_ref()
+                    .is_none_or(|a| d.handle.as_str() > a.as_str())
+            })
             .collect();
         let page: Vec<serde_json::Value> = rest.iter().take(size).map(|d| record(d)).collect();
         let key = (rest.len() > size).then(|| {
             json!({"id": rest[size - 1].handle, "universal_partition_key": "DATASET", "updated_timestamp": rest[size - 1].updated})
         });
-        self.stats.api_lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Reply::json(200, json!({
-            "status": {"success": true, "details": "Successfully retrieved items"},
-            "items": page,
-            "total_item_count": total,
-            "pagination_key": key,
-        }))
+        self.stats
+            .api_lists
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Reply::json(
+            200,
+            json!({
+                "status": {"success": true, "details": "Successfully retrieved items"},
+                "items": page,
+                "total_item_count": total,
+                "pagination_key": key,
+            }),
+        )
     }
 
     pub fn read_credentials(&self, body: &[u8]) -> Reply {
@@ -146,10 +164,16 @@ impl SimState {
             Err(e) => return detail(422, &format!("invalid body: {e}")),
         };
         let Some(ds) = self.store.dataset(&req.dataset_id) else {
-            return detail(400, &format!("Dataset with handle {} does not exist.", req.dataset_id));
+            return detail(
+                400,
+                &format!("Dataset with handle {} does not exist.", req.dataset_id),
+            );
         };
         if self.denied(&ds.handle) {
-            return detail(401, "You do not have sufficient permissions to read from this dataset!");
+            return detail(
+                401,
+                "You do not have sufficient permissions to read from this dataset!",
+            );
         }
         let key_id = format!("ASIA{}", random(16, true));
         let secret = random(40, false);
@@ -160,23 +184,31 @@ impl SimState {
             let mut creds = self.creds();
             let now = Instant::now();
             creds.retain(|_, c| c.expires + Duration::from_secs(3600) > now);
-            creds.insert(key_id.clone(), Issued {
-                secret: secret.clone(),
-                session: session.clone(),
-                expires: now + ttl,
-                s3_prefix: ds.s3_prefix.clone(),
-            });
+            creds.insert(
+                key_id.clone(),
+                Issued {
+                    secret: secret.clone(),
+                    session: session.clone(),
+                    expires: now + ttl,
+                    s3_prefix: ds.s3_prefix.clone(),
+                },
+            );
         }
-        self.stats.credentials_issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Reply::json(200, json!({
-            "status": {"success": true, "details": "Successfully generated credentials"},
-            "credentials": {
-                "aws_access_key_id": key_id,
-                "aws_secret_access_key": secret,
-                "aws_session_token": session,
-                "expiry": expiry.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
-            },
-            "console_session_url": null,
-        }))
+        self.stats
+            .credentials_issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Reply::json(
+            200,
+            json!({
+                "status": {"success": true, "details": "Successfully generated credentials"},
+                "credentials": {
+                    "aws_access_key_id": key_id,
+                    "aws_secret_access_key": secret,
+                    "aws_session_token": session,
+                    "expiry": expiry.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
+                },
+                "console_session_url": null,
+            }),
+        )
     }
 }

@@ -30,9 +30,15 @@ impl S3Auth for SimAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
         let creds = self.0.creds();
         match creds.get(access_key) {
-            None => Err(s3_error!(InvalidAccessKeyId, "The AWS Access Key Id you provided does not exist in our records.")),
+            None => Err(s3_error!(
+                InvalidAccessKeyId,
+                "The AWS Access Key Id you provided does not exist in our records."
+            )),
             Some(c) if c.expires <= Instant::now() => {
-                self.0.stats.expired_rejections.fetch_add(1, Ordering::Relaxed);
+                self.0
+                    .stats
+                    .expired_rejections
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(s3_error!(ExpiredToken, "The provided token has expired."))
             }
             Some(c) => Ok(SecretKey::from(c.secret.as_str())),
@@ -60,7 +66,10 @@ impl SimS3 {
             .get("x-amz-security-token")
             .and_then(|v| v.to_str().ok());
         if token != Some(issued.session.as_str()) {
-            return Err(s3_error!(InvalidToken, "The provided token is malformed or otherwise invalid."));
+            return Err(s3_error!(
+                InvalidToken,
+                "The provided token is malformed or otherwise invalid."
+            ));
         }
         if bucket != BUCKET {
             return Err(s3_error!(NoSuchBucket));
@@ -81,8 +90,13 @@ impl SimS3 {
 
 fn check_if_match(cond: &Option<IfMatch>, obj: &ObjectFile) -> S3Result<()> {
     match cond {
-        Some(ETagCondition::ETag(ETag::Strong(e) | ETag::Weak(e))) if e.trim_matches('"') != obj.etag => {
-            Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"))
+        Some(ETagCondition::ETag(ETag::Strong(e) | ETag::Weak(e)))
+            if e.trim_matches('"') != obj.etag =>
+        {
+            Err(s3_error!(
+                PreconditionFailed,
+                "At least one of the pre-conditions you specified did not hold"
+            ))
         }
         _ => Ok(()),
     }
@@ -90,7 +104,10 @@ fn check_if_match(cond: &Option<IfMatch>, obj: &ObjectFile) -> S3Result<()> {
 
 #[async_trait]
 impl S3 for SimS3 {
-    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
         self.authorize(&req, &req.input.bucket, &req.input.key)?;
         let st = &self.0.stats;
         st.gets.fetch_add(1, Ordering::Relaxed);
@@ -122,7 +139,10 @@ impl S3 for SimS3 {
             let n = left.min(1 << 20) as usize;
             let mut buf = BytesMut::zeroed(n);
             match file.read_exact(&mut buf).await {
-                Ok(_) => Some((Ok::<Bytes, std::io::Error>(buf.freeze()), (file, left - n as u64))),
+                Ok(_) => Some((
+                    Ok::<Bytes, std::io::Error>(buf.freeze()),
+                    (file, left - n as u64),
+                )),
                 Err(e) => Some((Err(e), (file, 0))),
             }
         });
@@ -137,7 +157,10 @@ impl S3 for SimS3 {
         }))
     }
 
-    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
         self.authorize(&req, &req.input.bucket, &req.input.key)?;
         self.0.stats.heads.fetch_add(1, Ordering::Relaxed);
         let obj = self.object(&req.input.key)?;
@@ -162,15 +185,29 @@ impl S3 for SimS3 {
         let delimited = match input.delimiter.as_deref() {
             None | Some("") => false,
             Some("/") => true,
-            Some(_) => return Err(s3_error!(NotImplemented, "only '/' is supported as delimiter")),
+            Some(_) => {
+                return Err(s3_error!(
+                    NotImplemented,
+                    "only '/' is supported as delimiter"
+                ))
+            }
         };
-        let max = input.max_keys.unwrap_or(1000).clamp(1, 1000).min(self.0.cfg.s3_page_size as i32) as usize;
+        let max = input
+            .max_keys
+            .unwrap_or(1000)
+            .clamp(1, 1000)
+            .min(self.0.cfg.s3_page_size as i32) as usize;
         let marker = match &input.continuation_token {
             Some(t) => Some(
                 hex::decode(t)
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?,
+                    .ok_or_else(|| {
+                        s3_error!(
+                            InvalidArgument,
+                            "The continuation token provided is incorrect"
+                        )
+                    })?,
             ),
             None => input.start_after.clone(),
         };
@@ -190,10 +227,14 @@ impl S3 for SimS3 {
                     size: Some(o.size as i64),
                     e_tag: Some(etag(&o.etag)),
                     last_modified: Some(Timestamp::from(o.modified)),
-                    storage_class: Some(ObjectStorageClass::from_static(ObjectStorageClass::STANDARD)),
+                    storage_class: Some(ObjectStorageClass::from_static(
+                        ObjectStorageClass::STANDARD,
+                    )),
                     ..Default::default()
                 }),
-                Entry::Prefix(p) => prefixes.push(CommonPrefix { prefix: Some(p.clone()) }),
+                Entry::Prefix(p) => prefixes.push(CommonPrefix {
+                    prefix: Some(p.clone()),
+                }),
             }
         }
         let next = truncated.then(|| hex::encode(page[page.len() - 1].key()));

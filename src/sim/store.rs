@@ -139,8 +139,14 @@ impl FolderStore {
             s3_prefix: s3_prefix_of(handle),
             name: text("name").unwrap_or_else(|| format!("Dataset {handle}")),
             description: text("description").unwrap_or_default(),
-            created: unix(md.as_ref().map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.created().or(m.modified()))),
-            updated: unix(md.as_ref().map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.modified())),
+            created: unix(
+                md.as_ref()
+                    .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.created().or(m.modified())),
+            ),
+            updated: unix(
+                md.as_ref()
+                    .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.modified()),
+            ),
             dir,
         }
     }
@@ -160,7 +166,11 @@ impl FolderStore {
     /// (404 NoSuchKey, never a server error).
     pub fn object(&self, key: &str) -> Option<ObjectFile> {
         let (ds, rel) = self.resolve(key)?;
-        if rel.is_empty() || rel.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        {
             return None;
         }
         let path = ds.dir.join(&rel);
@@ -188,7 +198,11 @@ impl FolderStore {
                         continue;
                     }
                     if delimited {
-                        let fold = if dir_part.is_empty() { "datasets/".to_string() } else { ds.s3_prefix.clone() };
+                        let fold = if dir_part.is_empty() {
+                            "datasets/".to_string()
+                        } else {
+                            ds.s3_prefix.clone()
+                        };
                         if fold.starts_with(prefix) {
                             out.insert(fold.clone(), Entry::Prefix(fold));
                         }
@@ -217,18 +231,23 @@ impl FolderStore {
                             continue;
                         }
                         let key = format!("{dir_part}{name}");
-                        let Ok(md) = fs::metadata(e.path()) else { continue };
+                        let Ok(md) = fs::metadata(e.path()) else {
+                            continue;
+                        };
                         if md.is_dir() {
                             out.insert(format!("{key}/"), Entry::Prefix(format!("{key}/")));
                         } else if md.is_file() {
                             let rel = &key[ds.s3_prefix.len()..];
-                            out.insert(key.clone(), Entry::Object(ObjectFile {
-                                etag: etag_of(rel, &md),
-                                size: md.len(),
-                                modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                                path: e.path(),
-                                key,
-                            }));
+                            out.insert(
+                                key.clone(),
+                                Entry::Object(ObjectFile {
+                                    etag: etag_of(rel, &md),
+                                    size: md.len(),
+                                    modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                                    path: e.path(),
+                                    key,
+                                }),
+                            );
                         }
                     }
                 } else {
@@ -246,7 +265,9 @@ impl FolderStore {
                 continue;
             };
             let key = format!("{key_prefix}{name}");
-            let Ok(md) = fs::metadata(e.path()) else { continue };
+            let Ok(md) = fs::metadata(e.path()) else {
+                continue;
+            };
             if md.is_dir() {
                 let sub = format!("{key}/");
                 if sub.starts_with(want) || want.starts_with(&sub) {
@@ -254,13 +275,16 @@ impl FolderStore {
                 }
             } else if md.is_file() && key.starts_with(want) {
                 let rel = key.splitn(3, '/').nth(2).unwrap_or_default().to_string();
-                out.insert(key.clone(), Entry::Object(ObjectFile {
-                    etag: etag_of(&rel, &md),
-                    size: md.len(),
-                    modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    path: e.path(),
-                    key,
-                }));
+                out.insert(
+                    key.clone(),
+                    Entry::Object(ObjectFile {
+                        etag: etag_of(&rel, &md),
+                        size: md.len(),
+                        modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        path: e.path(),
+                        key,
+                    }),
+                );
             }
         }
     }
@@ -285,7 +309,10 @@ mod tests {
         let s = FolderStore::new(t.path().to_path_buf());
         assert_eq!(s.datasets()[0].s3_prefix, "datasets/10378-1-42/");
         let top = s.list("datasets/10378-1-42/", true);
-        assert_eq!(keys(&top), ["datasets/10378-1-42/a.txt", "datasets/10378-1-42/data/"]);
+        assert_eq!(
+            keys(&top),
+            ["datasets/10378-1-42/a.txt", "datasets/10378-1-42/data/"]
+        );
         let all = s.list("datasets/10378-1-42/", false);
         assert_eq!(
             keys(&all),
@@ -295,10 +322,16 @@ mod tests {
                 "datasets/10378-1-42/data/sub/ü"
             ]
         );
-        assert_eq!(keys(&s.list("datasets/10378-1-42/da", true)), ["datasets/10378-1-42/data/"]);
+        assert_eq!(
+            keys(&s.list("datasets/10378-1-42/da", true)),
+            ["datasets/10378-1-42/data/"]
+        );
         assert_eq!(keys(&s.list("", true)), ["datasets/"]);
         assert_eq!(keys(&s.list("datasets/", true)), ["datasets/10378-1-42/"]);
-        assert_eq!(s.object("datasets/10378-1-42/data/b c.bin").unwrap().size, 2);
+        assert_eq!(
+            s.object("datasets/10378-1-42/data/b c.bin").unwrap().size,
+            2
+        );
         assert!(s.object("datasets/10378-1-42/data").is_none());
         assert!(s.object("datasets/10378-1-42/data/").is_none());
         assert!(s.object("datasets/10378-1-42/../42/a.txt").is_none());

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration
+# tests that mount for real (they need /dev/fuse and fusermount3; under
+# CI=1 a missing FUSE fails them instead of skipping).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked -- --test-threads "${TEST_THREADS:-4}"

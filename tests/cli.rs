@@ -1,0 +1,198 @@
+//! The mount command's answers to bad input and its lifecycle: each failure
+//! is one clear line, a non-zero exit, and nothing left mounted.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn small() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/a.txt", b"a");
+    d
+}
+
+/// Runs `mount` on a fresh empty folder and expects it to fail with `needle`.
+fn refused(sim: &Sim, envs: &[(&str, Option<&str>)], extra: &[&str], needle: &str) {
+    let mnt = tempfile::tempdir().unwrap();
+    let mut args = vec!["mount", mnt.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut c = sim.command(&args);
+    for (k, v) in envs {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mount should fail ({needle})");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+    assert!(!is_mounted(mnt.path()), "nothing mounted");
+}
+
+#[test]
+fn bad_tokens_and_endpoints_fail_before_mounting() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    refused(
+        &sim,
+        &[("RRAP_OFFLINE_TOKEN", None)],
+        &[],
+        "no offline token",
+    );
+    refused(
+        &sim,
+        &[("RRAP_OFFLINE_TOKEN", Some("not a token"))],
+        &[],
+        "offline token",
+    );
+    refused(
+        &sim,
+        &[("RRAP_OFFLINE_TOKEN", Some("abc.def"))],
+        &[],
+        "malformed",
+    );
+    refused(
+        &sim,
+        &[("RRAP_OFFLINE_TOKEN", Some("eyJh.eyJi.c2ln"))],
+        &[],
+        "rejected",
+    );
+    refused(
+        &sim,
+        &[(
+            "PROVENA_AUTH_URL",
+            Some("http://127.0.0.1:9/auth/realms/rrap"),
+        )],
+        &[],
+        "cannot reach the identity service",
+    );
+    let tf = tempfile::NamedTempFile::new().unwrap();
+    refused(
+        &sim,
+        &[],
+        &["--token-file", "/nonexistent/token"],
+        "cannot read token file",
+    );
+    std::fs::write(tf.path(), "\n").unwrap();
+    refused(
+        &sim,
+        &[],
+        &["--token-file", tf.path().to_str().unwrap()],
+        "empty",
+    );
+}
+
+#[test]
+fn bad_mountpoints_are_refused() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    let out = sim
+        .command(&["mount", "/nonexistent/mnt"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    let full = tempfile::tempdir().unwrap();
+    std::fs::write(full.path().join("x"), "x").unwrap();
+    let out = sim
+        .command(&["mount", full.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    // A second mount on the same point.
+    let m = sim.mount(&[]);
+    let out = sim
+        .command(&["mount", m.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a mount point"));
+    assert_eq!(std::fs::read(m.join("10378.1/1/a.txt")).unwrap(), b"a");
+}
+
+#[test]
+fn token_file_works_and_foreground_unmounts_on_sigterm() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    let tf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tf.path(), format!("{}\n", sim.token())).unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mut child = sim
+        .command(&[
+            "mount",
+            mnt.path().to_str().unwrap(),
+            "--foreground",
+            "--token-file",
+            tf.path().to_str().unwrap(),
+        ])
+        .env_remove("RRAP_OFFLINE_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(mnt.path()) {
+        assert!(
+            Instant::now() < deadline,
+            "foreground mount did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read(mnt.path().join("10378.1/1/a.txt")).unwrap(),
+        b"a"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!is_mounted(mnt.path()), "unmounted");
+}
+
+#[test]
+fn background_mount_ends_on_unmount() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    let mnt = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = sim
+        .command(&["mount", mnt.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returns once ready"
+    );
+    assert!(is_mounted(mnt.path()));
+    assert_eq!(
+        std::fs::read(mnt.path().join("10378.1/1/a.txt")).unwrap(),
+        b"a"
+    );
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(mnt.path()));
+}
