@@ -12,6 +12,7 @@ use crate::auth::{check_token_shape, AuthConfig};
 use crate::fs::fuse::FuseConfig;
 use crate::fs::tree::TreeConfig;
 use crate::mount::{self, MountConfig};
+use crate::read::ReadConfig;
 use crate::s3::aws::S3Config;
 use crate::secret::Secret;
 use crate::sim::SimConfig;
@@ -94,6 +95,21 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 16)]
     pub max_threads: usize,
+    /// Memory block cache budget (e.g. 96MiB, 1GiB).
+    #[arg(long, default_value = "96MiB", value_parser = parse_size)]
+    pub memory_cache_size: u64,
+    /// Bytes of read-ahead GETs in flight at once, all files together.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_memory: u64,
+    /// Largest read-ahead window of one file.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_read_ahead: u64,
+    /// Keep fetched blocks on disk in this folder (created 0700).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Disk cache budget.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
     /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
@@ -207,10 +223,42 @@ fn mount_config(a: &MountArgs) -> Result<MountConfig, String> {
             metadata_ttl: Duration::from_secs(a.metadata_ttl),
             ..TreeConfig::default()
         },
+        read: ReadConfig {
+            memory_cache: a.memory_cache_size,
+            max_inflight: a.max_memory,
+            max_window: a.max_read_ahead,
+            disk: a.cache_dir.clone().map(|d| (d, a.cache_size)),
+            ..ReadConfig::default()
+        },
         fuse: FuseConfig::default(),
         max_threads: a.max_threads,
         allow_other: a.allow_other,
     })
+}
+
+/// A byte size: a number with an optional K/M/G/T suffix (KiB, MB, ... all
+/// read as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("unknown size unit in {s:?}")),
+    };
+    Ok((n * mult as f64) as u64)
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {
@@ -321,4 +369,18 @@ pub fn write_private(p: &std::path::Path, content: &str) -> std::io::Result<()> 
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(tmp, p)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        use super::parse_size;
+        assert_eq!(parse_size("96MiB"), Ok(96 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
 }

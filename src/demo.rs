@@ -125,6 +125,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
             ..S3Config::default()
         },
         tree: TreeConfig::default(),
+        read: crate::read::ReadConfig::default(),
         fuse: FuseConfig::default(),
         max_threads: 16,
         allow_other: false,

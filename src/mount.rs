@@ -20,6 +20,7 @@ use crate::api::{ApiConfig, DataStoreClient};
 use crate::auth::{AuthConfig, AuthError, TokenSource};
 use crate::fs::fuse::{FuseConfig, ProvenaFs};
 use crate::fs::tree::{Tree, TreeConfig};
+use crate::read::{ReadConfig, Reader};
 use crate::s3::aws::{AwsFactory, S3Config};
 use crate::secret::Secret;
 
@@ -36,6 +37,7 @@ pub struct MountConfig {
     pub api: ApiConfig,
     pub s3: S3Config,
     pub tree: TreeConfig,
+    pub read: ReadConfig,
     pub fuse: FuseConfig,
     pub max_threads: usize,
     pub allow_other: bool,
@@ -232,7 +234,9 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
     let api = Arc::new(DataStoreClient::new(http, cfg.api.clone(), tokens));
     let stores = Arc::new(AwsFactory::new(cfg.s3.clone(), api.clone()));
     let tree = Arc::new(Tree::new(cfg.tree.clone(), api, stores));
-    let fs = ProvenaFs::new(tree, cfg.fuse.clone(), rt.handle().clone());
+    let reader = Reader::new(cfg.read.clone())
+        .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
+    let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
     serve(fs, &cfg, rt)
 }
 

@@ -21,7 +21,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::tree::{Attr, DirEntry, FileKind, Tree};
 use super::FsError;
-use crate::read::OpenFile;
+use crate::read::{OpenFile, Reader};
 
 /// Ownership and modes shown for every inode.
 #[derive(Clone, Debug)]
@@ -69,6 +69,10 @@ fn log_failure(op: &str, e: &FsError) {
 
 pub struct ProvenaFs {
     tree: Arc<Tree>,
+    reader: Arc<Reader>,
+    /// ETag each file had when last opened: an unchanged object keeps the
+    /// kernel's page cache across opens (FOPEN_KEEP_CACHE).
+    opened_etags: Mutex<HashMap<u64, String>>,
     cfg: FuseConfig,
     rt: Handle,
     files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
@@ -77,9 +81,11 @@ pub struct ProvenaFs {
 }
 
 impl ProvenaFs {
-    pub fn new(tree: Arc<Tree>, cfg: FuseConfig, rt: Handle) -> Self {
+    pub fn new(tree: Arc<Tree>, reader: Arc<Reader>, cfg: FuseConfig, rt: Handle) -> Self {
         Self {
             tree,
+            reader,
+            opened_etags: Mutex::new(HashMap::new()),
             cfg,
             rt,
             files: Default::default(),
@@ -184,8 +190,15 @@ impl Filesystem for ProvenaFs {
         match self.tree.file(ino.0) {
             Ok(f) => {
                 let fh = self.fh();
-                lock(&self.files).insert(fh, Arc::new(OpenFile::new(f)));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                let same = lock(&self.opened_etags).insert(ino.0, f.meta.etag.clone())
+                    == Some(f.meta.etag.clone());
+                let flags = if same {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                lock(&self.files).insert(fh, Arc::new(self.reader.open(f)));
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => {
                 log_failure("open", &e);
@@ -209,10 +222,11 @@ impl Filesystem for ProvenaFs {
             reply.error(Errno::EBADF);
             return;
         };
+        let reader = self.reader.clone();
         let span = info_span!("read", ino = ino.0, offset, size);
         self.rt.spawn(
             async move {
-                match file.read(offset, size).await {
+                match reader.read(&file, offset, size).await {
                     Ok(b) => reply.data(&b),
                     Err(e) => {
                         log_failure("read", &e);
