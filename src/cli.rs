@@ -286,7 +286,8 @@ pub fn main() -> i32 {
                     Err(e) => fail(e),
                 };
             }
-            if let Err(e) = init_logging(&a.log, "warn") {
+            // fuser warns about an unmount that already happened; not news.
+            if let Err(e) = init_logging(&a.log, "warn,fuser=error") {
                 return fail(e);
             }
             let rt = match runtime() {

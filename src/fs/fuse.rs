@@ -396,6 +396,21 @@ impl Filesystem for ProvenaFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal probes (TCGETS from Python's open) and the like: not a tty.
+        reply.error(Errno::ENOTTY);
+    }
+
     fn getxattr(
         &self,
         _req: &Request,

@@ -384,14 +384,18 @@ impl Tree {
         }
         let key = format!("{dir}{name}");
         let sub = format!("{key}/");
-        // Directory and object probes in parallel; the directory wins.
-        let (listed, head) = tokio::join!(
-            ds.store.list(&sub, Some("/"), None, Some(1)),
-            ds.store.head(&key)
-        );
-        let listed = listed?;
+        // One LIST with the name as prefix answers both questions: the
+        // object `key` sorts first if it exists, and everything under
+        // `key/` folds into one common prefix. No HEAD per lookup.
+        let page = ds.store.list(&key, Some("/"), None, Some(100)).await?;
+        let mut is_dir = page.prefixes.contains(&sub);
+        if !is_dir && page.next.is_some() {
+            // Many siblings sort between `key` and `key/` (`key.txt`, `key-1`...).
+            let p = ds.store.list(&sub, Some("/"), None, Some(1)).await?;
+            is_dir = !p.objects.is_empty() || !p.prefixes.is_empty();
+        }
         let mut st = self.state();
-        if !listed.objects.is_empty() || !listed.prefixes.is_empty() {
+        if is_dir {
             return Ok(self.entry(
                 &mut st,
                 parent,
@@ -402,16 +406,18 @@ impl Tree {
                 },
             ));
         }
-        let meta = head?;
-        Ok(self.entry(
-            &mut st,
-            parent,
-            name,
-            Kind::File {
-                ds: ds.clone(),
-                meta,
-            },
-        ))
+        match page.objects.into_iter().find(|o| o.key == key) {
+            Some(meta) => Ok(self.entry(
+                &mut st,
+                parent,
+                name,
+                Kind::File {
+                    ds: ds.clone(),
+                    meta,
+                },
+            )),
+            None => Err(FsError::NotFound),
+        }
     }
 
     /// Every entry of directory `ino`, from a listing no older than the TTL.
@@ -800,6 +806,15 @@ mod tests {
         let marker = t.lookup(d.ino, "marker").await.unwrap();
         assert_eq!(marker.kind, FileKind::Directory);
         assert_eq!(store.gets.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            store.heads.load(Ordering::Relaxed),
+            0,
+            "lookups cost no HEAD"
+        );
+        assert!(matches!(
+            t.lookup(d.ino, "nope").await,
+            Err(FsError::NotFound)
+        ));
         let f = t.file(x.ino).unwrap();
         assert_eq!(f.meta.key, "datasets/1-2-3/data/x.bin");
     }

@@ -122,6 +122,9 @@ pub struct OpenFile {
 #[derive(Default)]
 struct Pattern {
     reads: u64,
+    streak: u32,
+    /// How far read-ahead has been requested.
+    ahead_to: u64,
     last_end: u64,
     window: u64,
     counted: bool,
@@ -213,27 +216,54 @@ impl Reader {
     fn plan(&self, f: &OpenFile, offset: u64, end: u64) -> Plan {
         let mut p = f.pattern.lock().unwrap_or_else(|p| p.into_inner());
         let first = p.reads == 0;
-        // Kernel read-ahead requests may arrive slightly out of order from
-        // several FUSE threads, so "continues" allows a little slack.
-        let slack = 2 * self.cfg.block_size;
-        let continues = !first && offset + slack >= p.last_end && offset <= p.last_end + slack;
+        // It takes two reads in a row that continue the last to count as
+        // sequential, so random reads that land near each other by chance
+        // trigger nothing.
+        let bs = self.cfg.block_size;
+        // Large requests are the kernel's read-ahead, issued several at a
+        // time and answered by several threads: allow a few MiB of
+        // reordering. Small ones must continue almost exactly.
+        let size = end - offset;
+        let slack = if size >= bs / 2 {
+            8 * bs
+        } else {
+            size.max(4096)
+        };
+        let near = !first && offset + slack >= p.last_end && offset <= p.last_end + slack;
+        let crossed = near && end.div_ceil(bs) > p.last_end.div_ceil(bs);
         p.reads += 1;
-        p.last_end = if continues { p.last_end.max(end) } else { end };
+        p.streak = if near { p.streak + 1 } else { 0 };
+        p.last_end = if near { p.last_end.max(end) } else { end };
         if first {
             p.window = self.cfg.initial_window;
             return Plan::Blocks { ahead: end };
         }
-        if !continues {
+        if p.streak < 2 {
             p.window = self.cfg.initial_window;
-            return Plan::Exact;
+            p.ahead_to = 0;
+            // A large read (kernel read-ahead of a seek) costs about the
+            // same block-aligned, and then lands in the cache.
+            return if end - offset >= bs / 2 {
+                Plan::Blocks { ahead: end }
+            } else {
+                Plan::Exact
+            };
         }
         if !p.counted {
             p.counted = true;
             self.sequential.fetch_add(1, Ordering::Relaxed);
         }
-        p.window = (p.window * 2).min(self.window_cap());
-        Plan::Blocks {
-            ahead: (end + p.window).min(f.size()),
+        // The window doubles each time the reader moves into a new block;
+        // read-ahead is topped up only when less than half of it is left,
+        // so it goes out in large GETs, not one block at a time.
+        if crossed {
+            p.window = (p.window * 2).min(self.window_cap());
+        }
+        if p.ahead_to < end + p.window / 2 {
+            p.ahead_to = (end + p.window).min(f.size());
+            Plan::Blocks { ahead: p.ahead_to }
+        } else {
+            Plan::Blocks { ahead: end }
         }
     }
 
@@ -257,11 +287,20 @@ impl Reader {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             if let Plan::Blocks { ahead } = plan {
                 if ahead > end {
-                    self.ensure(f, b1 + 1, (ahead - 1) / bs, false).await;
+                    self.read_ahead(f, b1 + 1, ahead).await;
                 }
             }
             return Ok(self.assemble(f, &blocks, b0, offset, end));
         }
+        // Blocks already on their way serve an exact read too.
+        let plan = match plan {
+            Plan::Exact
+                if (b0..=b1).any(|i| self.lock_inflight().contains_key(&self.key(f, i))) =>
+            {
+                Plan::Blocks { ahead: end }
+            }
+            other => other,
+        };
         match plan {
             Plan::Exact => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +315,7 @@ impl Reader {
             Plan::Blocks { ahead } => {
                 self.ensure(f, b0, b1, true).await;
                 if ahead > end {
-                    self.ensure(f, b1 + 1, (ahead - 1) / bs, false).await;
+                    self.read_ahead(f, b1 + 1, ahead).await;
                 }
                 let mut blocks = Vec::with_capacity((b1 - b0 + 1) as usize);
                 for i in b0..=b1 {
@@ -293,7 +332,7 @@ impl Reader {
         let len = (end - offset) as usize;
         // A block fully read by a sequential reader now sits in the page
         // cache; let it go first.
-        if end % bs == 0 || end == f.size() {
+        if end.is_multiple_of(bs) || end == f.size() {
             self.mem.demote(&self.key(f, (end - 1) / bs));
         }
         if blocks.len() == 1 {
@@ -336,7 +375,8 @@ impl Reader {
     /// Makes sure blocks `first..=last` are cached or being fetched. Missing
     /// runs become parts of at most `part_size`, one GET each. Demanded
     /// blocks wait for in-flight budget; read-ahead gives up without it.
-    async fn ensure(self: &Arc<Self>, f: &OpenFile, first: u64, last: u64, demand: bool) {
+    /// Returns the first block it could not request (`last + 1` if none).
+    async fn ensure(self: &Arc<Self>, f: &OpenFile, first: u64, last: u64, demand: bool) -> u64 {
         let bs = self.cfg.block_size;
         let last = last.min(f.size().saturating_sub(1) / bs);
         let per_part = self.cfg.part_size / bs;
@@ -359,16 +399,29 @@ impl Reader {
             let permit = if demand {
                 match self.budget.clone().acquire_many_owned(n).await {
                     Ok(p) => p,
-                    Err(_) => return,
+                    Err(_) => return i,
                 }
             } else {
                 match self.budget.clone().try_acquire_many_owned(n) {
                     Ok(p) => p,
-                    Err(_) => return, // no budget for read-ahead now
+                    Err(_) => return i, // no budget for read-ahead now
                 }
             };
             self.start_fetch(f, i, j, permit);
             i = j + 1;
+        }
+        last + 1
+    }
+
+    /// Requests read-ahead up to byte `ahead`; when the in-flight budget
+    /// stops it short, the next read tries again from there.
+    async fn read_ahead(self: &Arc<Self>, f: &OpenFile, from_block: u64, ahead: u64) {
+        let bs = self.cfg.block_size;
+        let last = (ahead - 1) / bs;
+        let stopped = self.ensure(f, from_block, last, false).await;
+        if stopped <= last {
+            let mut p = f.pattern.lock().unwrap_or_else(|p| p.into_inner());
+            p.ahead_to = p.ahead_to.min(stopped * bs);
         }
     }
 
@@ -432,15 +485,15 @@ impl Reader {
             match file
                 .dataset
                 .store
-                .get_range(&file.meta.key, start..end, Some(&file.meta.etag))
+                .get_pieces(&file.meta.key, start..end, Some(&file.meta.etag), bs)
                 .await
             {
-                Ok(data) => {
-                    for n in lo..=hi {
-                        if got[n].is_none() {
-                            let off = (senders[n].0.index * bs - start) as usize;
-                            let len = (bs as usize).min(data.len() - off);
-                            got[n] = Some(data.slice(off..off + len));
+                Ok(pieces) => {
+                    let mut pieces = pieces.into_iter();
+                    for slot in got.iter_mut().take(hi + 1).skip(lo) {
+                        let piece = pieces.next();
+                        if slot.is_none() {
+                            *slot = piece;
                         }
                     }
                 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use aws_sdk_s3::config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::{ListPage, ObjectMeta, ObjectStore, S3Error, StoreFactory};
@@ -258,9 +258,22 @@ impl ObjectStore for AwsObjectStore {
         range: Range<u64>,
         etag: Option<&str>,
     ) -> Result<Bytes, S3Error> {
+        let len = range.end.saturating_sub(range.start).max(1);
+        let mut pieces = self.get_pieces(key, range, etag, len).await?;
+        Ok(pieces.pop().unwrap_or_default())
+    }
+
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        piece: u64,
+    ) -> Result<Vec<Bytes>, S3Error> {
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
         }
+        let piece = piece.max(1);
         let span = info_span!("s3_get", bucket = %self.bucket, key, start = range.start, len = range.end - range.start);
         self.with_retries("GetObject", || async {
             let out = self
@@ -273,20 +286,51 @@ impl ObjectStore for AwsObjectStore {
                 .send()
                 .await
                 .map_err(map_err)?;
-            let body = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| S3Error::Network(format!("body cut short: {e}")))?
-                .into_bytes();
+            // Copy each chunk into its piece as it arrives: one copy, one
+            // allocation per piece, and a body of the wrong length is an
+            // error, never data.
             let expected = range.end - range.start;
-            if body.len() as u64 != expected {
+            let mut pieces: Vec<Bytes> = Vec::with_capacity(expected.div_ceil(piece) as usize);
+            let new_piece =
+                |done: u64| BytesMut::with_capacity(piece.min(expected - done) as usize);
+            let mut cur = new_piece(0);
+            let mut done = 0u64;
+            let mut body = out.body;
+            loop {
+                let chunk = match body.try_next().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(error = %e, got = done, "body cut short");
+                        return Err(S3Error::ShortBody {
+                            expected,
+                            got: done,
+                        });
+                    }
+                };
+                if done + chunk.len() as u64 > expected {
+                    return Err(S3Error::Other("S3 sent more bytes than the range".into()));
+                }
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let room = cur.capacity() - cur.len();
+                    let n = room.min(rest.len());
+                    cur.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    done += n as u64;
+                    if cur.len() == cur.capacity() && done < expected {
+                        pieces.push(std::mem::replace(&mut cur, new_piece(done)).freeze());
+                    }
+                }
+            }
+            if done != expected {
                 return Err(S3Error::ShortBody {
                     expected,
-                    got: body.len() as u64,
+                    got: done,
                 });
             }
-            Ok(body)
+            pieces.push(cur.freeze());
+            Ok(pieces)
         })
         .instrument(span)
         .await

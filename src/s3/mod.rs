@@ -94,6 +94,23 @@ pub trait ObjectStore: Send + Sync {
         range: Range<u64>,
         etag: Option<&str>,
     ) -> Result<Bytes, S3Error>;
+
+    /// Like [`get_range`](Self::get_range), split into pieces of `piece`
+    /// bytes (the last may be shorter), each in its own allocation, so a
+    /// cache can drop one piece and really free its memory.
+    async fn get_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        piece: u64,
+    ) -> Result<Vec<Bytes>, S3Error> {
+        let all = self.get_range(key, range, etag).await?;
+        Ok(all
+            .chunks(piece.max(1) as usize)
+            .map(Bytes::copy_from_slice)
+            .collect())
+    }
 }
 
 /// Opens the [`ObjectStore`] of a dataset, given its handle and bucket.

@@ -94,7 +94,7 @@ impl Stats {
 
 pub struct SimState {
     pub cfg: SimConfig,
-    pub store: FolderStore,
+    pub store: Arc<FolderStore>,
     pub stats: Stats,
     identity: Mutex<Identity>,
     creds: Mutex<HashMap<String, Issued>>,
@@ -172,7 +172,7 @@ impl Sim {
         let addr = listener.local_addr()?;
         let base = format!("http://{addr}");
         let state = Arc::new(SimState {
-            store: FolderStore::new(cfg.root.clone()),
+            store: Arc::new(FolderStore::new(cfg.root.clone())),
             cfg,
             stats: Stats::default(),
             identity: Mutex::new(Identity::default()),
@@ -190,6 +190,7 @@ impl Sim {
             b.set_auth(s3::SimAuth(state.clone()));
             b.build()
         };
+        state.store.warm_etags();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(serve(listener, state.clone(), s3, rx));
         info!(%addr, "emulator listening");

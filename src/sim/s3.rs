@@ -6,18 +6,16 @@
 //! read buffer so the server is not the bottleneck, and accepting only the
 //! temporary credentials the emulator issued, scoped to their dataset.
 
-use std::io::SeekFrom;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream;
 use s3s::auth::{S3Auth, SecretKey};
 use s3s::dto::*;
 use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::store::{Entry, ObjectFile, BUCKET};
 use super::SimState;
@@ -51,9 +49,10 @@ fn etag(e: &str) -> ETag {
 }
 
 impl SimS3 {
-    /// The session token must match the access key, and the key must be
-    /// inside the dataset prefix the credentials were issued for.
-    fn authorize<T>(&self, req: &S3Request<T>, bucket: &str, key: &str) -> S3Result<()> {
+    /// The session token must match the access key. As the data store's
+    /// STS policy does, it allows ListBucket on the whole bucket and
+    /// GetObject only inside the dataset prefix (`key: None` is a listing).
+    fn authorize<T>(&self, req: &S3Request<T>, bucket: &str, key: Option<&str>) -> S3Result<()> {
         let Some(cred) = &req.credentials else {
             return Err(s3_error!(AccessDenied, "Anonymous access is not allowed"));
         };
@@ -74,7 +73,13 @@ impl SimS3 {
         if bucket != BUCKET {
             return Err(s3_error!(NoSuchBucket));
         }
-        if !key.starts_with(&issued.s3_prefix) {
+        // The policy covers the dataset prefix; tools also probe the
+        // prefix itself without its slash (is it a file?).
+        let Some(key) = key else { return Ok(()) };
+        let inside =
+            key.starts_with(&issued.s3_prefix) || key == issued.s3_prefix.trim_end_matches('/');
+        if !inside {
+            tracing::debug!(key, allowed = %issued.s3_prefix, "S3 request outside the dataset prefix");
             return Err(s3_error!(AccessDenied, "Access Denied"));
         }
         Ok(())
@@ -104,11 +109,33 @@ fn check_if_match(cond: &Option<IfMatch>, obj: &ObjectFile) -> S3Result<()> {
 
 #[async_trait]
 impl S3 for SimS3 {
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        if req.input.bucket != BUCKET {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        Ok(S3Response::new(HeadBucketOutput::default()))
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        if req.input.bucket != BUCKET {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        Ok(S3Response::new(GetBucketLocationOutput {
+            location_constraint: Some(BucketLocationConstraint::from_static("ap-southeast-2")),
+        }))
+    }
+
     async fn get_object(
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
-        self.authorize(&req, &req.input.bucket, &req.input.key)?;
+        self.authorize(&req, &req.input.bucket, Some(&req.input.key))?;
         let st = &self.0.stats;
         st.gets.fetch_add(1, Ordering::Relaxed);
         let input = req.input;
@@ -123,27 +150,41 @@ impl S3 for SimS3 {
             }
         };
         let len = range.end - range.start;
+        tracing::debug!(key = %obj.key, start = range.start, len, "GetObject");
         st.get_bytes.fetch_add(len, Ordering::Relaxed);
-        let mut file = tokio::fs::File::open(&obj.path)
-            .await
-            .map_err(|_| s3_error!(NoSuchKey))?;
-        file.seek(SeekFrom::Start(range.start))
-            .await
-            .map_err(|e| s3_error!(e, InternalError))?;
-        // Stream the range in 1 MiB chunks: s3s-fs's 4 KiB reads would make
-        // the server, not the client, the bottleneck of every benchmark.
-        let body = stream::unfold((file, len), |(mut file, left)| async move {
+        let mut file = std::fs::File::open(&obj.path).map_err(|_| s3_error!(NoSuchKey))?;
+        {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(range.start))
+                .map_err(|e| s3_error!(e, InternalError))?;
+        }
+        // Stream the range in 1 MiB chunks, each read on the blocking pool
+        // straight into its buffer (std's read_to_end does not zero it):
+        // s3s-fs's 4 KiB reads would make the server, not the client, the
+        // bottleneck of every benchmark.
+        let body = stream::unfold(Some((file, len)), |state| async move {
+            let (file, left) = state?;
             if left == 0 {
                 return None;
             }
-            let n = left.min(1 << 20) as usize;
-            let mut buf = BytesMut::zeroed(n);
-            match file.read_exact(&mut buf).await {
-                Ok(_) => Some((
-                    Ok::<Bytes, std::io::Error>(buf.freeze()),
-                    (file, left - n as u64),
+            let n = left.min(1 << 20);
+            let r = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut buf = Vec::with_capacity(n as usize);
+                let got = (&file).take(n).read_to_end(&mut buf);
+                (file, got.map(|_| buf))
+            })
+            .await;
+            match r {
+                Ok((file, Ok(buf))) if buf.len() as u64 == n => Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(buf)),
+                    Some((file, left - n)),
                 )),
-                Err(e) => Some((Err(e), (file, 0))),
+                Ok((_, Ok(_))) => {
+                    Some((Err(std::io::Error::other("file shrank while read")), None))
+                }
+                Ok((_, Err(e))) => Some((Err(e), None)),
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
             }
         });
         Ok(S3Response::new(GetObjectOutput {
@@ -161,7 +202,7 @@ impl S3 for SimS3 {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        self.authorize(&req, &req.input.bucket, &req.input.key)?;
+        self.authorize(&req, &req.input.bucket, Some(&req.input.key))?;
         self.0.stats.heads.fetch_add(1, Ordering::Relaxed);
         let obj = self.object(&req.input.key)?;
         check_if_match(&req.input.if_match, &obj)?;
@@ -174,29 +215,41 @@ impl S3 for SimS3 {
         }))
     }
 
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let prefix = req.input.prefix.clone().unwrap_or_default();
+        self.authorize(&req, &req.input.bucket, None)?;
+        let input = req.input;
+        let page = self.page(
+            &prefix,
+            input.delimiter.as_deref(),
+            input.max_keys,
+            input.marker.clone(),
+        )?;
+        let next_marker = page.truncated.then(|| page.last.clone()).flatten();
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            marker: input.marker,
+            max_keys: Some(page.max),
+            is_truncated: Some(page.truncated),
+            next_marker,
+            contents: Some(page.contents),
+            common_prefixes: Some(page.prefixes),
+            ..Default::default()
+        }))
+    }
+
     async fn list_objects_v2(
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
         let prefix = req.input.prefix.clone().unwrap_or_default();
-        self.authorize(&req, &req.input.bucket, &prefix)?;
-        self.0.stats.lists.fetch_add(1, Ordering::Relaxed);
+        self.authorize(&req, &req.input.bucket, None)?;
         let input = req.input;
-        let delimited = match input.delimiter.as_deref() {
-            None | Some("") => false,
-            Some("/") => true,
-            Some(_) => {
-                return Err(s3_error!(
-                    NotImplemented,
-                    "only '/' is supported as delimiter"
-                ))
-            }
-        };
-        let max = input
-            .max_keys
-            .unwrap_or(1000)
-            .clamp(1, 1000)
-            .min(self.0.cfg.s3_page_size as i32) as usize;
         let marker = match &input.continuation_token {
             Some(t) => Some(
                 hex::decode(t)
@@ -211,7 +264,61 @@ impl S3 for SimS3 {
             ),
             None => input.start_after.clone(),
         };
-        let entries = self.0.store.list(&prefix, delimited);
+        let page = self.page(&prefix, input.delimiter.as_deref(), input.max_keys, marker)?;
+        let next = page
+            .truncated
+            .then(|| page.last.as_ref().map(hex::encode))
+            .flatten();
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            max_keys: Some(page.max),
+            key_count: Some((page.contents.len() + page.prefixes.len()) as i32),
+            continuation_token: input.continuation_token,
+            start_after: input.start_after,
+            is_truncated: Some(page.truncated),
+            next_continuation_token: next,
+            contents: Some(page.contents),
+            common_prefixes: Some(page.prefixes),
+            ..Default::default()
+        }))
+    }
+}
+
+struct Page {
+    contents: Vec<Object>,
+    prefixes: Vec<CommonPrefix>,
+    truncated: bool,
+    last: Option<String>,
+    max: i32,
+}
+
+impl SimS3 {
+    /// One listing page after `marker`, shared by ListObjects and ListObjectsV2.
+    fn page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        max_keys: Option<i32>,
+        marker: Option<String>,
+    ) -> S3Result<Page> {
+        self.0.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let delimited = match delimiter {
+            None | Some("") => false,
+            Some("/") => true,
+            Some(_) => {
+                return Err(s3_error!(
+                    NotImplemented,
+                    "only '/' is supported as delimiter"
+                ))
+            }
+        };
+        let max = max_keys
+            .unwrap_or(1000)
+            .clamp(1, 1000)
+            .min(self.0.cfg.s3_page_size as i32) as usize;
+        let entries = self.0.store.list(prefix, delimited);
         let rest: Vec<&Entry> = entries
             .iter()
             .filter(|e| marker.as_ref().is_none_or(|m| e.key() > m.as_str()))
@@ -237,20 +344,12 @@ impl S3 for SimS3 {
                 }),
             }
         }
-        let next = truncated.then(|| hex::encode(page[page.len() - 1].key()));
-        Ok(S3Response::new(ListObjectsV2Output {
-            name: Some(input.bucket),
-            prefix: Some(prefix),
-            delimiter: input.delimiter,
-            max_keys: Some(max as i32),
-            key_count: Some(page.len() as i32),
-            continuation_token: input.continuation_token,
-            start_after: input.start_after,
-            is_truncated: Some(truncated),
-            next_continuation_token: next,
-            contents: Some(contents),
-            common_prefixes: Some(prefixes),
-            ..Default::default()
-        }))
+        Ok(Page {
+            contents,
+            prefixes,
+            truncated,
+            last: page.last().map(|e| e.key().to_string()),
+            max: max as i32,
+        })
     }
 }

@@ -34,6 +34,7 @@ pub fn s3_prefix_of(handle: &str) -> String {
 
 pub struct FolderStore {
     root: PathBuf,
+    etags: Etags,
 }
 
 /// One S3 object on disk.
@@ -67,25 +68,74 @@ fn unix(t: std::io::Result<SystemTime>) -> i64 {
         .unwrap_or(0)
 }
 
-/// ETag from identity and version of the file, not its bytes: cheap for
-/// large files, and it changes whenever the file is replaced or rewritten.
-fn etag_of(rel: &str, md: &fs::Metadata) -> String {
+/// Identity and version of a file on disk: if any part changes, the file
+/// was replaced or rewritten and its ETag must be computed again.
+type Version = (u64, i64, i64, u64);
+
+fn version(md: &fs::Metadata) -> Version {
+    (md.len(), md.mtime(), md.mtime_nsec(), md.ino())
+}
+
+/// ETags as S3 computes them for single-part uploads: the MD5 of the
+/// content (peers such as rclone verify downloads against it). Computed
+/// once per file version and remembered.
+#[derive(Default)]
+struct Etags(std::sync::Mutex<std::collections::HashMap<PathBuf, (Version, String)>>);
+
+impl Etags {
+    fn get(&self, path: &Path, md: &fs::Metadata) -> String {
+        let v = version(md);
+        if let Some((seen, e)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
+            if *seen == v {
+                return e.clone();
+            }
+        }
+        let e = md5_file(path).unwrap_or_else(|_| format!("{:032x}", v.0 ^ v.3));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), (v, e.clone()));
+        e
+    }
+}
+
+fn md5_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
     let mut h = Md5::new();
-    h.update(rel.as_bytes());
-    h.update(md.len().to_le_bytes());
-    h.update(md.mtime().to_le_bytes());
-    h.update(md.mtime_nsec().to_le_bytes());
-    h.update(md.ino().to_le_bytes());
-    hex::encode(h.finalize())
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 impl FolderStore {
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self {
+            root,
+            etags: Etags::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Computes every ETag in the background, so the first listing of a
+    /// large dataset does not pay for hashing its files.
+    pub fn warm_etags(self: &std::sync::Arc<Self>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for ds in me.datasets() {
+                let mut out = BTreeMap::new();
+                me.walk(&ds.dir, &ds.s3_prefix, &ds.s3_prefix, &mut out);
+            }
+        });
     }
 
     /// All datasets, sorted by handle.
@@ -177,7 +227,7 @@ impl FolderStore {
         let md = fs::metadata(&path).ok()?;
         md.is_file().then(|| ObjectFile {
             key: key.to_string(),
-            etag: etag_of(&rel, &md),
+            etag: self.etags.get(&path, &md),
             size: md.len(),
             modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             path,
@@ -237,11 +287,10 @@ impl FolderStore {
                         if md.is_dir() {
                             out.insert(format!("{key}/"), Entry::Prefix(format!("{key}/")));
                         } else if md.is_file() {
-                            let rel = &key[ds.s3_prefix.len()..];
                             out.insert(
                                 key.clone(),
                                 Entry::Object(ObjectFile {
-                                    etag: etag_of(rel, &md),
+                                    etag: self.etags.get(&e.path(), &md),
                                     size: md.len(),
                                     modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                                     path: e.path(),
@@ -274,11 +323,10 @@ impl FolderStore {
                     self.walk(&e.path(), &sub, want, out);
                 }
             } else if md.is_file() && key.starts_with(want) {
-                let rel = key.splitn(3, '/').nth(2).unwrap_or_default().to_string();
                 out.insert(
                     key.clone(),
                     Entry::Object(ObjectFile {
-                        etag: etag_of(&rel, &md),
+                        etag: self.etags.get(&e.path(), &md),
                         size: md.len(),
                         modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                         path: e.path(),

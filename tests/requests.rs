@@ -1,0 +1,163 @@
+//! What each user operation costs in requests, counted by the emulator: the
+//! CI guard of the read path and listings (sizes scaled down from the
+//! benchmark; the request counts, not the times, are asserted).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+fn data() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/big.bin", &bytes(11, 64 * MIB));
+    for i in 0..2000 {
+        write(
+            d.path(),
+            &format!("10378.1/2/many/f{i:04}.txt"),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    d
+}
+
+struct Delta<'a> {
+    sim: &'a Sim,
+    before: serde_json::Value,
+}
+
+impl<'a> Delta<'a> {
+    fn new(sim: &'a Sim) -> Self {
+        Self {
+            sim,
+            before: sim.stats(),
+        }
+    }
+    fn get(&self, k: &str) -> u64 {
+        self.sim.stats()[k].as_u64().unwrap() - self.before[k].as_u64().unwrap()
+    }
+}
+
+#[test]
+fn sequential_read_uses_few_large_gets_and_rereads_none() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let m = sim.mount(&[]);
+    let f = m.join("10378.1/1/big.bin");
+    std::fs::metadata(&f).unwrap();
+    let d = Delta::new(&sim);
+    assert_eq!(sha256(&f), sha256(&sim.root().join("10378.1/1/big.bin")));
+    let (gets, bytes) = (d.get("s3_get"), d.get("s3_get_bytes"));
+    eprintln!("64 MiB sequential: {gets} GETs, {bytes} bytes");
+    assert!(gets <= 24, "{gets} GETs for 64 MiB");
+    assert!(
+        bytes <= (64 * MIB) as u64 * 11 / 10,
+        "{bytes} bytes fetched"
+    );
+    // Second read: the kernel page cache, kept across opens.
+    let d = Delta::new(&sim);
+    assert_eq!(sha256(&f), sha256(&sim.root().join("10378.1/1/big.bin")));
+    assert_eq!(d.get("s3_get"), 0, "warm re-read makes no request");
+}
+
+#[test]
+fn random_small_reads_fetch_at_most_twice_what_they_ask() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let m = sim.mount(&[]);
+    let want = std::fs::read(sim.root().join("10378.1/1/big.bin")).unwrap();
+    let file = std::fs::File::open(m.join("10378.1/1/big.bin")).unwrap();
+    // As fio does for random workloads: tell the kernel not to read ahead.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let d = Delta::new(&sim);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut asked = 0u64;
+    let mut buf = [0u8; 4096];
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (64 * MIB as u64 - 4096)) / 4096 * 4096;
+        file.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(&buf[..], &want[off as usize..off as usize + 4096]);
+        asked += 4096;
+    }
+    let fetched = d.get("s3_get_bytes");
+    eprintln!(
+        "random 4 KiB: asked {asked}, fetched {fetched}, {} GETs",
+        d.get("s3_get")
+    );
+    assert!(fetched <= 2 * asked, "fetched {fetched} for {asked} asked");
+}
+
+#[test]
+fn listing_a_big_folder_costs_pages_not_heads() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let m = sim.mount(&[]);
+    let d = Delta::new(&sim);
+    let out = sh(&format!(
+        "ls -l '{}' | wc -l",
+        m.join("10378.1/2/many").display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2001");
+    let (lists, heads) = (d.get("s3_list"), d.get("s3_head"));
+    eprintln!("ls -l of 2000 files: {lists} LIST, {heads} HEAD");
+    // The dataset folder's lookup (1) + ceil(2000/1000) pages.
+    assert!(lists <= 3, "{lists} LISTs");
+    assert_eq!(heads, 0, "ls -l makes no HEAD");
+    // Within the TTL: a second ls and a lookup in the listed folder are free.
+    let d = Delta::new(&sim);
+    sh(&format!(
+        "ls -l '{}' > /dev/null",
+        m.join("10378.1/2/many").display()
+    ));
+    assert_eq!(
+        std::fs::read(m.join("10378.1/2/many/f0042.txt")).unwrap(),
+        b"file 42\n"
+    );
+    assert!(std::fs::metadata(m.join("10378.1/2/many/.git")).is_err());
+    assert_eq!((d.get("s3_list"), d.get("s3_head")), (0, 0));
+    assert_eq!(d.get("s3_get"), 1, "one GET to read one small file");
+}
+
+#[test]
+fn many_open_files_stay_within_the_memory_budget() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..24 {
+        write(d.path(), &format!("10378.1/3/f{i}"), &bytes(i, 4 * MIB));
+    }
+    let sim = Sim::start(d, &[]);
+    let m = sim.mount(&["--memory-cache-size", "32MiB", "--max-memory", "16MiB"]);
+    // 24 files open at once, each read a little, then all read to the end.
+    let files: Vec<_> = (0..24)
+        .map(|i| std::fs::File::open(m.join(&format!("10378.1/3/f{i}"))).unwrap())
+        .collect();
+    let mut buf = vec![0u8; 256 * 1024];
+    for (i, f) in files.iter().enumerate() {
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..], &bytes(i as u64, 4 * MIB)[..256 * 1024]);
+    }
+    std::thread::scope(|s| {
+        for (i, f) in files.iter().enumerate() {
+            s.spawn(move || {
+                let want = bytes(i as u64, 4 * MIB);
+                let mut got = vec![0u8; 4 * MIB];
+                f.read_exact_at(&mut got, 0).unwrap();
+                assert!(got == want, "file {i} differs");
+            });
+        }
+    });
+}
