@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::sync::Mutex;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, error, info_span, warn, Instrument};
 
 use crate::secret::Secret;
 use crate::wire::{OAuthError, TokenResponse, CLIENT_ID};
@@ -113,7 +113,19 @@ pub struct TokenSource {
     config: AuthConfig,
     offline: Secret,
     current: Mutex<Option<Access>>,
+    /// When the identity service last rejected the offline token, and why:
+    /// for a few seconds every caller gets that answer without a request.
+    rejected: std::sync::Mutex<Option<(Instant, String)>>,
+    /// The rejection has been logged (once per mount).
+    rejection_logged: std::sync::atomic::AtomicBool,
+    /// The offline token has worked at least once.
+    ever_valid: std::sync::atomic::AtomicBool,
 }
+
+/// Attempts per token exchange for transient failures.
+const EXCHANGE_ATTEMPTS: u32 = 4;
+/// How long a rejection is remembered before Keycloak is asked again.
+const REJECTION_MEMORY: Duration = Duration::from_secs(5);
 
 impl TokenSource {
     pub fn new(http: reqwest::Client, config: AuthConfig, offline: Secret) -> Self {
@@ -122,6 +134,9 @@ impl TokenSource {
             config,
             offline,
             current: Mutex::new(None),
+            rejected: std::sync::Mutex::new(None),
+            rejection_logged: std::sync::atomic::AtomicBool::new(false),
+            ever_valid: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -131,7 +146,52 @@ impl TokenSource {
         if let Some(a) = current.as_ref().filter(|a| a.fresh()) {
             return Ok(a.token.clone());
         }
-        let a = self.exchange().await?;
+        if let Some((at, why)) = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if at.elapsed() < REJECTION_MEMORY {
+                return Err(AuthError::Rejected(why.clone()));
+            }
+        }
+        let mut attempt = 0;
+        let a = loop {
+            attempt += 1;
+            match self.exchange().await {
+                Ok(a) => break a,
+                Err(e) if e.is_transient() && attempt < EXCHANGE_ATTEMPTS => {
+                    let wait = crate::retry::backoff(attempt);
+                    // Before the mount is up, the final error is the message.
+                    if self.ever_valid.load(std::sync::atomic::Ordering::Relaxed) {
+                        warn!(attempt, error = %e, "token exchange failed, retrying in {wait:?}");
+                    } else {
+                        debug!(attempt, error = %e, "token exchange failed, retrying in {wait:?}");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(AuthError::Rejected(why)) => {
+                    // Logged once, and only when a working token stopped
+                    // working: a bad token at mount time is the caller's
+                    // one-line error.
+                    let was_valid = self.ever_valid.load(std::sync::atomic::Ordering::Relaxed);
+                    if was_valid
+                        && !self
+                            .rejection_logged
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        error!("the offline token was rejected ({why}): reads fail with EACCES until the mount is restarted with a valid token (`provenafs login`)");
+                    }
+                    *self.rejected.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), why.clone()));
+                    return Err(AuthError::Rejected(why));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.ever_valid
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let token = a.token.clone();
         *current = Some(a);
         Ok(token)

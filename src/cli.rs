@@ -113,6 +113,10 @@ pub struct MountArgs {
     /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
+    /// Allow plain http:// endpoints that are not on this machine (tokens
+    /// would cross the network unencrypted).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -143,6 +147,18 @@ pub struct SimArgs {
     /// Seconds between device-code polls the emulator asks for.
     #[arg(long, default_value_t = 5)]
     pub device_interval: u64,
+    /// Fraction of S3 requests that fail (500, 503 SlowDown, reset, short body).
+    #[arg(long, default_value_t = 0.0)]
+    pub s3_fault_rate: f64,
+    /// Fraction of identity and API requests that fail (500/502/503, reset).
+    #[arg(long, default_value_t = 0.0)]
+    pub api_fault_rate: f64,
+    /// Milliseconds added to every request.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// JSON array of extra objects ({"key", "data"}) whose keys no file can hold.
+    #[arg(long)]
+    pub extra_keys: Option<PathBuf>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -159,6 +175,24 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
+    // Libraries that print raw requests (headers with signatures and
+    // session tokens) at debug level are capped, whatever was asked.
+    let mut filter = filter;
+    for cap in [
+        "s3s=info",
+        "aws_smithy_runtime=info",
+        "aws_smithy_http_client=info",
+        "aws_sigv4=info",
+        "hyper=info",
+        "hyper_util=info",
+        "reqwest=info",
+        "h2=info",
+        "rustls=info",
+    ] {
+        if let Ok(d) = cap.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -191,8 +225,22 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// The offline token: `--token-file`, else `RRAP_OFFLINE_TOKEN`.
 fn read_token(file: Option<&PathBuf>) -> Result<Secret, String> {
     let token = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?,
+        Some(p) => {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(p)
+                .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?;
+            if md.mode() & 0o044 != 0 {
+                // As ssh does with private keys: a secret others can read is refused.
+                return Err(format!(
+                    "token file {} is readable by other users (mode {:o}); run `chmod 600 {}`",
+                    p.display(),
+                    md.mode() & 0o777,
+                    p.display()
+                ));
+            }
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?
+        }
         None => std::env::var("RRAP_OFFLINE_TOKEN").map_err(|_| {
             "no offline token: set RRAP_OFFLINE_TOKEN or pass --token-file FILE".to_string()
         })?,
@@ -202,7 +250,40 @@ fn read_token(file: Option<&PathBuf>) -> Result<Secret, String> {
     Ok(Secret::new(token))
 }
 
+/// Refuses `http://` endpoints off this machine unless allowed: the
+/// offline token and every credential would cross the network in clear.
+fn check_endpoint(what: &str, url: &str, allow_insecure: bool) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        if url.starts_with("https://") {
+            return Ok(());
+        }
+        return Err(format!("{what} {url:?} is not an http(s) URL"));
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback || allow_insecure {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {url} is plain http off this machine; use https, or pass --allow-insecure-http"
+        ))
+    }
+}
+
 fn mount_config(a: &MountArgs) -> Result<MountConfig, String> {
+    let e = &a.endpoints;
+    check_endpoint("--auth-url", &e.auth_url, a.allow_insecure_http)?;
+    check_endpoint("--api-url", &e.api_url, a.allow_insecure_http)?;
+    if let Some(s3) = &e.s3_endpoint {
+        check_endpoint("--s3-endpoint", s3, a.allow_insecure_http)?;
+    }
     let token = read_token(a.token_file.as_ref())?;
     Ok(MountConfig {
         mountpoint: a.mountpoint.clone(),
@@ -268,7 +349,28 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 
 /// Runs the command line; returns the exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return 0;
+            }
+            // One line, as every other failure: clap's first line, minus its prefix.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(format!(
+                "{} (see --help)",
+                first.trim_start_matches("error: ")
+            ));
+        }
+    };
     match cli.command {
         Command::Mount(a) => {
             let cfg = match mount_config(&a) {
@@ -335,6 +437,10 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
         deny: a.deny,
         device_interval: a.device_interval,
         auto_approve: a.auto_approve,
+        s3_fault_rate: a.s3_fault_rate,
+        api_fault_rate: a.api_fault_rate,
+        latency_ms: a.latency_ms,
+        extra_keys: a.extra_keys,
     };
     let sim = crate::sim::Sim::start(cfg)
         .await
@@ -383,5 +489,18 @@ mod tests {
         assert_eq!(parse_size("1.5k"), Ok(1536));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn insecure_endpoints() {
+        use super::check_endpoint;
+        assert!(check_endpoint("x", "https://data-api.example.org", false).is_ok());
+        assert!(check_endpoint("x", "http://127.0.0.1:8080/auth", false).is_ok());
+        assert!(check_endpoint("x", "http://localhost:1", false).is_ok());
+        assert!(check_endpoint("x", "http://[::1]:9000", false).is_ok());
+        assert!(check_endpoint("x", "http://10.0.0.5:9000", false).is_err());
+        assert!(check_endpoint("x", "http://example.org", false).is_err());
+        assert!(check_endpoint("x", "http://example.org", true).is_ok());
+        assert!(check_endpoint("x", "ftp://example.org", true).is_err());
     }
 }

@@ -279,7 +279,9 @@ pub fn serve(
     }
     fc.n_threads = Some(cfg.max_threads.max(1));
     fc.clone_fd = true;
+    let notifier = fs.notifier_slot();
     let session = fuser::Session::new(fs, &cfg.mountpoint, &fc).map_err(MountError::Fuse)?;
+    let _ = notifier.set(session.notifier());
     let bg = session.spawn().map_err(MountError::Fuse)?;
     info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     raise_readahead(&cfg.mountpoint);

@@ -90,6 +90,53 @@ fn bad_tokens_and_endpoints_fail_before_mounting() {
 }
 
 #[test]
+fn bad_input_table() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    let open_token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(open_token.path(), sim.token()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(open_token.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tf = open_token.path().to_str().unwrap();
+    type Case<'a> = (&'a [(&'a str, Option<&'a str>)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
+        (&[], &["--token-file", tf], "readable by other users"),
+        (
+            &[("PROVENA_API_URL", Some("http://data-api.example.org"))],
+            &[],
+            "plain http",
+        ),
+        (
+            &[],
+            &["--s3-endpoint", "http://s3.example.org:9000"],
+            "plain http",
+        ),
+        (&[], &["--no-such-flag"], "unexpected argument"),
+        (&[], &["--metadata-ttl", "soon"], "invalid value"),
+        (&[("RRAP_OFFLINE_TOKEN", None)], &[], "no offline token"),
+        (&[("RRAP_OFFLINE_TOKEN", Some("abc.def"))], &[], "malformed"),
+        (
+            &[("RRAP_OFFLINE_TOKEN", Some("eyJh.eyJi.c2ln"))],
+            &[],
+            "rejected",
+        ),
+    ];
+    for (envs, flags, needle) in cases {
+        refused(&sim, envs, flags, needle);
+    }
+    // --allow-insecure-http lifts the http refusal (and then the endpoint
+    // is simply unreachable).
+    refused(
+        &sim,
+        &[("PROVENA_AUTH_URL", Some("http://127.1:9/auth/realms/rrap"))],
+        &["--allow-insecure-http"],
+        "cannot reach the identity service",
+    );
+}
+
+#[test]
 fn bad_mountpoints_are_refused() {
     if !fuse_available() {
         return;

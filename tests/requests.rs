@@ -161,3 +161,50 @@ fn many_open_files_stay_within_the_memory_budget() {
         }
     });
 }
+
+#[test]
+fn disk_cache_serves_a_remount_without_gets() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("blocks");
+    let flags = ["--cache-dir", dir.to_str().unwrap(), "--cache-size", "1GiB"];
+    let want = sha256(&sim.root().join("10378.1/1/big.bin"));
+    {
+        let m = sim.mount(&flags);
+        assert_eq!(sha256(&m.join("10378.1/1/big.bin")), want);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("v1"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "cache folder private");
+    // Blocks are written in the background; give them a moment.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let m = sim.mount(&flags);
+    let d = Delta::new(&sim);
+    assert_eq!(sha256(&m.join("10378.1/1/big.bin")), want);
+    assert_eq!(
+        d.get("s3_get"),
+        0,
+        "a remount reads every block from the disk cache"
+    );
+    // A corrupted block is a miss, never wrong bytes.
+    let mut n = 0;
+    for sub in std::fs::read_dir(dir.join("v1")).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            let mut raw = std::fs::read(f.path()).unwrap();
+            let last = raw.len() - 1;
+            raw[last] ^= 0xff;
+            std::fs::write(f.path(), raw).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n >= 64);
+    drop(m);
+    let m = sim.mount(&flags);
+    assert_eq!(sha256(&m.join("10378.1/1/big.bin")), want);
+}

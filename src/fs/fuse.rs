@@ -61,8 +61,8 @@ pub fn errno(e: &FsError) -> Errno {
 
 fn log_failure(op: &str, e: &FsError) {
     match e {
-        FsError::NotFound => debug!(op, "not found"),
-        FsError::PermissionDenied(_) | FsError::Stale => warn!(op, error = %e, "failed"),
+        // Expected answers, or already logged once where they arose.
+        FsError::NotFound | FsError::PermissionDenied(_) => debug!(op, error = %e, "failed"),
         _ => warn!(op, error = %e, "failed"),
     }
 }
@@ -72,7 +72,10 @@ pub struct ProvenaFs {
     reader: Arc<Reader>,
     /// ETag each file had when last opened: an unchanged object keeps the
     /// kernel's page cache across opens (FOPEN_KEEP_CACHE).
-    opened_etags: Mutex<HashMap<u64, String>>,
+    opened_etags: Arc<Mutex<HashMap<u64, String>>>,
+    /// Set once mounted: lets us drop the kernel's cached pages and
+    /// attributes of a file that changed remotely.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     cfg: FuseConfig,
     rt: Handle,
     files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
@@ -85,13 +88,19 @@ impl ProvenaFs {
         Self {
             tree,
             reader,
-            opened_etags: Mutex::new(HashMap::new()),
+            opened_etags: Default::default(),
+            notifier: Default::default(),
             cfg,
             rt,
             files: Default::default(),
             dirs: Default::default(),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// Where the mount code puts the session's notifier.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -182,29 +191,36 @@ impl Filesystem for ProvenaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _s = info_span!("open", ino = ino.0).entered();
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             reply.error(Errno::EROFS);
             return;
         }
-        match self.tree.file(ino.0) {
-            Ok(f) => {
-                let fh = self.fh();
-                let same = lock(&self.opened_etags).insert(ino.0, f.meta.etag.clone())
-                    == Some(f.meta.etag.clone());
-                let flags = if same {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                lock(&self.files).insert(fh, Arc::new(self.reader.open(f)));
-                reply.opened(FileHandle(fh), flags);
+        let fh = self.fh();
+        let (tree, reader) = (self.tree.clone(), self.reader.clone());
+        let (files, etags) = (self.files.clone(), self.opened_etags.clone());
+        let span = info_span!("open", ino = ino.0);
+        self.rt.spawn(
+            async move {
+                match tree.file_fresh(ino.0).await {
+                    Ok(f) => {
+                        let etag = f.meta.etag.clone();
+                        let same = lock(&etags).insert(ino.0, etag.clone()) == Some(etag);
+                        let flags = if same {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        } else {
+                            FopenFlags::empty()
+                        };
+                        lock(&files).insert(fh, Arc::new(reader.open(f)));
+                        reply.opened(FileHandle(fh), flags);
+                    }
+                    Err(e) => {
+                        log_failure("open", &e);
+                        reply.error(errno(&e))
+                    }
+                }
             }
-            Err(e) => {
-                log_failure("open", &e);
-                reply.error(errno(&e))
-            }
-        }
+            .instrument(span),
+        );
     }
 
     fn read(
@@ -223,6 +239,7 @@ impl Filesystem for ProvenaFs {
             return;
         };
         let reader = self.reader.clone();
+        let (tree, notifier) = (self.tree.clone(), self.notifier.clone());
         let span = info_span!("read", ino = ino.0, offset, size);
         self.rt.spawn(
             async move {
@@ -230,7 +247,22 @@ impl Filesystem for ProvenaFs {
                     Ok(b) => reply.data(&b),
                     Err(e) => {
                         log_failure("read", &e);
-                        reply.error(errno(&e))
+                        reply.error(errno(&e));
+                        if let FsError::Stale = e {
+                            tree.mark_stale(ino.0);
+                            // Drop the kernel's cached attributes (the size
+                            // may have changed). Attributes only: dropping
+                            // pages would wait on page locks held by reads
+                            // that only our runtime can answer (a deadlock,
+                            // seen in tests). The page cache goes at the
+                            // next open, which sees a new ETag. Off the
+                            // runtime, so no worker ever blocks on the kernel.
+                            if let Some(n) = notifier.get().cloned() {
+                                std::thread::spawn(move || {
+                                    let _ = n.inval_inode(ino, -1, 0);
+                                });
+                            }
+                        }
                     }
                 }
             }

@@ -119,7 +119,11 @@ struct Listing {
 }
 
 struct Node {
+    parent: u64,
+    name: String,
     kind: Kind,
+    /// The object changed under an open file: refresh before the next open.
+    stale: bool,
     listing: Option<Listing>,
     /// Names recently found missing, with when.
     missing: HashMap<String, Instant>,
@@ -155,6 +159,9 @@ impl Tree {
         st.nodes.insert(
             ROOT_INO,
             Node {
+                parent: ROOT_INO,
+                name: String::new(),
+                stale: false,
                 kind: Kind::Root,
                 listing: None,
                 missing: HashMap::new(),
@@ -221,6 +228,7 @@ impl Tree {
             if let Some(node) = st.nodes.get_mut(&ino) {
                 if node.kind.file_kind() == kind.file_kind() {
                     node.kind = kind;
+                    node.stale = false;
                     return ino;
                 }
             }
@@ -230,6 +238,9 @@ impl Tree {
         st.nodes.insert(
             ino,
             Node {
+                parent,
+                name: name.to_string(),
+                stale: false,
                 kind,
                 listing: None,
                 missing: HashMap::new(),
@@ -609,6 +620,42 @@ impl Tree {
         }
     }
 
+    /// Marks file `ino` as changed remotely (a read met a new ETag): its
+    /// folder's listing is dropped and the next open looks it up again.
+    pub fn mark_stale(&self, ino: u64) {
+        let mut st = self.state();
+        let Some(node) = st.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.stale = true;
+        let parent = node.parent;
+        if let Some(p) = st.nodes.get_mut(&parent) {
+            p.listing = None;
+        }
+    }
+
+    /// Like [`file`](Self::file), but first refreshes a file marked stale.
+    pub async fn file_fresh(&self, ino: u64) -> Result<FileRef, FsError> {
+        let refresh = {
+            let st = self.state();
+            let node = st.nodes.get(&ino).ok_or(FsError::NotFound)?;
+            match (node.stale, st.nodes.get(&node.parent).map(|p| &p.kind)) {
+                (true, Some(Kind::Dir { ds, prefix })) => {
+                    Some((node.parent, ds.clone(), prefix.clone(), node.name.clone()))
+                }
+                _ => None,
+            }
+        };
+        if let Some((parent, ds, prefix, name)) = refresh {
+            let attr = self.lookup_object(parent, &ds, &prefix, &name).await?;
+            if attr.ino != ino {
+                // No longer a file at all: this inode is gone.
+                return Err(FsError::Stale);
+            }
+        }
+        self.file(ino)
+    }
+
     /// Whether `ino` is a directory (for opendir); no network.
     pub fn is_dir(&self, ino: u64) -> Result<bool, FsError> {
         let st = self.state();
@@ -817,5 +864,89 @@ mod tests {
         ));
         let f = t.file(x.ino).unwrap();
         assert_eq!(f.meta.key, "datasets/1-2-3/data/x.bin");
+    }
+
+    /// What the tree must show for `keys` (relative to the dataset), by the
+    /// rules of docs/SEMANTICS.md: paths, directories ending in `/`.
+    fn model(keys: &[String]) -> std::collections::BTreeSet<String> {
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut files = std::collections::BTreeSet::new();
+        for k in keys {
+            let segs: Vec<&str> = k.split('/').collect();
+            let mut path = String::new();
+            let mut ok = true;
+            for s in &segs[..segs.len() - 1] {
+                if names::check(s).is_err() {
+                    ok = false;
+                    break;
+                }
+                path.push_str(s);
+                path.push('/');
+                dirs.insert(path.clone());
+            }
+            let last = segs[segs.len() - 1];
+            if ok && !last.is_empty() && names::check(last).is_ok() {
+                files.insert(format!("{path}{last}"));
+            }
+        }
+        files.retain(|f| !dirs.contains(&format!("{f}/")));
+        dirs.into_iter().chain(files).collect()
+    }
+
+    async fn walk(t: &Tree, ino: u64, path: String, out: &mut std::collections::BTreeSet<String>) {
+        let entries = t.readdir(ino).await.unwrap();
+        let mut seen = HashSet::new();
+        for e in entries {
+            assert!(names::check(&e.name).is_ok(), "bad name {:?}", e.name);
+            assert!(seen.insert(e.name.clone()), "duplicate {:?}", e.name);
+            // Every listed name also resolves by lookup, to the same kind.
+            assert_eq!(t.lookup(ino, &e.name).await.unwrap().kind, e.attr.kind);
+            match e.attr.kind {
+                FileKind::Directory => {
+                    let p = format!("{path}{}/", e.name);
+                    out.insert(p.clone());
+                    Box::pin(walk(t, e.attr.ino, p, out)).await;
+                }
+                FileKind::File => {
+                    out.insert(format!("{path}{}", e.name));
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(128)
+        ))]
+
+        /// Keys drawn from a tiny alphabet with `/`, `.` and a control
+        /// character, listed over pages of 1 to 4 keys: the tree shows
+        /// exactly the model, with valid, unique names, whatever the paging.
+        #[test]
+        fn tree_matches_the_key_model(
+            keys in proptest::collection::btree_set("[ab./\u{1}]{1,7}", 0..20),
+            page in 1usize..5,
+        ) {
+            let keys: Vec<String> = keys.into_iter().collect();
+            let store = Arc::new(MemoryStore::with_page_size(page));
+            for k in &keys {
+                store.put(&format!("datasets/1-2-3/{k}"), "x");
+            }
+            let cat = Arc::new(FakeCatalog {
+                items: vec![item("1.2/3")],
+                lists: AtomicU64::new(0),
+                fetches: AtomicU64::new(0),
+            });
+            let tree = Tree::new(TreeConfig::default(), cat, Arc::new(MemoryFactory(store)));
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let got = rt.block_on(async {
+                let p = tree.lookup(ROOT_INO, "1.2").await.unwrap();
+                let d = tree.lookup(p.ino, "3").await.unwrap();
+                let mut out = std::collections::BTreeSet::new();
+                walk(&tree, d.ino, String::new(), &mut out).await;
+                out
+            });
+            proptest::prop_assert_eq!(got, model(&keys));
+        }
     }
 }

@@ -135,7 +135,8 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(e: SdkError<E>
             let code = se.err().code().unwrap_or_default();
             classify(status, code)
         }
-        SdkError::ResponseError(re) => classify(re.raw().status().as_u16(), ""),
+        // The answer could not be read (cut short, garbled): try again.
+        SdkError::ResponseError(_) => S3Error::Network("unreadable answer".into()),
         SdkError::TimeoutError(_) => S3Error::Network("timed out".into()),
         SdkError::DispatchFailure(d) => S3Error::Network(
             if d.is_timeout() {

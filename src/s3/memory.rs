@@ -29,6 +29,14 @@ impl MemoryStore {
         }
     }
 
+    /// A store whose listings answer at most `n` keys per page.
+    pub fn with_page_size(n: usize) -> Self {
+        Self {
+            page_size: n,
+            ..Self::default()
+        }
+    }
+
     pub fn put(&self, key: &str, data: impl Into<Bytes>) {
         let data = data.into();
         let etag = hex::encode(md5::Md5::digest(&data));

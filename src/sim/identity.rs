@@ -65,6 +65,7 @@ impl SimState {
     /// A fresh access token for a valid offline token.
     fn issue_tokens(&self, offline: &str) -> Reply {
         let token = jwt_like("access");
+        self.remember_secret(&token);
         let ttl = self.cfg.access_token_ttl;
         let mut id = self.identity();
         let now = Instant::now();
@@ -88,6 +89,7 @@ impl SimState {
 
     pub fn new_offline_token(&self) -> String {
         let t = jwt_like("offline");
+        self.remember_secret(&t);
         self.identity().offline.insert(t.clone(), false);
         t
     }
@@ -174,6 +176,7 @@ impl SimState {
             .take(43)
             .map(char::from)
             .collect();
+        self.remember_secret(&device_code);
         let letters: String = (0..8)
             .map(|_| (b'A' + rand::thread_rng().gen_range(0..26u8)) as char)
             .collect();

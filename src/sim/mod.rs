@@ -7,6 +7,7 @@
 //! `/registry/...` (data store API), `/_sim/...` (test control: stats,
 //! revocation, device approval), everything else S3 (path-style).
 
+pub mod faults;
 pub mod identity;
 pub mod registry;
 pub mod s3;
@@ -48,6 +49,14 @@ pub struct SimConfig {
     pub deny: Vec<String>,
     pub device_interval: u64,
     pub auto_approve: bool,
+    /// Fraction of S3 requests that fail (500, 503 SlowDown, reset, short body).
+    pub s3_fault_rate: f64,
+    /// Fraction of identity/API requests that fail (500/502/503, reset).
+    pub api_fault_rate: f64,
+    /// Delay added to every request.
+    pub latency_ms: u64,
+    /// Objects that cannot exist as files (odd keys), from a JSON file.
+    pub extra_keys: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -62,6 +71,10 @@ impl Default for SimConfig {
             deny: Vec::new(),
             device_interval: 5,
             auto_approve: false,
+            s3_fault_rate: 0.0,
+            api_fault_rate: 0.0,
+            latency_ms: 0,
+            extra_keys: None,
         }
     }
 }
@@ -96,9 +109,13 @@ pub struct SimState {
     pub cfg: SimConfig,
     pub store: Arc<FolderStore>,
     pub stats: Stats,
+    pub faults: faults::Faults,
     identity: Mutex<Identity>,
     creds: Mutex<HashMap<String, Issued>>,
     base_url: Mutex<String>,
+    /// Every secret handed out (tokens, secret keys, session tokens), so a
+    /// test can check that none of them ever shows up in a log.
+    issued_secrets: Mutex<Vec<String>>,
 }
 
 impl SimState {
@@ -108,6 +125,23 @@ impl SimState {
 
     fn creds(&self) -> MutexGuard<'_, HashMap<String, Issued>> {
         self.creds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn remember_secret(&self, s: &str) {
+        let mut v = self
+            .issued_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if v.len() < 100_000 {
+            v.push(s.to_string());
+        }
+    }
+
+    pub fn secrets(&self) -> serde_json::Value {
+        json!(*self
+            .issued_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn base_url(&self) -> String {
@@ -171,13 +205,19 @@ impl Sim {
         let listener = TcpListener::bind(cfg.addr).await?;
         let addr = listener.local_addr()?;
         let base = format!("http://{addr}");
+        let mut store = FolderStore::new(cfg.root.clone());
+        if let Some(p) = &cfg.extra_keys {
+            store.load_extra_keys(p)?;
+        }
         let state = Arc::new(SimState {
-            store: Arc::new(FolderStore::new(cfg.root.clone())),
+            faults: faults::Faults::new(cfg.s3_fault_rate, cfg.api_fault_rate, cfg.latency_ms),
+            store: Arc::new(store),
             cfg,
             stats: Stats::default(),
             identity: Mutex::new(Identity::default()),
             creds: Mutex::new(HashMap::new()),
             base_url: Mutex::new(base.clone()),
+            issued_secrets: Mutex::new(Vec::new()),
         });
         let env = SimEnv {
             auth_url: state.realm_url(),
@@ -244,15 +284,56 @@ async fn serve(
     }
 }
 
-type Body = s3s::Body;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 fn respond(r: Reply) -> Response<Body> {
     let body = serde_json::to_vec(&r.body).unwrap_or_default();
     Response::builder()
         .status(r.status)
         .header("content-type", "application/json")
-        .body(Body::from(Bytes::from(body)))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// An S3 error answer, as AWS writes them.
+fn s3_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message><RequestId>sim</RequestId></Error>"
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(full(xml))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// The connection is dropped without an answer (a reset, as the client sees it).
+fn reset() -> s3s::HttpError {
+    s3s::HttpError::new(Box::new(std::io::Error::other("injected connection reset")))
+}
+
+/// Sends the first part of the body, then breaks the connection; the
+/// Content-Length still promises the whole body.
+async fn cut_short(resp: Response<s3s::Body>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let data = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let keep = data.len() / 2;
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, BoxError>> = vec![
+        Ok(hyper::body::Frame::data(data.slice(..keep))),
+        Err(Box::new(std::io::Error::other("injected short body"))),
+    ];
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync();
+    Response::from_parts(parts, body)
 }
 
 fn parse_form(b: &[u8]) -> HashMap<String, String> {
@@ -268,8 +349,48 @@ async fn route(
     let is_api = path.starts_with(REALM_PATH)
         || path.starts_with("/registry/")
         || path.starts_with("/_sim/");
+    let latency = state.faults.latency();
+    if latency > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(latency)).await;
+    }
     if !is_api {
-        return s3.call(req.map(Body::from)).await;
+        use faults::S3Fault;
+        let fault = state.faults.pick_s3();
+        match fault {
+            Some(S3Fault::InternalError) => {
+                return Ok(s3_error(
+                    500,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                ))
+            }
+            Some(S3Fault::SlowDown) => {
+                return Ok(s3_error(
+                    503,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                ))
+            }
+            Some(S3Fault::Reset) => return Err(reset()),
+            _ => {}
+        }
+        let resp = s3.call(req.map(s3s::Body::from)).await?;
+        if fault == Some(S3Fault::ShortBody) {
+            return Ok(cut_short(resp).await);
+        }
+        return Ok(resp.map(|b| b.boxed_unsync()));
+    }
+    if !path.starts_with("/_sim/") {
+        match state.faults.pick_api() {
+            Some(faults::ApiFault::Status(code)) => {
+                return Ok(respond(Reply::json(
+                    code,
+                    json!({"detail": "injected fault"}),
+                )))
+            }
+            Some(faults::ApiFault::Reset) => return Err(reset()),
+            None => {}
+        }
     }
     let method = req.method().clone();
     let query: HashMap<String, String> =
@@ -295,7 +416,22 @@ async fn route(
             r
         }
         ("POST", p) if p == realm_device => state.device_authorization(&parse_form(&body)),
-        ("GET", "/_sim/stats") => Reply::json(200, state.stats.json()),
+        ("GET", "/_sim/stats") => {
+            let mut j = state.stats.json();
+            j["faults"] = state.faults.json();
+            Reply::json(200, j)
+        }
+        ("GET", "/_sim/faults") => Reply::json(200, state.faults.json()),
+        ("POST", "/_sim/faults") => {
+            let num = |k: &str| query.get(k).and_then(|v| v.parse::<f64>().ok());
+            state.faults.set(
+                num("s3_rate"),
+                num("api_rate"),
+                num("latency_ms").map(|v| v as u64),
+            );
+            Reply::json(200, state.faults.json())
+        }
+        ("GET", "/_sim/secrets") => Reply::json(200, state.secrets()),
         ("POST", "/_sim/revoke") => {
             state.revoke_all();
             Reply::json(200, json!({"revoked": true}))

@@ -178,6 +178,8 @@ impl SimState {
         let key_id = format!("ASIA{}", random(16, true));
         let secret = random(40, false);
         let session = format!("IQoJb3JpZ2luX2Vj{}", random(300, false));
+        self.remember_secret(&secret);
+        self.remember_secret(&session);
         let ttl = Duration::from_secs(self.cfg.credentials_ttl);
         let expiry: chrono::DateTime<chrono::Utc> = (SystemTime::now() + ttl).into();
         {

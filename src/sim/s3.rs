@@ -152,6 +152,20 @@ impl S3 for SimS3 {
         let len = range.end - range.start;
         tracing::debug!(key = %obj.key, start = range.start, len, "GetObject");
         st.get_bytes.fetch_add(len, Ordering::Relaxed);
+        if let Some(data) = &obj.data {
+            let chunk = data.slice(range.start as usize..range.end as usize);
+            return Ok(S3Response::new(GetObjectOutput {
+                body: Some(StreamingBlob::wrap(stream::once(async move {
+                    Ok::<Bytes, std::io::Error>(chunk)
+                }))),
+                content_length: Some(len as i64),
+                content_range,
+                accept_ranges: Some("bytes".into()),
+                e_tag: Some(etag(&obj.etag)),
+                last_modified: Some(Timestamp::from(obj.modified)),
+                ..Default::default()
+            }));
+        }
         let mut file = std::fs::File::open(&obj.path).map_err(|_| s3_error!(NoSuchKey))?;
         {
             use std::io::Seek;

@@ -35,6 +35,9 @@ pub fn s3_prefix_of(handle: &str) -> String {
 pub struct FolderStore {
     root: PathBuf,
     etags: Etags,
+    /// Objects whose keys no file name can hold (`a//b`, `x/../y`, folder
+    /// markers, names over 255 bytes, an object beside a same-named prefix).
+    extra: BTreeMap<String, ObjectFile>,
 }
 
 /// One S3 object on disk.
@@ -42,6 +45,8 @@ pub struct FolderStore {
 pub struct ObjectFile {
     pub key: String,
     pub path: PathBuf,
+    /// Content held in memory (extra keys) instead of a file.
+    pub data: Option<bytes::Bytes>,
     pub size: u64,
     pub modified: SystemTime,
     pub etag: String,
@@ -119,11 +124,39 @@ impl FolderStore {
         Self {
             root,
             etags: Etags::default(),
+            extra: BTreeMap::new(),
         }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Loads extra objects from a JSON array of `{"key": ..., "data": ...}`.
+    pub fn load_extra_keys(&mut self, p: &Path) -> std::io::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Extra {
+            key: String,
+            #[serde(default)]
+            data: String,
+        }
+        let list: Vec<Extra> = serde_json::from_slice(&fs::read(p)?)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        for e in list {
+            let data = bytes::Bytes::from(e.data.into_bytes());
+            self.extra.insert(
+                e.key.clone(),
+                ObjectFile {
+                    etag: hex::encode(Md5::digest(&data)),
+                    size: data.len() as u64,
+                    modified: SystemTime::now(),
+                    path: PathBuf::new(),
+                    data: Some(data),
+                    key: e.key,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Computes every ETag in the background, so the first listing of a
@@ -215,6 +248,9 @@ impl FolderStore {
     /// The object `key`, if a regular file holds it. Folder keys are `None`
     /// (404 NoSuchKey, never a server error).
     pub fn object(&self, key: &str) -> Option<ObjectFile> {
+        if let Some(o) = self.extra.get(key) {
+            return Some(o.clone());
+        }
         let (ds, rel) = self.resolve(key)?;
         if rel.is_empty()
             || rel
@@ -231,6 +267,7 @@ impl FolderStore {
             size: md.len(),
             modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             path,
+            data: None,
         })
     }
 
@@ -238,9 +275,29 @@ impl FolderStore {
     /// below the next `/` folded into common prefixes when `delimited`.
     /// Only the folder named by `prefix` is read unless not `delimited`.
     pub fn list(&self, prefix: &str, delimited: bool) -> Vec<Entry> {
+        let mut out: BTreeMap<String, Entry> = BTreeMap::new();
+        self.list_disk(prefix, delimited, &mut out);
+        for (k, o) in self.extra.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            match rest.find('/').filter(|_| delimited) {
+                Some(i) => {
+                    let p = k[..prefix.len() + i + 1].to_string();
+                    out.insert(p.clone(), Entry::Prefix(p));
+                }
+                None => {
+                    out.insert(k.clone(), Entry::Object(o.clone()));
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    fn list_disk(&self, prefix: &str, delimited: bool, out: &mut BTreeMap<String, Entry>) {
         let dir_part = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
         let partial = &prefix[dir_part.len()..];
-        let mut out: BTreeMap<String, Entry> = BTreeMap::new();
         match dir_part {
             "" | "datasets/" => {
                 for ds in self.datasets() {
@@ -257,21 +314,21 @@ impl FolderStore {
                             out.insert(fold.clone(), Entry::Prefix(fold));
                         }
                     } else {
-                        self.walk(&ds.dir, &ds.s3_prefix, prefix, &mut out);
+                        self.walk(&ds.dir, &ds.s3_prefix, prefix, out);
                     }
                 }
             }
             _ => {
                 let Some((ds, rel)) = self.resolve(dir_part) else {
-                    return Vec::new();
+                    return;
                 };
                 if rel.split('/').any(|s| s == "." || s == "..") || rel.contains("//") {
-                    return Vec::new();
+                    return;
                 }
                 let dir = ds.dir.join(rel.trim_end_matches('/'));
                 if delimited {
                     let Ok(rd) = fs::read_dir(&dir) else {
-                        return Vec::new();
+                        return;
                     };
                     for e in rd.flatten() {
                         let Some(name) = e.file_name().to_str().map(str::to_string) else {
@@ -294,17 +351,17 @@ impl FolderStore {
                                     size: md.len(),
                                     modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                                     path: e.path(),
+                                    data: None,
                                     key,
                                 }),
                             );
                         }
                     }
                 } else {
-                    self.walk(&dir, dir_part, prefix, &mut out);
+                    self.walk(&dir, dir_part, prefix, out);
                 }
             }
         }
-        out.into_values().collect()
     }
 
     fn walk(&self, dir: &Path, key_prefix: &str, want: &str, out: &mut BTreeMap<String, Entry>) {
@@ -330,6 +387,7 @@ impl FolderStore {
                         size: md.len(),
                         modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                         path: e.path(),
+                        data: None,
                         key,
                     }),
                 );

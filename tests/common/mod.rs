@@ -46,6 +46,15 @@ pub struct Sim {
 impl Sim {
     /// Starts `provenafs sim` over `data` with extra flags.
     pub fn start(data: tempfile::TempDir, flags: &[&str]) -> Sim {
+        Self::spawn(data, flags, None)
+    }
+
+    /// Like [`start`](Self::start), with the emulator's log in `log`.
+    pub fn start_logged(data: tempfile::TempDir, flags: &[&str], log: &Path) -> Sim {
+        Self::spawn(data, flags, Some(log))
+    }
+
+    fn spawn(data: tempfile::TempDir, flags: &[&str], log: Option<&Path>) -> Sim {
         let envfile = data.path().with_extension("env");
         let _ = std::fs::remove_file(&envfile);
         let child = Command::new(BIN)
@@ -56,7 +65,10 @@ impl Sim {
             .arg(&envfile)
             .args(flags)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("start emulator");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -126,6 +138,18 @@ impl Sim {
 
     pub fn revoke(&self) {
         self.http("POST", "/_sim/revoke");
+    }
+
+    pub fn set_faults(&self, s3: f64, api: f64) {
+        self.http("POST", &format!("/_sim/faults?s3_rate={s3}&api_rate={api}"));
+    }
+
+    /// Every secret the emulator handed out.
+    pub fn secrets(&self) -> Vec<String> {
+        let body = self.http("GET", "/_sim/secrets");
+        let start = body.find('[').unwrap();
+        let end = body.rfind(']').unwrap();
+        serde_json::from_str(&body[start..=end]).unwrap()
     }
 
     /// Mounts in the background and returns once the mount is ready.
