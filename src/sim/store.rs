@@ -346,14 +346,7 @@ impl FolderStore {
                         } else if md.is_file() {
                             out.insert(
                                 key.clone(),
-                                Entry::Object(ObjectFile {
-                                    etag: self.etags.get(&e.path(), &md),
-                                    size: md.len(),
-                                    modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                                    path: e.path(),
-                                    data: None,
-                                    key,
-                                }),
+                                Entry::Object(self.file_object(key, e.path(), &md)),
                             );
                         }
                     }
@@ -361,6 +354,18 @@ impl FolderStore {
                     self.walk(&dir, dir_part, prefix, out);
                 }
             }
+        }
+    }
+
+    /// The object a regular file on disk holds.
+    fn file_object(&self, key: String, path: PathBuf, md: &fs::Metadata) -> ObjectFile {
+        ObjectFile {
+            etag: self.etags.get(&path, md),
+            size: md.len(),
+            modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            path,
+            data: None,
+            key,
         }
     }
 
@@ -382,14 +387,7 @@ impl FolderStore {
             } else if md.is_file() && key.starts_with(want) {
                 out.insert(
                     key.clone(),
-                    Entry::Object(ObjectFile {
-                        etag: self.etags.get(&e.path(), &md),
-                        size: md.len(),
-                        modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                        path: e.path(),
-                        data: None,
-                        key,
-                    }),
+                    Entry::Object(self.file_object(key, e.path(), &md)),
                 );
             }
         }
