@@ -129,6 +129,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         fuse: FuseConfig::default(),
         max_threads: 16,
         allow_other: false,
+        allow_root: false,
     };
     let m = mountpoint.display();
     eprintln!(

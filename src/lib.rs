@@ -5,17 +5,24 @@
 //! (per-open-file reads) → [`s3`] (object stores) → [`credentials`]
 //! (per-dataset STS) → [`api`] (data store client) → [`auth`] (tokens).
 //! [`sim`] is the emulator; it shares only [`wire`] with the rest.
+//! Beside the mount: [`login`] (device flow), [`browse`] (`datasets`,
+//! `ls`), [`session`] (a signed-in connection), [`config`] (settings
+//! file, endpoints, token lookup).
 
 pub mod api;
 pub mod auth;
+pub mod browse;
 pub mod cli;
+pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod fs;
+pub mod login;
 pub mod mount;
 pub mod read;
 pub mod retry;
 pub mod s3;
 pub mod secret;
+pub mod session;
 pub mod sim;
 pub mod wire;

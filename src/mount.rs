@@ -16,13 +16,14 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::api::{ApiConfig, DataStoreClient};
-use crate::auth::{AuthConfig, AuthError, TokenSource};
+use crate::api::ApiConfig;
+use crate::auth::{AuthConfig, AuthError};
 use crate::fs::fuse::{FuseConfig, ProvenaFs};
 use crate::fs::tree::{Tree, TreeConfig};
 use crate::read::{ReadConfig, Reader};
-use crate::s3::aws::{AwsFactory, S3Config};
+use crate::s3::aws::S3Config;
 use crate::secret::Secret;
+use crate::session::{AuthErrorOr, Session};
 
 /// Printed by a detached child on stdout once the mount answers.
 const READY: &str = "\u{1}provenafs-ready";
@@ -41,6 +42,7 @@ pub struct MountConfig {
     pub fuse: FuseConfig,
     pub max_threads: usize,
     pub allow_other: bool,
+    pub allow_root: bool,
 }
 
 #[derive(Debug, Error)]
@@ -218,22 +220,32 @@ fn signal_ready() {
 /// Mounts and serves until unmounted or SIGINT/SIGTERM.
 pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
     check_mountpoint(&cfg.mountpoint)?;
-    let http = reqwest::Client::builder()
-        .user_agent(concat!("provenafs/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| MountError::Other(e.to_string()))?;
-    let tokens = Arc::new(TokenSource::new(
-        http.clone(),
-        cfg.auth.clone(),
-        cfg.token.clone(),
-    ));
     // Exchange now: a bad token or an unreachable service fails here,
     // before anything is mounted.
-    rt.block_on(tokens.access_token())?;
-    let api = Arc::new(DataStoreClient::new(http, cfg.api.clone(), tokens));
-    let stores = Arc::new(AwsFactory::new(cfg.s3.clone(), api.clone()));
-    let tree = Arc::new(Tree::new(cfg.tree.clone(), api, stores));
+    let session = rt
+        .block_on(Session::connect(
+            cfg.token.clone(),
+            cfg.auth.clone(),
+            cfg.api.clone(),
+            cfg.s3.clone(),
+        ))
+        .map_err(|e| match e {
+            AuthErrorOr::Auth(a) => MountError::Auth(a),
+            AuthErrorOr::Other(o) => MountError::Other(o),
+        })?;
+    let tree = Arc::new(Tree::new(
+        cfg.tree.clone(),
+        session.api.clone(),
+        session.stores,
+    ));
+    if let Some(pinned) = &cfg.tree.datasets {
+        // An HPC job that names its datasets learns at once of a typo or a
+        // missing permission, not from a failed read an hour in.
+        for h in pinned {
+            rt.block_on(tree.pin(h))
+                .map_err(|e| MountError::Other(format!("dataset {h}: {}", e)))?;
+        }
+    }
     let reader = Reader::new(cfg.read.clone())
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
     let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
@@ -276,6 +288,8 @@ pub fn serve(
     ];
     if cfg.allow_other {
         fc.acl = fuser::SessionACL::All;
+    } else if cfg.allow_root {
+        fc.acl = fuser::SessionACL::RootAndOwner;
     }
     fc.n_threads = Some(cfg.max_threads.max(1));
     fc.clone_fd = true;

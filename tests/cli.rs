@@ -26,7 +26,10 @@ fn refused(sim: &Sim, envs: &[(&str, Option<&str>)], extra: &[&str], needle: &st
             None => c.env_remove(k),
         };
     }
-    let out = c.output().unwrap();
+    // At trace level, for the secret scan; then as a user sees it.
+    let traced = sim.run(&mut c);
+    assert!(!traced.status.success(), "mount should fail ({needle})");
+    let out = sim.run(c.env_remove("RUST_LOG"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "mount should fail ({needle})");
     assert!(err.contains(needle), "expected {needle:?} in {err:?}");
@@ -142,26 +145,17 @@ fn bad_mountpoints_are_refused() {
         return;
     }
     let sim = Sim::start(small(), &[]);
-    let out = sim
-        .command(&["mount", "/nonexistent/mnt"])
-        .output()
-        .unwrap();
+    let out = sim.run(&mut sim.command(&["mount", "/nonexistent/mnt"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     let full = tempfile::tempdir().unwrap();
     std::fs::write(full.path().join("x"), "x").unwrap();
-    let out = sim
-        .command(&["mount", full.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = sim.run(&mut sim.command(&["mount", full.path().to_str().unwrap()]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
     // A second mount on the same point.
     let m = sim.mount(&[]);
-    let out = sim
-        .command(&["mount", m.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = sim.run(&mut sim.command(&["mount", m.path().to_str().unwrap()]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already a mount point"));
     assert_eq!(std::fs::read(m.join("10378.1/1/a.txt")).unwrap(), b"a");
@@ -186,7 +180,7 @@ fn token_file_works_and_foreground_unmounts_on_sigterm() {
         ])
         .env_remove("RRAP_OFFLINE_TOKEN")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(sim_stderr(&sim))
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -217,10 +211,7 @@ fn background_mount_ends_on_unmount() {
     let sim = Sim::start(small(), &[]);
     let mnt = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let out = sim
-        .command(&["mount", mnt.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = sim.run(&mut sim.command(&["mount", mnt.path().to_str().unwrap()]));
     assert!(
         out.status.success(),
         "{}",

@@ -55,6 +55,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Stale => Errno::ESTALE,
         FsError::ReadOnly => Errno::EROFS,
         FsError::BadHandle => Errno::EBADF,
+        FsError::Invalid => Errno::EINVAL,
         FsError::Io(_) => Errno::EIO,
     }
 }
@@ -116,6 +117,7 @@ fn fuse_attr(cfg: &FuseConfig, a: &Attr) -> FileAttr {
     let (kind, perm, nlink) = match a.kind {
         FileKind::Directory => (FileType::Directory, cfg.dir_mode, 2),
         FileKind::File => (FileType::RegularFile, cfg.file_mode, 1),
+        FileKind::Symlink => (FileType::Symlink, 0o777, 1),
     };
     FileAttr {
         ino: INodeNo(a.ino),
@@ -186,6 +188,14 @@ impl Filesystem for ProvenaFs {
         let _s = info_span!("getattr", ino = ino.0).entered();
         match self.tree.getattr(ino.0) {
             Ok(a) => reply.attr(&self.tree.ttl(), &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _s = info_span!("readlink", ino = ino.0).entered();
+        match self.tree.readlink(ino.0) {
+            Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -347,6 +357,7 @@ impl Filesystem for ProvenaFs {
                 let kind = match e.attr.kind {
                     FileKind::Directory => FileType::Directory,
                     FileKind::File => FileType::RegularFile,
+                    FileKind::Symlink => FileType::Symlink,
                 };
                 reply.add(INodeNo(e.attr.ino), i + 1, kind, &e.name)
             };

@@ -28,6 +28,8 @@ pub enum FsError {
     ReadOnly,
     #[error("bad file handle")]
     BadHandle,
+    #[error("invalid argument")]
+    Invalid,
     #[error("{0}")]
     Io(String),
 }

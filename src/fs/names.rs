@@ -43,6 +43,58 @@ pub fn check(name: &str) -> Result<(), Hidden> {
     Ok(())
 }
 
+/// `by-name/` entries: (file name, handle) for each (handle, dataset
+/// name). A name is made a valid file name (`/` and control characters
+/// become `_`, cut to 255 bytes); a dataset without a name, or whose name
+/// is shared with another dataset, gets its handle appended (`Coral
+/// survey (10378.1_42)`), so every entry is unique and stable.
+pub fn by_name(datasets: &[(String, String)]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    let clean = |n: &str| -> String {
+        let s: String = n
+            .trim()
+            .chars()
+            .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+            .collect();
+        if s == "." || s == ".." {
+            String::new()
+        } else {
+            s
+        }
+    };
+    let cut = |s: String, room: usize| -> String {
+        if s.len() <= room {
+            return s;
+        }
+        let mut end = room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].trim_end().to_string()
+    };
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for (_, name) in datasets {
+        *count.entry(clean(name)).or_default() += 1;
+    }
+    let mut out: Vec<(String, String)> = datasets
+        .iter()
+        .map(|(handle, name)| {
+            let c = clean(name);
+            let file = if !c.is_empty() && count[&c] == 1 {
+                cut(c, NAME_MAX)
+            } else {
+                let tag = format!(" ({})", handle.replace('/', "_"));
+                let base = cut(c, NAME_MAX - tag.len());
+                format!("{base}{tag}").trim_start().to_string()
+            };
+            (file, handle.clone())
+        })
+        .collect();
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
 /// A handle prefix as Handle.net writes them (`10378.1`, `102.100.100`):
 /// starts with a digit, then digits, letters, dots and dashes. Names that
 /// cannot be a prefix (`.git`, `__pycache__`) are refused without a call.
@@ -83,5 +135,28 @@ mod tests {
         assert!(!is_handle_prefix(".git"));
         assert!(!is_handle_prefix("__pycache__"));
         assert!(!is_handle_prefix("desktop.ini"));
+    }
+
+    #[test]
+    fn by_name_entries_are_unique_valid_names() {
+        let d = |h: &str, n: &str| (h.to_string(), n.to_string());
+        let out = by_name(&[
+            d("10378.1/1", "Coral cover"),
+            d("10378.1/2", "Reef / temps"),
+            d("10378.1/3", "Dup"),
+            d("10378.1/4", "Dup"),
+            d("10378.1/5", ""),
+            d("10378.1/6", &"long".repeat(100)),
+        ]);
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "(10378.1_5)");
+        assert!(names.contains(&"Coral cover"));
+        assert!(names.contains(&"Reef _ temps"));
+        assert!(names.contains(&"Dup (10378.1_3)"));
+        assert!(names.contains(&"Dup (10378.1_4)"));
+        for n in &names {
+            assert!(check(n).is_ok(), "{n:?}");
+        }
+        assert_eq!(out.len(), 6);
     }
 }

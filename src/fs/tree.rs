@@ -47,6 +47,10 @@ pub struct TreeConfig {
     pub metadata_ttl: Duration,
     /// Keys per ListObjectsV2 page.
     pub list_page_size: i32,
+    /// Only these handles exist (`--dataset`); the registry is never listed.
+    pub datasets: Option<Vec<String>>,
+    /// Show `by-name/<dataset name>` symlinks to the handle folders.
+    pub by_name: bool,
 }
 
 impl Default for TreeConfig {
@@ -54,6 +58,8 @@ impl Default for TreeConfig {
         Self {
             metadata_ttl: Duration::from_secs(60),
             list_page_size: 1000,
+            datasets: None,
+            by_name: false,
         }
     }
 }
@@ -65,13 +71,20 @@ pub struct Dataset {
     /// Key prefix, always ending in `/`.
     pub prefix: String,
     pub updated: SystemTime,
+    /// Human-readable name from the registry, for `by-name/`.
+    pub name: Option<String>,
     pub store: Arc<dyn ObjectStore>,
 }
+
+/// Name of the folder of symlinks by dataset name (`--by-name`). It cannot
+/// clash with a handle prefix, which starts with a digit.
+pub const BY_NAME: &str = "by-name";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     Directory,
     File,
+    Symlink,
 }
 
 /// Attributes of one inode, FUSE-agnostic.
@@ -100,14 +113,25 @@ pub struct FileRef {
 enum Kind {
     Root,
     Prefix(String),
-    Dir { ds: Arc<Dataset>, prefix: String },
-    File { ds: Arc<Dataset>, meta: ObjectMeta },
+    Dir {
+        ds: Arc<Dataset>,
+        prefix: String,
+    },
+    File {
+        ds: Arc<Dataset>,
+        meta: ObjectMeta,
+    },
+    /// `by-name/`.
+    ByName,
+    /// `by-name/<name>` → `../<prefix>/<suffix>`.
+    Link(String),
 }
 
 impl Kind {
     fn file_kind(&self) -> FileKind {
         match self {
             Kind::File { .. } => FileKind::File,
+            Kind::Link(_) => FileKind::Symlink,
             _ => FileKind::Directory,
         }
     }
@@ -205,6 +229,12 @@ impl Tree {
                 size: meta.size,
                 mtime: meta.last_modified,
             },
+            Kind::Link(target) => Attr {
+                ino,
+                kind: FileKind::Symlink,
+                size: target.len() as u64,
+                mtime: self.mounted_at,
+            },
             Kind::Dir { ds, prefix } if *prefix == ds.prefix => Attr {
                 ino,
                 kind: FileKind::Directory,
@@ -274,6 +304,7 @@ impl Tree {
             bucket: item.s3.bucket_name.clone(),
             store: self.stores.open(&item.id, &item.s3.bucket_name),
             prefix,
+            name: item.name().map(str::to_string),
             updated: item
                 .updated_timestamp
                 .or(item.created_timestamp)
@@ -285,8 +316,37 @@ impl Tree {
         ds
     }
 
-    /// The registry's handles, listed at most once per TTL.
+    /// Loads a pinned dataset (`--dataset`): its record is fetched once.
+    pub async fn pin(&self, handle: &str) -> Result<(), FsError> {
+        if self.state().datasets.contains_key(handle) {
+            return Ok(());
+        }
+        let item = self.catalog.fetch(handle).await?;
+        if item.id != handle {
+            warn!(asked = %handle, got = %item.id, "fetch-dataset returned another handle");
+            return Err(FsError::NotFound);
+        }
+        let mut st = self.state();
+        self.dataset_from(&mut st, &item);
+        Ok(())
+    }
+
+    fn pinned(&self, handle: &str) -> bool {
+        self.cfg
+            .datasets
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|h| h == handle))
+    }
+
+    /// The registry's handles, listed at most once per TTL; with pinned
+    /// datasets, just those (the registry is never listed).
     async fn registry(&self) -> Result<BTreeSet<String>, FsError> {
+        if let Some(pinned) = &self.cfg.datasets {
+            for h in pinned {
+                self.pin(h).await?;
+            }
+            return Ok(pinned.iter().cloned().collect());
+        }
         if let Some((at, set)) = &self.state().registry {
             if self.fresh(*at) {
                 return Ok(set.clone());
@@ -330,10 +390,23 @@ impl Tree {
             node.kind.clone()
         };
         let found = match kind {
+            Kind::Root if name == BY_NAME && self.cfg.by_name => {
+                let mut st = self.state();
+                Ok(self.entry(&mut st, ROOT_INO, BY_NAME, Kind::ByName))
+            }
             Kind::Root => self.lookup_prefix(name),
             Kind::Prefix(p) => self.lookup_dataset(parent, &p, name).await,
             Kind::Dir { ds, prefix } => self.lookup_object(parent, &ds, &prefix, name).await,
-            Kind::File { .. } => Err(FsError::NotDir),
+            Kind::ByName => {
+                // Names come only from the registry: list it (once per TTL).
+                self.readdir(parent).await?;
+                let st = self.state();
+                match st.index.get(&(parent, name.to_string())) {
+                    Some(&ino) => Ok(self.attr_of(ino, &st.nodes[&ino].kind)),
+                    None => Err(FsError::NotFound),
+                }
+            }
+            Kind::File { .. } | Kind::Link(_) => Err(FsError::NotDir),
         };
         if let Err(FsError::NotFound) = found {
             let mut st = self.state();
@@ -351,6 +424,14 @@ impl Tree {
         if !names::is_handle_prefix(name) {
             return Err(FsError::NotFound);
         }
+        if let Some(p) = &self.cfg.datasets {
+            if !p
+                .iter()
+                .any(|h| split_handle(h).is_some_and(|(hp, _)| hp == name))
+            {
+                return Err(FsError::NotFound);
+            }
+        }
         let mut st = self.state();
         Ok(self.entry(&mut st, ROOT_INO, name, Kind::Prefix(name.to_string())))
     }
@@ -365,6 +446,9 @@ impl Tree {
             return Err(FsError::NotFound);
         }
         let handle = format!("{prefix}/{suffix}");
+        if !self.pinned(&handle) {
+            return Err(FsError::NotFound);
+        }
         let known = self.state().datasets.get(&handle).cloned();
         let ds = match known {
             Some(ds) => ds,
@@ -456,13 +540,34 @@ impl Tree {
                         .filter(|(p, _)| *p == ROOT_INO)
                         .map(|(_, n)| n.clone()),
                 );
-                prefixes
+                let mut out: BTreeMap<String, u64> = prefixes
                     .into_iter()
                     .map(|p| {
                         let ino = self.intern(&mut st, ROOT_INO, &p, Kind::Prefix(p.clone()));
                         (p, ino)
                     })
-                    .collect()
+                    .collect();
+                if self.cfg.by_name {
+                    let ino = self.intern(&mut st, ROOT_INO, BY_NAME, Kind::ByName);
+                    out.insert(BY_NAME.to_string(), ino);
+                }
+                out
+            }
+            Kind::ByName => {
+                let handles = self.registry().await?;
+                let mut st = self.state();
+                let named: Vec<(String, String)> = handles
+                    .iter()
+                    .filter_map(|h| st.datasets.get(h))
+                    .map(|d| (d.handle.clone(), d.name.clone().unwrap_or_default()))
+                    .collect();
+                let mut out = BTreeMap::new();
+                for (name, handle) in names::by_name(&named) {
+                    let target = format!("../{handle}");
+                    let ino = self.intern(&mut st, ino, &name, Kind::Link(target));
+                    out.insert(name, ino);
+                }
+                out
             }
             Kind::Prefix(p) => {
                 let handles = self.registry().await?;
@@ -490,7 +595,7 @@ impl Tree {
                 out
             }
             Kind::Dir { ds, prefix } => self.list_dir(ino, &ds, &prefix).await?,
-            Kind::File { .. } => return Err(FsError::NotDir),
+            Kind::File { .. } | Kind::Link(_) => return Err(FsError::NotDir),
         };
         let mut st = self.state();
         let entries = self.entries(&st, &children);
@@ -654,6 +759,14 @@ impl Tree {
             }
         }
         self.file(ino)
+    }
+
+    /// Where symlink `ino` points.
+    pub fn readlink(&self, ino: u64) -> Result<String, FsError> {
+        match &self.state().nodes.get(&ino).ok_or(FsError::NotFound)?.kind {
+            Kind::Link(t) => Ok(t.clone()),
+            _ => Err(FsError::Invalid),
+        }
     }
 
     /// Whether `ino` is a directory (for opendir); no network.
@@ -910,6 +1023,7 @@ mod tests {
                 FileKind::File => {
                     out.insert(format!("{path}{}", e.name));
                 }
+                FileKind::Symlink => panic!("no symlinks inside a dataset"),
             }
         }
     }

@@ -99,27 +99,54 @@ impl MemoryCache {
 const MAGIC: &[u8; 8] = b"PVFSBLK1";
 
 /// Blocks on disk under `dir/v1/<aa>/<hash>`, bounded by `limit` bytes.
+///
+/// The folder may be shared by many processes on many nodes (a cluster
+/// file system): every block is written under a private temporary name and
+/// renamed into place, so readers see a whole block or none, and two
+/// writers of the same block each install a complete copy. Eviction takes
+/// an advisory lock on `dir/v1/.evict.lock` so one process at a time
+/// trims the folder; where the file system has no locks it trims anyway
+/// (an unlink that loses the race is harmless).
 pub struct DiskCache {
     dir: PathBuf,
     limit: u64,
+    /// Bytes in the folder as last measured plus what this process wrote since.
     used: AtomicU64,
+    /// Bytes written since the last full measurement.
+    since_scan: AtomicU64,
+    shared: bool,
+    dir_mode: u32,
+    file_mode: u32,
     evicting: Mutex<()>,
 }
 
 impl DiskCache {
-    /// Opens (creating, 0700) the cache folder. The size already used is
-    /// measured in the background, so a large cache never delays a mount.
-    pub fn open(dir: &Path, limit: u64) -> std::io::Result<Arc<Self>> {
-        use std::os::unix::fs::DirBuilderExt;
-        let root = dir.join("v1");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&root)?;
+    /// Opens (creating) the cache folder, 0700 (2770 for a group cache).
+    /// The size already used is measured in the background, so a large
+    /// cache never delays a mount.
+    pub fn open(cfg: &super::DiskConfig) -> std::io::Result<Arc<Self>> {
+        let (dir_mode, file_mode) = if cfg.group {
+            (0o2770, 0o640)
+        } else {
+            (0o700, 0o600)
+        };
+        let root = cfg.dir.join("v1");
+        for d in [&cfg.dir, &root] {
+            make_dir(d, dir_mode)?;
+        }
+        check_private(&cfg.dir, cfg.group)?;
+        // Fail now, not at the first block, on a folder we cannot write.
+        let probe = root.join(format!(".probe-{}", std::process::id()));
+        fs::write(&probe, b"")?;
+        let _ = fs::remove_file(&probe);
         let cache = Arc::new(Self {
             dir: root,
-            limit,
+            limit: cfg.limit,
             used: AtomicU64::new(0),
+            since_scan: AtomicU64::new(0),
+            shared: cfg.shared,
+            dir_mode,
+            file_mode,
             evicting: Mutex::new(()),
         });
         let c = cache.clone();
@@ -166,25 +193,24 @@ impl DiskCache {
         if raw.len() < hlen {
             return None;
         }
-        let data = &raw[hlen..];
-        if Self::header(k, data) != raw[..hlen] {
+        if Self::header(k, &raw[hlen..]) != raw[..hlen] {
             warn!(path = %p.display(), "disk cache block failed its check; ignored");
             let _ = fs::remove_file(&p);
             return None;
         }
-        // Touch for LRU: the access time orders eviction.
+        // Touch for LRU: the modification time orders eviction (atime is
+        // often off or relaxed on cluster file systems).
         let _ = fs::File::open(&p).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-        Some(Bytes::copy_from_slice(data))
+        Some(Bytes::from(raw).slice(hlen..))
     }
 
     pub fn put(&self, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.path(k);
         let parent = p.parent().unwrap_or(&self.dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)?;
+        if !parent.is_dir() {
+            make_dir(parent, self.dir_mode)?;
+        }
         let tmp = parent.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
@@ -193,8 +219,13 @@ impl DiskCache {
         let mut f = fs::OpenOptions::new()
             .create_new(true)
             .write(true)
-            .mode(0o600)
+            .mode(self.file_mode)
             .open(&tmp)?;
+        if self.file_mode & 0o040 != 0 {
+            // The umask may have taken the group bit away.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(self.file_mode))?;
+        }
         let header = Self::header(k, data);
         let written = f.write_all(&header).and_then(|_| f.write_all(data));
         if let Err(e) = written {
@@ -202,9 +233,13 @@ impl DiskCache {
             return Err(e);
         }
         drop(f);
-        fs::rename(&tmp, &p)?;
-        self.used
-            .fetch_add((header.len() + data.len()) as u64, Ordering::Relaxed);
+        if let Err(e) = fs::rename(&tmp, &p) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let n = (header.len() + data.len()) as u64;
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.since_scan.fetch_add(n, Ordering::Relaxed);
         self.evict_if_needed();
         Ok(())
     }
@@ -220,25 +255,37 @@ impl DiskCache {
                 continue;
             };
             for f in files.flatten() {
-                if let Ok(md) = f.metadata() {
-                    if md.is_file() {
-                        let t = md.modified().unwrap_or(std::time::UNIX_EPOCH);
-                        out.push((f.path(), md.len(), t));
-                    }
+                let Ok(md) = f.metadata() else { continue };
+                if !md.is_file() {
+                    continue;
                 }
+                let t = md.modified().unwrap_or(std::time::UNIX_EPOCH);
+                if f.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+                    // A writer that died mid-block (on any node) left this.
+                    if t.elapsed().is_ok_and(|age| age.as_secs() > 3600) {
+                        let _ = fs::remove_file(f.path());
+                    }
+                    continue;
+                }
+                out.push((f.path(), md.len(), t));
             }
         }
         out
     }
 
-    /// Evicts least recently used blocks down to 90% of the limit.
+    /// Evicts least recently used blocks down to 90% of the limit. In a
+    /// shared folder other processes add blocks this one never counted, so
+    /// it also re-measures after writing a tenth of the limit itself.
     fn evict_if_needed(&self) {
-        if self.used.load(Ordering::Relaxed) <= self.limit {
+        let remeasure = self.shared && self.since_scan.load(Ordering::Relaxed) > self.limit / 10;
+        if self.used.load(Ordering::Relaxed) <= self.limit && !remeasure {
             return;
         }
         let Ok(_g) = self.evicting.try_lock() else {
             return;
         };
+        let _lock = EvictLock::take(&self.dir);
+        self.since_scan.store(0, Ordering::Relaxed);
         let mut entries = self.entries();
         let mut total: u64 = entries.iter().map(|(_, l, _)| l).sum();
         entries.sort_by_key(|(_, _, t)| *t);
@@ -254,13 +301,100 @@ impl DiskCache {
             }
         }
         self.used.store(total, Ordering::Relaxed);
-        debug!(evicted, total, "disk cache evicted");
+        if evicted > 0 {
+            debug!(evicted, total, "disk cache evicted");
+        }
+    }
+}
+
+/// Creates `d` (and parents) with `mode`, set explicitly so the umask
+/// cannot drop the group bits of a group cache.
+fn make_dir(d: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match fs::DirBuilder::new().mode(mode & 0o777).create(d) {
+        Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = d.parent() {
+                fs::DirBuilder::new().recursive(true).create(parent)?;
+            }
+            make_dir(d, mode)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A private cache that other users can read would leak data they may not
+/// be allowed to see: refuse it, as ssh refuses a readable key.
+fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(dir)?;
+    let open_bits = if group { 0o007 } else { 0o077 };
+    if md.mode() & open_bits != 0 {
+        return Err(std::io::Error::other(format!(
+            "cache folder {} is open to {} (mode {:o}); run `chmod {} {}`{}",
+            dir.display(),
+            if group {
+                "other users"
+            } else {
+                "other users or the group"
+            },
+            md.mode() & 0o7777,
+            if group { "2770" } else { "700" },
+            dir.display(),
+            if group {
+                ""
+            } else {
+                ", or pass --cache-group to share it with the group"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// `flock` on the eviction lock file, released on drop. `None` when the
+/// file system has no locks: eviction then proceeds unlocked.
+struct EvictLock(Option<fs::File>);
+
+impl EvictLock {
+    fn take(dir: &Path) -> EvictLock {
+        use std::os::unix::io::AsRawFd;
+        let Ok(f) = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".evict.lock"))
+        else {
+            return EvictLock(None);
+        };
+        // SAFETY: flock on an fd we own.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        EvictLock((r == 0).then_some(f))
+    }
+}
+
+impl Drop for EvictLock {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: as above.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn disk(dir: &Path, limit: u64) -> crate::read::DiskConfig {
+        crate::read::DiskConfig {
+            dir: dir.join("cache"),
+            limit,
+            shared: false,
+            group: false,
+        }
+    }
 
     fn key(i: u64) -> BlockKey {
         BlockKey {
@@ -287,7 +421,7 @@ mod tests {
     #[test]
     fn disk_blocks_round_trip_and_reject_corruption() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(d.path(), 1 << 20).unwrap();
+        let c = DiskCache::open(&disk(d.path(), 1 << 20)).unwrap();
         c.put(&key(1), b"hello").unwrap();
         assert_eq!(c.get(&key(1)).unwrap(), Bytes::from_static(b"hello"));
         assert!(c.get(&key(2)).is_none());
@@ -313,7 +447,7 @@ mod tests {
     #[test]
     fn disk_cache_evicts_to_its_limit() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(d.path(), 10_000).unwrap();
+        let c = DiskCache::open(&disk(d.path(), 10_000)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         for i in 0..20 {
             c.put(&key(i), &[7u8; 1000]).unwrap();

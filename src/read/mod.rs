@@ -49,8 +49,21 @@ pub struct ReadConfig {
     pub memory_cache: u64,
     /// Bytes of GETs in flight at once, all files together.
     pub max_inflight: u64,
-    /// Disk tier: folder and byte budget.
-    pub disk: Option<(PathBuf, u64)>,
+    /// Disk tier.
+    pub disk: Option<DiskConfig>,
+}
+
+/// Where and how blocks are kept on disk.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    /// Byte budget of the whole folder.
+    pub limit: u64,
+    /// Other processes (other nodes) use the folder too: re-measure it
+    /// rather than trust this process's own count.
+    pub shared: bool,
+    /// The owner's group may read and evict (folders 2770, files 0640).
+    pub group: bool,
 }
 
 impl Default for ReadConfig {
@@ -167,7 +180,7 @@ impl Reader {
         cfg.memory_cache = cfg.memory_cache.max(2 * cfg.part_size);
         cfg.max_inflight = cfg.max_inflight.max(cfg.part_size);
         let disk = match &cfg.disk {
-            Some((dir, limit)) => Some(DiskCache::open(dir, *limit)?),
+            Some(d) => Some(DiskCache::open(d)?),
             None => None,
         };
         let permits = (cfg.max_inflight / cfg.block_size) as usize;
@@ -546,6 +559,7 @@ mod tests {
             bucket: "b".into(),
             prefix: "".into(),
             updated: std::time::UNIX_EPOCH,
+            name: None,
             store: store.clone(),
         });
         let reader = Reader::new(ReadConfig::default()).unwrap();

@@ -200,6 +200,9 @@ impl ObjectStore for AwsObjectStore {
                 .set_delimiter(delimiter.map(str::to_string))
                 .set_continuation_token(continuation.clone())
                 .set_max_keys(max_keys)
+                // Keys may hold characters XML 1.0 cannot carry (control
+                // characters): ask for them encoded, decode below.
+                .encoding_type(aws_sdk_s3::types::EncodingType::Url)
                 .send()
                 .await
                 .map_err(map_err)?;
@@ -208,13 +211,14 @@ impl ObjectStore for AwsObjectStore {
                 .iter()
                 .filter_map(|o| {
                     o.key()
-                        .map(|k| meta(k, o.size(), o.e_tag(), o.last_modified()))
+                        .and_then(url_decode)
+                        .map(|k| meta(&k, o.size(), o.e_tag(), o.last_modified()))
                 })
                 .collect();
             let prefixes = out
                 .common_prefixes()
                 .iter()
-                .filter_map(|p| p.prefix().map(str::to_string))
+                .filter_map(|p| p.prefix().and_then(url_decode))
                 .collect();
             let next = if out.is_truncated().unwrap_or(false) {
                 out.next_continuation_token().map(str::to_string)
@@ -335,5 +339,61 @@ impl ObjectStore for AwsObjectStore {
         })
         .instrument(span)
         .await
+    }
+}
+
+/// Undoes S3's `encoding-type=url` (form encoding: `+` is a space). A key
+/// that does not decode to UTF-8 is dropped with a warning rather than
+/// shown under a wrong name.
+fn url_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(k) => Some(k),
+        Err(_) => {
+            warn!(key = %s, "listing returned a key that is not UTF-8; skipped");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_decode;
+
+    #[test]
+    fn decodes_s3_url_encoding() {
+        assert_eq!(url_decode("a/b+c%2Bd").as_deref(), Some("a/b c+d"));
+        assert_eq!(url_decode("ctl%01name").as_deref(), Some("ctl\u{1}name"));
+        assert_eq!(url_decode("%C3%A9.txt").as_deref(), Some("é.txt"));
+        assert_eq!(url_decode("100%").as_deref(), Some("100%"));
+        assert_eq!(url_decode("%zz").as_deref(), Some("%zz"));
+        assert_eq!(url_decode("%FF"), None);
+    }
+
+    #[test]
+    fn round_trips_the_emulator_encoding() {
+        for k in ["sp ace/é.txt", "a+b", "nl\nname", "50%/x", "ctl\u{1}"] {
+            let e = crate::sim::s3::s3_url_encode(k, true);
+            assert_eq!(url_decode(&e).as_deref(), Some(k));
+        }
     }
 }

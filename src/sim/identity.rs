@@ -144,6 +144,9 @@ impl SimState {
                     .is_some_and(|t| now.duration_since(t) < dev.interval);
                 dev.last_poll = Some(now);
                 if too_fast {
+                    self.stats
+                        .device_slow_downs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return oauth_error(400, "slow_down", "Slow down");
                 }
                 if !dev.approved {
@@ -182,7 +185,7 @@ impl SimState {
             .collect();
         let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
         let interval = self.cfg.device_interval;
-        let expires_in = 600;
+        let expires_in = self.cfg.device_expires_in;
         self.identity().devices.insert(
             device_code.clone(),
             Device {
@@ -190,8 +193,9 @@ impl SimState {
                 expires: Instant::now() + Duration::from_secs(expires_in),
                 approved: self.cfg.auto_approve,
                 denied: false,
-                last_poll: None,
-                interval: Duration::from_secs(interval),
+                // RFC 8628: the first poll, too, waits one interval.
+                last_poll: Some(Instant::now()),
+                interval: Duration::from_secs(interval.max(self.cfg.device_min_interval)),
             },
         );
         let uri = format!("{}/device", self.realm_url());
@@ -240,4 +244,20 @@ fn uuid_like() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// A minimal consent page: approve or deny a pending device login.
+pub fn device_page(user_code: &str) -> Reply {
+    let code: String = user_code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let html = format!(
+        "<!doctype html><title>provenafs emulator: sign in</title>\
+         <h1>Sign in to the Provena emulator</h1>\
+         <p>Device code <b>{code}</b></p>\
+         <form method=post action=\"/_sim/device?user_code={code}&action=approve\"><button>Approve</button></form>\
+         <form method=post action=\"/_sim/device?user_code={code}&action=deny\"><button>Deny</button></form>"
+    );
+    Reply::html(200, html)
 }

@@ -48,6 +48,11 @@ pub struct SimConfig {
     /// Handles whose files the user may not read (metadata only).
     pub deny: Vec<String>,
     pub device_interval: u64,
+    /// Seconds a device login stays open.
+    pub device_expires_in: u64,
+    /// Polls closer than this answer `slow_down`, whatever `interval` said
+    /// (a busy server); 0 means the advertised interval.
+    pub device_min_interval: u64,
     pub auto_approve: bool,
     /// Fraction of S3 requests that fail (500, 503 SlowDown, reset, short body).
     pub s3_fault_rate: f64,
@@ -70,6 +75,8 @@ impl Default for SimConfig {
             s3_page_size: 1000,
             deny: Vec::new(),
             device_interval: 5,
+            device_expires_in: 600,
+            device_min_interval: 0,
             auto_approve: false,
             s3_fault_rate: 0.0,
             api_fault_rate: 0.0,
@@ -87,9 +94,11 @@ pub struct Stats {
     pub heads: AtomicU64,
     pub lists: AtomicU64,
     pub api_lists: AtomicU64,
+    pub api_fetches: AtomicU64,
     pub credentials_issued: AtomicU64,
     pub tokens_issued: AtomicU64,
     pub expired_rejections: AtomicU64,
+    pub device_slow_downs: AtomicU64,
 }
 
 impl Stats {
@@ -98,9 +107,11 @@ impl Stats {
         json!({
             "s3_get": g(&self.gets), "s3_get_bytes": g(&self.get_bytes),
             "s3_head": g(&self.heads), "s3_list": g(&self.lists),
-            "api_list": g(&self.api_lists), "credentials_issued": g(&self.credentials_issued),
+            "api_list": g(&self.api_lists), "api_fetch": g(&self.api_fetches),
+            "credentials_issued": g(&self.credentials_issued),
             "tokens_issued": g(&self.tokens_issued),
             "expired_rejections": g(&self.expired_rejections),
+            "device_slow_downs": g(&self.device_slow_downs),
         })
     }
 }
@@ -160,11 +171,25 @@ impl SimState {
 pub struct Reply {
     status: u16,
     body: serde_json::Value,
+    /// An HTML page instead of JSON.
+    html: Option<String>,
 }
 
 impl Reply {
     pub fn json(status: u16, body: serde_json::Value) -> Self {
-        Self { status, body }
+        Self {
+            status,
+            body,
+            html: None,
+        }
+    }
+
+    pub fn html(status: u16, page: String) -> Self {
+        Self {
+            status,
+            body: serde_json::Value::Null,
+            html: Some(page),
+        }
     }
 }
 
@@ -294,10 +319,16 @@ fn full(b: impl Into<Bytes>) -> Body {
 }
 
 fn respond(r: Reply) -> Response<Body> {
-    let body = serde_json::to_vec(&r.body).unwrap_or_default();
+    let (body, kind) = match r.html {
+        Some(h) => (h.into_bytes(), "text/html; charset=utf-8"),
+        None => (
+            serde_json::to_vec(&r.body).unwrap_or_default(),
+            "application/json",
+        ),
+    };
     Response::builder()
         .status(r.status)
-        .header("content-type", "application/json")
+        .header("content-type", kind)
         .body(full(body))
         .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
@@ -416,6 +447,12 @@ async fn route(
             r
         }
         ("POST", p) if p == realm_device => state.device_authorization(&parse_form(&body)),
+        ("GET", p) if p == format!("{REALM_PATH}/device") => {
+            // The page a user opens from `provenafs login`, standing in for
+            // Keycloak's consent screen.
+            let code = query.get("user_code").cloned().unwrap_or_default();
+            identity::device_page(&code)
+        }
         ("GET", "/_sim/stats") => {
             let mut j = state.stats.json();
             j["faults"] = state.faults.json();

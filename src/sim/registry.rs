@@ -91,6 +91,9 @@ impl SimState {
                 json!({"detail": [{"loc": ["query", "handle_id"], "msg": "field required", "type": "value_error.missing"}]}),
             );
         };
+        self.stats
+            .api_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.store.dataset(handle) {
             Some(ds) => {
                 let roles = if self.denied(handle) {

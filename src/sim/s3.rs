@@ -236,18 +236,24 @@ impl S3 for SimS3 {
         let prefix = req.input.prefix.clone().unwrap_or_default();
         self.authorize(&req, &req.input.bucket, None)?;
         let input = req.input;
+        let url = wants_url(&input.encoding_type);
         let page = self.page(
             &prefix,
             input.delimiter.as_deref(),
             input.max_keys,
             input.marker.clone(),
+            url,
         )?;
-        let next_marker = page.truncated.then(|| page.last.clone()).flatten();
+        let next_marker = page
+            .truncated
+            .then(|| page.last.as_deref().map(|m| s3_url_encode(m, url)))
+            .flatten();
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(input.bucket),
-            prefix: Some(prefix),
+            prefix: Some(s3_url_encode(&prefix, url)),
             delimiter: input.delimiter,
             marker: input.marker,
+            encoding_type: input.encoding_type,
             max_keys: Some(page.max),
             is_truncated: Some(page.truncated),
             next_marker,
@@ -278,15 +284,23 @@ impl S3 for SimS3 {
             ),
             None => input.start_after.clone(),
         };
-        let page = self.page(&prefix, input.delimiter.as_deref(), input.max_keys, marker)?;
+        let url = wants_url(&input.encoding_type);
+        let page = self.page(
+            &prefix,
+            input.delimiter.as_deref(),
+            input.max_keys,
+            marker,
+            url,
+        )?;
         let next = page
             .truncated
             .then(|| page.last.as_ref().map(hex::encode))
             .flatten();
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
-            prefix: Some(prefix),
+            prefix: Some(s3_url_encode(&prefix, url)),
             delimiter: input.delimiter,
+            encoding_type: input.encoding_type,
             max_keys: Some(page.max),
             key_count: Some((page.contents.len() + page.prefixes.len()) as i32),
             continuation_token: input.continuation_token,
@@ -316,6 +330,7 @@ impl SimS3 {
         delimiter: Option<&str>,
         max_keys: Option<i32>,
         marker: Option<String>,
+        url: bool,
     ) -> S3Result<Page> {
         self.0.stats.lists.fetch_add(1, Ordering::Relaxed);
         let delimited = match delimiter {
@@ -344,7 +359,7 @@ impl SimS3 {
         for e in page {
             match e {
                 Entry::Object(o) => contents.push(Object {
-                    key: Some(o.key.clone()),
+                    key: Some(s3_url_encode(&o.key, url)),
                     size: Some(o.size as i64),
                     e_tag: Some(etag(&o.etag)),
                     last_modified: Some(Timestamp::from(o.modified)),
@@ -354,7 +369,7 @@ impl SimS3 {
                     ..Default::default()
                 }),
                 Entry::Prefix(p) => prefixes.push(CommonPrefix {
-                    prefix: Some(p.clone()),
+                    prefix: Some(s3_url_encode(p, url)),
                 }),
             }
         }
@@ -366,4 +381,29 @@ impl SimS3 {
             max: max as i32,
         })
     }
+}
+
+fn wants_url(e: &Option<EncodingType>) -> bool {
+    e.as_ref().is_some_and(|e| e.as_str() == EncodingType::URL)
+}
+
+/// What S3 does to keys in a listing asked with `encoding-type=url`:
+/// form encoding (space as `+`), `/` and unreserved characters kept. XML
+/// 1.0 cannot carry most control characters, so without it such keys
+/// would make the whole page unparseable.
+pub fn s3_url_encode(s: &str, url: bool) -> String {
+    if !url {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }

@@ -41,6 +41,22 @@ pub struct Sim {
     pub data: tempfile::TempDir,
     pub env: HashMap<String, String>,
     pub addr: String,
+    /// Every log this emulator and its mounts wrote, all at trace level
+    /// unless a test chose otherwise: scanned for secrets when it stops.
+    logs: std::sync::Mutex<Vec<PathBuf>>,
+    /// Text captured from commands run through [`Sim::run`].
+    outputs: std::sync::Mutex<String>,
+}
+
+/// Where a test's logs go (kept after a failure for a look).
+fn log_file(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "provenafs-test-{}-{}-{name}.log",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl Sim {
@@ -57,7 +73,12 @@ impl Sim {
     fn spawn(data: tempfile::TempDir, flags: &[&str], log: Option<&Path>) -> Sim {
         let envfile = data.path().with_extension("env");
         let _ = std::fs::remove_file(&envfile);
+        let own_log = log_file("sim");
+        let log = log.unwrap_or(&own_log);
         let child = Command::new(BIN)
+            // Every suite run is a trace-level secret scan (see Drop).
+            .env("RUST_LOG", "trace")
+            .env_remove("PROVENAFS_LOG")
             .arg("sim")
             .arg("--root")
             .arg(data.path())
@@ -65,10 +86,7 @@ impl Sim {
             .arg(&envfile)
             .args(flags)
             .stdout(Stdio::null())
-            .stderr(match log {
-                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
-                None => Stdio::inherit(),
-            })
+            .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
             .spawn()
             .expect("start emulator");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -94,6 +112,8 @@ impl Sim {
             data,
             env,
             addr,
+            logs: std::sync::Mutex::new(vec![log.to_path_buf()]),
+            outputs: Default::default(),
         }
     }
 
@@ -108,19 +128,25 @@ impl Sim {
     /// A `provenafs` command with the emulator's endpoints and token set.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args).env_remove("PROVENAFS_LOG");
+        c.args(args)
+            .env_remove("PROVENAFS_LOG")
+            .env("RUST_LOG", "trace");
         for (k, v) in &self.env {
             c.env(k, v);
         }
         c
     }
 
-    fn http(&self, method: &str, path: &str) -> String {
-        let mut s = TcpStream::connect(&self.addr).expect("connect emulator");
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.addr).unwrap();
+    fn try_http(&self, method: &str, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(&self.addr).ok()?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.addr).ok()?;
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+        s.read_to_string(&mut out).ok()?;
+        Some(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    }
+
+    fn http(&self, method: &str, path: &str) -> String {
+        self.try_http(method, path).expect("emulator answers")
     }
 
     /// Request counters of the emulator.
@@ -140,6 +166,15 @@ impl Sim {
         self.http("POST", "/_sim/revoke");
     }
 
+    /// Approves or denies a pending device login, as the user would in a browser.
+    pub fn decide_device(&self, user_code: &str, approve: bool) {
+        let action = if approve { "approve" } else { "deny" };
+        self.http(
+            "POST",
+            &format!("/_sim/device?user_code={user_code}&action={action}"),
+        );
+    }
+
     pub fn set_faults(&self, s3: f64, api: f64) {
         self.http("POST", &format!("/_sim/faults?s3_rate={s3}&api_rate={api}"));
     }
@@ -152,6 +187,26 @@ impl Sim {
         serde_json::from_str(&body[start..=end]).unwrap()
     }
 
+    /// Runs a command (see [`command`](Self::command)); its output joins
+    /// the secret scan.
+    pub fn run(&self, cmd: &mut Command) -> Output {
+        let out = cmd.output().expect("run provenafs");
+        let mut o = self.outputs.lock().unwrap();
+        o.push_str(&String::from_utf8_lossy(&out.stdout));
+        o.push_str(&String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// Adds text to the secret scan.
+    pub fn note(&self, text: &str) {
+        self.outputs.lock().unwrap().push_str(text);
+    }
+
+    /// Adds a log file to the secret scan.
+    pub fn scan_log(&self, p: &Path) {
+        self.logs.lock().unwrap().push(p.to_path_buf());
+    }
+
     /// Mounts in the background and returns once the mount is ready.
     pub fn mount(&self, flags: &[&str]) -> Mount {
         let dir = tempfile::Builder::new()
@@ -160,7 +215,15 @@ impl Sim {
             .unwrap();
         let mut args = vec!["mount", dir.path().to_str().unwrap()];
         args.extend_from_slice(flags);
-        let out = self.command(&args).output().expect("run mount");
+        let own_log = log_file("mount");
+        match flags.iter().position(|f| *f == "--log-file") {
+            Some(i) => self.scan_log(Path::new(flags[i + 1])),
+            None => {
+                args.extend_from_slice(&["--log-file", own_log.to_str().unwrap()]);
+                self.scan_log(&own_log);
+            }
+        }
+        let out = self.run(&mut self.command(&args));
         assert!(
             out.status.success(),
             "mount failed: {}",
@@ -172,10 +235,55 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
+        let secrets: Vec<String> = self
+            .try_http("GET", "/_sim/secrets")
+            .and_then(|b| {
+                let json = &b[b.find('[')?..=b.rfind(']')?];
+                serde_json::from_str(json).ok()
+            })
+            .unwrap_or_default();
+        if secrets.is_empty() && !std::thread::panicking() {
+            eprintln!("warning: emulator gone before its secrets were read; logs not scanned");
+        }
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            return;
+        }
+        // The suite-wide promise: no token, credential or signature in any
+        // log line at any level, in any message.
+        let logs = std::mem::take(&mut *self.logs.lock().unwrap());
+        let mut texts = vec![(
+            "command output".to_string(),
+            self.outputs.lock().unwrap().clone(),
+        )];
+        for p in &logs {
+            if let Ok(t) = std::fs::read(p) {
+                texts.push((
+                    p.display().to_string(),
+                    String::from_utf8_lossy(&t).into_owned(),
+                ));
+            }
+        }
+        for (name, text) in &texts {
+            for s in &secrets {
+                assert!(!text.contains(s.as_str()), "a secret leaked into {name}");
+            }
+            let lower = text.to_ascii_lowercase();
+            assert!(
+                !lower.contains("signature="),
+                "a SigV4 signature leaked into {name}"
+            );
+            assert!(
+                !lower.contains("x-amz-security-token:"),
+                "a session token header leaked into {name}"
+            );
+        }
+        for p in &logs {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -246,4 +354,11 @@ pub fn tree(root: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A log file for a child's standard error, added to the secret scan.
+pub fn sim_stderr(sim: &Sim) -> Stdio {
+    let p = log_file("stderr");
+    sim.scan_log(&p);
+    Stdio::from(std::fs::File::create(&p).unwrap())
 }
