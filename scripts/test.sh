@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked -- --test-threads "${TEST_THREADS:-4}"
+# The README's commands, run against the emulator with the binary its
+# install step builds (a static release build).
+scripts/check-readme.sh

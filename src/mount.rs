@@ -199,6 +199,7 @@ fn is_detached_child() -> bool {
 /// After the mount is ready, a detached child tells its parent and stops
 /// writing to the parent's pipe.
 fn signal_ready() {
+    notify_systemd();
     if !is_detached_child() {
         return;
     }
@@ -214,6 +215,28 @@ fn signal_ready() {
             }
             libc::close(null);
         }
+    }
+}
+
+/// Tells systemd (a `Type=notify` unit) that the mount is ready.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return warn!("cannot notify systemd: {e}"),
+    };
+    let sent = if let Some(abs) = path.to_str().and_then(|p| p.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
+    } else {
+        sock.send_to(b"READY=1\n", &path)
+    };
+    match sent {
+        Ok(_) => debug!("told systemd the mount is ready"),
+        Err(e) => warn!("cannot notify systemd: {e}"),
     }
 }
 

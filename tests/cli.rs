@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -233,4 +234,46 @@ fn background_mount_ends_on_unmount() {
         .unwrap();
     assert!(st.success());
     assert!(!is_mounted(mnt.path()));
+}
+
+#[test]
+fn demo_serves_the_sample_data_until_interrupted() {
+    if !fuse_available() {
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", mnt.path().to_str().unwrap()])
+        .env_remove("RRAP_OFFLINE_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log.reopen().unwrap()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_mounted(mnt.path()) {
+        assert!(Instant::now() < deadline, "demo did not mount");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let csv = std::fs::read_to_string(mnt.path().join("10378.1/1687966/data/sst.csv")).unwrap();
+    assert!(csv.starts_with("date,site,lat,lon,sst_c\n"));
+    assert_eq!(
+        std::fs::metadata(mnt.path().join("10378.1/1687966/data/large.bin"))
+            .unwrap()
+            .len(),
+        48 << 20
+    );
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    let data = said
+        .split("sample data in ")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .expect("demo names its data folder")
+        .to_string();
+    assert!(Path::new(&data).is_dir());
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(mnt.path()));
+    assert!(!Path::new(&data).exists(), "sample data removed");
 }

@@ -253,6 +253,9 @@ pub struct SimArgs {
     /// JSON array of extra objects ({"key", "data"}) whose keys no file can hold.
     #[arg(long)]
     pub extra_keys: Option<PathBuf>,
+    /// First write the demo's sample datasets into --root.
+    #[arg(long)]
+    pub sample_data: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -684,6 +687,10 @@ fn login(a: LoginArgs) -> Result<(), Exit> {
 }
 
 async fn run_sim(a: SimArgs) -> Result<(), String> {
+    if a.sample_data {
+        crate::demo::generate(&a.root)
+            .map_err(|e| format!("cannot write sample data in {}: {e}", a.root.display()))?;
+    }
     let cfg = SimConfig {
         root: a.root,
         addr: a.addr,

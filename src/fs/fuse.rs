@@ -19,7 +19,8 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::tree::{Attr, DirEntry, FileKind, Tree};
+use super::dirstream::{Chunk, DirStream};
+use super::tree::{Attr, FileKind, Tree};
 use super::FsError;
 use crate::read::{OpenFile, Reader};
 
@@ -80,7 +81,7 @@ pub struct ProvenaFs {
     cfg: FuseConfig,
     rt: Handle,
     files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
-    dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<DirStream>>>>,
     next_fh: AtomicU64,
 }
 
@@ -306,22 +307,29 @@ impl Filesystem for ProvenaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.tree.is_dir(ino.0) {
-            Ok(true) => {}
-            Ok(false) => return reply.error(Errno::ENOTDIR),
+        let _s = info_span!("opendir", ino = ino.0).entered();
+        let (stream, drive) = match self.tree.open_dir(ino.0) {
+            Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
+        };
+        if drive {
+            // The listing outlives this call: later readdirs read it as it grows.
+            let tree = self.tree.clone();
+            let s = stream.clone();
+            let span = info_span!("list_dir", ino = ino.0);
+            self.rt
+                .spawn(async move { tree.drive(ino.0, &s).await }.instrument(span));
         }
-        let tree = self.tree.clone();
         let dirs = self.dirs.clone();
         let fh = self.fh();
-        let span = info_span!("opendir", ino = ino.0);
+        let span = info_span!("opendir_wait", ino = ino.0);
         self.rt.spawn(
             async move {
-                // The listing is taken once per open directory handle, so
-                // readdir offsets stay valid however the folder changes.
-                match tree.readdir(ino.0).await {
-                    Ok(entries) => {
-                        lock(&dirs).insert(fh, Arc::new(entries));
+                // Wait for the first page, so a folder that cannot be listed
+                // (no permission, no such dataset) fails at opendir.
+                match stream.wait_from(0).await {
+                    Ok(_) => {
+                        lock(&dirs).insert(fh, stream);
                         reply.opened(FileHandle(fh), FopenFlags::empty());
                     }
                     Err(e) => {
@@ -340,32 +348,22 @@ impl Filesystem for ProvenaFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let _s = info_span!("readdir", ino = ino.0, offset).entered();
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(stream) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
-        let dots = [(ino.0, "."), (ino.0, "..")];
-        let total = entries.len() as u64 + 2;
-        for i in offset..total {
-            let full = if i < 2 {
-                let (n, name) = dots[i as usize];
-                reply.add(INodeNo(n), i + 1, FileType::Directory, name)
-            } else {
-                let e = &entries[(i - 2) as usize];
-                let kind = match e.attr.kind {
-                    FileKind::Directory => FileType::Directory,
-                    FileKind::File => FileType::RegularFile,
-                    FileKind::Symlink => FileType::Symlink,
-                };
-                reply.add(INodeNo(e.attr.ino), i + 1, kind, &e.name)
-            };
-            if full {
-                break;
+        let from = offset.saturating_sub(2) as usize;
+        match stream.try_from(from) {
+            Some(r) => fill_dir(ino.0, offset, r, reply),
+            None => {
+                self.rt.spawn(async move {
+                    let r = stream.wait_from(from).await;
+                    fill_dir(ino.0, offset, r, reply)
+                });
             }
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -374,45 +372,28 @@ impl Filesystem for ProvenaFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
         let _s = info_span!("readdirplus", ino = ino.0, offset).entered();
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(stream) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
+        let dot = match self.tree.getattr(ino.0) {
+            Ok(a) => self.attr(&a),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let cfg = self.cfg.clone();
         let ttl = self.tree.ttl();
-        let total = entries.len() as u64 + 2;
-        for i in offset..total {
-            let full = if i < 2 {
-                let name = if i == 0 { "." } else { ".." };
-                let Ok(a) = self.tree.getattr(ino.0) else {
-                    break;
-                };
-                // `.` and `..` carry no lookup count; zero TTL keeps it so.
-                reply.add(
-                    INodeNo(ino.0),
-                    i + 1,
-                    name,
-                    &Duration::ZERO,
-                    &self.attr(&a),
-                    Generation(0),
-                )
-            } else {
-                let e = &entries[(i - 2) as usize];
-                reply.add(
-                    INodeNo(e.attr.ino),
-                    i + 1,
-                    &e.name,
-                    &ttl,
-                    &self.attr(&e.attr),
-                    Generation(0),
-                )
-            };
-            if full {
-                break;
+        let from = offset.saturating_sub(2) as usize;
+        match stream.try_from(from) {
+            Some(r) => fill_dir_plus(&cfg, ttl, dot, offset, r, reply),
+            None => {
+                self.rt.spawn(async move {
+                    let r = stream.wait_from(from).await;
+                    fill_dir_plus(&cfg, ttl, dot, offset, r, reply)
+                });
             }
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -606,4 +587,78 @@ impl Filesystem for ProvenaFs {
     ) {
         reply.error(Errno::EROFS);
     }
+}
+
+/// Offsets: 1 and 2 are `.` and `..`; entry `i` of the listing is `i + 3`.
+fn fill_dir(ino: u64, offset: u64, r: Result<Chunk, FsError>, mut reply: ReplyDirectory) {
+    let chunk = match r {
+        Ok(c) => c,
+        Err(e) => {
+            log_failure("readdir", &e);
+            return reply.error(errno(&e));
+        }
+    };
+    for (i, name) in [(0u64, "."), (1, "..")] {
+        if offset <= i && reply.add(INodeNo(ino), i + 1, FileType::Directory, name) {
+            return reply.ok();
+        }
+    }
+    let base = offset.max(2);
+    for (k, e) in chunk.entries.iter().enumerate() {
+        let kind = match e.attr.kind {
+            FileKind::Directory => FileType::Directory,
+            FileKind::File => FileType::RegularFile,
+            FileKind::Symlink => FileType::Symlink,
+        };
+        if reply.add(INodeNo(e.attr.ino), base + k as u64 + 1, kind, &e.name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+fn fill_dir_plus(
+    cfg: &FuseConfig,
+    ttl: Duration,
+    dot: FileAttr,
+    offset: u64,
+    r: Result<Chunk, FsError>,
+    mut reply: ReplyDirectoryPlus,
+) {
+    let chunk = match r {
+        Ok(c) => c,
+        Err(e) => {
+            log_failure("readdirplus", &e);
+            return reply.error(errno(&e));
+        }
+    };
+    for (i, name) in [(0u64, "."), (1, "..")] {
+        // `.` and `..` carry no lookup count; zero TTL keeps it so.
+        if offset <= i
+            && reply.add(
+                INodeNo(dot.ino.0),
+                i + 1,
+                name,
+                &Duration::ZERO,
+                &dot,
+                Generation(0),
+            )
+        {
+            return reply.ok();
+        }
+    }
+    let base = offset.max(2);
+    for (k, e) in chunk.entries.iter().enumerate() {
+        if reply.add(
+            INodeNo(e.attr.ino),
+            base + k as u64 + 1,
+            &e.name,
+            &ttl,
+            &fuse_attr(cfg, &e.attr),
+            Generation(0),
+        ) {
+            break;
+        }
+    }
+    reply.ok();
 }

@@ -2,6 +2,7 @@
 //! the FUSE adapter ([`fuse`]). Errors of every layer below end up as an
 //! [`FsError`], turned into an errno in one place (`fuse::errno`).
 
+pub mod dirstream;
 pub mod fuse;
 pub mod names;
 pub mod tree;
@@ -12,7 +13,7 @@ use crate::api::ApiError;
 use crate::auth::AuthError;
 use crate::s3::S3Error;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,

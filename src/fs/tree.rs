@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use tracing::{debug, warn};
 
+use super::dirstream::DirStream;
 use super::names;
 use super::FsError;
 use crate::api::{ApiError, DataStoreClient};
@@ -140,6 +141,8 @@ impl Kind {
 struct Listing {
     at: Instant,
     children: BTreeMap<String, u64>,
+    /// The same entries, as open handles read them.
+    stream: Arc<DirStream>,
 }
 
 struct Node {
@@ -149,6 +152,8 @@ struct Node {
     /// The object changed under an open file: refresh before the next open.
     stale: bool,
     listing: Option<Listing>,
+    /// A listing being fetched now, shared by everyone who opens the folder.
+    pending: Option<Arc<DirStream>>,
     /// Names recently found missing, with when.
     missing: HashMap<String, Instant>,
 }
@@ -188,6 +193,7 @@ impl Tree {
                 stale: false,
                 kind: Kind::Root,
                 listing: None,
+                pending: None,
                 missing: HashMap::new(),
             },
         );
@@ -273,6 +279,7 @@ impl Tree {
                 stale: false,
                 kind,
                 listing: None,
+                pending: None,
                 missing: HashMap::new(),
             },
         );
@@ -515,15 +522,69 @@ impl Tree {
         }
     }
 
+    /// The listing of directory `ino` to read from: the current one if no
+    /// older than the TTL, else one being fetched. `true` means the caller
+    /// must [`drive`](Self::drive) it (nobody else is fetching it).
+    pub fn open_dir(&self, ino: u64) -> Result<(Arc<DirStream>, bool), FsError> {
+        let mut st = self.state();
+        let node = st.nodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+        if node.kind.file_kind() != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        if let Some(l) = node.listing.as_ref().filter(|l| self.fresh(l.at)) {
+            return Ok((l.stream.clone(), false));
+        }
+        if let Some(p) = &node.pending {
+            return Ok((p.clone(), false));
+        }
+        let s = Arc::new(DirStream::default());
+        node.pending = Some(s.clone());
+        Ok((s, true))
+    }
+
+    /// Fetches the listing [`open_dir`](Self::open_dir) asked for, filling
+    /// `stream` as pages arrive, and keeps it as the folder's listing.
+    pub async fn drive(&self, ino: u64, stream: &Arc<DirStream>) {
+        let result = self.fill(ino, stream).await;
+        let mut st = self.state();
+        if let Some(node) = st.nodes.get_mut(&ino) {
+            if node
+                .pending
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, stream))
+            {
+                node.pending = None;
+            }
+            if let Ok(children) = &result {
+                node.missing.clear();
+                node.listing = Some(Listing {
+                    at: Instant::now(),
+                    children: children.clone(),
+                    stream: stream.clone(),
+                });
+            }
+        }
+        drop(st);
+        stream.finish(result.map(|_| ()));
+    }
+
     /// Every entry of directory `ino`, from a listing no older than the TTL.
     pub async fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        let (stream, drive) = self.open_dir(ino)?;
+        if drive {
+            self.drive(ino, &stream).await;
+        }
+        stream.all().await
+    }
+
+    async fn fill(
+        &self,
+        ino: u64,
+        stream: &Arc<DirStream>,
+    ) -> Result<BTreeMap<String, u64>, FsError> {
         let kind = {
             let st = self.state();
-            let node = st.nodes.get(&ino).ok_or(FsError::NotFound)?;
-            if let Some(l) = node.listing.as_ref().filter(|l| self.fresh(l.at)) {
-                return Ok(self.entries(&st, &l.children));
-            }
-            node.kind.clone()
+            st.nodes.get(&ino).ok_or(FsError::NotFound)?.kind.clone()
         };
         let children = match kind {
             Kind::Root => {
@@ -594,19 +655,13 @@ impl Tree {
                 }
                 out
             }
-            Kind::Dir { ds, prefix } => self.list_dir(ino, &ds, &prefix).await?,
+            // Streams its entries itself, page by page.
+            Kind::Dir { ds, prefix } => return self.list_dir(ino, &ds, &prefix, stream).await,
             Kind::File { .. } | Kind::Link(_) => return Err(FsError::NotDir),
         };
-        let mut st = self.state();
-        let entries = self.entries(&st, &children);
-        if let Some(node) = st.nodes.get_mut(&ino) {
-            node.missing.clear();
-            node.listing = Some(Listing {
-                at: Instant::now(),
-                children,
-            });
-        }
-        Ok(entries)
+        let entries = self.entries(&self.state(), &children);
+        stream.push(entries);
+        Ok(children)
     }
 
     fn entries(&self, st: &State, children: &BTreeMap<String, u64>) -> Vec<DirEntry> {
@@ -621,15 +676,19 @@ impl Tree {
             .collect()
     }
 
+    /// Lists one folder of a dataset, page by page, pushing each entry to
+    /// `stream` as soon as it is certain. A file `X` waits until the listing
+    /// has passed `X/` (or ended): a folder `X/` would shadow it, and S3
+    /// sorts `X` before `X-1`, `X.txt`, ... and only then `X/`.
     async fn list_dir(
         &self,
         ino: u64,
         ds: &Arc<Dataset>,
         prefix: &str,
+        stream: &Arc<DirStream>,
     ) -> Result<BTreeMap<String, u64>, FsError> {
-        let mut dirs: BTreeSet<String> = BTreeSet::new();
-        let mut files: Vec<(String, ObjectMeta)> = Vec::new();
-        let mut hidden: Vec<(String, names::Hidden)> = Vec::new();
+        let mut children: BTreeMap<String, u64> = BTreeMap::new();
+        let mut held: BTreeMap<String, ObjectMeta> = BTreeMap::new();
         let mut token = None;
         let mut pages = 0;
         loop {
@@ -643,6 +702,16 @@ impl Tree {
                 )
                 .await?;
             pages += 1;
+            // The greatest key this page reached: everything up to it is known.
+            let reached = page
+                .objects
+                .last()
+                .map(|o| o.key.clone())
+                .into_iter()
+                .chain(page.prefixes.last().cloned())
+                .max();
+            let mut out = Vec::new();
+            let mut st = self.state();
             for p in page.prefixes {
                 let name = p[prefix.len().min(p.len())..]
                     .trim_end_matches('/')
@@ -650,10 +719,23 @@ impl Tree {
                 // `a//b` lists as prefix `a//`: an empty segment.
                 match names::check(&name) {
                     Ok(()) if p.ends_with('/') && !p[prefix.len()..p.len() - 1].contains('/') => {
-                        dirs.insert(name);
+                        if children.contains_key(&name) {
+                            continue;
+                        }
+                        let sub = format!("{prefix}{name}/");
+                        let kind = Kind::Dir {
+                            ds: ds.clone(),
+                            prefix: sub,
+                        };
+                        let child = self.intern(&mut st, ino, &name, kind.clone());
+                        out.push(DirEntry {
+                            name: name.clone(),
+                            attr: self.attr_of(child, &kind),
+                        });
+                        children.insert(name, child);
                     }
-                    Ok(()) => hidden.push((p, names::Hidden::Empty)),
-                    Err(why) => hidden.push((p, why)),
+                    Ok(()) => self.log_hidden(&mut st, &p, names::Hidden::Empty),
+                    Err(why) => self.log_hidden(&mut st, &p, why),
                 }
             }
             for o in page.objects {
@@ -662,54 +744,54 @@ impl Tree {
                     continue; // the folder marker of this directory itself
                 }
                 match names::check(name) {
-                    Ok(()) => files.push((name.to_string(), o)),
-                    Err(why) => hidden.push((o.key.clone(), why)),
+                    Ok(()) => {
+                        held.insert(name.to_string(), o);
+                    }
+                    Err(why) => self.log_hidden(&mut st, &o.key, why),
                 }
             }
+            let last = page.next.is_none();
+            // Release held files whose possible shadowing folder is behind us.
+            let ready: Vec<String> = held
+                .keys()
+                .filter(|n| {
+                    last || reached
+                        .as_ref()
+                        .is_some_and(|r| format!("{prefix}{n}/").as_str() <= r.as_str())
+                })
+                .cloned()
+                .collect();
+            for name in ready {
+                let Some(meta) = held.remove(&name) else {
+                    continue;
+                };
+                if children.contains_key(&name) {
+                    // The directory wins; the object is shadowed.
+                    let key = meta.key.clone();
+                    if st.hidden_logged.insert(key.clone()) {
+                        warn!(key = %key.escape_debug(), "object shadowed by a directory of the same name");
+                    }
+                    continue;
+                }
+                let kind = Kind::File {
+                    ds: ds.clone(),
+                    meta,
+                };
+                let child = self.intern(&mut st, ino, &name, kind.clone());
+                out.push(DirEntry {
+                    name: name.clone(),
+                    attr: self.attr_of(child, &kind),
+                });
+                children.insert(name, child);
+            }
+            drop(st);
+            stream.push(out);
             match page.next {
                 Some(t) => token = Some(t),
                 None => break,
             }
         }
-        debug!(handle = %ds.handle, prefix, pages, dirs = dirs.len(), files = files.len(), "listed");
-        let mut st = self.state();
-        for (key, why) in hidden {
-            self.log_hidden(&mut st, &key, why);
-        }
-        let mut children = BTreeMap::new();
-        for d in dirs {
-            let sub = format!("{prefix}{d}/");
-            let child = self.intern(
-                &mut st,
-                ino,
-                &d,
-                Kind::Dir {
-                    ds: ds.clone(),
-                    prefix: sub,
-                },
-            );
-            children.insert(d, child);
-        }
-        for (name, meta) in files {
-            if children.contains_key(&name) {
-                // The directory wins; the object is shadowed.
-                let key = meta.key.clone();
-                if st.hidden_logged.insert(key.clone()) {
-                    warn!(key = %key.escape_debug(), "object shadowed by a directory of the same name");
-                }
-                continue;
-            }
-            let child = self.intern(
-                &mut st,
-                ino,
-                &name,
-                Kind::File {
-                    ds: ds.clone(),
-                    meta,
-                },
-            );
-            children.insert(name, child);
-        }
+        debug!(handle = %ds.handle, prefix, pages, entries = children.len(), "listed");
         Ok(children)
     }
 
@@ -865,8 +947,43 @@ mod tests {
         (tree, cat, store)
     }
 
+    /// Sorted: a listing streams in S3's order, files held back a little.
     fn names(v: &[DirEntry]) -> Vec<&str> {
-        v.iter().map(|e| e.name.as_str()).collect()
+        let mut n: Vec<&str> = v.iter().map(|e| e.name.as_str()).collect();
+        n.sort();
+        n
+    }
+
+    #[tokio::test]
+    async fn a_folder_shadows_its_object_across_page_boundaries() {
+        let cat = Arc::new(FakeCatalog {
+            items: vec![item("1.2/3")],
+            lists: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+        });
+        // One key per page: `x` (object), `x-1`, `x.txt`, then prefix `x/`.
+        let store = Arc::new(MemoryStore::with_page_size(1));
+        for k in ["x", "x-1", "x.txt", "x/inner", "y"] {
+            store.put(&format!("datasets/1-2-3/{k}"), "v");
+        }
+        let t = Tree::new(
+            TreeConfig::default(),
+            cat,
+            Arc::new(MemoryFactory(store.clone())),
+        );
+        let p = t.lookup(ROOT_INO, "1.2").await.unwrap();
+        let d = t.lookup(p.ino, "3").await.unwrap();
+        let (stream, drive) = t.open_dir(d.ino).unwrap();
+        assert!(drive);
+        // A second opener shares the listing in flight instead of starting one.
+        let (again, drive2) = t.open_dir(d.ino).unwrap();
+        assert!(!drive2 && Arc::ptr_eq(&stream, &again));
+        t.drive(d.ino, &stream).await;
+        let e = stream.all().await.unwrap();
+        assert_eq!(names(&e), ["x", "x-1", "x.txt", "y"]);
+        let x = e.iter().find(|x| x.name == "x").unwrap();
+        assert_eq!(x.attr.kind, FileKind::Directory, "the folder wins");
+        assert_eq!(e.len(), 4, "no duplicate `x`");
     }
 
     #[tokio::test]

@@ -1,0 +1,185 @@
+//! A directory listing that fills while readers read it.
+//!
+//! A folder of 100,000 objects takes 100 ListObjectsV2 pages. The first
+//! `readdir` is answered as soon as the first page is in; later ones wait
+//! only for the entries they ask for. One stream serves every open handle
+//! of the folder (and is kept as the folder's listing when complete), so an
+//! open handle costs no copy of the listing: readdir offsets are indices
+//! into the one append-only list.
+
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use super::tree::DirEntry;
+use super::FsError;
+
+#[derive(Default)]
+struct State {
+    entries: Vec<DirEntry>,
+    done: bool,
+    error: Option<FsError>,
+}
+
+#[derive(Default)]
+pub struct DirStream {
+    state: Mutex<State>,
+    grew: Notify,
+}
+
+/// What a reader gets: entries from its offset (possibly none if the
+/// listing ended there).
+pub struct Chunk {
+    pub entries: Vec<DirEntry>,
+    pub done: bool,
+}
+
+/// Most entries handed out per call; a FUSE reply holds fewer anyway.
+const CHUNK: usize = 1024;
+
+impl DirStream {
+    pub fn complete(entries: Vec<DirEntry>) -> Self {
+        Self {
+            state: Mutex::new(State {
+                entries,
+                done: true,
+                error: None,
+            }),
+            grew: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn push(&self, more: impl IntoIterator<Item = DirEntry>) {
+        let mut st = self.lock();
+        let before = st.entries.len();
+        st.entries.extend(more);
+        if st.entries.len() > before {
+            drop(st);
+            self.grew.notify_waiters();
+        }
+    }
+
+    pub fn finish(&self, result: Result<(), FsError>) {
+        let mut st = self.lock();
+        st.done = true;
+        st.error = result.err();
+        drop(st);
+        self.grew.notify_waiters();
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.lock().done
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries from `from` if any are there or the listing ended; `None`
+    /// means "not yet".
+    pub fn try_from(&self, from: usize) -> Option<Result<Chunk, FsError>> {
+        let st = self.lock();
+        if from < st.entries.len() {
+            let end = st.entries.len().min(from + CHUNK);
+            return Some(Ok(Chunk {
+                entries: st.entries[from..end].to_vec(),
+                done: st.done && end == st.entries.len(),
+            }));
+        }
+        if st.done {
+            return Some(match &st.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(Chunk {
+                    entries: Vec::new(),
+                    done: true,
+                }),
+            });
+        }
+        None
+    }
+
+    /// Like [`try_from`](Self::try_from), waiting until there is an answer.
+    pub async fn wait_from(&self, from: usize) -> Result<Chunk, FsError> {
+        loop {
+            let grew = self.grew.notified();
+            tokio::pin!(grew);
+            // Registered before checking, so a push in between is not missed.
+            grew.as_mut().enable();
+            if let Some(r) = self.try_from(from) {
+                return r;
+            }
+            grew.await;
+        }
+    }
+
+    /// Every entry, once the listing has ended.
+    pub async fn all(&self) -> Result<Vec<DirEntry>, FsError> {
+        let mut out = Vec::new();
+        loop {
+            let c = self.wait_from(out.len()).await?;
+            let empty = c.entries.is_empty();
+            out.extend(c.entries);
+            if c.done || empty {
+                // An empty chunk only comes with the end.
+                return Ok(out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::tree::{Attr, FileKind};
+    use std::sync::Arc;
+
+    fn e(n: &str) -> DirEntry {
+        DirEntry {
+            name: n.into(),
+            attr: Attr {
+                ino: 1,
+                kind: FileKind::File,
+                size: 0,
+                mtime: std::time::UNIX_EPOCH,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_wait_only_for_what_they_ask() {
+        let s = Arc::new(DirStream::default());
+        assert!(s.try_from(0).is_none());
+        let reader = {
+            let s = s.clone();
+            tokio::spawn(async move { s.wait_from(0).await.map(|c| c.entries.len()) })
+        };
+        s.push([e("a"), e("b")]);
+        assert_eq!(reader.await.unwrap().unwrap(), 2);
+        let tail = {
+            let s = s.clone();
+            tokio::spawn(async move { s.all().await.map(|v| v.len()) })
+        };
+        s.push([e("c")]);
+        s.finish(Ok(()));
+        assert_eq!(tail.await.unwrap().unwrap(), 3);
+        let end = s.try_from(3).unwrap().unwrap();
+        assert!(end.done && end.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_error_reaches_readers_past_the_entries() {
+        let s = DirStream::default();
+        s.push([e("a")]);
+        s.finish(Err(FsError::Io("boom".into())));
+        assert_eq!(s.wait_from(0).await.unwrap().entries.len(), 1);
+        assert!(s.wait_from(1).await.is_err());
+    }
+}
