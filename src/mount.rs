@@ -271,8 +271,19 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
     }
     let reader = Reader::new(cfg.read.clone())
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
-    let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
-    serve(fs, &cfg, rt)
+    let fs = ProvenaFs::new(tree, reader.clone(), cfg.fuse.clone(), rt.handle().clone());
+    let served = serve(fs, &cfg, rt);
+    let s = &reader.stats;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // One line for the operator: how much the caches saved.
+    info!(
+        memory_hits = n(&s.memory_hits),
+        disk_hits = n(&s.disk_hits),
+        misses = n(&s.misses),
+        disk_writes = n(&s.disk_writes),
+        "block cache"
+    );
+    served
 }
 
 /// Raises the kernel's read-ahead for this mount to 4 MiB, so sequential

@@ -5,6 +5,11 @@
 //! Usage: provenafs-getbench HANDLE KEY-RELATIVE-TO-DATASET [PARALLEL] [PART-MIB]
 //! Endpoints and token from PROVENA_* / RRAP_OFFLINE_TOKEN (as `sim` prints).
 //! Prints one line: `bytes seconds MiB/s`.
+//!
+//! `provenafs-getbench --walk HANDLE [PARALLEL]` instead times the raw
+//! ListObjectsV2 calls a walk of the whole dataset needs (one delimited
+//! listing per folder, PARALLEL folders at once, as `find` on the mount
+//! would need them) and prints `calls seconds objects folders`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,8 +26,12 @@ fn env(k: &str) -> Result<String, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 3 {
+    let mut args: Vec<String> = std::env::args().collect();
+    let walk = args.get(1).is_some_and(|a| a == "--walk");
+    if walk {
+        args.remove(1);
+    }
+    if args.len() < 3 && !(walk && args.len() >= 2) {
         return Err("usage: provenafs-getbench HANDLE KEY [PARALLEL] [PART-MIB]".into());
     }
     let parallel: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
@@ -55,6 +64,10 @@ async fn main() -> Result<(), String> {
         api,
     );
     let store = factory.open(&item.id, &item.s3.bucket_name);
+    if walk {
+        let parallel: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+        return walk_all(store, item.s3.path.clone(), parallel).await;
+    }
     let key = format!("{}{}", item.s3.path, args[2]);
     let meta = store.head(&key).await.map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -85,5 +98,51 @@ async fn main() -> Result<(), String> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!("{total} {secs:.3} {:.1}", total as f64 / secs / 1048576.0);
+    Ok(())
+}
+
+/// Lists every folder under `root` with delimited ListObjectsV2 calls,
+/// `parallel` folders at a time.
+async fn walk_all(
+    store: Arc<dyn provenafs::s3::ObjectStore>,
+    root: String,
+    parallel: usize,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut queue = vec![root];
+    let (mut calls, mut objects, mut folders) = (0u64, 0u64, 0u64);
+    while !queue.is_empty() {
+        let batch: Vec<String> = queue.drain(..queue.len().min(parallel.max(1))).collect();
+        let mut tasks = Vec::new();
+        for prefix in batch {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut calls, mut objects, mut subs) = (0u64, 0u64, Vec::new());
+                let mut token = None;
+                loop {
+                    let page = store
+                        .list(&prefix, Some("/"), token.take(), Some(1000))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    calls += 1;
+                    objects += page.objects.len() as u64;
+                    subs.extend(page.prefixes);
+                    match page.next {
+                        Some(t) => token = Some(t),
+                        None => return Ok::<_, String>((calls, objects, subs)),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let (c, o, subs) = t.await.map_err(|e| e.to_string())??;
+            calls += c;
+            objects += o;
+            folders += subs.len() as u64;
+            queue.extend(subs);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{calls} {secs:.3} {objects} {folders}");
     Ok(())
 }

@@ -284,7 +284,7 @@ impl DiskCache {
         let Ok(_g) = self.evicting.try_lock() else {
             return;
         };
-        let _lock = EvictLock::take(&self.dir);
+        let _lock = EvictLock::take(&self.dir, self.file_mode);
         self.since_scan.store(0, Ordering::Relaxed);
         let mut entries = self.entries();
         let mut total: u64 = entries.iter().map(|(_, l, _)| l).sum();
@@ -357,14 +357,21 @@ fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
 struct EvictLock(Option<fs::File>);
 
 impl EvictLock {
-    fn take(dir: &Path) -> EvictLock {
+    fn take(dir: &Path, mode: u32) -> EvictLock {
+        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
-        let Ok(f) = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(".evict.lock"))
-        else {
+        let p = dir.join(".evict.lock");
+        // flock needs only a read-only descriptor, so group members who
+        // cannot write the file still take part in the locking.
+        let f = fs::File::open(&p).or_else(|_| {
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(mode)
+                .open(&p)
+        });
+        let Ok(f) = f else {
             return EvictLock(None);
         };
         // SAFETY: flock on an fd we own.

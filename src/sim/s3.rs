@@ -347,15 +347,13 @@ impl SimS3 {
             .unwrap_or(1000)
             .clamp(1, 1000)
             .min(self.0.cfg.s3_page_size as i32) as usize;
-        let entries = self.0.store.list(prefix, delimited);
-        let rest: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| marker.as_ref().is_none_or(|m| e.key() > m.as_str()))
-            .collect();
-        let truncated = rest.len() > max;
-        let page = &rest[..rest.len().min(max)];
+        let (page, truncated) = self
+            .0
+            .store
+            .list_page(prefix, delimited, marker.as_deref(), max);
         let mut contents = Vec::new();
         let mut prefixes = Vec::new();
+        let last = page.last().map(|e| e.key().to_string());
         for e in page {
             match e {
                 Entry::Object(o) => contents.push(Object {
@@ -369,7 +367,7 @@ impl SimS3 {
                     ..Default::default()
                 }),
                 Entry::Prefix(p) => prefixes.push(CommonPrefix {
-                    prefix: Some(s3_url_encode(p, url)),
+                    prefix: Some(s3_url_encode(&p, url)),
                 }),
             }
         }
@@ -377,7 +375,7 @@ impl SimS3 {
             contents,
             prefixes,
             truncated,
-            last: page.last().map(|e| e.key().to_string()),
+            last,
             max: max as i32,
         })
     }

@@ -5,11 +5,12 @@
 //! `datasets/<prefix with . as ->-<suffix>/<rel>` of [`BUCKET`]. Everything is
 //! read from disk at request time, so tests may change files while serving.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use md5::{Digest, Md5};
 
@@ -38,7 +39,16 @@ pub struct FolderStore {
     /// Objects whose keys no file name can hold (`a//b`, `x/../y`, folder
     /// markers, names over 255 bytes, an object beside a same-named prefix).
     extra: BTreeMap<String, ObjectFile>,
+    /// The dataset list, re-read at most once a second: every S3 request
+    /// resolves its key to a dataset, and the registry is paged.
+    datasets: Mutex<Option<(Instant, Arc<Vec<SimDataset>>)>>,
+    /// Sorted names of folders listed recently, by path and folder mtime:
+    /// a page of a 100,000-file folder costs its own 1,000 stats, not all.
+    folders: Mutex<HashMap<PathBuf, (SystemTime, FolderNames)>>,
 }
+
+/// A folder's entries, sorted: (name, or name + `/` for a folder; is a folder).
+type FolderNames = Arc<Vec<(String, bool)>>;
 
 /// One S3 object on disk.
 #[derive(Clone, Debug)]
@@ -125,6 +135,8 @@ impl FolderStore {
             root,
             etags: Etags::default(),
             extra: BTreeMap::new(),
+            datasets: Mutex::new(None),
+            folders: Mutex::new(HashMap::new()),
         }
     }
 
@@ -164,15 +176,27 @@ impl FolderStore {
     pub fn warm_etags(self: &std::sync::Arc<Self>) {
         let me = self.clone();
         std::thread::spawn(move || {
-            for ds in me.datasets() {
+            for ds in me.datasets().iter() {
                 let mut out = BTreeMap::new();
                 me.walk(&ds.dir, &ds.s3_prefix, &ds.s3_prefix, &mut out);
             }
         });
     }
 
-    /// All datasets, sorted by handle.
-    pub fn datasets(&self) -> Vec<SimDataset> {
+    /// All datasets, sorted by handle (cached for a second).
+    pub fn datasets(&self) -> Arc<Vec<SimDataset>> {
+        let mut cache = self.datasets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, list)) = cache.as_ref() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return list.clone();
+            }
+        }
+        let list = Arc::new(self.scan_datasets());
+        *cache = Some((Instant::now(), list.clone()));
+        list
+    }
+
+    fn scan_datasets(&self) -> Vec<SimDataset> {
         let mut out = Vec::new();
         let Ok(prefixes) = fs::read_dir(&self.root) else {
             return out;
@@ -238,10 +262,12 @@ impl FolderStore {
     fn resolve(&self, key: &str) -> Option<(SimDataset, String)> {
         let rest = key.strip_prefix("datasets/")?;
         let (dashed, rel) = rest.split_once('/')?;
+        let want = format!("datasets/{dashed}/");
         let ds = self
             .datasets()
-            .into_iter()
-            .find(|d| d.s3_prefix == format!("datasets/{dashed}/"))?;
+            .iter()
+            .find(|d| d.s3_prefix == want)?
+            .clone();
         Some((ds, rel.to_string()))
     }
 
@@ -274,6 +300,139 @@ impl FolderStore {
     /// Every entry whose key starts with `prefix`, sorted by key, with keys
     /// below the next `/` folded into common prefixes when `delimited`.
     /// Only the folder named by `prefix` is read unless not `delimited`.
+    /// One page: at most `max` entries with keys after `after`, and whether
+    /// more follow.
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        after: Option<&str>,
+        max: usize,
+    ) -> (Vec<Entry>, bool) {
+        let mut out: Vec<Entry> = match self.folder_page(prefix, delimited, after, max + 1) {
+            Some(page) => page,
+            None => self
+                .list(prefix, delimited)
+                .into_iter()
+                .filter(|e| after.is_none_or(|m| e.key() > m))
+                .take(max + 1)
+                .collect(),
+        };
+        let truncated = out.len() > max;
+        out.truncate(max);
+        (out, truncated)
+    }
+
+    /// A delimited page of one folder inside a dataset, statting only the
+    /// files on the page. `None` for other listings.
+    fn folder_page(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        after: Option<&str>,
+        want: usize,
+    ) -> Option<Vec<Entry>> {
+        let dir_part = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        if !delimited || dir_part.is_empty() || dir_part == "datasets/" {
+            return None;
+        }
+        let (ds, rel) = self.resolve(dir_part)?;
+        if rel.split('/').any(|s| s == "." || s == "..") || rel.contains("//") {
+            return Some(self.overlay(prefix, after, want, Vec::new()));
+        }
+        let dir = ds.dir.join(rel.trim_end_matches('/'));
+        let names = self.folder_names(&dir);
+        let partial = &prefix[dir_part.len()..];
+        // Sorted by key (a folder's ends in `/`), so the names starting
+        // with `partial` are one run, and `after` a point in it.
+        let mut start = names.partition_point(|(k, _)| k.as_str() < partial);
+        if let Some(a) = after {
+            start =
+                start.max(names.partition_point(|(k, _)| format!("{dir_part}{k}").as_str() <= a));
+        }
+        let mut disk = Vec::new();
+        for (k, is_dir) in names[start..].iter() {
+            if disk.len() >= want || !k.starts_with(partial) {
+                break;
+            }
+            let key = format!("{dir_part}{k}");
+            if *is_dir {
+                disk.push(Entry::Prefix(key));
+            } else {
+                let path = dir.join(k);
+                if let Ok(md) = fs::metadata(&path) {
+                    if md.is_file() {
+                        disk.push(Entry::Object(self.file_object(key, path, &md)));
+                    }
+                }
+            }
+        }
+        Some(self.overlay(prefix, after, want, disk))
+    }
+
+    /// Merges the extra (odd) keys under `prefix` into a sorted page.
+    fn overlay(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        want: usize,
+        disk: Vec<Entry>,
+    ) -> Vec<Entry> {
+        let mut out: BTreeMap<String, Entry> =
+            disk.into_iter().map(|e| (e.key().to_string(), e)).collect();
+        for (k, o) in self.extra.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            let e = match rest.find('/') {
+                Some(i) => Entry::Prefix(k[..prefix.len() + i + 1].to_string()),
+                None => Entry::Object(o.clone()),
+            };
+            if after.is_none_or(|a| e.key() > a) {
+                out.insert(e.key().to_string(), e);
+            }
+        }
+        out.into_values().take(want).collect()
+    }
+
+    /// The folder's entries as (name, or name + `/` for a folder), sorted.
+    fn folder_names(&self, dir: &Path) -> FolderNames {
+        let mtime = fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut cache = self.folders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, names)) = cache.get(dir) {
+            if *t == mtime {
+                return names.clone();
+            }
+        }
+        let mut names = Vec::new();
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                // Follows symlinks, as the listing of the whole folder does.
+                let Ok(md) = fs::metadata(e.path()) else {
+                    continue;
+                };
+                if md.is_dir() {
+                    names.push((format!("{name}/"), true));
+                } else if md.is_file() {
+                    names.push((name, false));
+                }
+            }
+        }
+        names.sort();
+        let names = Arc::new(names);
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(dir.to_path_buf(), (mtime, names.clone()));
+        names
+    }
+
     pub fn list(&self, prefix: &str, delimited: bool) -> Vec<Entry> {
         let mut out: BTreeMap<String, Entry> = BTreeMap::new();
         self.list_disk(prefix, delimited, &mut out);
@@ -300,7 +459,7 @@ impl FolderStore {
         let partial = &prefix[dir_part.len()..];
         match dir_part {
             "" | "datasets/" => {
-                for ds in self.datasets() {
+                for ds in self.datasets().iter() {
                     if !ds.s3_prefix.starts_with(prefix) && !prefix.starts_with(&ds.s3_prefix) {
                         continue;
                     }

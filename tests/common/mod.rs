@@ -327,10 +327,24 @@ pub fn sh(cmd: &str) -> Output {
         .expect("run sh")
 }
 
+/// The file's SHA-256, by `sha256sum` (a debug build of sha2 in the test
+/// itself would be slower than the mount it measures).
 pub fn sha256(p: &Path) -> String {
-    use sha2::Digest;
-    let data = std::fs::read(p).unwrap();
-    hex::encode(sha2::Sha256::digest(&data))
+    let out = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Files under `root`, relative, sorted.

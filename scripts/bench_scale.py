@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Scale benchmark behind scripts/bench-scale.sh. See that file for usage."""
+import datetime, json, os, platform, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # the emulator and peer wrappers  # noqa: E402
+from bench import BIN, GETBENCH, Provenafs, Rclone, Sim, log, sh  # noqa: E402
+
+SCALE = int(os.environ.get("BENCH_SCALE", "1"))
+LATENCY = int(os.environ.get("BENCH_LATENCY_MS", "20"))
+OUT = os.environ.get("BENCH_OUT", os.path.join(bench.ROOT, "bench/SCALE.md"))
+MIB = 1 << 20
+FLAT = 100_000 // SCALE
+NESTED_A, NESTED_B, NESTED_F = 100 // SCALE or 1, 10, 100
+DATASETS = 5000
+BIG = 1024 * MIB // SCALE
+
+
+def gen(data):
+    flat = f"{data}/10378.1/11/flat"
+    os.makedirs(flat, exist_ok=True)
+    if len(os.listdir(flat)) != FLAT:
+        for i in range(FLAT):
+            open(f"{flat}/f{i:06d}.dat", "w").close()
+    for a in range(NESTED_A):
+        for b in range(NESTED_B):
+            d = f"{data}/10378.1/12/a{a:03d}/b{b}"
+            os.makedirs(d, exist_ok=True)
+            if len(os.listdir(d)) != NESTED_F:
+                for f in range(NESTED_F):
+                    open(f"{d}/f{f:03d}.dat", "w").close()
+    for i in range(DATASETS):
+        os.makedirs(f"{data}/10999.1/{i}", exist_ok=True)
+    big = f"{data}/10378.1/13/big.bin"
+    os.makedirs(os.path.dirname(big), exist_ok=True)
+    if not os.path.exists(big) or os.path.getsize(big) != BIG:
+        sh(f"head -c {BIG} /dev/urandom > '{big}'")
+
+
+def vmhwm(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def pid_of(mnt):
+    return int(sh(f"pgrep -f 'provenafs mount {mnt}'").stdout.split()[0])
+
+
+def mount(sim, extra=()):
+    m = tempfile.mkdtemp(prefix="bench-scale-mnt-")
+    env = dict(os.environ, **sim.env)
+    subprocess.run([BIN, "mount", m, *extra], env=env, check=True)
+    return m
+
+
+def umount(m):
+    sh(f"'{BIN}' unmount '{m}'", check=False)
+    for _ in range(100):
+        if not os.path.ismount(m):
+            break
+        time.sleep(0.05)
+
+
+def scandir_times(path):
+    t = time.perf_counter()
+    it = os.scandir(path)
+    next(it)
+    first = time.perf_counter() - t
+    n = 1 + sum(1 for _ in it)
+    return first, time.perf_counter() - t, n
+
+
+def main():
+    data = os.environ.get("BENCH_DATA", "/tmp/provenafs-bench-scale-data")
+    log(f"generating data in {data} (scale 1/{SCALE})")
+    gen(data)
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches", check=False)
+    sim = Sim(data)
+    sh(f"curl -s -X POST '{sim.base}/_sim/faults?latency_ms={LATENCY}'")
+    rows, res = [], {"latency_ms": LATENCY, "scale": SCALE}
+
+    # 1. One folder of FLAT objects.
+    m = mount(sim)
+    s0 = sim.stats()
+    first, total, n = scandir_times(f"{m}/10378.1/11/flat")
+    t = time.perf_counter()
+    sh(f"ls -l '{m}/10378.1/11/flat' > /dev/null")
+    lsl = time.perf_counter() - t
+    s1 = sim.stats()
+    rss = vmhwm(pid_of(m))
+    umount(m)
+    res["flat"] = dict(entries=n, first_entry_s=first, all_s=total, ls_l_warm_s=lsl,
+                       lists=s1["s3_list"] - s0["s3_list"], heads=s1["s3_head"] - s0["s3_head"],
+                       rss_mib=rss)
+    rows.append((f"folder of {n:,}: first entry / all entries", f"{first:.2f} s / {total:.2f} s",
+                 f"{s1['s3_list'] - s0['s3_list']} LISTs, {s1['s3_head'] - s0['s3_head']} HEADs, peak RSS {rss} MiB"))
+    rows.append((f"`ls -l` of it again (within the TTL)", f"{lsl:.2f} s", "from the listing"))
+
+    # 2. find over the nested dataset vs the raw ListObjectsV2 calls.
+    env = dict(os.environ, **sim.env)
+    raw = subprocess.run([GETBENCH, "--walk", "10378.1/12", "1"], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    calls, raw_s, objs = int(raw[0]), float(raw[1]), int(raw[2])
+    m = mount(sim)
+    t = time.perf_counter()
+    found = int(sh(f"find '{m}/10378.1/12' -type f | wc -l").stdout)
+    find_s = time.perf_counter() - t
+    rss = vmhwm(pid_of(m))
+    umount(m)
+    res["find"] = dict(objects=found, find_s=find_s, raw_s=raw_s, raw_calls=calls,
+                       ratio=find_s / raw_s, rss_mib=rss)
+    rows.append((f"`find -type f` over {found:,} nested objects", f"{find_s:.2f} s",
+                 f"{find_s / raw_s:.2f}x the raw listing ({calls} ListObjectsV2, {raw_s:.2f} s); target <= 1.5x"))
+    if bench.shutil.which("rclone"):
+        r = Rclone("rclone", sim, "off")
+        try:
+            d = r.mount("10378.1/12")
+            t = time.perf_counter()
+            rfound = int(sh(f"find '{d}' -type f | wc -l").stdout)
+            rs = time.perf_counter() - t
+            res["find_rclone_s"] = rs
+            rows.append((f"same `find` on rclone mount", f"{rs:.2f} s", f"{rfound:,} objects; provenafs {find_s / rs:.2f}x its time"))
+        finally:
+            r.umount_all()
+
+    # 3. Many datasets.
+    m = mount(sim)
+    s0 = sim.stats()
+    t = time.perf_counter()
+    nds = int(sh(f"ls '{m}/10999.1' | wc -l").stdout)
+    first_ls = time.perf_counter() - t
+    t = time.perf_counter()
+    sh(f"ls '{m}/10999.1' > /dev/null; ls '{m}' > /dev/null")
+    again = time.perf_counter() - t
+    s1 = sim.stats()
+    umount(m)
+    res["datasets"] = dict(n=nds, first_s=first_ls, again_s=again, api_lists=s1["api_list"] - s0["api_list"])
+    rows.append((f"`ls` of {nds:,} datasets, then again", f"{first_ls:.2f} s, {again:.3f} s",
+                 f"{s1['api_list'] - s0['api_list']} registry pages in all"))
+
+    # 4. Two "nodes", one shared cache folder.
+    cache = tempfile.mkdtemp(prefix="bench-scale-cache-")
+    os.chmod(cache, 0o700)
+    flags = ["--cache-dir", f"{cache}/c", "--cache-shared", "--cache-size", "4GiB",
+             "--log-level", "info"]
+    logs = [tempfile.mktemp(suffix=".log") for _ in range(2)]
+    n1 = mount(sim, flags + ["--log-file", logs[0]])
+    n2 = mount(sim, flags + ["--log-file", logs[1]])
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches", check=False)
+    sh(f"cat '{data}/10378.1/13/big.bin' > /dev/null")
+    out = {}
+    for name, m in (("first", n1), ("second", n2)):
+        s0 = sim.stats()
+        t = time.perf_counter()
+        sh(f"cat '{m}/10378.1/13/big.bin' > /dev/null")
+        secs = time.perf_counter() - t
+        s1 = sim.stats()
+        out[name] = dict(s=secs, gets=s1["s3_get"] - s0["s3_get"],
+                         get_mib=(s1["s3_get_bytes"] - s0["s3_get_bytes"]) / MIB, rss_mib=vmhwm(pid_of(m)))
+    umount(n1)
+    umount(n2)
+    hits = []
+    for lg in logs:
+        line = [l for l in open(lg) if "block cache" in l]
+        hits.append(line[-1].strip() if line else "")
+    speed = out["first"]["s"] / out["second"]["s"]
+    res["shared_cache"] = dict(out, speedup=speed, cache_lines=hits)
+    mib = BIG / MIB
+    rows.append((f"{mib:.0f} MiB through node 1 (cold)", f"{out['first']['s']:.2f} s",
+                 f"{out['first']['gets']} GETs, {out['first']['get_mib']:.0f} MiB from S3, peak RSS {out['first']['rss_mib']} MiB"))
+    rows.append((f"same file through node 2 (shared cache)", f"{out['second']['s']:.2f} s",
+                 f"{out['second']['gets']} GETs; {speed:.1f}x faster (target >= 3x)"))
+    for i, h in enumerate(hits):
+        kv = dict(p.split("=", 1) for p in h.split() if "=" in p and p.split("=", 1)[0] in
+                  ("memory_hits", "disk_hits", "misses", "disk_writes"))
+        if kv:
+            tot = sum(int(kv.get(k, 0)) for k in ("memory_hits", "disk_hits", "misses"))
+            rate = (int(kv.get("memory_hits", 0)) + int(kv.get("disk_hits", 0))) / max(tot, 1)
+            rows.append((f"node {i + 1} block cache", f"hit rate {rate:.0%}",
+                         ", ".join(f"{k} {v}" for k, v in kv.items())))
+    sim.stop()
+    sh(f"rm -rf '{cache}'", check=False)
+
+    table = ["| measurement | result | notes |", "|---|---|---|"]
+    table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    head = (f"# Scale benchmark\n\n{datetime.date.today()} · {platform.node()} · "
+            f"scale 1/{SCALE} · emulator latency {LATENCY} ms per request · release build\n\n")
+    text = head + "\n".join(table) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    open(OUT, "w").write(text)
+    open(OUT.replace(".md", ".json"), "w").write(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
