@@ -7,14 +7,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-# The README's own install step builds the binary every command uses;
-# PROVENAFS_BIN=path skips it (for a quick local run).
+# The README's install steps build the binary every command uses:
+# scripts/static-build.sh here, then its `cargo install` (in the run below)
+# with the same settings, so both share one build. PROVENAFS_BIN=path skips
+# both (for a quick local run).
 if [ -n "${PROVENAFS_BIN:-}" ]; then
   bin=$PROVENAFS_BIN
 else
   bin=$(scripts/static-build.sh | tail -1)
 fi
 bin=$(realpath "$bin")
+host=$(rustc -vV | sed -n 's/^host: //p')
+export CARGO_HOME=${CARGO_HOME:-$HOME/.cargo} RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}
 work=$(mktemp -d /tmp/provenafs-readme.XXXXXX)
 sim_pid=
 cleanup() {
@@ -45,7 +49,12 @@ for info, body in blocks:
         where = attrs.get("tested-by")
         if "scripts/static-build.sh" in body and where is None:
             continue  # already run above, to build the binary used here
+        if "cargo install" in body and where is None and os.environ.get("PROVENAFS_BIN"):
+            continue  # a quick local run: no release build
         if where is None:
+            if "--path ." in body or "scripts/" in body:
+                # Run from the clone, as the reader would.
+                body = f'cd "$REPO"\n{body}cd "$HOME"\n'
             run.append(body)
             continue
         path, _, name = where.partition(":")
@@ -75,7 +84,12 @@ eval "$(grep -E '^PROVENA_(AUTH_URL|API_URL|S3_ENDPOINT)=' "$work/sim.env" | sed
 unset RRAP_OFFLINE_TOKEN XDG_CONFIG_HOME PROVENAFS_CONFIG DISPLAY WAYLAND_DISPLAY BROWSER
 
 cd "$work/home"
-export HOME="$work/home" PATH="$work/bin:$PATH"
+# `cargo install` lands in the sandbox and reuses the static build; the
+# commands after it run what it installed.
+export CARGO_INSTALL_ROOT="$work/cargo" CARGO_TARGET_DIR="$repo/target" \
+  CARGO_BUILD_TARGET="$host" RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+  CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
+export HOME="$work/home" PATH="$work/cargo/bin:$work/bin:$PATH" REPO="$repo"
 setsid bash -euo pipefail -x "$work/run.sh" &
 run_pid=$!
 wait "$run_pid"

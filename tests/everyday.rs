@@ -375,10 +375,7 @@ fn o_options_and_mount_8_helpers_and_fstab() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let names: Vec<String> = std::fs::read_dir(mnt.path().join("10378.1"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = names(&mnt.path().join("10378.1"));
     assert_eq!(names, ["2"]);
     ok(&sim.run(&mut sim.command(&["unmount", mp])));
 
@@ -416,16 +413,9 @@ fn pinned_datasets_never_list_the_registry() {
     }
     let sim = Sim::start(data(), &[]);
     let m = sim.mount(&["--dataset", "10378.1/2", "--dataset", "102.100.100/7"]);
-    let mut root: Vec<String> = std::fs::read_dir(m.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    root.sort();
+    let root = names(m.path());
     assert_eq!(root, ["102.100.100", "10378.1"]);
-    let inner: Vec<String> = std::fs::read_dir(m.join("10378.1"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let inner = names(&m.join("10378.1"));
     assert_eq!(inner, ["2"]);
     let err = std::fs::metadata(m.join("10378.1/1")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
@@ -457,11 +447,7 @@ fn by_name_view_links_to_handles() {
     }
     let sim = Sim::start(data(), &[]);
     let m = sim.mount(&["--by-name"]);
-    let mut names: Vec<String> = std::fs::read_dir(m.join("by-name"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = names(&m.join("by-name"));
     assert_eq!(
         names,
         ["Coral cover survey", "Reef temperatures", "Seagrass maps"]

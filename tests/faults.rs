@@ -195,11 +195,7 @@ fn odd_keys_never_break_listing_or_escape() {
     let log = log_path("oddkeys");
     let m = sim.mount(&["--log-file", log.to_str().unwrap(), "--metadata-ttl", "1"]);
     let ds = m.join("10378.1/9");
-    let mut names: Vec<String> = std::fs::read_dir(&ds)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = names(&ds);
     assert_eq!(
         names,
         [

@@ -479,49 +479,60 @@ impl Reader {
     ) {
         let bs = self.cfg.block_size;
         let size = file.meta.size;
-        let mut got: Vec<Option<Bytes>> = vec![None; senders.len()];
+        let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
         if let Some(disk) = &self.disk {
-            for (n, (key, _)) in senders.iter().enumerate() {
+            // All of the batch from disk at once, each answered as soon as
+            // it is read: a cache shared by another node is as fast as the
+            // disk allows, not one block at a time.
+            let reads = senders.iter().flatten().map(|(key, _)| {
                 let (d, k) = (disk.clone(), key.clone());
-                if let Ok(Some(b)) = tokio::task::spawn_blocking(move || d.get(&k)).await {
-                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                    got[n] = Some(b);
-                }
-            }
-        }
-        let missing: Vec<usize> = (0..senders.len()).filter(|n| got[*n].is_none()).collect();
-        let mut result: Result<(), FetchError> = Ok(());
-        if let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) {
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            let start = senders[lo].0.index * bs;
-            let end = ((senders[hi].0.index + 1) * bs).min(size);
-            match file
-                .dataset
-                .store
-                .get_pieces(&file.meta.key, start..end, Some(&file.meta.etag), bs)
-                .await
-            {
-                Ok(pieces) => {
-                    let mut pieces = pieces.into_iter();
-                    for slot in got.iter_mut().take(hi + 1).skip(lo) {
-                        let piece = pieces.next();
-                        if slot.is_none() {
-                            *slot = piece;
-                        }
+                tokio::task::spawn_blocking(move || d.get(&k))
+            });
+            let found = futures::future::join_all(reads).await;
+            for (slot, r) in senders.iter_mut().zip(found) {
+                if let Ok(Some(b)) = r {
+                    if let Some((key, tx)) = slot.take() {
+                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                        self.mem.insert(key.clone(), b.clone());
+                        self.lock_inflight().remove(&key);
+                        let _ = tx.send(Ok(b));
                     }
                 }
-                Err(e) => {
-                    debug!(error = %e, "block fetch failed");
-                    result = Err(FetchError::from(e));
-                }
             }
         }
-        for (n, (key, tx)) in senders.into_iter().enumerate() {
-            let r = match (&result, got[n].take()) {
+        let missing: Vec<usize> = (0..senders.len())
+            .filter(|n| senders[*n].is_some())
+            .collect();
+        let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else {
+            return;
+        };
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let first_index = senders[lo].as_ref().map_or(0, |(k, _)| k.index);
+        let last_index = senders[hi].as_ref().map_or(0, |(k, _)| k.index);
+        let start = first_index * bs;
+        let end = ((last_index + 1) * bs).min(size);
+        let fetched = file
+            .dataset
+            .store
+            .get_pieces(&file.meta.key, start..end, Some(&file.meta.etag), bs)
+            .await;
+        let mut pieces = match fetched {
+            Ok(p) => Ok(p.into_iter()),
+            Err(e) => {
+                debug!(error = %e, "block fetch failed");
+                Err(FetchError::from(e))
+            }
+        };
+        for slot in senders.iter_mut().take(hi + 1).skip(lo) {
+            // One piece per block of the range, hits in between included.
+            let piece = pieces.as_mut().ok().and_then(|p| p.next());
+            let Some((key, tx)) = slot.take() else {
+                continue;
+            };
+            let r = match (&pieces, piece) {
                 (_, Some(b)) => {
                     self.mem.insert(key.clone(), b.clone());
-                    let from_s3 = missing.binary_search(&n).is_ok();
-                    if let Some(disk) = self.disk.as_ref().filter(|_| from_s3) {
+                    if let Some(disk) = &self.disk {
                         let (d, k, data) = (disk.clone(), key.clone(), b.clone());
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) = d.put(&k, &data) {
@@ -533,7 +544,7 @@ impl Reader {
                     Ok(b)
                 }
                 (Err(e), None) => Err(e.clone()),
-                (Ok(()), None) => Err(FetchError::Io("block missing from answer".into())),
+                (Ok(_), None) => Err(FetchError::Io("block missing from answer".into())),
             };
             self.lock_inflight().remove(&key);
             let _ = tx.send(r);

@@ -347,6 +347,16 @@ pub fn sha256(p: &Path) -> String {
         .to_string()
 }
 
+/// Names in folder `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Files under `root`, relative, sorted.
 pub fn tree(root: &Path) -> Vec<String> {
     let out = Command::new("find")
