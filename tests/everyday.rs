@@ -60,7 +60,17 @@ fn mode(p: &Path) -> u32 {
 fn login_approved_in_the_browser_then_everything_uses_the_stored_token() {
     let sim = Sim::start(data(), &["--device-interval", "1"]);
     let home = tempfile::tempdir().unwrap();
+    // A "browser" that notes the address it was asked to open.
+    let opened = home.path().join("opened.txt");
+    let browser = home.path().join("browser.sh");
+    std::fs::write(
+        &browser,
+        format!("#!/bin/sh\necho \"$1\" > '{}'\n", opened.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&browser, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut login = cmd(&sim, home.path(), &["login"])
+        .env("BROWSER", &browser)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -93,6 +103,9 @@ fn login_approved_in_the_browser_then_everything_uses_the_stored_token() {
     let status = login.wait().unwrap();
     assert!(status.success(), "login failed: {shown}");
     assert!(shown.contains("scan it"), "QR code offered: {shown}");
+    assert!(shown.contains("browser window was opened"), "{shown}");
+    let url_opened = std::fs::read_to_string(&opened).unwrap();
+    assert!(url_opened.contains(&format!("user_code={code}")), "{url_opened}");
     let token_path = home.path().join("provenafs/token");
     assert_eq!(mode(&token_path), 0o600);
     assert_eq!(mode(token_path.parent().unwrap()), 0o700);
