@@ -105,7 +105,10 @@ fn login_approved_in_the_browser_then_everything_uses_the_stored_token() {
     assert!(shown.contains("scan it"), "QR code offered: {shown}");
     assert!(shown.contains("browser window was opened"), "{shown}");
     let url_opened = std::fs::read_to_string(&opened).unwrap();
-    assert!(url_opened.contains(&format!("user_code={code}")), "{url_opened}");
+    assert!(
+        url_opened.contains(&format!("user_code={code}")),
+        "{url_opened}"
+    );
     let token_path = home.path().join("provenafs/token");
     assert_eq!(mode(&token_path), 0o600);
     assert_eq!(mode(token_path.parent().unwrap()), 0o700);
