@@ -265,7 +265,7 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
         // An HPC job that names its datasets learns at once of a typo or a
         // missing permission, not from a failed read an hour in.
         for h in pinned {
-            rt.block_on(tree.pin(h))
+            rt.block_on(tree.pin_ready(h))
                 .map_err(|e| MountError::Other(format!("dataset {h}: {}", e)))?;
         }
     }

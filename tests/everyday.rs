@@ -454,6 +454,21 @@ fn pinned_datasets_never_list_the_registry() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("dataset 10378.1/404"), "{err}");
     assert!(!is_mounted(mnt.path()));
+    // So does a dataset whose files the user may not read.
+    let sim = Sim::start(data(), &["--deny", "10378.1/2"]);
+    let out = sim.run(&mut sim.command(&[
+        "mount",
+        mnt.path().to_str().unwrap(),
+        "--dataset",
+        "10378.1/2",
+    ]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dataset 10378.1/2") && err.contains("permission denied"),
+        "{err}"
+    );
+    assert!(!is_mounted(mnt.path()));
 }
 
 #[test]

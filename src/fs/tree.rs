@@ -323,6 +323,17 @@ impl Tree {
         ds
     }
 
+    /// Loads a pinned dataset (`--dataset`) and its read credentials, so a
+    /// typo or a missing permission fails the mount, not the first read.
+    pub async fn pin_ready(&self, handle: &str) -> Result<(), FsError> {
+        self.pin(handle).await?;
+        let ds = self.state().datasets.get(handle).cloned();
+        match ds {
+            Some(ds) => Ok(ds.store.prepare().await?),
+            None => Err(FsError::NotFound),
+        }
+    }
+
     /// Loads a pinned dataset (`--dataset`): its record is fetched once.
     pub async fn pin(&self, handle: &str) -> Result<(), FsError> {
         if self.state().datasets.contains_key(handle) {
@@ -469,6 +480,13 @@ impl Tree {
                 self.dataset_from(&mut st, &item)
             }
         };
+        // Someone is about to look inside: fetch its credentials meanwhile.
+        let store = ds.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.prepare().await {
+                debug!(error = %e, "read credentials not ready");
+            }
+        });
         let mut st = self.state();
         let prefix = ds.prefix.clone();
         Ok(self.entry(&mut st, parent, suffix, Kind::Dir { ds, prefix }))

@@ -235,6 +235,14 @@ impl ObjectStore for AwsObjectStore {
         .await
     }
 
+    async fn prepare(&self) -> Result<(), S3Error> {
+        self.creds
+            .get()
+            .await
+            .map(|_| ())
+            .map_err(S3Error::Credentials)
+    }
+
     async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error> {
         let span = info_span!("s3_head", bucket = %self.bucket, key);
         self.with_retries("HeadObject", || async {

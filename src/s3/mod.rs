@@ -86,6 +86,13 @@ pub trait ObjectStore: Send + Sync {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error>;
 
+    /// Gets ready to serve: for S3, obtains the dataset's read credentials,
+    /// so the first listing does not wait for them and a dataset the user
+    /// may not read is known before anything is read.
+    async fn prepare(&self) -> Result<(), S3Error> {
+        Ok(())
+    }
+
     /// Bytes `range` of `key`; with `etag`, only from that version (If-Match).
     /// Returns exactly `range.len()` bytes or an error, never fewer.
     async fn get_range(
