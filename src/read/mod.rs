@@ -477,8 +477,6 @@ impl Reader {
         file: &FileRef,
         senders: Vec<(BlockKey, oneshot::Sender<Result<Bytes, FetchError>>)>,
     ) {
-        let bs = self.cfg.block_size;
-        let size = file.meta.size;
         let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
         if let Some(disk) = &self.disk {
             // All of the batch from disk at once, each answered as soon as
@@ -500,37 +498,52 @@ impl Reader {
                 }
             }
         }
-        let missing: Vec<usize> = (0..senders.len())
-            .filter(|n| senders[*n].is_some())
-            .collect();
-        let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else {
+        // What is left may have gaps (blocks another reader was already
+        // fetching are not ours to fetch): one GET per contiguous run, each
+        // piece handed to the block of its own index.
+        let left: Vec<_> = senders.into_iter().flatten().collect();
+        let mut runs: Vec<Vec<(BlockKey, Sender)>> = Vec::new();
+        for s in left {
+            match runs.last_mut() {
+                Some(run) if run.last().is_some_and(|(k, _)| k.index + 1 == s.0.index) => {
+                    run.push(s)
+                }
+                _ => runs.push(vec![s]),
+            }
+        }
+        futures::future::join_all(runs.into_iter().map(|run| self.fetch_run(file, run))).await;
+    }
+
+    /// One ranged GET for blocks with consecutive indices.
+    async fn fetch_run(&self, file: &FileRef, run: Vec<(BlockKey, Sender)>) {
+        let bs = self.cfg.block_size;
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
         };
+        let (first_index, last_index) = (first.0.index, last.0.index);
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let first_index = senders[lo].as_ref().map_or(0, |(k, _)| k.index);
-        let last_index = senders[hi].as_ref().map_or(0, |(k, _)| k.index);
         let start = first_index * bs;
-        let end = ((last_index + 1) * bs).min(size);
+        let end = ((last_index + 1) * bs).min(file.meta.size);
         let fetched = file
             .dataset
             .store
             .get_pieces(&file.meta.key, start..end, Some(&file.meta.etag), bs)
             .await;
         let mut pieces = match fetched {
-            Ok(p) => Ok(p.into_iter()),
+            Ok(p) if p.len() as u64 == last_index - first_index + 1 => Ok(p.into_iter()),
+            Ok(p) => Err(FetchError::Io(format!(
+                "{} pieces for {} blocks",
+                p.len(),
+                last_index - first_index + 1
+            ))),
             Err(e) => {
                 debug!(error = %e, "block fetch failed");
                 Err(FetchError::from(e))
             }
         };
-        for slot in senders.iter_mut().take(hi + 1).skip(lo) {
-            // One piece per block of the range, hits in between included.
-            let piece = pieces.as_mut().ok().and_then(|p| p.next());
-            let Some((key, tx)) = slot.take() else {
-                continue;
-            };
-            let r = match (&pieces, piece) {
-                (_, Some(b)) => {
+        for (key, tx) in run {
+            let r = match pieces.as_mut().map(|p| p.next()) {
+                Ok(Some(b)) => {
                     self.mem.insert(key.clone(), b.clone());
                     if let Some(disk) = &self.disk {
                         let (d, k, data) = (disk.clone(), key.clone(), b.clone());
@@ -543,14 +556,17 @@ impl Reader {
                     }
                     Ok(b)
                 }
-                (Err(e), None) => Err(e.clone()),
-                (Ok(_), None) => Err(FetchError::Io("block missing from answer".into())),
+                Ok(None) => Err(FetchError::Io("block missing from answer".into())),
+                Err(e) => Err(e.clone()),
             };
             self.lock_inflight().remove(&key);
             let _ = tx.send(r);
         }
     }
 }
+
+/// Where a fetched block is delivered.
+type Sender = oneshot::Sender<Result<Bytes, FetchError>>;
 
 #[cfg(test)]
 mod tests {
@@ -559,6 +575,29 @@ mod tests {
     use crate::s3::memory::MemoryStore;
     use crate::s3::ObjectStore;
     use std::sync::atomic::Ordering::Relaxed;
+
+    #[tokio::test]
+    async fn a_batch_with_gaps_gets_each_block_its_own_bytes() {
+        // Blocks 1 and 4 are being fetched by someone else: the batch holds
+        // 0, 2, 3, 5 and must not shift 3's bytes into 2 (or 5's into 3).
+        let (reader, store, file, data) = setup(6 << 20).await;
+        let f = reader.open(file.clone());
+        let mut rxs = Vec::new();
+        let mut senders = Vec::new();
+        for idx in [0u64, 2, 3, 5] {
+            let (tx, rx) = oneshot::channel();
+            senders.push((reader.key(&f, idx), tx));
+            rxs.push((idx, rx));
+        }
+        reader.fetch(&file, senders).await;
+        for (idx, rx) in rxs {
+            let got = rx.await.unwrap().unwrap();
+            let bs = 1usize << 20;
+            let want = &data[idx as usize * bs..(idx as usize + 1) * bs];
+            assert!(got == want, "block {idx} has another block's bytes");
+        }
+        assert_eq!(store.gets.load(Relaxed), 3, "one GET per contiguous run");
+    }
 
     async fn setup(len: usize) -> (Arc<Reader>, Arc<MemoryStore>, FileRef, Vec<u8>) {
         let store = Arc::new(MemoryStore::new());
