@@ -73,7 +73,7 @@ pub async fn datasets(
         .map(|i| {
             [
                 i.id.clone(),
-                i.name().unwrap_or("-").replace(['\n', '\t'], " "),
+                printable(i.name().unwrap_or("-")),
                 i.release_status.clone().unwrap_or_else(|| "-".into()),
                 date(i.updated_timestamp.or(i.created_timestamp)),
             ]
@@ -178,7 +178,12 @@ async fn list(
             .await
             .map_err(|e| e.to_string())?;
         for p in &page.prefixes {
-            let _ = writeln!(out, "{:>30} {}", "PRE", &p[base.len().min(p.len())..]);
+            let _ = writeln!(
+                out,
+                "{:>30} {}",
+                "PRE",
+                printable(p.strip_prefix(base).unwrap_or(p))
+            );
         }
         for o in &page.objects {
             let when: chrono::DateTime<chrono::Local> = o.last_modified.into();
@@ -193,7 +198,7 @@ async fn list(
                 "{} {:>10} {}",
                 when.format("%Y-%m-%d %H:%M:%S"),
                 size,
-                &o.key[base.len().min(o.key.len())..]
+                printable(o.key.strip_prefix(base).unwrap_or(&o.key))
             );
         }
         match page.next {
@@ -210,6 +215,14 @@ async fn list(
         let _ = writeln!(out, "\nTotal Objects: {}\n   Total Size: {size}", total.0);
     }
     Ok(out)
+}
+
+/// Text safe to print on a terminal: control characters (a key may hold
+/// an escape sequence) become `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 pub fn human_size(n: u64) -> String {

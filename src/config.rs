@@ -142,21 +142,23 @@ pub fn endpoints(cli: &EndpointChoice, file: &FileSettings) -> Endpoints {
 /// Refuses `http://` endpoints off this machine unless allowed: the
 /// offline token and every credential would cross the network in clear.
 pub fn check_endpoint(what: &str, url: &str, allow_insecure: bool) -> Result<(), String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        if url.starts_with("https://") {
-            return Ok(());
-        }
-        return Err(format!("{what} {url:?} is not an http(s) URL"));
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("{what} {url:?} is not a URL: {e}"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // `http://127.0.0.1:1@example.org/` is example.org: never guess.
+        return Err(format!("{what} must not hold a user name or password"));
+    }
+    match parsed.scheme() {
+        "https" => return Ok(()),
+        "http" => {}
+        _ => return Err(format!("{what} {url:?} is not an http(s) URL")),
+    }
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     if loopback || allow_insecure {
         Ok(())
     } else {
@@ -254,6 +256,11 @@ mod tests {
         assert!(check_endpoint("x", "http://example.org", false).is_err());
         assert!(check_endpoint("x", "http://example.org", true).is_ok());
         assert!(check_endpoint("x", "ftp://example.org", true).is_err());
+        // The host is what follows `@`: these go to example.org in clear.
+        assert!(check_endpoint("x", "http://127.0.0.1:1@example.org/", false).is_err());
+        assert!(check_endpoint("x", "http://[::1]@example.org/", false).is_err());
+        assert!(check_endpoint("x", "http://localhost.example.org/", false).is_err());
+        assert!(check_endpoint("x", "https://user:pw@example.org/", false).is_err());
     }
 
     #[test]

@@ -142,32 +142,38 @@ pub fn qr_text(url: &str) -> Option<String> {
 /// Opens `url` with `$BROWSER`, or `xdg-open` when there is a display.
 /// On a headless machine (an HPC login node over ssh) nothing is started.
 fn open_browser(url: &str) -> bool {
-    let program = match std::env::var("BROWSER") {
-        Ok(b) if !b.trim().is_empty() => b,
+    // `$BROWSER` may be a list (`firefox:chromium`) and may carry arguments.
+    let candidates: Vec<String> = match std::env::var("BROWSER") {
+        Ok(b) if !b.trim().is_empty() => b.split(':').map(str::to_string).collect(),
         _ if std::env::var_os("DISPLAY").is_some()
             || std::env::var_os("WAYLAND_DISPLAY").is_some() =>
         {
-            "xdg-open".to_string()
+            vec!["xdg-open".to_string()]
         }
         _ => return false,
     };
-    let child = std::process::Command::new(&program)
-        .arg(url)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    match child {
-        Ok(mut c) => {
-            // Reap it whenever it ends; never wait for a browser.
-            std::thread::spawn(move || c.wait());
-            true
-        }
-        Err(e) => {
-            debug!(program, error = %e, "cannot start a browser");
-            false
+    for c in candidates {
+        let mut words = c.split_whitespace();
+        let Some(program) = words.next() else {
+            continue;
+        };
+        let child = std::process::Command::new(program)
+            .args(words)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(mut c) => {
+                // Reap it whenever it ends; never wait for a browser.
+                std::thread::spawn(move || c.wait());
+                return true;
+            }
+            Err(e) => debug!(program, error = %e, "cannot start a browser"),
         }
     }
+    false
 }
 
 /// A line that redraws itself on a terminal and stays quiet elsewhere.

@@ -19,6 +19,8 @@ pub fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .user_agent(concat!("provenafs/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
+        // A JSON answer that takes longer has stalled; retries take over.
+        .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }

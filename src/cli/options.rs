@@ -56,11 +56,17 @@ fn ignored(opt: &str) -> bool {
             | "nolazytime"
             | "silent"
             | "loud"
+            // Always on: the kernel checks the modes we show.
+            | "default_permissions"
     ) || opt.starts_with("x-")
         || opt.starts_with("comment=")
         || opt.starts_with("fsname=")
         || opt.starts_with("subtype=")
 }
+
+/// `mount -f` (fake): everything but the mount itself, which for us is
+/// nothing to do.
+pub const FAKE: &str = "--mount-helper-fake";
 
 /// Rewrites `argv` into the `provenafs mount ...` form where needed.
 /// `mount_flags` are the long flags `mount` accepts (without `--`) and
@@ -77,10 +83,14 @@ pub fn normalize(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let first = argv.get(1).map(|a| a.to_string_lossy().into_owned());
+    // mount.fuse3 always passes `-o` (it adds `rw,dev,suid` at least), so
+    // a mistyped subcommand (`provenafs mout /mnt`) is not taken for it.
+    let has_o = argv.iter().any(|a| a.to_string_lossy().starts_with("-o"));
     let helper = name.starts_with("mount.")
-        || first
-            .as_deref()
-            .is_some_and(|f| !f.starts_with('-') && !SUBCOMMANDS.contains(&f) && argv.len() >= 3);
+        || (has_o
+            && first.as_deref().is_some_and(|f| {
+                !f.starts_with('-') && !SUBCOMMANDS.contains(&f) && argv.len() >= 3
+            }));
     if helper {
         return helper_form(&argv, mount_flags);
     }
@@ -92,16 +102,20 @@ pub fn normalize(
     Ok(argv)
 }
 
-/// `SOURCE MOUNTPOINT [-s] [-f] [-n] [-v] [-o OPTS]...`
+/// `SOURCE MOUNTPOINT [-s] [-f] [-n] [-v] [-N NS] [-t TYPE] [-o OPTS]...`
 fn helper_form(argv: &[OsString], flags: &[(String, bool)]) -> Result<Vec<OsString>, String> {
     let mut positional = Vec::new();
     let mut rest = Vec::new();
+    let mut fake = false;
     let mut i = 1;
     while i < argv.len() {
         let a = argv[i].to_string_lossy();
         match a.as_ref() {
-            // sloppy, fake, no-mtab, verbose: nothing to do for us.
-            "-s" | "-f" | "-n" | "-v" => {}
+            // sloppy, no-mtab, verbose: nothing to do for us.
+            "-s" | "-n" | "-v" => {}
+            "-f" => fake = true,
+            // The type (fuse.provenafs) and a namespace: known already.
+            "-t" | "-N" => i += 1,
             "-o" => {
                 rest.push(argv[i].clone());
                 if let Some(v) = argv.get(i + 1) {
@@ -120,6 +134,9 @@ fn helper_form(argv: &[OsString], flags: &[(String, bool)]) -> Result<Vec<OsStri
             "usage as a mount helper: provenafs SOURCE MOUNTPOINT [-o OPTIONS]".to_string(),
         );
     };
+    if fake {
+        return Ok(vec![argv[0].clone(), FAKE.into()]);
+    }
     let mut out: Vec<OsString> = vec![argv[0].clone(), "mount".into(), mountpoint.clone()];
     let src = source.to_string_lossy();
     if crate::wire::split_handle(&src).is_some_and(|(p, _)| crate::fs::names::is_handle_prefix(p)) {
@@ -295,6 +312,34 @@ mod tests {
             .unwrap_err()
             .contains("takes no value"));
         assert!(run(&["mount.provenafs", "only-one"]).is_err());
+        // A typo is not the mount.fuse3 form (that always has -o).
+        assert_eq!(
+            run(&["provenafs", "mout", "/m"]).unwrap(),
+            ["provenafs", "mout", "/m"]
+        );
+    }
+
+    #[test]
+    fn helper_flags_with_values_and_fake_mounts() {
+        assert_eq!(
+            run(&[
+                "mount.provenafs",
+                "p",
+                "/d",
+                "-t",
+                "provenafs",
+                "-N",
+                "/proc/1/ns/mnt",
+                "-o",
+                "default_permissions"
+            ])
+            .unwrap(),
+            ["mount.provenafs", "mount", "/d"]
+        );
+        assert_eq!(
+            run(&["mount.provenafs", "p", "/d", "-f", "-o", "ro"]).unwrap(),
+            ["mount.provenafs", FAKE]
+        );
     }
 
     #[test]

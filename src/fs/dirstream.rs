@@ -34,8 +34,9 @@ pub struct Chunk {
     pub done: bool,
 }
 
-/// Most entries handed out per call; a FUSE reply holds fewer anyway.
-const CHUNK: usize = 1024;
+/// Most entries handed out per call: a FUSE reply (4 KiB, or one page
+/// with readdirplus) holds fewer than this anyway.
+const CHUNK: usize = 256;
 
 impl DirStream {
     pub fn complete(entries: Vec<DirEntry>) -> Self {
@@ -115,6 +116,26 @@ impl DirStream {
             grew.as_mut().enable();
             if let Some(r) = self.try_from(from) {
                 return r;
+            }
+            grew.await;
+        }
+    }
+
+    /// Waits until the listing has its first entries or has ended; the
+    /// error if it ended in one before any entry.
+    pub async fn wait_started(&self) -> Result<(), FsError> {
+        loop {
+            let grew = self.grew.notified();
+            tokio::pin!(grew);
+            grew.as_mut().enable();
+            {
+                let st = self.lock();
+                if !st.entries.is_empty() {
+                    return Ok(());
+                }
+                if st.done {
+                    return st.error.clone().map_or(Ok(()), Err);
+                }
             }
             grew.await;
         }

@@ -327,8 +327,8 @@ impl Filesystem for ProvenaFs {
             async move {
                 // Wait for the first page, so a folder that cannot be listed
                 // (no permission, no such dataset) fails at opendir.
-                match stream.wait_from(0).await {
-                    Ok(_) => {
+                match stream.wait_started().await {
+                    Ok(()) => {
                         lock(&dirs).insert(fh, stream);
                         reply.opened(FileHandle(fh), FopenFlags::empty());
                     }

@@ -47,7 +47,7 @@ pub fn check(name: &str) -> Result<(), Hidden> {
 /// name). A name is made a valid file name (`/` and control characters
 /// become `_`, cut to 255 bytes); a dataset without a name, or whose name
 /// is shared with another dataset, gets its handle appended (`Coral
-/// survey (10378.1_42)`), so every entry is unique and stable.
+/// survey (10378.1_42)`), so every entry is unique.
 pub fn by_name(datasets: &[(String, String)]) -> Vec<(String, String)> {
     use std::collections::HashMap;
     let clean = |n: &str| -> String {
@@ -72,6 +72,11 @@ pub fn by_name(datasets: &[(String, String)]) -> Vec<(String, String)> {
         }
         s[..end].trim_end().to_string()
     };
+    let tagged = |c: &str, handle: &str| {
+        let tag = format!(" ({})", handle.replace('/', "_"));
+        let base = cut(c.to_string(), NAME_MAX - tag.len());
+        format!("{base}{tag}").trim_start().to_string()
+    };
     let mut count: HashMap<String, usize> = HashMap::new();
     for (_, name) in datasets {
         *count.entry(clean(name)).or_default() += 1;
@@ -83,15 +88,25 @@ pub fn by_name(datasets: &[(String, String)]) -> Vec<(String, String)> {
             let file = if !c.is_empty() && count[&c] == 1 {
                 cut(c, NAME_MAX)
             } else {
-                let tag = format!(" ({})", handle.replace('/', "_"));
-                let base = cut(c, NAME_MAX - tag.len());
-                format!("{base}{tag}").trim_start().to_string()
+                tagged(&c, handle)
             };
             (file, handle.clone())
         })
         .collect();
+    // A dataset may be named exactly like another's tagged name ("Dup
+    // (10378.1_3)"): tag every one involved, so none is lost. Handles are
+    // unique, so names tagged with their own handle are too.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (f, _) in &out {
+        *seen.entry(f.clone()).or_default() += 1;
+    }
+    for (f, handle) in out.iter_mut() {
+        let own = format!(" ({})", handle.replace('/', "_"));
+        if seen[f.as_str()] > 1 && !f.ends_with(&own) {
+            *f = tagged(f, handle);
+        }
+    }
     out.sort();
-    out.dedup_by(|a, b| a.0 == b.0);
     out
 }
 
@@ -158,5 +173,14 @@ mod tests {
             assert!(check(n).is_ok(), "{n:?}");
         }
         assert_eq!(out.len(), 6);
+        // A name that equals another's tagged form loses nobody.
+        let out = by_name(&[
+            d("10378.1/3", "Dup"),
+            d("10378.1/4", "Dup"),
+            d("10378.1/9", "Dup (10378.1_3)"),
+        ]);
+        let mut files: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        files.dedup();
+        assert_eq!(files.len(), 3, "{out:?}");
     }
 }

@@ -75,6 +75,8 @@ pub struct Dataset {
     /// Human-readable name from the registry, for `by-name/`.
     pub name: Option<String>,
     pub store: Arc<dyn ObjectStore>,
+    /// Read credentials were asked for ahead of the first listing.
+    pub prepared: std::sync::atomic::AtomicBool,
 }
 
 /// Name of the folder of symlinks by dataset name (`--by-name`). It cannot
@@ -312,6 +314,7 @@ impl Tree {
             store: self.stores.open(&item.id, &item.s3.bucket_name),
             prefix,
             name: item.name().map(str::to_string),
+            prepared: Default::default(),
             updated: item
                 .updated_timestamp
                 .or(item.created_timestamp)
@@ -480,13 +483,16 @@ impl Tree {
                 self.dataset_from(&mut st, &item)
             }
         };
-        // Someone is about to look inside: fetch its credentials meanwhile.
-        let store = ds.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.prepare().await {
-                debug!(error = %e, "read credentials not ready");
-            }
-        });
+        // Someone is about to look inside: fetch its credentials meanwhile
+        // (once; later ones come with the first request that needs them).
+        if !ds.prepared.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let store = ds.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.prepare().await {
+                    debug!(error = %e, "read credentials not ready");
+                }
+            });
+        }
         let mut st = self.state();
         let prefix = ds.prefix.clone();
         Ok(self.entry(&mut st, parent, suffix, Kind::Dir { ds, prefix }))
@@ -563,7 +569,32 @@ impl Tree {
     /// Fetches the listing [`open_dir`](Self::open_dir) asked for, filling
     /// `stream` as pages arrive, and keeps it as the folder's listing.
     pub async fn drive(&self, ino: u64, stream: &Arc<DirStream>) {
+        // Should this future be dropped or panic before the end, whoever
+        // waits on the listing gets an error instead of waiting forever.
+        struct Unfinished<'a>(&'a Tree, u64, &'a Arc<DirStream>, bool);
+        impl Drop for Unfinished<'_> {
+            fn drop(&mut self) {
+                if self.3 {
+                    return;
+                }
+                let mut st = self.0.state();
+                if let Some(node) = st.nodes.get_mut(&self.1) {
+                    if node
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| Arc::ptr_eq(p, self.2))
+                    {
+                        node.pending = None;
+                    }
+                }
+                drop(st);
+                self.2
+                    .finish(Err(FsError::Io("the listing was interrupted".into())));
+            }
+        }
+        let mut guard = Unfinished(self, ino, stream, false);
         let result = self.fill(ino, stream).await;
+        guard.3 = true;
         let mut st = self.state();
         if let Some(node) = st.nodes.get_mut(&ino) {
             if node
@@ -731,12 +762,14 @@ impl Tree {
             let mut out = Vec::new();
             let mut st = self.state();
             for p in page.prefixes {
-                let name = p[prefix.len().min(p.len())..]
-                    .trim_end_matches('/')
-                    .to_string();
+                // A server that answers outside the prefix is ignored.
+                let Some(rel) = p.strip_prefix(prefix) else {
+                    continue;
+                };
+                let name = rel.trim_end_matches('/').to_string();
                 // `a//b` lists as prefix `a//`: an empty segment.
                 match names::check(&name) {
-                    Ok(()) if p.ends_with('/') && !p[prefix.len()..p.len() - 1].contains('/') => {
+                    Ok(()) if rel.ends_with('/') && !rel[..rel.len() - 1].contains('/') => {
                         if children.contains_key(&name) {
                             continue;
                         }
@@ -757,7 +790,9 @@ impl Tree {
                 }
             }
             for o in page.objects {
-                let name = &o.key[prefix.len().min(o.key.len())..];
+                let Some(name) = o.key.strip_prefix(prefix) else {
+                    continue;
+                };
                 if name.is_empty() {
                     continue; // the folder marker of this directory itself
                 }

@@ -136,7 +136,11 @@ impl DiskCache {
         }
         check_private(&cfg.dir, cfg.group)?;
         // Fail now, not at the first block, on a folder we cannot write.
-        let probe = root.join(format!(".probe-{}", std::process::id()));
+        let probe = root.join(format!(
+            ".probe-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         fs::write(&probe, b"")?;
         let _ = fs::remove_file(&probe);
         let cache = Arc::new(Self {
@@ -358,25 +362,46 @@ struct EvictLock(Option<fs::File>);
 
 impl EvictLock {
     fn take(dir: &Path, mode: u32) -> EvictLock {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         use std::os::unix::io::AsRawFd;
         let p = dir.join(".evict.lock");
-        // flock needs only a read-only descriptor, so group members who
-        // cannot write the file still take part in the locking.
-        let f = fs::File::open(&p).or_else(|_| {
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(mode)
-                .open(&p)
-        });
-        let Ok(f) = f else {
-            return EvictLock(None);
+        // Read-write where we may (NFS emulates flock with fcntl locks,
+        // which need a descriptor open for writing); read-only otherwise
+        // (a group member of a cache someone else created).
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(mode)
+            .open(&p)
+            .inspect(|f| {
+                // The umask may have taken the group bits away.
+                let _ = f.set_permissions(fs::Permissions::from_mode(mode));
+            })
+            .or_else(|_| fs::File::open(&p));
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => {
+                Self::unlocked(&format!("cannot open {}: {e}", p.display()));
+                return EvictLock(None);
+            }
         };
         // SAFETY: flock on an fd we own.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        EvictLock((r == 0).then_some(f))
+        if r != 0 {
+            Self::unlocked(&std::io::Error::last_os_error().to_string());
+            return EvictLock(None);
+        }
+        EvictLock(Some(f))
+    }
+
+    /// Said once per process: trimming goes on without the lock.
+    fn unlocked(why: &str) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            warn!(reason = why, "disk cache: no eviction lock; mounts sharing the folder may trim it at the same time");
+        });
     }
 }
 

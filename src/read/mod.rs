@@ -611,6 +611,7 @@ mod tests {
             updated: std::time::UNIX_EPOCH,
             name: None,
             store: store.clone(),
+            prepared: Default::default(),
         });
         let reader = Reader::new(ReadConfig::default()).unwrap();
         (reader, store, FileRef { dataset: ds, meta }, data)

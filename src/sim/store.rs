@@ -429,7 +429,15 @@ impl FolderStore {
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(dir.to_path_buf(), (mtime, names.clone()));
+        // Folder mtimes tick coarsely (a few ms): a folder changed within the
+        // last second may change again under the same mtime, so it is not
+        // remembered until it has been quiet for a while.
+        if mtime
+            .elapsed()
+            .is_ok_and(|age| age > Duration::from_secs(1))
+        {
+            cache.insert(dir.to_path_buf(), (mtime, names.clone()));
+        }
         names
     }
 
