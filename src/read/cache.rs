@@ -188,8 +188,13 @@ impl DiskCache {
 
     /// The block, if a valid copy is on disk.
     pub fn get(&self, k: &BlockKey) -> Option<Bytes> {
+        use std::io::Read;
         let p = self.path(k);
-        let raw = fs::read(&p).ok()?;
+        // One open for reading, checking and touching.
+        let mut f = fs::File::open(&p).ok()?;
+        let md = f.metadata().ok()?;
+        let mut raw = Vec::with_capacity(md.len() as usize);
+        f.read_to_end(&mut raw).ok()?;
         // Rebuild the header we expect from the data part and compare.
         let key_part =
             8 + 3 * 4 + k.object.bucket.len() + k.object.key.len() + k.object.etag.len() + 8;
@@ -203,8 +208,17 @@ impl DiskCache {
             return None;
         }
         // Touch for LRU: the modification time orders eviction (atime is
-        // often off or relaxed on cluster file systems).
-        let _ = fs::File::open(&p).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        // often off or relaxed on cluster file systems). A minute's
+        // precision is plenty, and saves a metadata write per hit.
+        let now = std::time::SystemTime::now();
+        let stale = md
+            .modified()
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age.as_secs() >= 60);
+        if stale {
+            let _ = f.set_modified(now);
+        }
         Some(Bytes::from(raw).slice(hlen..))
     }
 
