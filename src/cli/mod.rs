@@ -323,27 +323,48 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 struct Connect {
     endpoints: Endpoints,
     token: Secret,
-    allow_insecure: bool,
+}
+
+impl ConnectArgs {
+    /// The endpoints as flags and environment gave them, and whether plain
+    /// http off this machine is allowed (flag or file).
+    fn endpoints(&self, file: &FileSettings) -> (Endpoints, bool) {
+        let choice = EndpointChoice {
+            domain: self.domain.clone(),
+            realm: self.realm.clone(),
+            auth_url: self.auth_url.clone(),
+            api_url: self.api_url.clone(),
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+        };
+        let insecure = self.allow_insecure_http || file.allow_insecure_http.unwrap_or(false);
+        (config::endpoints(&choice, file), insecure)
+    }
 }
 
 fn connect_settings(c: &ConnectArgs, file: &FileSettings) -> Result<Connect, String> {
-    let choice = EndpointChoice {
-        domain: c.domain.clone(),
-        realm: c.realm.clone(),
-        auth_url: c.auth_url.clone(),
-        api_url: c.api_url.clone(),
-        s3_endpoint: c.s3_endpoint.clone(),
-        s3_region: c.s3_region.clone(),
-    };
-    let endpoints = config::endpoints(&choice, file);
-    let allow_insecure = c.allow_insecure_http || file.allow_insecure_http.unwrap_or(false);
-    endpoints.check(allow_insecure)?;
+    let (endpoints, insecure) = c.endpoints(file);
+    endpoints.check(insecure)?;
     let token = config::offline_token(c.token_file.as_deref(), file)?;
-    Ok(Connect {
-        endpoints,
-        token,
-        allow_insecure,
-    })
+    Ok(Connect { endpoints, token })
+}
+
+/// The three clients' settings for `e`.
+fn client_configs(e: Endpoints) -> (AuthConfig, ApiConfig, S3Config) {
+    (
+        AuthConfig {
+            realm_url: e.auth_url,
+        },
+        ApiConfig {
+            base_url: e.api_url,
+            ..ApiConfig::default()
+        },
+        S3Config {
+            endpoint: e.s3_endpoint,
+            region: e.s3_region,
+            ..S3Config::default()
+        },
+    )
 }
 
 fn size_setting(flag: Option<u64>, file: &Option<String>, default: u64) -> Result<u64, String> {
@@ -356,8 +377,7 @@ fn size_setting(flag: Option<u64>, file: &Option<String>, default: u64) -> Resul
 
 fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, String> {
     let c = connect_settings(&a.connect, file)?;
-    let _ = c.allow_insecure;
-    let e = c.endpoints;
+    let (auth, api, s3) = client_configs(c.endpoints);
     let mut datasets = a.datasets.clone();
     if datasets.is_empty() {
         datasets = file.dataset.clone().unwrap_or_default();
@@ -385,18 +405,9 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
     Ok(MountConfig {
         mountpoint: a.mountpoint.clone(),
         token: c.token,
-        auth: AuthConfig {
-            realm_url: e.auth_url,
-        },
-        api: ApiConfig {
-            base_url: e.api_url,
-            ..ApiConfig::default()
-        },
-        s3: S3Config {
-            endpoint: e.s3_endpoint,
-            region: e.s3_region,
-            ..S3Config::default()
-        },
+        auth,
+        api,
+        s3,
         tree: TreeConfig {
             metadata_ttl: Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60)),
             datasets: (!datasets.is_empty()).then_some(datasets),
@@ -619,42 +630,18 @@ fn print_out(s: &str) -> Result<(), Exit> {
 async fn connect(c: &ConnectArgs) -> Result<Session, String> {
     let file = file_settings(c)?;
     let s = connect_settings(c, &file)?;
-    let e = s.endpoints;
-    Session::connect(
-        s.token,
-        AuthConfig {
-            realm_url: e.auth_url,
-        },
-        ApiConfig {
-            base_url: e.api_url,
-            ..ApiConfig::default()
-        },
-        S3Config {
-            endpoint: e.s3_endpoint,
-            region: e.s3_region,
-            ..S3Config::default()
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
+    let (auth, api, s3) = client_configs(s.endpoints);
+    Session::connect(s.token, auth, api, s3)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn login(a: LoginArgs) -> Result<(), Exit> {
     init_logging(&LogArgs::default(), "error")?;
     let file = file_settings(&a.connect)?;
-    let c = &a.connect;
-    let choice = EndpointChoice {
-        domain: c.domain.clone(),
-        realm: c.realm.clone(),
-        auth_url: c.auth_url.clone(),
-        ..Default::default()
-    };
-    let e = config::endpoints(&choice, &file);
-    config::check_endpoint(
-        "--auth-url",
-        &e.auth_url,
-        c.allow_insecure_http || file.allow_insecure_http.unwrap_or(false),
-    )?;
+    // Only the identity service is involved.
+    let (e, insecure) = a.connect.endpoints(&file);
+    config::check_endpoint("--auth-url", &e.auth_url, insecure)?;
     let target = if a.print {
         None
     } else {
@@ -665,9 +652,7 @@ fn login(a: LoginArgs) -> Result<(), Exit> {
     };
     let rt = runtime()?;
     let http = crate::session::http_client()?;
-    let auth = AuthConfig {
-        realm_url: e.auth_url,
-    };
+    let (auth, _, _) = client_configs(e);
     let ui = crate::login::Ui {
         open_browser: !a.no_browser,
         qr: !a.no_qr,
