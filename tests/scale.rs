@@ -242,6 +242,28 @@ fn a_second_node_reads_from_the_shared_cache() {
         t.elapsed().as_secs_f64()
     };
     let first = read(node1.join("10378.1/9/big.bin"));
+    // Node 1 writes blocks to the cache behind its reads; as a later job
+    // on another node would, start once they are all there.
+    let blocks = (size / MIB) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = sh(&format!(
+            "find '{}' -type f -not -name '.*' | wc -l",
+            cache.display()
+        ));
+        let n: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if n >= blocks {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 cached only {n} of {blocks} blocks"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let gets1 = sim.stat("s3_get");
     assert!(gets1 > gets0);
     let second = read(node2.join("10378.1/9/big.bin"));
