@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MIB: usize = 1 << 20;
+
+/// These tests time things against each other (first entry vs last, find
+/// vs raw listing, node 1 vs node 2): one at a time, so they do not time
+/// each other's load on two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 const GETBENCH: &str = env!("CARGO_BIN_EXE_provenafs-getbench");
 
 fn touch_many(dir: &Path, n: usize) {
@@ -47,6 +56,7 @@ fn a_huge_folder_streams_and_costs_pages_not_heads() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let n = 20_000;
     touch_many(&d.path().join("10378.1/1/big"), n);
@@ -114,6 +124,7 @@ fn find_over_a_nested_dataset_is_close_to_the_raw_listing() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     // 10 × 10 folders of 100 files: 10,000 objects, 111 folders.
     for a in 0..10 {
@@ -165,6 +176,7 @@ fn thousands_of_datasets_are_listed_once_per_ttl_and_never_for_a_lookup() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     for i in 0..5000 {
         std::fs::create_dir_all(d.path().join(format!("10999.1/{i}"))).unwrap();
@@ -221,6 +233,7 @@ fn a_second_node_reads_from_the_shared_cache() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let size = 256 * MIB;
     write(d.path(), "10378.1/9/big.bin", &bytes(9, size));
@@ -300,6 +313,7 @@ fn mounts_evicting_one_shared_cache_keep_it_bounded_and_correct() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     for i in 0..4 {
         write(d.path(), &format!("10378.1/3/f{i}"), &bytes(i, 48 * MIB));
@@ -342,6 +356,7 @@ fn cache_permissions_private_by_default_group_on_request() {
     if !fuse_available() {
         return;
     }
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     write(d.path(), "10378.1/4/x", &bytes(4, 3 * MIB));
     let sim = Sim::start(d, &[]);
