@@ -338,7 +338,16 @@ pub fn serve(
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let tx2 = tx.clone();
     std::thread::spawn(move || {
-        let _ = bg.join();
+        // Not `bg.join()`: dropping fuser 0.18's mount handle unmounts the
+        // mountpoint *path* again (its liveness check reads the dead
+        // connection's POLLERR as "still mounted"), and by then a new mount
+        // may sit there: `provenafs unmount` followed at once by a new
+        // `mount` lost the new one. The session has ended when its thread
+        // has; the handle is then forgotten, never dropped.
+        while !bg.guard.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::mem::forget(bg);
         let _ = tx2.send("unmounted");
     });
     rt.spawn(async move {

@@ -304,3 +304,46 @@ fn demo_serves_the_sample_data_until_interrupted() {
     assert!(!is_mounted(mnt.path()));
     assert!(!Path::new(&data).exists(), "sample data removed");
 }
+
+#[test]
+fn a_finished_mount_never_unmounts_the_next_one_at_the_same_place() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(small(), &[]);
+    let mnt = tempfile::tempdir().unwrap();
+    let mp = mnt.path().to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = sim.run(&mut sim.command(args));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&["mount", mp]);
+    let pid =
+        String::from_utf8_lossy(&sh(&format!("pgrep -f -- '{BIN} mount {mp}' | head -1")).stdout)
+            .trim()
+            .parse::<i32>()
+            .expect("daemon pid");
+    // Hold the first daemon still while its mount goes and a new one comes,
+    // then let it notice and finish: it must leave the new mount alone.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    ok(&["unmount", mp]);
+    ok(&["mount", mp]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        is_mounted(mnt.path()),
+        "the new mount survived the old daemon's exit"
+    );
+    assert_eq!(
+        std::fs::read(mnt.path().join("10378.1/1/a.txt")).unwrap(),
+        b"a"
+    );
+    ok(&["unmount", mp]);
+}
