@@ -72,18 +72,6 @@ impl DirStream {
         self.grew.notify_waiters();
     }
 
-    pub fn is_done(&self) -> bool {
-        self.lock().done
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Entries from `from` if any are there or the listing ended; `None`
     /// means "not yet".
     pub fn try_from(&self, from: usize) -> Option<Result<Chunk, FsError>> {
