@@ -43,15 +43,6 @@ fn cmd(sim: &Sim, home: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
@@ -537,9 +528,7 @@ fn a_user_mounts_and_unmounts_without_root() {
             .env("HOME", "/nonexistent")
             .env("RUST_LOG", "trace")
             .env_remove("RRAP_OFFLINE_TOKEN");
-        for k in ["PROVENA_AUTH_URL", "PROVENA_API_URL", "PROVENA_S3_ENDPOINT"] {
-            c.env(k, &sim.env[k]);
-        }
+        sim.endpoints(&mut c);
         sim.run(&mut c)
     };
     let mp = mnt.to_str().unwrap();

@@ -49,9 +49,7 @@ fn slurm_job(sim: &Sim, tmp: &Path, bin: &Path, job: &str, args: &[&str]) -> Com
         .env("PROVENA_DATASETS", "10378.1/1")
         .env("RUST_LOG", "trace")
         .env_remove("RRAP_OFFLINE_TOKEN");
-    for k in ["PROVENA_AUTH_URL", "PROVENA_API_URL", "PROVENA_S3_ENDPOINT"] {
-        c.env(k, &sim.env[k]);
-    }
+    sim.endpoints(&mut c);
     c
 }
 
@@ -172,9 +170,7 @@ fn systemd_unit_example_starts_notifies_and_stops() {
         .env_remove("RRAP_OFFLINE_TOKEN")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    for k in ["PROVENA_AUTH_URL", "PROVENA_API_URL", "PROVENA_S3_ENDPOINT"] {
-        service.env(k, &sim.env[k]);
-    }
+    sim.endpoints(&mut service);
     let mut child = service.spawn().unwrap();
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("READY=1 from the service");

@@ -187,6 +187,15 @@ impl Sim {
         serde_json::from_str(&body[start..=end]).unwrap()
     }
 
+    /// Points `c` at this emulator's three endpoints, but gives it no token:
+    /// for commands that must find one by themselves.
+    pub fn endpoints(&self, c: &mut Command) {
+        for k in ["PROVENA_AUTH_URL", "PROVENA_API_URL", "PROVENA_S3_ENDPOINT"] {
+            c.env(k, &self.env[k]);
+        }
+        c.env_remove("RRAP_OFFLINE_TOKEN");
+    }
+
     /// Runs a command (see [`command`](Self::command)); its output joins
     /// the secret scan.
     pub fn run(&self, cmd: &mut Command) -> Output {
@@ -345,6 +354,16 @@ pub fn sha256(p: &Path) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Standard output of a command that must have succeeded.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Names in folder `dir`, sorted.
