@@ -6,13 +6,15 @@
 //! and retries, and only a second 401 is taken as a refusal.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::auth::{AuthError, TokenSource};
+use crate::http::describe_reqwest;
+use crate::retry::Deadline;
 use crate::wire::{
     AwsCredentials, CredentialsRequest, CredentialsResponse, ErrorDetail, FetchDatasetResponse,
     ItemDataset, ListRequest, ListResponse,
@@ -24,8 +26,11 @@ pub struct ApiConfig {
     pub base_url: String,
     /// Registry list page size.
     pub page_size: u32,
-    /// Attempts for transient failures (5xx, resets) per call.
+    /// Attempts for transient failures (5xx, resets) per call, all within
+    /// the call's deadline.
     pub attempts: u32,
+    /// Bound of one call, retries included (`--request-timeout`).
+    pub request_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -34,11 +39,12 @@ impl Default for ApiConfig {
             base_url: "https://data-api.mds.gbrrestoration.org".into(),
             page_size: 100,
             attempts: 4,
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum ApiError {
     #[error("no dataset with handle {0}")]
     NotFound(String),
@@ -52,6 +58,8 @@ pub enum ApiError {
     Unreachable { url: String, reason: String },
     #[error("the data store API sent an answer we cannot read: {0}")]
     Malformed(String),
+    #[error("the data store API at {0} did not answer in time")]
+    TimedOut(String),
 }
 
 impl ApiError {
@@ -63,30 +71,34 @@ impl ApiError {
             _ => false,
         }
     }
+
+    /// The call ran out of time (here or at the identity service).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ApiError::TimedOut(_) | ApiError::Auth(AuthError::TimedOut(_))
+        )
+    }
 }
 
-/// A reqwest error in words, without the request body (where tokens live).
-pub fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_connect() {
-        "connection failed"
-    } else if e.is_timeout() {
-        "timed out"
-    } else if e.is_body() || e.is_decode() {
-        "answer cut short"
-    } else {
-        "request failed"
-    };
-    let mut src = std::error::Error::source(e);
-    let mut root = String::new();
-    while let Some(s) = src {
-        root = s.to_string();
-        src = s.source();
-    }
-    if root.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind} ({root})")
-    }
+/// Refusals the data store words as 401 although the token is fine: asking
+/// for a new token would not help, so none is asked for (source:
+/// `../shared/docs/provena-api.md`).
+const REFUSALS: &[&str] = &[
+    "sufficient permissions",
+    "did not grant access",
+    "incorrect structure",
+];
+
+fn is_refusal(detail: &str) -> bool {
+    REFUSALS.iter().any(|r| detail.contains(r))
+}
+
+/// Read credentials as issued, with the service's clock at that moment
+/// (its `Date` header), so their lifetime can be told on a wrong local clock.
+pub struct IssuedCredentials {
+    pub credentials: AwsCredentials,
+    pub server_time: Option<SystemTime>,
 }
 
 /// Talks to the data store API for one user.
@@ -114,15 +126,25 @@ impl DataStoreClient {
         &self.tokens
     }
 
+    /// The bound of one call, for callers that start one on their own.
+    pub fn request_timeout(&self) -> Duration {
+        self.config.request_timeout
+    }
+
     /// The registry record of `handle`; `NotFound` when the service does not know it.
-    pub async fn fetch_dataset(&self, handle: &str) -> Result<ItemDataset, ApiError> {
+    pub async fn fetch_dataset(
+        &self,
+        handle: &str,
+        deadline: Deadline,
+    ) -> Result<ItemDataset, ApiError> {
         let span = info_span!("fetch_dataset", handle);
         async {
-            let r: FetchDatasetResponse = self
+            let (r, _): (FetchDatasetResponse, _) = self
                 .call(
                     "/registry/items/fetch-dataset",
                     Method::Get(&[("handle_id", handle)]),
                     handle,
+                    deadline,
                 )
                 .await?;
             match (r.status.success, r.item) {
@@ -134,7 +156,8 @@ impl DataStoreClient {
         .await
     }
 
-    /// Every dataset the user may see, all pages.
+    /// Every dataset the user may see, all pages; each page is bounded by
+    /// the request timeout on its own.
     pub async fn list_datasets(&self) -> Result<Vec<ItemDataset>, ApiError> {
         let span = info_span!("list_datasets");
         async {
@@ -148,8 +171,9 @@ impl DataStoreClient {
                     sort_by: None,
                 })
                 .map_err(|e| ApiError::Malformed(e.to_string()))?;
-                let r: ListResponse = self
-                    .call("/registry/items/list", Method::Post(body), "")
+                let deadline = Deadline::after(self.config.request_timeout);
+                let (r, _): (ListResponse, _) = self
+                    .call("/registry/items/list", Method::Post(body), "", deadline)
                     .await?;
                 if !r.status.success {
                     return Err(ApiError::Http {
@@ -175,7 +199,11 @@ impl DataStoreClient {
     }
 
     /// Temporary S3 read credentials for `handle`.
-    pub async fn read_credentials(&self, handle: &str) -> Result<AwsCredentials, ApiError> {
+    pub async fn read_credentials(
+        &self,
+        handle: &str,
+        deadline: Deadline,
+    ) -> Result<IssuedCredentials, ApiError> {
         let span = info_span!("read_credentials", handle);
         async {
             let body = serde_json::to_value(CredentialsRequest {
@@ -183,11 +211,12 @@ impl DataStoreClient {
                 console_session_required: false,
             })
             .map_err(|e| ApiError::Malformed(e.to_string()))?;
-            let r: CredentialsResponse = self
+            let (r, server_time): (CredentialsResponse, _) = self
                 .call(
                     "/registry/credentials/generate-read-access-credentials",
                     Method::Post(body),
                     handle,
+                    deadline,
                 )
                 .await?;
             if !r.status.success {
@@ -196,34 +225,44 @@ impl DataStoreClient {
                     detail: r.status.details,
                 });
             }
-            Ok(r.credentials)
+            Ok(IssuedCredentials {
+                credentials: r.credentials,
+                server_time,
+            })
         }
         .instrument(span)
         .await
     }
 
-    /// One API call with token refresh on 401 and retries on transient failures.
+    /// One API call with token refresh on 401 and retries on transient
+    /// failures, all within `deadline`. Also returns the answer's `Date`.
     async fn call<T: DeserializeOwned>(
         &self,
         path: &str,
         method: Method<'_>,
         handle: &str,
-    ) -> Result<T, ApiError> {
+        deadline: Deadline,
+    ) -> Result<(T, Option<SystemTime>), ApiError> {
         let mut attempt = 0u32;
         let mut refreshed = false;
         loop {
             attempt += 1;
-            let res = self.call_once(path, &method, handle).await;
+            let res = self.call_once(path, &method, handle, deadline).await;
             match res {
                 Err(Refusal::Unauthorized(detail, token)) => {
-                    if refreshed {
+                    // A 401 may mean "token expired" or "not allowed"; only
+                    // the first is worth a new token, and only once.
+                    if refreshed || is_refusal(&detail) {
                         return Err(ApiError::PermissionDenied(detail));
                     }
-                    self.tokens.invalidate(&token).await;
+                    self.tokens.invalidate(&token);
                     refreshed = true;
                 }
                 Err(Refusal::Other(e)) if e.is_transient() && attempt < self.config.attempts => {
                     let wait = crate::retry::backoff(attempt);
+                    if !deadline.allows(wait) {
+                        return Err(e);
+                    }
                     warn!(path, attempt, error = %e, "data store call failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
@@ -238,9 +277,18 @@ impl DataStoreClient {
         path: &str,
         method: &Method<'_>,
         handle: &str,
-    ) -> Result<T, Refusal> {
-        let token = self.tokens.access_token().await.map_err(ApiError::Auth)?;
+        deadline: Deadline,
+    ) -> Result<(T, Option<SystemTime>), Refusal> {
         let url = format!("{}{}", self.config.base_url.trim_end_matches('/'), path);
+        let token = self
+            .tokens
+            .access_token(deadline)
+            .await
+            .map_err(ApiError::Auth)?;
+        let timeout = deadline.attempt(crate::retry::stall_timeout(self.config.request_timeout));
+        if timeout.is_zero() {
+            return Err(Refusal::Other(ApiError::TimedOut(url)));
+        }
         let req = match method {
             Method::Get(q) => self.http.get(&url).query(q),
             Method::Post(b) => self.http.post(&url).json(b),
@@ -251,14 +299,21 @@ impl DataStoreClient {
         };
         let resp = req
             .bearer_auth(token.expose())
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .send()
             .await
             .map_err(unreachable)?;
         let status = resp.status().as_u16();
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+            .map(SystemTime::from);
         let body = resp.bytes().await.map_err(unreachable)?;
         match status {
             200 => serde_json::from_slice(&body)
+                .map(|v| (v, date))
                 .map_err(|e| Refusal::Other(ApiError::Malformed(format!("{path}: {e}")))),
             401 | 403 => {
                 let detail = detail_of(&body);

@@ -1,30 +1,37 @@
 //! Offline token → access token, refreshed ahead of expiry.
 //!
 //! The offline token ("API key") is long-lived; access tokens live about five
-//! minutes. [`TokenSource`] keeps one access token, refreshes it when a
-//! fraction of its life remains, and makes every concurrent caller wait on a
-//! single refresh (single flight) instead of stampeding Keycloak.
+//! minutes. [`TokenSource`] keeps one access token and renews it in the
+//! background when a third of its life remains, one exchange at a time
+//! however many callers ask ([`crate::lease`]), so Keycloak is never
+//! stampeded and a slow exchange delays nobody while the token in hand lasts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::sync::Mutex;
 use tracing::{debug, error, info_span, warn, Instrument};
 
+use crate::lease::{Lease, Renewer, Wait};
+use crate::retry::Deadline;
 use crate::secret::Secret;
 use crate::wire::{OAuthError, TokenResponse, CLIENT_ID};
 
-/// Where the Keycloak realm lives.
+/// Where the Keycloak realm lives, and how long an exchange may take.
 #[derive(Clone, Debug)]
 pub struct AuthConfig {
     /// Realm URL, e.g. `https://auth.mds.gbrrestoration.org/auth/realms/rrap`.
     pub realm_url: String,
+    /// Bound of one exchange, retries included (`--request-timeout`).
+    pub request_timeout: Duration,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             realm_url: "https://auth.mds.gbrrestoration.org/auth/realms/rrap".into(),
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -45,7 +52,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum AuthError {
     #[error("the offline token was rejected by the identity service ({0}); create a new one with `provenafs login`")]
     Rejected(String),
@@ -55,6 +62,8 @@ pub enum AuthError {
     Unreachable { url: String, reason: String },
     #[error("the identity service sent an answer we cannot read: {0}")]
     Malformed(String),
+    #[error("the identity service at {0} did not answer in time")]
+    TimedOut(String),
 }
 
 impl AuthError {
@@ -63,7 +72,7 @@ impl AuthError {
         match self {
             AuthError::Http(s) => *s >= 500 || *s == 429,
             AuthError::Unreachable { .. } => true,
-            AuthError::Rejected(_) | AuthError::Malformed(_) => false,
+            AuthError::Rejected(_) | AuthError::Malformed(_) | AuthError::TimedOut(_) => false,
         }
     }
 }
@@ -92,34 +101,25 @@ pub fn check_token_shape(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-struct Access {
-    token: Secret,
-    obtained: Instant,
-    lifetime: Duration,
-}
-
-impl Access {
-    /// Refresh once three quarters of the life has passed (at most one
-    /// minute early), so a token is never used in its last moments.
-    fn fresh(&self) -> bool {
-        let margin = (self.lifetime / 4).min(Duration::from_secs(60));
-        self.obtained.elapsed() + margin < self.lifetime
-    }
-}
-
-/// Hands out valid access tokens for one offline token.
+/// Hands out valid access tokens for one offline token, renewed in the
+/// background ahead of expiry (see [`crate::lease`]).
 pub struct TokenSource {
-    http: reqwest::Client,
-    config: AuthConfig,
-    offline: Secret,
-    current: Mutex<Option<Access>>,
+    exchange: Arc<Exchange>,
+    tokens: Arc<Renewer<Secret, AuthError>>,
     /// When the identity service last rejected the offline token, and why:
     /// for a few seconds every caller gets that answer without a request.
     rejected: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+/// What an exchange needs; shared with the renewal task.
+struct Exchange {
+    http: reqwest::Client,
+    config: AuthConfig,
+    offline: Secret,
     /// The rejection has been logged (once per mount).
-    rejection_logged: std::sync::atomic::AtomicBool,
+    rejection_logged: AtomicBool,
     /// The offline token has worked at least once.
-    ever_valid: std::sync::atomic::AtomicBool,
+    ever_valid: AtomicBool,
 }
 
 /// Attempts per token exchange for transient failures.
@@ -129,23 +129,34 @@ const REJECTION_MEMORY: Duration = Duration::from_secs(5);
 
 impl TokenSource {
     pub fn new(http: reqwest::Client, config: AuthConfig, offline: Secret) -> Self {
-        Self {
+        let bound = config.request_timeout;
+        let exchange = Arc::new(Exchange {
             http,
             config,
             offline,
-            current: Mutex::new(None),
+            rejection_logged: AtomicBool::new(false),
+            ever_valid: AtomicBool::new(false),
+        });
+        let ex = exchange.clone();
+        let tokens = Renewer::new(
+            "access token",
+            bound,
+            || AuthError::Malformed("the token exchange was interrupted".into()),
+            Box::new(move |deadline| {
+                let ex = ex.clone();
+                Box::pin(async move { ex.exchange_with_retries(deadline).await })
+            }),
+        );
+        Self {
+            exchange,
+            tokens: Arc::new(tokens),
             rejected: std::sync::Mutex::new(None),
-            rejection_logged: std::sync::atomic::AtomicBool::new(false),
-            ever_valid: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// A valid access token, refreshed first if it is near expiry.
-    pub async fn access_token(&self) -> Result<Secret, AuthError> {
-        let mut current = self.current.lock().await;
-        if let Some(a) = current.as_ref().filter(|a| a.fresh()) {
-            return Ok(a.token.clone());
-        }
+    /// A valid access token: the one in hand (renewed in the background
+    /// when due), else a new one, waited for until `deadline`.
+    pub async fn access_token(&self, deadline: Deadline) -> Result<Secret, AuthError> {
         if let Some((at, why)) = self
             .rejected
             .lock()
@@ -156,15 +167,44 @@ impl TokenSource {
                 return Err(AuthError::Rejected(why.clone()));
             }
         }
+        match self.tokens.get(deadline).await {
+            Ok(t) => Ok(t),
+            Err(Wait::Failed(AuthError::Rejected(why))) => {
+                *self.rejected.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), why.clone()));
+                Err(AuthError::Rejected(why))
+            }
+            Err(Wait::Failed(e)) => Err(e),
+            Err(Wait::TimedOut) => Err(AuthError::TimedOut(self.exchange.config.token_url())),
+        }
+    }
+
+    /// Drops `token` after the service refused it (HTTP 401), so the next
+    /// call exchanges again. A token already replaced is left alone, so many
+    /// callers failing on the same old token cause one refresh, not many.
+    pub fn invalidate(&self, token: &Secret) {
+        self.tokens.invalidate(|t| t == token);
+    }
+}
+
+impl Exchange {
+    /// One access token, retrying transient failures while `deadline` allows.
+    async fn exchange_with_retries(&self, deadline: Deadline) -> Result<Lease<Secret>, AuthError> {
         let mut attempt = 0;
-        let a = loop {
+        loop {
             attempt += 1;
-            match self.exchange().await {
-                Ok(a) => break a,
+            match self.exchange(deadline).await {
+                Ok(lease) => {
+                    self.ever_valid.store(true, Ordering::Relaxed);
+                    return Ok(lease);
+                }
                 Err(e) if e.is_transient() && attempt < EXCHANGE_ATTEMPTS => {
                     let wait = crate::retry::backoff(attempt);
+                    if !deadline.allows(wait) {
+                        return Err(e);
+                    }
                     // Before the mount is up, the final error is the message.
-                    if self.ever_valid.load(std::sync::atomic::Ordering::Relaxed) {
+                    if self.ever_valid.load(Ordering::Relaxed) {
                         warn!(attempt, error = %e, "token exchange failed, retrying in {wait:?}");
                     } else {
                         debug!(attempt, error = %e, "token exchange failed, retrying in {wait:?}");
@@ -175,69 +215,55 @@ impl TokenSource {
                     // Logged once, and only when a working token stopped
                     // working: a bad token at mount time is the caller's
                     // one-line error.
-                    let was_valid = self.ever_valid.load(std::sync::atomic::Ordering::Relaxed);
-                    if was_valid
-                        && !self
-                            .rejection_logged
-                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    if self.ever_valid.load(Ordering::Relaxed)
+                        && !self.rejection_logged.swap(true, Ordering::Relaxed)
                     {
                         error!("the offline token was rejected ({why}): reads fail with EACCES until the mount is restarted with a valid token (`provenafs login`)");
                     }
-                    *self.rejected.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((Instant::now(), why.clone()));
                     return Err(AuthError::Rejected(why));
                 }
                 Err(e) => return Err(e),
             }
-        };
-        self.ever_valid
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let token = a.token.clone();
-        *current = Some(a);
-        Ok(token)
-    }
-
-    /// Drops `token` after the service refused it (HTTP 401), so the next
-    /// call exchanges again. A token already replaced is left alone, so many
-    /// callers failing on the same old token cause one refresh, not many.
-    pub async fn invalidate(&self, token: &Secret) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|a| &a.token == token) {
-            *current = None;
         }
     }
 
-    async fn exchange(&self) -> Result<Access, AuthError> {
+    async fn exchange(&self, deadline: Deadline) -> Result<Lease<Secret>, AuthError> {
         let url = self.config.token_url();
         let span = info_span!("token_exchange", url = %url);
         async {
+            let timeout =
+                deadline.attempt(crate::retry::stall_timeout(self.config.request_timeout));
+            if timeout.is_zero() {
+                return Err(AuthError::TimedOut(url.clone()));
+            }
             let form = [
                 ("grant_type", "refresh_token"),
                 ("client_id", CLIENT_ID),
                 ("refresh_token", self.offline.expose()),
                 ("scope", "roles"),
             ];
-            let started = Instant::now();
-            let resp = self.http.post(&url).form(&form).send().await.map_err(|e| {
-                AuthError::Unreachable {
-                    url: url.clone(),
-                    reason: crate::api::describe_reqwest(&e),
-                }
-            })?;
-            let status = resp.status().as_u16();
-            let body = resp.bytes().await.map_err(|e| AuthError::Unreachable {
+            let unreachable = |e: reqwest::Error| AuthError::Unreachable {
                 url: url.clone(),
-                reason: crate::api::describe_reqwest(&e),
-            })?;
+                reason: crate::http::describe_reqwest(&e),
+            };
+            let resp = self
+                .http
+                .post(&url)
+                .form(&form)
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(unreachable)?;
+            let status = resp.status().as_u16();
+            let body = resp.bytes().await.map_err(unreachable)?;
             if status == 200 {
                 let t: TokenResponse = serde_json::from_slice(&body)
                     .map_err(|e| AuthError::Malformed(e.to_string()))?;
                 debug!(expires_in = t.expires_in, "access token obtained");
-                return Ok(Access {
-                    token: Secret::new(t.access_token),
-                    obtained: started,
-                    lifetime: Duration::from_secs(t.expires_in.max(1)),
-                });
+                return Ok(Lease::new(
+                    Secret::new(t.access_token),
+                    Duration::from_secs(t.expires_in.max(1)),
+                ));
             }
             match serde_json::from_slice::<OAuthError>(&body) {
                 Ok(e) if status == 400 || status == 401 => {
@@ -268,21 +294,5 @@ mod tests {
         assert!(check_token_shape("\"a.b.c\"").is_err());
         assert!(check_token_shape("a.b.c d").is_err());
         assert!(check_token_shape("a..c").is_err());
-    }
-
-    #[test]
-    fn freshness_margin_scales_with_lifetime() {
-        let a = Access {
-            token: Secret::new("t"),
-            obtained: Instant::now() - Duration::from_secs(3),
-            lifetime: Duration::from_secs(4),
-        };
-        assert!(!a.fresh());
-        let b = Access {
-            token: Secret::new("t"),
-            obtained: Instant::now() - Duration::from_secs(200),
-            lifetime: Duration::from_secs(300),
-        };
-        assert!(b.fresh());
     }
 }

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::api::DataStoreClient;
+use crate::retry::Deadline;
 use crate::s3::{ObjectStore, StoreFactory};
 use crate::session::Session;
 use crate::wire::{split_handle, ItemDataset};
@@ -133,7 +134,7 @@ pub async fn ls(
     let path = parts.next().unwrap_or_default();
     let item = session
         .api
-        .fetch_dataset(&handle)
+        .fetch_dataset(&handle, session.deadline())
         .await
         .map_err(|e| e.to_string())?;
     let mut root = item.s3.path.trim_start_matches('/').to_string();
@@ -146,14 +147,27 @@ pub async fn ls(
         // `ls H/data` means the folder if there is one, as `aws s3 ls` does
         // with a trailing slash.
         let probe = store
-            .list(&format!("{prefix}/"), Some("/"), None, Some(1))
+            .list(
+                &format!("{prefix}/"),
+                Some("/"),
+                None,
+                Some(1),
+                session.deadline(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         if !probe.objects.is_empty() || !probe.prefixes.is_empty() {
             prefix.push('/');
         }
     }
-    list(store.as_ref(), &prefix, recursive, human).await
+    list(
+        store.as_ref(),
+        &prefix,
+        recursive,
+        human,
+        session.api.request_timeout(),
+    )
+    .await
 }
 
 async fn list(
@@ -161,6 +175,7 @@ async fn list(
     prefix: &str,
     recursive: bool,
     human: bool,
+    request_timeout: std::time::Duration,
 ) -> Result<String, String> {
     // Relative to the folder being listed, as `aws s3 ls` prints them.
     let base = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
@@ -174,6 +189,7 @@ async fn list(
                 if recursive { None } else { Some("/") },
                 token.take(),
                 Some(1000),
+                Deadline::after(request_timeout),
             )
             .await
             .map_err(|e| e.to_string())?;

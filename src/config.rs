@@ -29,6 +29,7 @@ pub struct FileSettings {
     pub s3_region: Option<String>,
     pub token_file: Option<PathBuf>,
     pub allow_insecure_http: Option<bool>,
+    pub request_timeout: Option<u64>,
     pub metadata_ttl: Option<u64>,
     pub max_threads: Option<usize>,
     pub memory_cache_size: Option<String>,

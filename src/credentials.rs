@@ -1,47 +1,57 @@
-//! Per-dataset S3 read credentials, refreshed ahead of expiry.
+//! Per-dataset S3 read credentials, renewed ahead of expiry.
 //!
-//! The data store hands out STS session credentials per dataset that expire
-//! after about an hour. [`DatasetCredentials`] keeps the current set, asks
-//! for a new one when a quarter of its life (at most five minutes) remains,
-//! lets one caller refresh while the others wait (single flight), and is
-//! given to aws-sdk-s3 as its credentials provider.
+//! The data store hands out STS session credentials per dataset (8 hours in
+//! the RRAP deployment; source: `../shared/docs/provena-api.md`).
+//! [`DatasetCredentials`] keeps the current set and renews it in the
+//! background when a third of its life is left (at most five minutes
+//! before it expires; see [`crate::lease`]), so a data store API that is
+//! slow or down stops no read while the set in hand lasts. A dataset the
+//! user may not read is remembered as refused for a while, so listing it
+//! again costs the data store nothing.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_credential_types::provider::{self, error::CredentialsError, ProvideCredentials};
 use aws_credential_types::Credentials;
-use tokio::sync::Mutex;
 use tracing::debug;
 
 use crate::api::{ApiError, DataStoreClient};
+use crate::lease::{Lease, Renewer, Wait};
+use crate::retry::Deadline;
 use crate::secret::Secret;
 use crate::wire::parse_expiry;
 
+/// One set of read credentials.
 #[derive(Clone)]
-struct Issued {
-    key_id: String,
+pub struct Issued {
+    pub key_id: String,
     secret: Secret,
     session: Secret,
-    obtained: SystemTime,
     expiry: SystemTime,
 }
 
 impl Issued {
-    fn fresh(&self) -> bool {
-        let life = self
-            .expiry
-            .duration_since(self.obtained)
-            .unwrap_or(Duration::ZERO);
-        let margin = (life / 4).min(Duration::from_secs(300));
-        SystemTime::now() + margin < self.expiry
+    /// As aws-sdk-s3 takes them.
+    pub fn to_sdk(&self) -> Credentials {
+        Credentials::new(
+            &self.key_id,
+            self.secret.expose(),
+            Some(self.session.expose().to_string()),
+            Some(self.expiry),
+            "provena",
+        )
     }
 }
 
 pub struct DatasetCredentials {
     handle: String,
-    api: Arc<DataStoreClient>,
-    current: Mutex<Option<Issued>>,
+    renewer: Arc<Renewer<Issued, ApiError>>,
+    /// The data store refused them (the user may see, not read, the
+    /// dataset): when, and its words. Answered from memory for `refusal_ttl`.
+    refused: Mutex<Option<(Instant, String)>>,
+    refusal_ttl: Duration,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for DatasetCredentials {
@@ -53,59 +63,95 @@ impl std::fmt::Debug for DatasetCredentials {
 }
 
 impl DatasetCredentials {
-    pub fn new(handle: &str, api: Arc<DataStoreClient>) -> Self {
+    /// Credentials of `handle`; each renewal is bounded by
+    /// `request_timeout`, and a refusal is remembered for `refusal_ttl`.
+    pub fn new(
+        handle: &str,
+        api: Arc<DataStoreClient>,
+        request_timeout: Duration,
+        refusal_ttl: Duration,
+    ) -> Self {
+        let h = handle.to_string();
+        let renewer = Renewer::new(
+            "read credentials",
+            request_timeout,
+            || ApiError::Malformed("the credentials request was interrupted".into()),
+            Box::new(move |deadline| {
+                let (api, h) = (api.clone(), h.clone());
+                Box::pin(async move { issue(&api, &h, deadline).await })
+            }),
+        );
         Self {
             handle: handle.to_string(),
-            api,
-            current: Mutex::new(None),
+            renewer: Arc::new(renewer),
+            refused: Mutex::new(None),
+            refusal_ttl,
+            request_timeout,
         }
     }
 
-    /// Valid credentials, refreshed first when near expiry.
-    pub async fn get(&self) -> Result<Credentials, ApiError> {
-        let mut current = self.current.lock().await;
-        if let Some(c) = current.as_ref().filter(|c| c.fresh()) {
-            return Ok(to_sdk(c));
+    /// Usable credentials, waited for (if none are in hand) until `deadline`.
+    pub async fn get(&self, deadline: Deadline) -> Result<Issued, ApiError> {
+        if let Some((at, why)) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if at.elapsed() < self.refusal_ttl {
+                return Err(ApiError::PermissionDenied(why.clone()));
+            }
         }
-        let raw = self.api.read_credentials(&self.handle).await?;
-        let obtained = SystemTime::now();
-        let expiry = parse_expiry(&raw.expiry).ok_or_else(|| {
-            ApiError::Malformed(format!(
-                "credential expiry {:?} is not ISO 8601",
-                raw.expiry
-            ))
-        })?;
-        debug!(handle = %self.handle, lifetime = ?expiry.duration_since(obtained).ok(), "read credentials issued");
-        let issued = Issued {
-            key_id: raw.aws_access_key_id,
-            secret: Secret::new(raw.aws_secret_access_key),
-            session: Secret::new(raw.aws_session_token),
-            obtained,
-            expiry,
-        };
-        let sdk = to_sdk(&issued);
-        *current = Some(issued);
-        Ok(sdk)
+        match self.renewer.get(deadline).await {
+            Ok(c) => Ok(c),
+            Err(Wait::Failed(ApiError::PermissionDenied(why))) => {
+                debug!(handle = %self.handle, "read credentials refused; remembered");
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), why.clone()));
+                Err(ApiError::PermissionDenied(why))
+            }
+            Err(Wait::Failed(e)) => Err(e),
+            Err(Wait::TimedOut) => Err(ApiError::TimedOut(format!(
+                "read credentials of {}",
+                self.handle
+            ))),
+        }
     }
 
-    /// Forget the current set after S3 called it expired, unless another
-    /// caller already replaced it.
-    pub async fn invalidate(&self, access_key_id: &str) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|c| c.key_id == access_key_id) {
-            *current = None;
-        }
+    /// Forgets the set with `access_key_id` after S3 refused it (expired,
+    /// revoked, re-keyed), unless it was already replaced.
+    pub fn invalidate(&self, access_key_id: &str) {
+        self.renewer.invalidate(|c| c.key_id == access_key_id);
     }
 }
 
-fn to_sdk(c: &Issued) -> Credentials {
-    Credentials::new(
-        &c.key_id,
-        c.secret.expose(),
-        Some(c.session.expose().to_string()),
-        Some(c.expiry),
-        "provena",
-    )
+/// One set from the data store, with its lifetime measured against the
+/// service's own clock (its `Date` header) when it gives one.
+async fn issue(
+    api: &DataStoreClient,
+    handle: &str,
+    deadline: Deadline,
+) -> Result<Lease<Issued>, ApiError> {
+    let got = api.read_credentials(handle, deadline).await?;
+    let raw = got.credentials;
+    let expiry = parse_expiry(&raw.expiry).ok_or_else(|| {
+        ApiError::Malformed(format!(
+            "credential expiry {:?} is not ISO 8601",
+            raw.expiry
+        ))
+    })?;
+    let now = got.server_time.unwrap_or_else(SystemTime::now);
+    let lifetime = expiry.duration_since(now).unwrap_or(Duration::ZERO);
+    debug!(handle, ?lifetime, "read credentials issued");
+    Ok(Lease::new(
+        Issued {
+            key_id: raw.aws_access_key_id,
+            secret: Secret::new(raw.aws_secret_access_key),
+            session: Secret::new(raw.aws_session_token),
+            expiry,
+        },
+        lifetime,
+    ))
 }
 
 /// Adapter that lets aws-sdk-s3 pull credentials from [`DatasetCredentials`].
@@ -118,7 +164,14 @@ impl ProvideCredentials for SdkProvider {
         Self: 'a,
     {
         provider::future::ProvideCredentials::new(async move {
-            self.0.get().await.map_err(CredentialsError::provider_error)
+            // Called inside a request that is itself bounded by its
+            // deadline; this bound only keeps a stray call finite.
+            let deadline = Deadline::after(self.0.request_timeout);
+            self.0
+                .get(deadline)
+                .await
+                .map(|c| c.to_sdk())
+                .map_err(CredentialsError::provider_error)
         })
     }
 }

@@ -115,6 +115,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         token: Secret::new(sim.env.offline_token.clone()),
         auth: AuthConfig {
             realm_url: sim.env.auth_url.clone(),
+            ..AuthConfig::default()
         },
         api: ApiConfig {
             base_url: sim.env.api_url.clone(),

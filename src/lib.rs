@@ -17,6 +17,8 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod fs;
+pub mod http;
+pub mod lease;
 pub mod login;
 pub mod mount;
 pub mod read;

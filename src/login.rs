@@ -74,14 +74,14 @@ async fn authorize(
         let resp = match sent {
             Ok(r) => r,
             Err(e) if attempt < 4 => {
-                debug!(attempt, error = %crate::api::describe_reqwest(&e), "device authorization failed, retrying");
+                debug!(attempt, error = %crate::http::describe_reqwest(&e), "device authorization failed, retrying");
                 tokio::time::sleep(crate::retry::backoff(attempt)).await;
                 continue;
             }
             Err(e) => {
                 return Err(LoginError::Unreachable {
                     url,
-                    reason: crate::api::describe_reqwest(&e),
+                    reason: crate::http::describe_reqwest(&e),
                 })
             }
         };
@@ -254,12 +254,12 @@ async fn poll(
                 // A flaky network while the user is busy in the browser:
                 // keep polling until the code expires.
                 failures += 1;
-                debug!(failures, error = %crate::api::describe_reqwest(&e), "poll failed");
+                debug!(failures, error = %crate::http::describe_reqwest(&e), "poll failed");
                 if failures >= 20 {
                     progress.done("");
                     return Err(LoginError::Unreachable {
                         url,
-                        reason: crate::api::describe_reqwest(&e),
+                        reason: crate::http::describe_reqwest(&e),
                     });
                 }
                 continue;

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::ApiConfig;
 use crate::auth::{AuthConfig, AuthError};
-use crate::fs::fuse::{FuseConfig, ProvenaFs};
+use crate::fs::fuse::{FuseConfig, MountStats, ProvenaFs};
 use crate::fs::tree::{Tree, TreeConfig};
 use crate::read::{ReadConfig, Reader};
 use crate::s3::aws::S3Config;
@@ -261,6 +261,7 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
         session.api.clone(),
         session.stores,
     ));
+    rt.block_on(async { tree.start_sweeper() });
     if let Some(pinned) = &cfg.tree.datasets {
         // An HPC job that names its datasets learns at once of a typo or a
         // missing permission, not from a failed read an hour in.
@@ -271,18 +272,11 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
     }
     let reader = Reader::new(cfg.read.clone())
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
-    let fs = ProvenaFs::new(tree, reader.clone(), cfg.fuse.clone(), rt.handle().clone());
-    let served = serve(fs, &cfg, rt);
-    let s = &reader.stats;
-    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    // One line for the operator: how much the caches saved.
-    info!(
-        memory_hits = n(&s.memory_hits),
-        disk_hits = n(&s.disk_hits),
-        misses = n(&s.misses),
-        disk_writes = n(&s.disk_writes),
-        "block cache"
-    );
+    let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
+    let stats = fs.stats();
+    let served = serve(fs, &stats, &cfg, rt);
+    // One line for the operator: what the mount held and did.
+    info!("stats: {}", stats.line());
     served
 }
 
@@ -307,6 +301,7 @@ fn raise_readahead(mountpoint: &Path) {
 /// Mounts `fs` at the configured mountpoint and serves it.
 pub fn serve(
     fs: ProvenaFs,
+    stats: &MountStats,
     cfg: &MountConfig,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(), MountError> {
@@ -350,17 +345,23 @@ pub fn serve(
         std::mem::forget(bg);
         let _ = tx2.send("unmounted");
     });
+    let stats = stats.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
+        let (Ok(mut int), Ok(mut term), Ok(mut usr1)) = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
+            signal(SignalKind::user_defined1()),
         ) else {
             return;
         };
-        let why = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
+        let why = loop {
+            tokio::select! {
+                _ = int.recv() => break "SIGINT",
+                _ = term.recv() => break "SIGTERM",
+                // `kill -USR1 PID`: what the mount holds, in the log.
+                _ = usr1.recv() => info!("stats: {}", stats.line()),
+            }
         };
         let _ = tx.send(why);
     });

@@ -2,10 +2,10 @@
 //! client and S3 store factory, shared by `mount`, `datasets` and `ls`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::api::{ApiConfig, DataStoreClient};
 use crate::auth::{AuthConfig, AuthError, TokenSource};
+use crate::retry::Deadline;
 use crate::s3::aws::{AwsFactory, S3Config};
 use crate::secret::Secret;
 
@@ -14,18 +14,12 @@ pub struct Session {
     pub stores: Arc<AwsFactory>,
 }
 
-/// The HTTP client for the identity service and the data store API.
-pub fn http_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .user_agent(concat!("provenafs/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(10))
-        // A JSON answer that takes longer has stalled; retries take over.
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
-}
-
 impl Session {
+    /// A deadline for one call made on behalf of a command (`datasets`, `ls`).
+    pub fn deadline(&self) -> Deadline {
+        Deadline::after(self.api.request_timeout())
+    }
+
     /// Exchanges the offline token once, so a bad token or an unreachable
     /// service fails here with one clear message.
     pub async fn connect(
@@ -34,9 +28,13 @@ impl Session {
         api: ApiConfig,
         s3: S3Config,
     ) -> Result<Session, AuthErrorOr> {
-        let http = http_client().map_err(AuthErrorOr::Other)?;
+        let http = crate::http::client().map_err(AuthErrorOr::Other)?;
+        let deadline = Deadline::after(auth.request_timeout);
         let tokens = Arc::new(TokenSource::new(http.clone(), auth, token));
-        tokens.access_token().await.map_err(AuthErrorOr::Auth)?;
+        tokens
+            .access_token(deadline)
+            .await
+            .map_err(AuthErrorOr::Auth)?;
         let api = Arc::new(DataStoreClient::new(http, api, tokens));
         let stores = Arc::new(AwsFactory::new(s3, api.clone()));
         Ok(Session { api, stores })

@@ -16,6 +16,10 @@ use std::time::Instant;
 
 use provenafs::api::{ApiConfig, DataStoreClient};
 use provenafs::auth::{AuthConfig, TokenSource};
+use provenafs::retry::Deadline;
+
+/// Bound of one request, as a mount's default.
+const TIMEOUT: std::time::Duration = provenafs::retry::DEFAULT_REQUEST_TIMEOUT;
 use provenafs::s3::aws::{AwsFactory, S3Config};
 use provenafs::s3::StoreFactory;
 use provenafs::secret::Secret;
@@ -41,6 +45,7 @@ async fn main() -> Result<(), String> {
         http.clone(),
         AuthConfig {
             realm_url: env("PROVENA_AUTH_URL")?,
+            ..AuthConfig::default()
         },
         Secret::new(env("RRAP_OFFLINE_TOKEN")?),
     ));
@@ -53,7 +58,7 @@ async fn main() -> Result<(), String> {
         tokens,
     ));
     let item = api
-        .fetch_dataset(&args[1])
+        .fetch_dataset(&args[1], Deadline::after(TIMEOUT))
         .await
         .map_err(|e| e.to_string())?;
     let factory = AwsFactory::new(
@@ -69,7 +74,10 @@ async fn main() -> Result<(), String> {
         return walk_all(store, item.s3.path.clone(), parallel).await;
     }
     let key = format!("{}{}", item.s3.path, args[2]);
-    let meta = store.head(&key).await.map_err(|e| e.to_string())?;
+    let meta = store
+        .head(&key, Deadline::after(TIMEOUT))
+        .await
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -85,7 +93,12 @@ async fn main() -> Result<(), String> {
                     return Ok::<u64, String>(got);
                 }
                 let b = store
-                    .get_range(&key, off..(off + part).min(size), Some(&etag))
+                    .get_range(
+                        &key,
+                        off..(off + part).min(size),
+                        Some(&etag),
+                        Deadline::after(TIMEOUT),
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 got += b.len() as u64;
@@ -121,7 +134,13 @@ async fn walk_all(
                 let mut token = None;
                 loop {
                     let page = store
-                        .list(&prefix, Some("/"), token.take(), Some(1000))
+                        .list(
+                            &prefix,
+                            Some("/"),
+                            token.take(),
+                            Some(1000),
+                            Deadline::after(TIMEOUT),
+                        )
                         .await
                         .map_err(|e| e.to_string())?;
                     calls += 1;

@@ -57,6 +57,11 @@ pub struct ConnectArgs {
     /// would cross the network unencrypted).
     #[arg(long)]
     pub allow_insecure_http: bool,
+    /// Seconds any one operation may take, retries included: a read,
+    /// listing or lookup that gets no answer in time fails with ETIMEDOUT
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub request_timeout: Option<u64>,
 }
 
 #[derive(Parser)]
@@ -253,6 +258,19 @@ pub struct SimArgs {
     /// JSON array of extra objects ({"key", "data"}) whose keys no file can hold.
     #[arg(long)]
     pub extra_keys: Option<PathBuf>,
+    /// S3 requests whose key (or listing prefix or continuation token)
+    /// contains TEXT are accepted and never answered (until cleared through
+    /// `POST /_sim/faults?s3_hang=`).
+    #[arg(long, value_name = "TEXT")]
+    pub s3_hang: Option<String>,
+    /// Identity and data store requests are accepted and never answered
+    /// (until `POST /_sim/faults?api_hang=0`).
+    #[arg(long)]
+    pub api_hang: bool,
+    /// Seconds the S3 side's clock runs ahead (negative: behind); beyond 15
+    /// minutes requests answer RequestTimeTooSkewed.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub clock_skew: i64,
     /// First write the demo's sample datasets into --root.
     #[arg(long)]
     pub sample_data: bool,
@@ -295,9 +313,13 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
         .with_target(false);
     match &log.log_file {
         Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Created readable by its owner only: a log names datasets,
+            // keys and errors other users need not see.
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(p)
                 .map_err(|e| format!("cannot open log file {}: {e}", p.display()))?;
             LOG_TO_FILE.store(true, Ordering::Relaxed);
@@ -323,6 +345,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 struct Connect {
     endpoints: Endpoints,
     token: Secret,
+    request_timeout: Duration,
 }
 
 impl ConnectArgs {
@@ -346,22 +369,37 @@ fn connect_settings(c: &ConnectArgs, file: &FileSettings) -> Result<Connect, Str
     let (endpoints, insecure) = c.endpoints(file);
     endpoints.check(insecure)?;
     let token = config::offline_token(c.token_file.as_deref(), file)?;
-    Ok(Connect { endpoints, token })
+    let secs = c
+        .request_timeout
+        .or(file.request_timeout)
+        .unwrap_or(crate::retry::DEFAULT_REQUEST_TIMEOUT.as_secs());
+    if secs == 0 {
+        return Err("--request-timeout must be at least 1 second".into());
+    }
+    Ok(Connect {
+        endpoints,
+        token,
+        request_timeout: Duration::from_secs(secs),
+    })
 }
 
-/// The three clients' settings for `e`.
-fn client_configs(e: Endpoints) -> (AuthConfig, ApiConfig, S3Config) {
+/// The three clients' settings for `e`, each bounding one call by
+/// `request_timeout`.
+fn client_configs(e: Endpoints, request_timeout: Duration) -> (AuthConfig, ApiConfig, S3Config) {
     (
         AuthConfig {
             realm_url: e.auth_url,
+            request_timeout,
         },
         ApiConfig {
             base_url: e.api_url,
+            request_timeout,
             ..ApiConfig::default()
         },
         S3Config {
             endpoint: e.s3_endpoint,
             region: e.s3_region,
+            request_timeout,
             ..S3Config::default()
         },
     )
@@ -377,7 +415,12 @@ fn size_setting(flag: Option<u64>, file: &Option<String>, default: u64) -> Resul
 
 fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, String> {
     let c = connect_settings(&a.connect, file)?;
-    let (auth, api, s3) = client_configs(c.endpoints);
+    let request_timeout = c.request_timeout;
+    let metadata_ttl = Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60));
+    let (auth, api, mut s3) = client_configs(c.endpoints, request_timeout);
+    // A dataset the user may not read is refused from memory as long as
+    // anything else is trusted.
+    s3.refusal_ttl = metadata_ttl;
     let mut datasets = a.datasets.clone();
     if datasets.is_empty() {
         datasets = file.dataset.clone().unwrap_or_default();
@@ -402,6 +445,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
     if let Some(gid) = a.gid.or(file.gid) {
         fuse.gid = gid;
     }
+    fuse.request_timeout = request_timeout;
     Ok(MountConfig {
         mountpoint: a.mountpoint.clone(),
         token: c.token,
@@ -409,9 +453,10 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
         api,
         s3,
         tree: TreeConfig {
-            metadata_ttl: Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60)),
+            metadata_ttl,
             datasets: (!datasets.is_empty()).then_some(datasets),
             by_name: a.by_name || file.by_name.unwrap_or(false),
+            request_timeout,
             ..TreeConfig::default()
         },
         read: ReadConfig {
@@ -432,6 +477,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
                 shared: cache_shared,
                 group: cache_group,
             }),
+            request_timeout,
             ..read_defaults
         },
         fuse,
@@ -630,7 +676,7 @@ fn print_out(s: &str) -> Result<(), Exit> {
 async fn connect(c: &ConnectArgs) -> Result<Session, String> {
     let file = file_settings(c)?;
     let s = connect_settings(c, &file)?;
-    let (auth, api, s3) = client_configs(s.endpoints);
+    let (auth, api, s3) = client_configs(s.endpoints, s.request_timeout);
     Session::connect(s.token, auth, api, s3)
         .await
         .map_err(|e| e.to_string())
@@ -651,8 +697,8 @@ fn login(a: LoginArgs) -> Result<(), Exit> {
         })?)
     };
     let rt = runtime()?;
-    let http = crate::session::http_client()?;
-    let (auth, _, _) = client_configs(e);
+    let http = crate::http::client()?;
+    let (auth, _, _) = client_configs(e, crate::retry::DEFAULT_REQUEST_TIMEOUT);
     let ui = crate::login::Ui {
         open_browser: !a.no_browser,
         qr: !a.no_qr,
@@ -695,6 +741,9 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
         api_fault_rate: a.api_fault_rate,
         latency_ms: a.latency_ms,
         extra_keys: a.extra_keys,
+        s3_hang: a.s3_hang,
+        api_hang: a.api_hang,
+        clock_skew: a.clock_skew,
     };
     let sim = crate::sim::Sim::start(cfg)
         .await

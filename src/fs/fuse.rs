@@ -1,11 +1,16 @@
 //! The fuser adapter: one thin method per FUSE operation.
 //!
-//! Every operation that may touch the network is handed to a tokio task with
-//! its reply, so the FUSE worker threads never wait on S3 or the API.
-//! Errors become errnos here and only here ([`errno`]), logged once.
+//! Every operation that may touch the network is handed to a tokio task
+//! with its reply ([`ProvenaFs::run`]), so the FUSE worker threads never
+//! wait on S3 or the API. Each such task answers within the request
+//! timeout (ETIMEDOUT otherwise) and at once when the kernel interrupts it
+//! (EINTR: the process was killed or got a signal), so no process ever
+//! hangs in the kernel waiting for us. Errors become errnos here and only
+//! here ([`errno`]), logged once.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -14,15 +19,16 @@ use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    Request, RequestId, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
-use tracing::{debug, info_span, warn, Instrument};
+use tokio::sync::oneshot;
+use tracing::{debug, info_span, warn, Instrument, Span};
 
-use super::dirstream::{Chunk, DirStream};
-use super::tree::{Attr, FileKind, Tree};
+use super::tree::{Attr, Chunk, DirStream, FileKind, Tree};
 use super::FsError;
 use crate::read::{OpenFile, Reader};
+use crate::retry::Deadline;
 
 /// Ownership and modes shown for every inode.
 #[derive(Clone, Debug)]
@@ -31,6 +37,8 @@ pub struct FuseConfig {
     pub gid: u32,
     pub file_mode: u16,
     pub dir_mode: u16,
+    /// Bound of every operation (`--request-timeout`).
+    pub request_timeout: Duration,
 }
 
 impl Default for FuseConfig {
@@ -42,6 +50,7 @@ impl Default for FuseConfig {
             gid,
             file_mode: 0o444,
             dir_mode: 0o555,
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -57,6 +66,8 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::ReadOnly => Errno::EROFS,
         FsError::BadHandle => Errno::EBADF,
         FsError::Invalid => Errno::EINVAL,
+        FsError::TimedOut => Errno::ETIMEDOUT,
+        FsError::Interrupted => Errno::EINTR,
         FsError::Io(_) => Errno::EIO,
     }
 }
@@ -64,25 +75,103 @@ pub fn errno(e: &FsError) -> Errno {
 fn log_failure(op: &str, e: &FsError) {
     match e {
         // Expected answers, or already logged once where they arose.
-        FsError::NotFound | FsError::PermissionDenied(_) => debug!(op, error = %e, "failed"),
+        FsError::NotFound | FsError::PermissionDenied(_) | FsError::Interrupted => {
+            debug!(op, error = %e, "failed")
+        }
         _ => warn!(op, error = %e, "failed"),
+    }
+}
+
+/// A reply that can carry an error: every reply type of fuser.
+trait Fail {
+    fn fail(self, e: Errno);
+}
+
+macro_rules! fail_impl {
+    ($($t:ty),*) => {$(
+        impl Fail for $t {
+            fn fail(self, e: Errno) {
+                self.error(e)
+            }
+        }
+    )*};
+}
+fail_impl!(
+    ReplyEntry,
+    ReplyData,
+    ReplyOpen,
+    ReplyDirectory,
+    ReplyDirectoryPlus
+);
+
+/// How many of each FUSE operation this mount answered, for the stats line.
+#[derive(Default)]
+pub struct OpCounts {
+    pub lookup: AtomicU64,
+    pub forget: AtomicU64,
+    pub getattr: AtomicU64,
+    pub open: AtomicU64,
+    pub read: AtomicU64,
+    pub opendir: AtomicU64,
+    pub readdir: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub timed_out: AtomicU64,
+}
+
+/// What a mount holds and has done, for `SIGUSR1` and the unmount line.
+#[derive(Clone)]
+pub struct MountStats {
+    tree: Arc<Tree>,
+    reader: Arc<Reader>,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    ops: Arc<OpCounts>,
+}
+
+impl MountStats {
+    /// One line: inodes, listings, negative names, open files, blocks in
+    /// flight, cache hits and misses, FUSE operations.
+    pub fn line(&self) -> String {
+        let t = self.tree.stats();
+        let s = &self.reader.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let o = &self.ops;
+        format!(
+            "inodes={} listings={} negative={} open_files={} fetches_in_flight={} memory_hits={} disk_hits={} misses={} disk_writes={} lookups={} forgets={} getattrs={} opens={} reads={} opendirs={} readdirs={} interrupted={} timed_out={}",
+            t.inodes,
+            t.listings,
+            t.negative,
+            lock(&self.files).len(),
+            self.reader.fetches_in_flight(),
+            n(&s.memory_hits),
+            n(&s.disk_hits),
+            n(&s.misses),
+            n(&s.disk_writes),
+            n(&o.lookup),
+            n(&o.forget),
+            n(&o.getattr),
+            n(&o.open),
+            n(&o.read),
+            n(&o.opendir),
+            n(&o.readdir),
+            n(&o.interrupted),
+            n(&o.timed_out),
+        )
     }
 }
 
 pub struct ProvenaFs {
     tree: Arc<Tree>,
     reader: Arc<Reader>,
-    /// ETag each file had when last opened: an unchanged object keeps the
-    /// kernel's page cache across opens (FOPEN_KEEP_CACHE).
-    opened_etags: Arc<Mutex<HashMap<u64, String>>>,
-    /// Set once mounted: lets us drop the kernel's cached pages and
-    /// attributes of a file that changed remotely.
+    /// Set once mounted: lets us tell the kernel a name changed remotely.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     cfg: FuseConfig,
     rt: Handle,
     files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     dirs: Arc<Mutex<HashMap<u64, Arc<DirStream>>>>,
     next_fh: AtomicU64,
+    /// Operations in flight on tasks, by request id: how to interrupt each.
+    interrupts: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    ops: Arc<OpCounts>,
 }
 
 impl ProvenaFs {
@@ -90,13 +179,14 @@ impl ProvenaFs {
         Self {
             tree,
             reader,
-            opened_etags: Default::default(),
             notifier: Default::default(),
             cfg,
             rt,
             files: Default::default(),
             dirs: Default::default(),
             next_fh: AtomicU64::new(1),
+            interrupts: Default::default(),
+            ops: Default::default(),
         }
     }
 
@@ -105,12 +195,93 @@ impl ProvenaFs {
         self.notifier.clone()
     }
 
+    pub fn stats(&self) -> MountStats {
+        MountStats {
+            tree: self.tree.clone(),
+            reader: self.reader.clone(),
+            files: self.files.clone(),
+            ops: self.ops.clone(),
+        }
+    }
+
     fn attr(&self, a: &Attr) -> FileAttr {
         fuse_attr(&self.cfg, a)
     }
 
     fn fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The deadline of work done for one operation: a little before the
+    /// operation's own bound, so the work answers with what happened.
+    fn work_deadline(&self) -> Deadline {
+        Deadline::after(
+            self.cfg
+                .request_timeout
+                .saturating_sub(Duration::from_millis(100)),
+        )
+    }
+
+    /// Runs `work` on the runtime and answers with `done(reply, value)`,
+    /// or with the error: its own, EINTR if the kernel interrupts the
+    /// request first, ETIMEDOUT if it outlasts the request timeout.
+    fn run<R, T>(
+        &self,
+        req: &Request,
+        op: &'static str,
+        span: Span,
+        reply: R,
+        work: impl Future<Output = Result<T, FsError>> + Send + 'static,
+        done: impl FnOnce(R, T) + Send + 'static,
+    ) where
+        R: Fail + Send + 'static,
+        T: Send + 'static,
+    {
+        let unique = req.unique().0;
+        let (tx, rx) = oneshot::channel::<()>();
+        lock(&self.interrupts).insert(unique, tx);
+        let interrupts = self.interrupts.clone();
+        let ops = self.ops.clone();
+        let bound = self.cfg.request_timeout;
+        self.rt.spawn(
+            async move {
+                let outcome = tokio::select! {
+                    biased;
+                    r = work => r,
+                    _ = rx => Err(FsError::Interrupted),
+                    _ = tokio::time::sleep(bound) => Err(FsError::TimedOut),
+                };
+                lock(&interrupts).remove(&unique);
+                match outcome {
+                    Ok(v) => done(reply, v),
+                    Err(e) => {
+                        match e {
+                            FsError::Interrupted => ops.interrupted.fetch_add(1, Ordering::Relaxed),
+                            FsError::TimedOut => ops.timed_out.fetch_add(1, Ordering::Relaxed),
+                            _ => 0,
+                        };
+                        log_failure(op, &e);
+                        reply.fail(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// A read met another version of `ino`'s object (or none): marks it stale
+/// and tells the kernel its name may stand for something else now, so the
+/// next open looks it up. Off the runtime: the kernel may wait for locks
+/// held by requests only our runtime can answer.
+fn name_changed(tree: &Tree, notifier: &std::sync::OnceLock<fuser::Notifier>, ino: u64) {
+    let Some((parent, name)) = tree.mark_stale(ino) else {
+        return;
+    };
+    if let Some(n) = notifier.get().cloned() {
+        std::thread::spawn(move || {
+            let _ = n.inval_entry(INodeNo(parent), OsStr::new(&*name));
+        });
     }
 }
 
@@ -139,6 +310,20 @@ fn fuse_attr(cfg: &FuseConfig, a: &Attr) -> FileAttr {
     }
 }
 
+/// What the kernel caches as "no such name" for the TTL: an entry with
+/// inode 0 (an ENOENT error would not be cached).
+fn negative_attr(cfg: &FuseConfig) -> FileAttr {
+    fuse_attr(
+        cfg,
+        &Attr {
+            ino: 0,
+            kind: FileKind::File,
+            size: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+        },
+    )
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -153,39 +338,67 @@ impl Filesystem for ProvenaFs {
             debug!(?missing, "kernel lacks some FUSE capabilities");
         }
         let _ = config.set_max_readahead(1024 * 1024);
+        // Read-ahead requests the kernel sends without a process waiting
+        // on each. The kernel's default (12) lets a few readers stuck on a
+        // stalled object hold every slot, and every other file's reads
+        // then queue behind them until the stall times out.
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn interrupt(&self, _req: &Request, unique: RequestId) -> Result<(), Errno> {
+        match lock(&self.interrupts).remove(&unique.0) {
+            Some(tx) => {
+                let _ = tx.send(());
+                Ok(())
+            }
+            // Not seen yet (another thread is dispatching it), or already
+            // answered: the kernel sends it again, or drops it.
+            None => Err(Errno::EAGAIN),
+        }
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.ops.lookup.fetch_add(1, Ordering::Relaxed);
         let Some(name) = name.to_str().map(str::to_string) else {
             reply.error(Errno::ENOENT);
             return;
         };
         let tree = self.tree.clone();
         let cfg = self.cfg.clone();
+        let ttl = self.tree.ttl();
+        let deadline = self.work_deadline();
         let span = info_span!("lookup", parent = parent.0, name = %name);
-        self.rt.spawn(
+        self.run(
+            req,
+            "lookup",
+            span,
+            reply,
             async move {
-                match tree.lookup(parent.0, &name).await {
-                    Ok(a) => {
-                        let ttl = tree.ttl();
-                        reply.entry(&ttl, &fuse_attr(&cfg, &a), Generation(0))
-                    }
-                    Err(FsError::NotFound) => {
-                        // A negative entry the kernel may cache for the TTL.
-                        reply.error(Errno::ENOENT)
-                    }
-                    Err(e) => {
-                        log_failure("lookup", &e);
-                        reply.error(errno(&e))
-                    }
+                match tree.lookup(parent.0, &name, deadline).await {
+                    Ok(a) => Ok(Some(a)),
+                    Err(FsError::NotFound) => Ok(None),
+                    Err(e) => Err(e),
                 }
-            }
-            .instrument(span),
+            },
+            move |reply, found| match found {
+                Some(a) => reply.entry(&ttl, &fuse_attr(&cfg, &a), Generation(0)),
+                // A negative entry the kernel caches for the TTL.
+                None => reply.entry(&ttl, &negative_attr(&cfg), Generation(0)),
+            },
         );
     }
 
+    // fuser's `batch_forget` calls this once per inode (its ForgetOne type
+    // is not public, so it cannot be overridden).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ops.forget.fetch_add(1, Ordering::Relaxed);
+        self.tree.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.ops.getattr.fetch_add(1, Ordering::Relaxed);
         let _s = info_span!("getattr", ino = ino.0).entered();
         match self.tree.getattr(ino.0) {
             Ok(a) => reply.attr(&self.tree.ttl(), &self.attr(&a)),
@@ -202,41 +415,33 @@ impl Filesystem for ProvenaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.ops.open.fetch_add(1, Ordering::Relaxed);
+        let _s = info_span!("open", ino = ino.0).entered();
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             reply.error(Errno::EROFS);
             return;
         }
-        let fh = self.fh();
-        let (tree, reader) = (self.tree.clone(), self.reader.clone());
-        let (files, etags) = (self.files.clone(), self.opened_etags.clone());
-        let span = info_span!("open", ino = ino.0);
-        self.rt.spawn(
-            async move {
-                match tree.file_fresh(ino.0).await {
-                    Ok(f) => {
-                        let etag = f.meta.etag.clone();
-                        let same = lock(&etags).insert(ino.0, etag.clone()) == Some(etag);
-                        let flags = if same {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        } else {
-                            FopenFlags::empty()
-                        };
-                        lock(&files).insert(fh, Arc::new(reader.open(f)));
-                        reply.opened(FileHandle(fh), flags);
-                    }
-                    Err(e) => {
-                        log_failure("open", &e);
-                        reply.error(errno(&e))
-                    }
-                }
+        // No network: the inode is one version of one object. A stale one
+        // answers ESTALE, and the kernel then looks the name up again and
+        // opens what is there now.
+        match self.tree.open_file(ino.0) {
+            Ok(f) => {
+                let fh = self.fh();
+                lock(&self.files).insert(fh, Arc::new(self.reader.open(f)));
+                // Its content never changes: whatever the kernel cached of
+                // this inode stays valid across opens.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
-            .instrument(span),
-        );
+            Err(e) => {
+                log_failure("open", &e);
+                reply.error(errno(&e))
+            }
+        }
     }
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -245,39 +450,28 @@ impl Filesystem for ProvenaFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.ops.read.fetch_add(1, Ordering::Relaxed);
         let Some(file) = lock(&self.files).get(&fh.0).cloned() else {
             reply.error(Errno::EBADF);
             return;
         };
         let reader = self.reader.clone();
-        let (tree, notifier) = (self.tree.clone(), self.notifier.clone());
+        let deadline = self.work_deadline();
         let span = info_span!("read", ino = ino.0, offset, size);
-        self.rt.spawn(
+        let (tree, notifier) = (self.tree.clone(), self.notifier.clone());
+        self.run(
+            req,
+            "read",
+            span,
+            reply,
             async move {
-                match reader.read(&file, offset, size).await {
-                    Ok(b) => reply.data(&b),
-                    Err(e) => {
-                        log_failure("read", &e);
-                        reply.error(errno(&e));
-                        if let FsError::Stale = e {
-                            tree.mark_stale(ino.0);
-                            // Drop the kernel's cached attributes (the size
-                            // may have changed). Attributes only: dropping
-                            // pages would wait on page locks held by reads
-                            // that only our runtime can answer (a deadlock,
-                            // seen in tests). The page cache goes at the
-                            // next open, which sees a new ETag. Off the
-                            // runtime, so no worker ever blocks on the kernel.
-                            if let Some(n) = notifier.get().cloned() {
-                                std::thread::spawn(move || {
-                                    let _ = n.inval_inode(ino, -1, 0);
-                                });
-                            }
-                        }
-                    }
+                let r = reader.read(&file, offset, size, deadline).await;
+                if let Err(FsError::Stale) = r {
+                    name_changed(&tree, &notifier, ino.0);
                 }
-            }
-            .instrument(span),
+                r
+            },
+            |reply, b| reply.data(&b),
         );
     }
 
@@ -306,14 +500,16 @@ impl Filesystem for ProvenaFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _s = info_span!("opendir", ino = ino.0).entered();
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.ops.opendir.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("opendir", ino = ino.0);
         let (stream, drive) = match self.tree.open_dir(ino.0) {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
         if drive {
-            // The listing outlives this call: later readdirs read it as it grows.
+            // The listing outlives this call: later readdirs read it as it
+            // grows, and every page is bounded on its own.
             let tree = self.tree.clone();
             let s = stream.clone();
             let span = info_span!("list_dir", ino = ino.0);
@@ -322,59 +518,61 @@ impl Filesystem for ProvenaFs {
         }
         let dirs = self.dirs.clone();
         let fh = self.fh();
-        let span = info_span!("opendir_wait", ino = ino.0);
-        self.rt.spawn(
-            async move {
-                // Wait for the first page, so a folder that cannot be listed
-                // (no permission, no such dataset) fails at opendir.
-                match stream.wait_started().await {
-                    Ok(()) => {
-                        lock(&dirs).insert(fh, stream);
-                        reply.opened(FileHandle(fh), FopenFlags::empty());
-                    }
-                    Err(e) => {
-                        log_failure("opendir", &e);
-                        reply.error(errno(&e))
-                    }
-                }
-            }
-            .instrument(span),
+        let s = stream.clone();
+        // Wait for the first page, so a folder that cannot be listed (no
+        // permission, no such dataset) fails at opendir.
+        self.run(
+            req,
+            "opendir",
+            span,
+            reply,
+            async move { s.wait_started().await },
+            move |reply, ()| {
+                lock(&dirs).insert(fh, stream);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            },
         );
     }
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        let _s = info_span!("readdir", ino = ino.0, offset).entered();
+        self.ops.readdir.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("readdir", ino = ino.0, offset);
         let Some(stream) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
         let from = offset.saturating_sub(2) as usize;
+        let tree = self.tree.clone();
         match stream.try_from(from) {
-            Some(r) => fill_dir(ino.0, offset, r, reply),
-            None => {
-                self.rt.spawn(async move {
-                    let r = stream.wait_from(from).await;
-                    fill_dir(ino.0, offset, r, reply)
-                });
-            }
+            Some(Ok(c)) => fill_dir(&tree, ino.0, offset, c, reply),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => self.run(
+                req,
+                "readdir",
+                span,
+                reply,
+                async move { stream.wait_from(from).await },
+                move |reply, c| fill_dir(&tree, ino.0, offset, c, reply),
+            ),
         }
     }
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        let _s = info_span!("readdirplus", ino = ino.0, offset).entered();
+        self.ops.readdir.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("readdirplus", ino = ino.0, offset);
         let Some(stream) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -384,15 +582,19 @@ impl Filesystem for ProvenaFs {
         };
         let cfg = self.cfg.clone();
         let ttl = self.tree.ttl();
+        let tree = self.tree.clone();
         let from = offset.saturating_sub(2) as usize;
         match stream.try_from(from) {
-            Some(r) => fill_dir_plus(&cfg, ttl, dot, offset, r, reply),
-            None => {
-                self.rt.spawn(async move {
-                    let r = stream.wait_from(from).await;
-                    fill_dir_plus(&cfg, ttl, dot, offset, r, reply)
-                });
-            }
+            Some(Ok(c)) => fill_dir_plus(&tree, &cfg, ttl, (ino.0, dot), offset, c, reply),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => self.run(
+                req,
+                "readdirplus",
+                span,
+                reply,
+                async move { stream.wait_from(from).await },
+                move |reply, c| fill_dir_plus(&tree, &cfg, ttl, (ino.0, dot), offset, c, reply),
+            ),
         }
     }
 
@@ -444,9 +646,10 @@ impl Filesystem for ProvenaFs {
         reply: ReplyXattr,
     ) {
         // No extended attributes. ENOSYS (not ENODATA) makes the kernel
-        // stop asking: `ls -l` would otherwise send two per file
-        // (security.selinux, system.posix_acl_access), 200,000 round trips
-        // for a folder of 100,000.
+        // stop asking (it answers EOPNOTSUPP itself from then on): `ls -l`
+        // would otherwise send two per file (security.selinux,
+        // system.posix_acl_access), 200,000 round trips for a folder of
+        // 100,000.
         reply.error(Errno::ENOSYS);
     }
 
@@ -590,48 +793,34 @@ impl Filesystem for ProvenaFs {
 }
 
 /// Offsets: 1 and 2 are `.` and `..`; entry `i` of the listing is `i + 3`.
-fn fill_dir(ino: u64, offset: u64, r: Result<Chunk, FsError>, mut reply: ReplyDirectory) {
-    let chunk = match r {
-        Ok(c) => c,
-        Err(e) => {
-            log_failure("readdir", &e);
-            return reply.error(errno(&e));
-        }
-    };
+/// Each name is handed out as what it stands for now (see [`Tree::fill`]).
+fn fill_dir(tree: &Tree, ino: u64, offset: u64, chunk: Chunk, mut reply: ReplyDirectory) {
     for (i, name) in [(0u64, "."), (1, "..")] {
         if offset <= i && reply.add(INodeNo(ino), i + 1, FileType::Directory, name) {
             return reply.ok();
         }
     }
     let base = offset.max(2);
-    for (k, e) in chunk.entries.iter().enumerate() {
-        let kind = match e.attr.kind {
+    tree.fill(ino, &chunk.entries, false, |k, e, attr| {
+        let kind = match e.kind {
             FileKind::Directory => FileType::Directory,
             FileKind::File => FileType::RegularFile,
             FileKind::Symlink => FileType::Symlink,
         };
-        if reply.add(INodeNo(e.attr.ino), base + k as u64 + 1, kind, &e.name) {
-            break;
-        }
-    }
+        reply.add(INodeNo(attr.ino), base + k as u64 + 1, kind, &*e.name)
+    });
     reply.ok();
 }
 
 fn fill_dir_plus(
+    tree: &Tree,
     cfg: &FuseConfig,
     ttl: Duration,
-    dot: FileAttr,
+    (ino, dot): (u64, FileAttr),
     offset: u64,
-    r: Result<Chunk, FsError>,
+    chunk: Chunk,
     mut reply: ReplyDirectoryPlus,
 ) {
-    let chunk = match r {
-        Ok(c) => c,
-        Err(e) => {
-            log_failure("readdirplus", &e);
-            return reply.error(errno(&e));
-        }
-    };
     for (i, name) in [(0u64, "."), (1, "..")] {
         // `.` and `..` carry no lookup count; zero TTL keeps it so.
         if offset <= i
@@ -648,17 +837,17 @@ fn fill_dir_plus(
         }
     }
     let base = offset.max(2);
-    for (k, e) in chunk.entries.iter().enumerate() {
-        if reply.add(
-            INodeNo(e.attr.ino),
+    // Every entry taken counts as a kernel reference (readdirplus is a
+    // lookup), in the same step as it is handed out.
+    tree.fill(ino, &chunk.entries, true, |k, e, attr| {
+        reply.add(
+            INodeNo(attr.ino),
             base + k as u64 + 1,
-            &e.name,
+            &*e.name,
             &ttl,
-            &fuse_attr(cfg, &e.attr),
+            &fuse_attr(cfg, attr),
             Generation(0),
-        ) {
-            break;
-        }
-    }
+        )
+    });
     reply.ok();
 }

@@ -2,7 +2,6 @@
 //! the FUSE adapter ([`fuse`]). Errors of every layer below end up as an
 //! [`FsError`], turned into an errno in one place (`fuse::errno`).
 
-pub mod dirstream;
 pub mod fuse;
 pub mod names;
 pub mod tree;
@@ -31,6 +30,10 @@ pub enum FsError {
     BadHandle,
     #[error("invalid argument")]
     Invalid,
+    #[error("no answer within the request timeout")]
+    TimedOut,
+    #[error("interrupted")]
+    Interrupted,
     #[error("{0}")]
     Io(String),
 }
@@ -43,6 +46,7 @@ impl From<ApiError> for FsError {
             ApiError::Auth(AuthError::Rejected(d)) => FsError::PermissionDenied(format!(
                 "offline token rejected ({d}); run `provenafs login` for a new one"
             )),
+            e if e.is_timeout() => FsError::TimedOut,
             other => FsError::Io(other.to_string()),
         }
     }
@@ -55,6 +59,7 @@ impl From<S3Error> for FsError {
             S3Error::Stale => FsError::Stale,
             S3Error::AccessDenied => FsError::PermissionDenied("S3 refused access".into()),
             S3Error::Credentials(a) => a.into(),
+            S3Error::TimedOut => FsError::TimedOut,
             other => FsError::Io(other.to_string()),
         }
     }

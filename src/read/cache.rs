@@ -5,13 +5,21 @@
 //! served for a new one. Disk blocks carry a header naming what they hold
 //! and a CRC32C of the data; any mismatch is a miss, never wrong bytes.
 //! Disk blocks are written to a temporary name and renamed into place, so a
-//! reader never sees half a block.
+//! reader never sees half a block. The cache folder is treated as input:
+//! see [`DiskCache`].
 
 use std::fs;
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, AtFlags, OFlag, AT_FDCWD as CWD};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -98,6 +106,18 @@ impl MemoryCache {
 
 const MAGIC: &[u8; 8] = b"PVFSBLK1";
 
+/// The file name of a block (64 hex digits: SHA-256 of its bucket, key,
+/// ETag and index); it lives in the folder named by its first two digits.
+pub fn block_file_name(bucket: &str, key: &str, etag: &str, index: u64) -> String {
+    let mut h = Sha256::new();
+    for part in [bucket, key, etag] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(index.to_le_bytes());
+    hex::encode(h.finalize())
+}
+
 /// Blocks on disk under `dir/v1/<aa>/<hash>`, bounded by `limit` bytes.
 ///
 /// The folder may be shared by many processes on many nodes (a cluster
@@ -107,8 +127,21 @@ const MAGIC: &[u8; 8] = b"PVFSBLK1";
 /// an advisory lock on `dir/v1/.evict.lock` so one process at a time
 /// trims the folder; where the file system has no locks it trims anyway
 /// (an unlink that loses the race is harmless).
+///
+/// The folder is input, not trusted (another process, another node, a
+/// group member may have written anything there): everything is reached
+/// relative to `v1`, opened once, without following symlinks; a block must
+/// be a regular file of exactly the expected length with a valid header,
+/// and is read with that bound. Anything else (a FIFO, a symlink, a
+/// truncated, oversized or garbage file) is a miss, and is removed where
+/// that is safe (it is only ever a name in our own folder).
 pub struct DiskCache {
+    /// `dir/v1`, for messages.
     dir: PathBuf,
+    /// `dir/v1` itself, opened without following symlinks.
+    root: OwnedFd,
+    /// The 256 shard folders, opened (created) on first use.
+    shards: Vec<OnceLock<Option<OwnedFd>>>,
     limit: u64,
     /// Bytes in the folder as last measured plus what this process wrote since.
     used: AtomicU64,
@@ -118,6 +151,21 @@ pub struct DiskCache {
     dir_mode: u32,
     file_mode: u32,
     evicting: Mutex<()>,
+}
+
+/// Opens folder `name` in `dir` without following a symlink there.
+fn open_dir_at<P: ?Sized + nix::NixPath>(dir: impl AsFd, name: &P) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Bytes of the header of block `k`.
+fn header_len(k: &BlockKey) -> usize {
+    8 + 3 * 4 + k.object.bucket.len() + k.object.key.len() + k.object.etag.len() + 8 + 8 + 4
 }
 
 impl DiskCache {
@@ -135,16 +183,16 @@ impl DiskCache {
             make_dir(d, dir_mode)?;
         }
         check_private(&cfg.dir, cfg.group)?;
-        // Fail now, not at the first block, on a folder we cannot write.
-        let probe = root.join(format!(
-            ".probe-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        fs::write(&probe, b"")?;
-        let _ = fs::remove_file(&probe);
+        let root_fd = open_dir_at(CWD, root.as_path()).map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot open the cache folder {} (it must be a folder, not a symlink): {e}",
+                root.display()
+            ))
+        })?;
         let cache = Arc::new(Self {
             dir: root,
+            root: root_fd,
+            shards: (0..256).map(|_| OnceLock::new()).collect(),
             limit: cfg.limit,
             used: AtomicU64::new(0),
             since_scan: AtomicU64::new(0),
@@ -153,28 +201,75 @@ impl DiskCache {
             file_mode,
             evicting: Mutex::new(()),
         });
+        // Fail now, not at the first block, on a folder we cannot write.
+        let probe = format!(".probe-{}-{}", std::process::id(), rand::random::<u64>());
+        let fd = openat(
+            &cache.root,
+            probe.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(std::io::Error::from)?;
+        drop(fd);
+        let _ = unlinkat(&cache.root, probe.as_str(), UnlinkatFlags::NoRemoveDir);
         let c = cache.clone();
         std::thread::spawn(move || {
-            let total: u64 = c.entries().iter().map(|(_, len, _)| len).sum();
+            let total: u64 = c.entries().iter().map(|e| e.size).sum();
             c.used.fetch_add(total, Ordering::Relaxed);
             c.evict_if_needed();
         });
         Ok(cache)
     }
 
-    fn path(&self, k: &BlockKey) -> PathBuf {
-        let mut h = Sha256::new();
-        for part in [&k.object.bucket, &k.object.key, &k.object.etag] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        h.update(k.index.to_le_bytes());
-        let name = hex::encode(h.finalize());
+    fn name(k: &BlockKey) -> String {
+        block_file_name(&k.object.bucket, &k.object.key, &k.object.etag, k.index)
+    }
+
+    /// Where block `k` lives (for messages and tests).
+    pub fn path(&self, k: &BlockKey) -> PathBuf {
+        let name = Self::name(k);
         self.dir.join(&name[..2]).join(name)
     }
 
+    /// The shard folder of a block name, opened (and created) once. A
+    /// symlink planted there is removed and replaced by a real folder.
+    fn shard(&self, name: &str) -> Option<&OwnedFd> {
+        let idx = usize::from_str_radix(name.get(..2)?, 16).ok()?;
+        let sub = &name[..2];
+        self.shards[idx]
+            .get_or_init(|| {
+                for _ in 0..2 {
+                    match open_dir_at(&self.root, sub) {
+                        Ok(fd) => return Some(fd),
+                        Err(Errno::ENOENT) => {
+                            let made = mkdirat(&self.root, sub, Mode::from_bits_truncate(self.dir_mode & 0o777));
+                            if let Err(e) = made.and_then(|_| open_dir_at(&self.root, sub)).and_then(|fd| {
+                                // Set explicitly: the umask may have taken the group bits.
+                                fchmod(&fd, Mode::from_bits_truncate(self.dir_mode)).map(|_| fd)
+                            }) {
+                                if e != Errno::EEXIST {
+                                    warn!(folder = %self.dir.join(sub).display(), error = %e, "cannot create a disk cache folder");
+                                    return None;
+                                }
+                            }
+                        }
+                        Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                            warn!(folder = %self.dir.join(sub).display(), "disk cache folder is not a folder (a symlink?); replaced");
+                            let _ = unlinkat(&self.root, sub, UnlinkatFlags::NoRemoveDir);
+                        }
+                        Err(e) => {
+                            warn!(folder = %self.dir.join(sub).display(), error = %e, "cannot open a disk cache folder");
+                            return None;
+                        }
+                    }
+                }
+                open_dir_at(&self.root, sub).ok()
+            })
+            .as_ref()
+    }
+
     fn header(k: &BlockKey, data: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(64 + k.object.key.len());
+        let mut v = Vec::with_capacity(header_len(k));
         v.extend_from_slice(MAGIC);
         for part in [&k.object.bucket, &k.object.key, &k.object.etag] {
             v.extend_from_slice(&(part.len() as u32).to_le_bytes());
@@ -186,73 +281,104 @@ impl DiskCache {
         v
     }
 
-    /// The block, if a valid copy is on disk.
-    pub fn get(&self, k: &BlockKey) -> Option<Bytes> {
-        use std::io::Read;
-        let p = self.path(k);
-        // One open for reading, checking and touching.
-        let mut f = fs::File::open(&p).ok()?;
-        let md = f.metadata().ok()?;
-        let mut raw = Vec::with_capacity(md.len() as usize);
-        f.read_to_end(&mut raw).ok()?;
-        // Rebuild the header we expect from the data part and compare.
-        let key_part =
-            8 + 3 * 4 + k.object.bucket.len() + k.object.key.len() + k.object.etag.len() + 8;
-        let hlen = key_part + 8 + 4;
-        if raw.len() < hlen {
+    /// The block, if a valid copy of exactly `len` data bytes is on disk.
+    pub fn get(&self, k: &BlockKey, len: u64) -> Option<Bytes> {
+        let name = Self::name(k);
+        let shard = self.shard(&name)?;
+        // Never follows a symlink; never blocks on a FIFO.
+        let fd = match openat(
+            shard,
+            name.as_str(),
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return None,
+            Err(_) => {
+                // A symlink (ELOOP), or something we may not open.
+                self.reject(shard, &name, "not a regular file");
+                return None;
+            }
+        };
+        let st = fstat(&fd).ok()?;
+        let hlen = header_len(k);
+        let want = hlen as u64 + len;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                self.reject(shard, &name, "not a regular file");
+            }
             return None;
         }
-        if Self::header(k, &raw[hlen..]) != raw[..hlen] {
-            warn!(path = %p.display(), "disk cache block failed its check; ignored");
-            let _ = fs::remove_file(&p);
+        if st.st_size as u64 != want {
+            self.reject(shard, &name, "wrong length");
+            return None;
+        }
+        // Read exactly `want` bytes: never more, whatever the file claims.
+        let file = std::fs::File::from(fd);
+        let mut raw = vec![0u8; want as usize];
+        let mut got = 0usize;
+        while got < raw.len() {
+            match file.read_at(&mut raw[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        if got != raw.len() || Self::header(k, &raw[hlen..]) != raw[..hlen] {
+            self.reject(shard, &name, "failed its check");
             return None;
         }
         // Touch for LRU: the modification time orders eviction (atime is
         // often off or relaxed on cluster file systems). A minute's
         // precision is plenty, and saves a metadata write per hit.
         let now = std::time::SystemTime::now();
-        let stale = md
-            .modified()
-            .ok()
-            .and_then(|t| now.duration_since(t).ok())
-            .is_none_or(|age| age.as_secs() >= 60);
-        if stale {
-            let _ = f.set_modified(now);
+        let modified =
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+        if now
+            .duration_since(modified)
+            .is_ok_and(|age| age.as_secs() >= 60)
+        {
+            let _ = file.set_modified(now);
         }
         Some(Bytes::from(raw).slice(hlen..))
     }
 
+    /// Removes an unusable entry (only a name in our own folder: safe).
+    fn reject(&self, shard: &OwnedFd, name: &str, why: &str) {
+        warn!(path = %self.dir.join(&name[..2]).join(name).display(), why, "disk cache entry ignored and removed");
+        let _ = unlinkat(shard, name, UnlinkatFlags::NoRemoveDir);
+    }
+
     pub fn put(&self, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = self.path(k);
-        let parent = p.parent().unwrap_or(&self.dir);
-        if !parent.is_dir() {
-            make_dir(parent, self.dir_mode)?;
-        }
-        let tmp = parent.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        let mut f = fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(self.file_mode)
-            .open(&tmp)?;
+        let name = Self::name(k);
+        let shard = self
+            .shard(&name)
+            .ok_or_else(|| std::io::Error::other("no usable cache folder"))?;
+        let tmp = format!(".tmp-{}-{}", std::process::id(), rand::random::<u64>());
+        let fd = openat(
+            shard,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(self.file_mode),
+        )?;
         if self.file_mode & 0o040 != 0 {
             // The umask may have taken the group bit away.
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(fs::Permissions::from_mode(self.file_mode))?;
+            fchmod(&fd, Mode::from_bits_truncate(self.file_mode))?;
         }
+        let mut f = std::fs::File::from(fd);
         let header = Self::header(k, data);
         let written = f.write_all(&header).and_then(|_| f.write_all(data));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
         drop(f);
-        if let Err(e) = fs::rename(&tmp, &p) {
-            let _ = fs::remove_file(&tmp);
+        let installed = written.and_then(|_| {
+            renameat(shard, tmp.as_str(), shard, name.as_str()).map_err(std::io::Error::from)
+        });
+        if let Err(e) = installed {
+            let _ = unlinkat(shard, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             return Err(e);
         }
         let n = (header.len() + data.len()) as u64;
@@ -262,30 +388,49 @@ impl DiskCache {
         Ok(())
     }
 
-    /// (path, size, modified) of every block file.
-    fn entries(&self) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    /// Every block file: regular files only, found without following
+    /// symlinks (a planted link never makes eviction delete elsewhere).
+    fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::new();
-        let Ok(rd) = fs::read_dir(&self.dir) else {
-            return out;
-        };
-        for sub in rd.flatten() {
-            let Ok(files) = fs::read_dir(sub.path()) else {
+        for idx in 0..256usize {
+            let sub = format!("{idx:02x}");
+            let Ok(dir_fd) = open_dir_at(&self.root, sub.as_str()) else {
                 continue;
             };
-            for f in files.flatten() {
-                let Ok(md) = f.metadata() else { continue };
-                if !md.is_file() {
+            let Ok(dup) = dir_fd.try_clone() else {
+                continue;
+            };
+            let Ok(mut dir) = nix::dir::Dir::from_fd(dup) else {
+                continue;
+            };
+            for e in dir.iter().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == "." || name == ".." {
                     continue;
                 }
-                let t = md.modified().unwrap_or(std::time::UNIX_EPOCH);
-                if f.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+                let Ok(st) = fstatat(&dir_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                    continue;
+                };
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    continue;
+                }
+                let mtime = st.st_mtime;
+                if name.starts_with(".tmp-") {
                     // A writer that died mid-block (on any node) left this.
-                    if t.elapsed().is_ok_and(|age| age.as_secs() > 3600) {
-                        let _ = fs::remove_file(f.path());
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    if now - mtime > 3600 {
+                        let _ = unlinkat(&dir_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
                     }
                     continue;
                 }
-                out.push((f.path(), md.len(), t));
+                out.push(Entry {
+                    shard: idx,
+                    name,
+                    size: st.st_size.max(0) as u64,
+                    mtime,
+                });
             }
         }
         out
@@ -302,19 +447,22 @@ impl DiskCache {
         let Ok(_g) = self.evicting.try_lock() else {
             return;
         };
-        let _lock = EvictLock::take(&self.dir, self.file_mode);
+        let _lock = EvictLock::take(&self.root, &self.dir, self.file_mode);
         self.since_scan.store(0, Ordering::Relaxed);
         let mut entries = self.entries();
-        let mut total: u64 = entries.iter().map(|(_, l, _)| l).sum();
-        entries.sort_by_key(|(_, _, t)| *t);
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        entries.sort_by_key(|e| e.mtime);
         let target = self.limit / 10 * 9;
         let mut evicted = 0;
-        for (p, len, _) in entries {
+        for e in entries {
             if total <= target {
                 break;
             }
-            if fs::remove_file(&p).is_ok() {
-                total -= len;
+            let Ok(dir_fd) = open_dir_at(&self.root, format!("{:02x}", e.shard).as_str()) else {
+                continue;
+            };
+            if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                total -= e.size;
                 evicted += 1;
             }
         }
@@ -323,6 +471,14 @@ impl DiskCache {
             debug!(evicted, total, "disk cache evicted");
         }
     }
+}
+
+/// One block file found by [`DiskCache::entries`].
+struct Entry {
+    shard: usize,
+    name: String,
+    size: u64,
+    mtime: i64,
 }
 
 /// Creates `d` (and parents) with `mode`, set explicitly so the umask
@@ -372,32 +528,33 @@ fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
 
 /// `flock` on the eviction lock file, released on drop. `None` when the
 /// file system has no locks: eviction then proceeds unlocked.
-struct EvictLock(Option<fs::File>);
+struct EvictLock(Option<OwnedFd>);
 
 impl EvictLock {
-    fn take(dir: &Path, mode: u32) -> EvictLock {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    fn take(root: &OwnedFd, dir: &Path, mode: u32) -> EvictLock {
         use std::os::unix::io::AsRawFd;
-        let p = dir.join(".evict.lock");
+        let flags = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         // Read-write where we may (NFS emulates flock with fcntl locks,
         // which need a descriptor open for writing); read-only otherwise
         // (a group member of a cache someone else created).
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(mode)
-            .open(&p)
-            .inspect(|f| {
-                // The umask may have taken the group bits away.
-                let _ = f.set_permissions(fs::Permissions::from_mode(mode));
-            })
-            .or_else(|_| fs::File::open(&p));
+        let f = openat(
+            root,
+            ".evict.lock",
+            OFlag::O_RDWR | OFlag::O_CREAT | flags,
+            Mode::from_bits_truncate(mode),
+        )
+        .inspect(|f| {
+            // The umask may have taken the group bits away.
+            let _ = fchmod(f, Mode::from_bits_truncate(mode));
+        })
+        .or_else(|_| openat(root, ".evict.lock", OFlag::O_RDONLY | flags, Mode::empty()));
         let f = match f {
             Ok(f) => f,
             Err(e) => {
-                Self::unlocked(&format!("cannot open {}: {e}", p.display()));
+                Self::unlocked(&format!(
+                    "cannot open {}: {e}",
+                    dir.join(".evict.lock").display()
+                ));
                 return EvictLock(None);
             }
         };
@@ -469,8 +626,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = DiskCache::open(&disk(d.path(), 1 << 20)).unwrap();
         c.put(&key(1), b"hello").unwrap();
-        assert_eq!(c.get(&key(1)).unwrap(), Bytes::from_static(b"hello"));
-        assert!(c.get(&key(2)).is_none());
+        assert_eq!(c.get(&key(1), 5).unwrap(), Bytes::from_static(b"hello"));
+        assert!(c.get(&key(2), 5).is_none());
         // Another ETag is another object.
         let other = BlockKey {
             object: Arc::new(ObjectId {
@@ -480,14 +637,78 @@ mod tests {
             }),
             index: 1,
         };
-        assert!(c.get(&other).is_none());
+        assert!(c.get(&other, 5).is_none());
         // Flip a data byte: the block is refused.
         let p = c.path(&key(1));
         let mut raw = fs::read(&p).unwrap();
         let n = raw.len();
         raw[n - 1] ^= 1;
         fs::write(&p, raw).unwrap();
-        assert!(c.get(&key(1)).is_none());
+        assert!(c.get(&key(1), 5).is_none());
+        assert!(!p.exists(), "a corrupt block is removed");
+        // A block of another length than the object says is invalid too.
+        c.put(&key(3), b"hello").unwrap();
+        assert!(c.get(&key(3), 6).is_none());
+        assert!(c.get(&key(3), 5).is_none(), "and gone");
+    }
+
+    #[test]
+    fn hostile_entries_never_hang_never_mislead_and_go() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&disk(d.path(), 1 << 30)).unwrap();
+        let outside = d.path().join("outside");
+        let data = vec![7u8; 4096];
+        for i in 1..=6 {
+            fs::create_dir_all(c.path(&key(i)).parent().unwrap()).unwrap();
+        }
+        // A valid block elsewhere, linked into place: never followed.
+        c.put(&key(9), &data).unwrap();
+        fs::rename(c.path(&key(9)), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, c.path(&key(1))).unwrap();
+        // A FIFO: opening it for reading would block forever.
+        let fifo = c.path(&key(2));
+        let cpath = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+        // Truncated, oversized, garbage, a folder.
+        c.put(&key(3), &data).unwrap();
+        let raw = fs::read(c.path(&key(3))).unwrap();
+        fs::write(c.path(&key(3)), &raw[..raw.len() - 1]).unwrap();
+        c.put(&key(4), &data).unwrap();
+        let mut big = fs::read(c.path(&key(4))).unwrap();
+        big.extend(std::iter::repeat_n(0u8, 1 << 20));
+        fs::write(c.path(&key(4)), big).unwrap();
+        fs::write(c.path(&key(5)), vec![0u8; raw.len()]).unwrap();
+        fs::create_dir(c.path(&key(6))).unwrap();
+        let t = std::time::Instant::now();
+        for i in 1..=6 {
+            assert!(c.get(&key(i), 4096).is_none(), "entry {i}");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        for i in 1..=5 {
+            assert!(
+                fs::symlink_metadata(c.path(&key(i))).is_err(),
+                "entry {i} removed"
+            );
+        }
+        assert!(outside.exists(), "what a link pointed to is untouched");
+        assert!(c.path(&key(6)).is_dir(), "a folder is left alone");
+        // A shard folder that is a link to elsewhere is never written
+        // through: it is replaced by a real folder.
+        let fresh = (100..)
+            .map(key)
+            .find(|k| {
+                let idx = usize::from_str_radix(&DiskCache::name(k)[..2], 16).unwrap();
+                c.shards[idx].get().is_none() && !c.path(k).parent().unwrap().exists()
+            })
+            .unwrap();
+        let shard = c.path(&fresh).parent().unwrap().to_path_buf();
+        let elsewhere = d.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &shard).unwrap();
+        c.put(&fresh, &data).unwrap();
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert!(fs::symlink_metadata(&shard).unwrap().is_dir());
+        assert_eq!(c.get(&fresh, 4096).unwrap(), Bytes::from(data));
     }
 
     #[test]
@@ -498,8 +719,8 @@ mod tests {
         for i in 0..20 {
             c.put(&key(i), &[7u8; 1000]).unwrap();
         }
-        let total: u64 = c.entries().iter().map(|e| e.1).sum();
+        let total: u64 = c.entries().iter().map(|e| e.size).sum();
         assert!(total <= 10_000, "{total}");
-        assert!(c.get(&key(19)).is_some());
+        assert!(c.get(&key(19), 1000).is_some());
     }
 }

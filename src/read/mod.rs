@@ -12,16 +12,30 @@
 //!    fetches exactly the bytes asked for and resets the window, so random
 //!    access never triggers large read-ahead.
 //!
-//! In-flight data is bounded globally by a semaphore (`max_inflight`), the
-//! memory cache by its byte budget, and each sequential reader's window by
-//! its share of the cache, so a hundred open files cannot exhaust RAM.
+//! Bounds, so that one stalled object never stalls the mount:
+//! - every read ends by its deadline; a block fetch ends by the deadline
+//!   of the read that started it (read-ahead: the request timeout);
+//! - read-ahead in flight, all files together, is bounded by a budget
+//!   (`max_inflight`) it never waits for: without room it simply does not
+//!   start. Reads that a process waits for never wait for that budget
+//!   (their memory is bounded by the kernel's requests in flight), and disk
+//!   cache hits never take any of it;
+//! - a fetch that failed is remembered for a few seconds, so the kernel's
+//!   retry of the same range (read-ahead first, then the page itself) fails
+//!   as fast instead of waiting out a second stall;
+//! - a fetch that dies (panics, is dropped) leaves nothing behind: its
+//!   blocks are fetched afresh by the next reader;
+//! - a reader gets the bytes of its fetch from the fetch itself, not from
+//!   the memory cache, so memory pressure can evict blocks but never fail
+//!   a read.
 
 pub mod cache;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -30,10 +44,14 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::fs::tree::FileRef;
 use crate::fs::FsError;
+use crate::retry::Deadline;
 use crate::s3::S3Error;
 use cache::{BlockKey, CacheStats, DiskCache, MemoryCache, ObjectId};
 
 const MIB: u64 = 1024 * 1024;
+
+/// How long a failed fetch is remembered (see the module docs).
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -47,10 +65,12 @@ pub struct ReadConfig {
     pub max_window: u64,
     /// Byte budget of the memory block cache.
     pub memory_cache: u64,
-    /// Bytes of GETs in flight at once, all files together.
+    /// Bytes of read-ahead GETs in flight at once, all files together.
     pub max_inflight: u64,
     /// Disk tier.
     pub disk: Option<DiskConfig>,
+    /// Bound of one read-ahead fetch (`--request-timeout`).
+    pub request_timeout: Duration,
 }
 
 /// Where and how blocks are kept on disk.
@@ -76,6 +96,7 @@ impl Default for ReadConfig {
             memory_cache: 96 * MIB,
             max_inflight: 64 * MIB,
             disk: None,
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -83,19 +104,27 @@ impl Default for ReadConfig {
 /// A cloneable failure of a shared block fetch.
 #[derive(Clone, Debug)]
 enum FetchError {
+    /// The object changed or vanished since the file was opened.
     Stale,
-    NotFound,
     Denied(String),
+    TimedOut,
     Io(String),
+    /// The fetch died before it answered (panicked, was dropped).
+    Abandoned,
 }
 
 impl From<S3Error> for FetchError {
     fn from(e: S3Error) -> Self {
-        match FsError::from(e) {
-            FsError::Stale => FetchError::Stale,
-            FsError::NotFound => FetchError::NotFound,
-            FsError::PermissionDenied(d) => FetchError::Denied(d),
-            other => FetchError::Io(other.to_string()),
+        match e {
+            // Gone since it was opened: the version this handle reads is
+            // no more.
+            S3Error::NotFound | S3Error::Stale => FetchError::Stale,
+            e => match FsError::from(e) {
+                FsError::PermissionDenied(d) => FetchError::Denied(d),
+                FsError::TimedOut => FetchError::TimedOut,
+                FsError::Stale | FsError::NotFound => FetchError::Stale,
+                other => FetchError::Io(other.to_string()),
+            },
         }
     }
 }
@@ -104,14 +133,17 @@ impl From<FetchError> for FsError {
     fn from(e: FetchError) -> Self {
         match e {
             FetchError::Stale => FsError::Stale,
-            FetchError::NotFound => FsError::Stale, // gone since it was opened
             FetchError::Denied(d) => FsError::PermissionDenied(d),
+            FetchError::TimedOut => FsError::TimedOut,
             FetchError::Io(m) => FsError::Io(m),
+            FetchError::Abandoned => FsError::Io("the block fetch was abandoned".into()),
         }
     }
 }
 
 type Pending = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+/// Where a fetched block is delivered.
+type Sender = oneshot::Sender<Result<Bytes, FetchError>>;
 
 /// Shared by every open file of a mount.
 pub struct Reader {
@@ -119,6 +151,9 @@ pub struct Reader {
     mem: MemoryCache,
     disk: Option<Arc<DiskCache>>,
     inflight: Mutex<HashMap<BlockKey, Pending>>,
+    /// Blocks whose last fetch failed, when and how.
+    failures: Mutex<HashMap<BlockKey, (Instant, FetchError)>>,
+    /// Read-ahead in flight, in blocks (see the module docs).
     budget: Arc<Semaphore>,
     sequential: Arc<AtomicUsize>,
     pub stats: CacheStats,
@@ -169,6 +204,10 @@ enum Plan {
     Exact,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Reader {
     pub fn new(mut cfg: ReadConfig) -> std::io::Result<Arc<Self>> {
         cfg.block_size = cfg.block_size.max(64 * 1024);
@@ -188,6 +227,7 @@ impl Reader {
             mem: MemoryCache::new(cfg.memory_cache),
             disk,
             inflight: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(permits)),
             sequential: Arc::new(AtomicUsize::new(0)),
             stats: CacheStats::default(),
@@ -216,6 +256,17 @@ impl Reader {
         }
     }
 
+    /// Bytes in block `index` of `f` (the last block may be short).
+    fn block_len(&self, f: &OpenFile, index: u64) -> u64 {
+        let bs = self.cfg.block_size;
+        f.size().saturating_sub(index * bs).min(bs)
+    }
+
+    /// Blocks being fetched right now (for stats and tests).
+    pub fn fetches_in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
     /// The largest window one sequential reader may use now: its share of
     /// the memory cache, so concurrent readers do not evict each other's
     /// read-ahead before it is read.
@@ -227,7 +278,7 @@ impl Reader {
     }
 
     fn plan(&self, f: &OpenFile, offset: u64, end: u64) -> Plan {
-        let mut p = f.pattern.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = lock(&f.pattern);
         let first = p.reads == 0;
         // It takes two reads in a row that continue the last to count as
         // sequential, so random reads that land near each other by chance
@@ -280,12 +331,14 @@ impl Reader {
         }
     }
 
-    /// Up to `size` bytes from `offset`; fewer only at end of file.
+    /// Up to `size` bytes from `offset`; fewer only at end of file. Ends by
+    /// `deadline` (then `TimedOut`).
     pub async fn read(
         self: &Arc<Self>,
         f: &OpenFile,
         offset: u64,
         size: u32,
+        deadline: Deadline,
     ) -> Result<Bytes, FsError> {
         let end = offset.saturating_add(size as u64).min(f.size());
         if offset >= end {
@@ -300,15 +353,18 @@ impl Reader {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             if let Plan::Blocks { ahead } = plan {
                 if ahead > end {
-                    self.read_ahead(f, b1 + 1, ahead).await;
+                    self.read_ahead(f, b1 + 1, ahead);
                 }
             }
             return Ok(self.assemble(f, &blocks, b0, offset, end));
         }
+        if let Some(e) = self.recent_failure(f, b0, b1) {
+            return Err(e.into());
+        }
         // Blocks already on their way serve an exact read too.
         let plan = match plan {
             Plan::Exact
-                if (b0..=b1).any(|i| self.lock_inflight().contains_key(&self.key(f, i))) =>
+                if (b0..=b1).any(|i| lock(&self.inflight).contains_key(&self.key(f, i))) =>
             {
                 Plan::Blocks { ahead: end }
             }
@@ -318,21 +374,48 @@ impl Reader {
             Plan::Exact => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 let m = &f.file.meta;
-                f.file
+                // Ends a little before the read must answer, so the read
+                // answers with what happened.
+                let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
+                let got = f
+                    .file
                     .dataset
                     .store
-                    .get_range(&m.key, offset..end, Some(&m.etag))
+                    .get_range(&m.key, offset..end, Some(&m.etag), fetch_deadline)
                     .await
-                    .map_err(FsError::from)
+                    .map_err(FetchError::from);
+                got.map_err(|e| {
+                    self.remember_failure(f, b0..=b1, &e);
+                    e.into()
+                })
             }
             Plan::Blocks { ahead } => {
-                self.ensure(f, b0, b1, true).await;
+                let mut waits = self.demand(f, b0, b1, deadline);
                 if ahead > end {
-                    self.read_ahead(f, b1 + 1, ahead).await;
+                    self.read_ahead(f, b1 + 1, ahead);
                 }
-                let mut blocks = Vec::with_capacity((b1 - b0 + 1) as usize);
-                for i in b0..=b1 {
-                    blocks.push(self.block(f, i).await?);
+                let mut blocks = Vec::with_capacity(waits.len());
+                for (i, wait) in waits.iter_mut().enumerate() {
+                    let index = b0 + i as u64;
+                    let got = match deadline.run(wait.clone()).await {
+                        // A fetch that died: once more, afresh.
+                        Some(Err(FetchError::Abandoned)) => {
+                            let again = self.demand(f, index, index, deadline).remove(0);
+                            deadline
+                                .run(again)
+                                .await
+                                .unwrap_or(Err(FetchError::TimedOut))
+                        }
+                        Some(r) => r,
+                        None => Err(FetchError::TimedOut),
+                    };
+                    match got {
+                        Ok(b) => blocks.push(b),
+                        Err(e) => {
+                            self.remember_failure(f, index..=index, &e);
+                            return Err(e.into());
+                        }
+                    }
                 }
                 Ok(self.assemble(f, &blocks, b0, offset, end))
             }
@@ -362,44 +445,106 @@ impl Reader {
         out.freeze()
     }
 
-    /// A block from memory, an in-flight fetch, or a new fetch.
-    async fn block(self: &Arc<Self>, f: &OpenFile, i: u64) -> Result<Bytes, FsError> {
-        let key = self.key(f, i);
-        for _ in 0..3 {
-            if let Some(b) = self.mem.get(&key) {
-                return Ok(b);
-            }
-            let pending = self.lock_inflight().get(&key).cloned();
-            if let Some(p) = pending {
-                return p.await.map_err(FsError::from);
-            }
-            // Evicted between fetch and use: fetch it again.
-            self.ensure(f, i, i, true).await;
+    /// The failure of a recent fetch of any of blocks `b0..=b1`, if any.
+    fn recent_failure(&self, f: &OpenFile, b0: u64, b1: u64) -> Option<FetchError> {
+        let failures = lock(&self.failures);
+        if failures.is_empty() {
+            return None;
         }
-        Err(FsError::Io(
-            "block cache thrashing: raise --memory-cache-size".into(),
-        ))
+        (b0..=b1).find_map(|i| {
+            failures
+                .get(&self.key(f, i))
+                .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY)
+                .map(|(_, e)| e.clone())
+        })
     }
 
-    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<BlockKey, Pending>> {
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    fn remember_failure(
+        &self,
+        f: &OpenFile,
+        blocks: std::ops::RangeInclusive<u64>,
+        e: &FetchError,
+    ) {
+        if matches!(e, FetchError::Abandoned) {
+            return;
+        }
+        let mut failures = lock(&self.failures);
+        if failures.len() > 4096 {
+            failures.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+        }
+        let now = Instant::now();
+        for i in blocks {
+            failures.insert(self.key(f, i), (now, e.clone()));
+        }
     }
 
-    /// Makes sure blocks `first..=last` are cached or being fetched. Missing
-    /// runs become parts of at most `part_size`, one GET each. Demanded
-    /// blocks wait for in-flight budget; read-ahead gives up without it.
-    /// Returns the first block it could not request (`last + 1` if none).
-    async fn ensure(self: &Arc<Self>, f: &OpenFile, first: u64, last: u64, demand: bool) -> u64 {
+    /// What block `i` is (cached, or on its way), if anything.
+    fn known(&self, key: &BlockKey) -> Option<Pending> {
+        if let Some(b) = self.mem.get(key) {
+            return Some(futures::future::ready(Ok(b)).boxed().shared());
+        }
+        lock(&self.inflight).get(key).cloned()
+    }
+
+    /// One wait per block of `b0..=b1`, starting fetches (without waiting
+    /// for the read-ahead budget) for those neither cached nor on their way.
+    fn demand(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        b0: u64,
+        b1: u64,
+        deadline: Deadline,
+    ) -> Vec<Pending> {
+        let mut out: Vec<Option<Pending>> =
+            (b0..=b1).map(|i| self.known(&self.key(f, i))).collect();
+        let mut i = b0;
+        while i <= b1 {
+            if out[(i - b0) as usize].is_some() {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < b1 && out[(j + 1 - b0) as usize].is_none() {
+                j += 1;
+            }
+            let n = (j - i + 1) as u32;
+            // Within budget when there is room; beyond it otherwise: a
+            // process is waiting for these bytes.
+            let permit = self.budget.clone().try_acquire_many_owned(n).ok();
+            // Fetches for a read end a little before the read's own
+            // deadline, so the read answers with what happened (and the
+            // failure is remembered for the kernel's retry).
+            let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
+            for (idx, p) in self.start_fetch(f, i, j, fetch_deadline, permit) {
+                out[(idx - b0) as usize] = Some(p);
+            }
+            i = j + 1;
+        }
+        out.into_iter()
+            .map(|p| {
+                p.unwrap_or_else(|| {
+                    futures::future::ready(Err(FetchError::Abandoned))
+                        .boxed()
+                        .shared()
+                })
+            })
+            .collect()
+    }
+
+    /// Requests read-ahead up to byte `ahead`, without waiting: runs of
+    /// missing blocks become GETs of at most `part_size`, each only if the
+    /// read-ahead budget has room. Where it stops short, the next read
+    /// tries again from there.
+    fn read_ahead(self: &Arc<Self>, f: &OpenFile, from_block: u64, ahead: u64) {
         let bs = self.cfg.block_size;
-        let last = last.min(f.size().saturating_sub(1) / bs);
+        let last = ((ahead - 1) / bs).min(f.size().saturating_sub(1) / bs);
         let per_part = self.cfg.part_size / bs;
-        let mut i = first;
+        let missing = |i: u64| {
+            let k = self.key(f, i);
+            !self.mem.contains(&k) && !lock(&self.inflight).contains_key(&k)
+        };
+        let mut i = from_block;
         while i <= last {
-            // Find the next run of blocks neither cached nor in flight.
-            let missing = |i: u64| {
-                let k = self.key(f, i);
-                !self.mem.contains(&k) && !self.lock_inflight().contains_key(&k)
-            };
             if !missing(i) {
                 i += 1;
                 continue;
@@ -408,92 +553,110 @@ impl Reader {
             while j < last && j + 1 - i < per_part && missing(j + 1) {
                 j += 1;
             }
-            let n = (j - i + 1) as u32;
-            let permit = if demand {
-                match self.budget.clone().acquire_many_owned(n).await {
-                    Ok(p) => p,
-                    Err(_) => return i,
-                }
-            } else {
-                match self.budget.clone().try_acquire_many_owned(n) {
-                    Ok(p) => p,
-                    Err(_) => return i, // no budget for read-ahead now
-                }
+            let Ok(permit) = self
+                .budget
+                .clone()
+                .try_acquire_many_owned((j - i + 1) as u32)
+            else {
+                let mut p = lock(&f.pattern);
+                p.ahead_to = p.ahead_to.min(i * bs);
+                return;
             };
-            self.start_fetch(f, i, j, permit);
+            let deadline = Deadline::after(self.cfg.request_timeout);
+            self.start_fetch(f, i, j, deadline, Some(permit));
             i = j + 1;
         }
-        last + 1
     }
 
-    /// Requests read-ahead up to byte `ahead`; when the in-flight budget
-    /// stops it short, the next read tries again from there.
-    async fn read_ahead(self: &Arc<Self>, f: &OpenFile, from_block: u64, ahead: u64) {
-        let bs = self.cfg.block_size;
-        let last = (ahead - 1) / bs;
-        let stopped = self.ensure(f, from_block, last, false).await;
-        if stopped <= last {
-            let mut p = f.pattern.lock().unwrap_or_else(|p| p.into_inner());
-            p.ahead_to = p.ahead_to.min(stopped * bs);
-        }
-    }
-
-    /// Registers blocks `i..=j` as in flight and spawns one fetch for them.
-    fn start_fetch(self: &Arc<Self>, f: &OpenFile, i: u64, j: u64, permit: OwnedSemaphorePermit) {
+    /// Registers blocks `i..=j` as in flight (those not already cached or
+    /// on their way) and spawns one fetch for them. Returns the wait of
+    /// each block it registered.
+    fn start_fetch(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        i: u64,
+        j: u64,
+        deadline: Deadline,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Vec<(u64, Pending)> {
         let mut senders = Vec::new();
+        let mut waits = Vec::new();
         {
-            let mut inflight = self.lock_inflight();
+            let mut inflight = lock(&self.inflight);
             for idx in i..=j {
                 let key = self.key(f, idx);
-                if inflight.contains_key(&key) || self.mem.contains(&key) {
+                if let Some(p) = inflight.get(&key) {
+                    waits.push((idx, p.clone()));
+                    continue;
+                }
+                if let Some(b) = self.mem.get(&key) {
+                    waits.push((idx, futures::future::ready(Ok(b)).boxed().shared()));
                     continue;
                 }
                 let (tx, rx) = oneshot::channel::<Result<Bytes, FetchError>>();
                 let fut: Pending = rx
-                    .map(|r| r.unwrap_or_else(|_| Err(FetchError::Io("fetch abandoned".into()))))
+                    .map(|r| r.unwrap_or(Err(FetchError::Abandoned)))
                     .boxed()
                     .shared();
-                inflight.insert(key.clone(), fut);
-                senders.push((key, tx));
+                inflight.insert(key.clone(), fut.clone());
+                waits.push((idx, fut));
+                senders.push((key, self.block_len(f, idx), tx));
             }
         }
         if senders.is_empty() {
-            return;
+            return waits;
         }
         let me = self.clone();
         let file = f.file.clone();
+        let own: Vec<(BlockKey, Pending)> = {
+            let registered: std::collections::HashSet<&BlockKey> =
+                senders.iter().map(|(k, _, _)| k).collect();
+            waits
+                .iter()
+                .map(|(idx, p)| (self.key(f, *idx), p.clone()))
+                .filter(|(k, _)| registered.contains(k))
+                .collect()
+        };
         let span = info_span!("fetch_blocks", key = %file.meta.key, first = i, last = j);
         tokio::spawn(
             async move {
-                me.fetch(&file, senders).await;
-                drop(permit);
+                // However this task ends (a panic, the runtime shutting
+                // down), the blocks it did not answer are no longer "in
+                // flight": the next reader fetches them afresh.
+                let _cleanup = Unregister(&me, own);
+                me.fetch(&file, senders, deadline, permit).await;
             }
             .instrument(span),
         );
+        waits
     }
 
     async fn fetch(
         &self,
         file: &FileRef,
-        senders: Vec<(BlockKey, oneshot::Sender<Result<Bytes, FetchError>>)>,
+        senders: Vec<(BlockKey, u64, Sender)>,
+        deadline: Deadline,
+        mut permit: Option<OwnedSemaphorePermit>,
     ) {
         let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
         if let Some(disk) = &self.disk {
             // All of the batch from disk at once, each answered as soon as
             // it is read: a cache shared by another node is as fast as the
             // disk allows, not one block at a time.
-            let reads = senders.iter().flatten().map(|(key, _)| {
-                let (d, k) = (disk.clone(), key.clone());
-                tokio::task::spawn_blocking(move || d.get(&k))
+            let reads = senders.iter().flatten().map(|(key, len, _)| {
+                let (d, k, len) = (disk.clone(), key.clone(), *len);
+                tokio::task::spawn_blocking(move || d.get(&k, len))
             });
             let found = futures::future::join_all(reads).await;
             for (slot, r) in senders.iter_mut().zip(found) {
                 if let Ok(Some(b)) = r {
-                    if let Some((key, tx)) = slot.take() {
+                    if let Some((key, _, tx)) = slot.take() {
                         self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                        self.mem.insert(key.clone(), b.clone());
-                        self.lock_inflight().remove(&key);
-                        let _ = tx.send(Ok(b));
+                        // A disk hit takes none of the read-ahead budget.
+                        if let Some(p) = permit.as_mut() {
+                            drop(p.split(1));
+                        }
+                        self.deliver(&key, Ok(b), tx);
                     }
                 }
             }
@@ -502,20 +665,30 @@ impl Reader {
         // fetching are not ours to fetch): one GET per contiguous run, each
         // piece handed to the block of its own index.
         let left: Vec<_> = senders.into_iter().flatten().collect();
-        let mut runs: Vec<Vec<(BlockKey, Sender)>> = Vec::new();
+        let mut runs: Vec<Vec<(BlockKey, u64, Sender)>> = Vec::new();
         for s in left {
             match runs.last_mut() {
-                Some(run) if run.last().is_some_and(|(k, _)| k.index + 1 == s.0.index) => {
+                Some(run) if run.last().is_some_and(|(k, _, _)| k.index + 1 == s.0.index) => {
                     run.push(s)
                 }
                 _ => runs.push(vec![s]),
             }
         }
-        futures::future::join_all(runs.into_iter().map(|run| self.fetch_run(file, run))).await;
+        futures::future::join_all(
+            runs.into_iter()
+                .map(|run| self.fetch_run(file, run, deadline)),
+        )
+        .await;
+        drop(permit);
     }
 
     /// One ranged GET for blocks with consecutive indices.
-    async fn fetch_run(&self, file: &FileRef, run: Vec<(BlockKey, Sender)>) {
+    async fn fetch_run(
+        &self,
+        file: &FileRef,
+        run: Vec<(BlockKey, u64, Sender)>,
+        deadline: Deadline,
+    ) {
         let bs = self.cfg.block_size;
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
@@ -527,7 +700,13 @@ impl Reader {
         let fetched = file
             .dataset
             .store
-            .get_pieces(&file.meta.key, start..end, Some(&file.meta.etag), bs)
+            .get_pieces(
+                &file.meta.key,
+                start..end,
+                Some(&file.meta.etag),
+                bs,
+                deadline,
+            )
             .await;
         let mut pieces = match fetched {
             Ok(p) if p.len() as u64 == last_index - first_index + 1 => Ok(p.into_iter()),
@@ -541,10 +720,9 @@ impl Reader {
                 Err(FetchError::from(e))
             }
         };
-        for (key, tx) in run {
+        for (key, len, tx) in run {
             let r = match pieces.as_mut().map(|p| p.next()) {
-                Ok(Some(b)) => {
-                    self.mem.insert(key.clone(), b.clone());
+                Ok(Some(b)) if b.len() as u64 == len => {
                     if let Some(disk) = &self.disk {
                         let (d, k, data) = (disk.clone(), key.clone(), b.clone());
                         tokio::task::spawn_blocking(move || {
@@ -556,25 +734,89 @@ impl Reader {
                     }
                     Ok(b)
                 }
+                Ok(Some(b)) => Err(FetchError::Io(format!(
+                    "block of {} bytes where {len} were due",
+                    b.len()
+                ))),
                 Ok(None) => Err(FetchError::Io("block missing from answer".into())),
                 Err(e) => Err(e.clone()),
             };
-            self.lock_inflight().remove(&key);
-            let _ = tx.send(r);
+            self.deliver(&key, r, tx);
         }
+    }
+
+    /// Hands a block (or its failure) to everyone waiting for it.
+    fn deliver(&self, key: &BlockKey, r: Result<Bytes, FetchError>, tx: Sender) {
+        match &r {
+            Ok(b) => {
+                self.mem.insert(key.clone(), b.clone());
+                lock(&self.failures).remove(key);
+            }
+            Err(e) if !matches!(e, FetchError::Abandoned) => {
+                let mut failures = lock(&self.failures);
+                if failures.len() > 4096 {
+                    failures.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+                }
+                failures.insert(key.clone(), (Instant::now(), e.clone()));
+            }
+            Err(_) => {}
+        }
+        lock(&self.inflight).remove(key);
+        let _ = tx.send(r);
     }
 }
 
-/// Where a fetched block is delivered.
-type Sender = oneshot::Sender<Result<Bytes, FetchError>>;
+/// Removes a fetch's blocks from the in-flight table when the fetch ends,
+/// whichever way: those it did not answer, and only while the entry is
+/// still its own (a later fetch of the same block is left alone).
+struct Unregister<'a>(&'a Reader, Vec<(BlockKey, Pending)>);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.0.inflight);
+        for (k, mine) in &self.1 {
+            if inflight.get(k).is_some_and(|p| p.ptr_eq(mine)) {
+                inflight.remove(k);
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fs::tree::Dataset;
+    use crate::s3::faulty::{Fault, FaultyStore};
     use crate::s3::memory::MemoryStore;
     use crate::s3::ObjectStore;
     use std::sync::atomic::Ordering::Relaxed;
+
+    fn soon() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    async fn file_of(store: Arc<dyn ObjectStore>, mem: &MemoryStore, key: &str) -> FileRef {
+        let meta = mem.head(key, soon()).await.unwrap();
+        let ds = Arc::new(Dataset {
+            handle: "1/2".into(),
+            bucket: "b".into(),
+            prefix: "".into(),
+            updated: std::time::UNIX_EPOCH,
+            name: None,
+            store,
+            prepared: Default::default(),
+        });
+        FileRef { dataset: ds, meta }
+    }
+
+    async fn setup(len: usize) -> (Arc<Reader>, Arc<MemoryStore>, FileRef, Vec<u8>) {
+        let store = Arc::new(MemoryStore::new());
+        let data = crate::demo::pseudo_random(3, len);
+        store.put("k", data.clone());
+        let file = file_of(store.clone(), &store, "k").await;
+        let reader = Reader::new(ReadConfig::default()).unwrap();
+        (reader, store, file, data)
+    }
 
     #[tokio::test]
     async fn a_batch_with_gaps_gets_each_block_its_own_bytes() {
@@ -586,10 +828,10 @@ mod tests {
         let mut senders = Vec::new();
         for idx in [0u64, 2, 3, 5] {
             let (tx, rx) = oneshot::channel();
-            senders.push((reader.key(&f, idx), tx));
+            senders.push((reader.key(&f, idx), MIB, tx));
             rxs.push((idx, rx));
         }
-        reader.fetch(&file, senders).await;
+        reader.fetch(&file, senders, soon(), None).await;
         for (idx, rx) in rxs {
             let got = rx.await.unwrap().unwrap();
             let bs = 1usize << 20;
@@ -599,31 +841,13 @@ mod tests {
         assert_eq!(store.gets.load(Relaxed), 3, "one GET per contiguous run");
     }
 
-    async fn setup(len: usize) -> (Arc<Reader>, Arc<MemoryStore>, FileRef, Vec<u8>) {
-        let store = Arc::new(MemoryStore::new());
-        let data = crate::demo::pseudo_random(3, len);
-        store.put("k", data.clone());
-        let meta = store.head("k").await.unwrap();
-        let ds = Arc::new(Dataset {
-            handle: "1/2".into(),
-            bucket: "b".into(),
-            prefix: "".into(),
-            updated: std::time::UNIX_EPOCH,
-            name: None,
-            store: store.clone(),
-            prepared: Default::default(),
-        });
-        let reader = Reader::new(ReadConfig::default()).unwrap();
-        (reader, store, FileRef { dataset: ds, meta }, data)
-    }
-
     #[tokio::test]
     async fn sequential_reads_grow_a_window_and_return_the_right_bytes() {
         let (r, store, f, data) = setup(40 * MIB as usize + 77).await;
         let h = r.open(f);
         let mut off = 0u64;
         while off < data.len() as u64 {
-            let b = r.read(&h, off, 128 * 1024).await.unwrap();
+            let b = r.read(&h, off, 128 * 1024, soon()).await.unwrap();
             assert_eq!(&b[..], &data[off as usize..(off as usize + b.len())]);
             off += b.len() as u64;
         }
@@ -636,7 +860,7 @@ mod tests {
     async fn random_small_reads_fetch_only_what_is_asked() {
         let (r, store, f, data) = setup(64 * MIB as usize).await;
         let h = r.open(f);
-        r.read(&h, 0, 4096).await.unwrap(); // first read: one block
+        r.read(&h, 0, 4096, soon()).await.unwrap(); // first read: one block
         let before = store.gets.load(Relaxed);
         let mut x = 12345u64;
         for _ in 0..200 {
@@ -644,7 +868,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let off = (x >> 20) % (64 * MIB - 4096) / 4096 * 4096;
-            let b = r.read(&h, off, 4096).await.unwrap();
+            let b = r.read(&h, off, 4096, soon()).await.unwrap();
             assert_eq!(&b[..], &data[off as usize..off as usize + 4096]);
         }
         let gets = store.gets.load(Relaxed) - before;
@@ -659,7 +883,7 @@ mod tests {
             .iter()
             .map(|h| {
                 let (r, h) = (r.clone(), h.clone());
-                tokio::spawn(async move { r.read(&h, 0, 4096).await.unwrap() })
+                tokio::spawn(async move { r.read(&h, 0, 4096, soon()).await.unwrap() })
             })
             .collect();
         for t in tasks {
@@ -669,12 +893,126 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stale_object_is_an_error_never_mixed_bytes() {
+    async fn a_changed_or_deleted_object_is_stale_never_mixed_bytes() {
         let (r, store, f, _) = setup(4 * MIB as usize).await;
-        let h = r.open(f);
-        r.read(&h, 0, 4096).await.unwrap();
+        let h = r.open(f.clone());
+        r.read(&h, 0, 4096, soon()).await.unwrap();
         store.put("k", vec![1u8; 4 * MIB as usize]);
-        let e = r.read(&h, 3 * MIB, 4096).await.unwrap_err();
+        let e = r.read(&h, 3 * MIB, 4096, soon()).await.unwrap_err();
         assert!(matches!(e, FsError::Stale), "{e:?}");
+        // Deleted: an uncached read is ESTALE too, never ENOENT.
+        let h2 = r.open(f);
+        store.delete("k");
+        for off in [2 * MIB, 2 * MIB + 4096 * 9] {
+            let e = r.read(&h2, off, 4096, soon()).await.unwrap_err();
+            assert!(matches!(e, FsError::Stale), "{e:?}");
+        }
+    }
+
+    fn faulty(len: usize) -> (Arc<MemoryStore>, Arc<FaultyStore>, Vec<u8>) {
+        let mem = Arc::new(MemoryStore::new());
+        let data = crate::demo::pseudo_random(5, len);
+        for k in ["stuck", "other"] {
+            mem.put(k, data.clone());
+        }
+        let f = Arc::new(FaultyStore::new(mem.clone()));
+        (mem, f, data)
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_dies_never_leaves_its_block_failing() {
+        let (mem, store, data) = faulty(2 * MIB as usize);
+        let file = file_of(store.clone(), &mem, "stuck").await;
+        let r = Reader::new(ReadConfig::default()).unwrap();
+        store.inject("stuck", Fault::Panic);
+        let h = r.open(file);
+        assert!(r.read(&h, 0, 4096, soon()).await.is_err());
+        assert_eq!(r.fetches_in_flight(), 0, "nothing left in flight");
+        store.clear();
+        // Past the failure memory (a panic is not remembered at all).
+        let b = r.read(&h, 0, 4096, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[..4096]);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_object_holds_up_nothing_else_and_fails_fast_twice() {
+        let (mem, store, data) = faulty(16 * MIB as usize);
+        let cfg = ReadConfig {
+            max_inflight: 8 * MIB,
+            ..ReadConfig::default()
+        };
+        let r = Reader::new(cfg).unwrap();
+        let stuck = file_of(store.clone(), &mem, "stuck").await;
+        let other = file_of(store.clone(), &mem, "other").await;
+        store.inject("stuck", Fault::Hang);
+        // Eight sequential readers of the stalled object: read-ahead takes
+        // the whole budget and never comes back before the bound.
+        let readers: Vec<_> = (0..8)
+            .map(|i| {
+                let (r, h) = (r.clone(), Arc::new(r.open(stuck.clone())));
+                tokio::spawn(async move {
+                    let d = Deadline::after(Duration::from_secs(2));
+                    r.read(&h, i * MIB, 256 * 1024, d).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let h = r.open(other);
+        let b = r.read(&h, 5 * MIB, 4096, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[5 * MIB as usize..5 * MIB as usize + 4096]);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        for rd in readers {
+            let e = rd.await.unwrap().unwrap_err();
+            assert!(matches!(e, FsError::TimedOut), "{e:?}");
+        }
+        // The kernel's retry of the same range fails at once.
+        let h = r.open(stuck);
+        let t = Instant::now();
+        assert!(r.read(&h, 0, 4096, soon()).await.is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_pressure_never_fails_a_read() {
+        let store = Arc::new(MemoryStore::new());
+        let mut want = Vec::new();
+        for i in 0..8 {
+            let d = crate::demo::pseudo_random(i + 10, 24 * MIB as usize);
+            store.put(&format!("f{i}"), d.clone());
+            want.push(d);
+        }
+        // The smallest memory cache there is (two parts): eight readers
+        // evict each other's blocks all the time.
+        let r = Reader::new(ReadConfig {
+            memory_cache: 0,
+            ..ReadConfig::default()
+        })
+        .unwrap();
+        let mut tasks = Vec::new();
+        for (i, d) in want.into_iter().enumerate() {
+            let f = file_of(store.clone(), &store, &format!("f{i}")).await;
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move {
+                let h = r.open(f);
+                let mut off = 0u64;
+                while off < d.len() as u64 {
+                    let b = r.read(&h, off, 1 << 20, soon()).await.unwrap();
+                    assert!(b[..] == d[off as usize..off as usize + b.len()]);
+                    off += b.len() as u64;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
     }
 }

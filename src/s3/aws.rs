@@ -1,10 +1,13 @@
 //! [`ObjectStore`] over aws-sdk-s3, one client per dataset.
 //!
-//! The SDK's own retries are off: this layer retries with backoff itself, so
-//! it can treat a short body, an `ExpiredToken` answer (refresh credentials
-//! once, then retry) and throttling in one place, within a bounded budget.
+//! The SDK's own retries are off: this layer retries with backoff itself,
+//! within each call's deadline, so it can treat a short body, a stall, an
+//! answer refusing the credentials (renew them once, then retry) and
+//! throttling in one place. An attempt that makes no progress for the stall
+//! timeout (no answer, or no body bytes) is abandoned and retried.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,21 +15,26 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::{Bytes, BytesMut};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{ListPage, ObjectMeta, ObjectStore, S3Error, StoreFactory};
 use crate::api::DataStoreClient;
 use crate::credentials::{DatasetCredentials, SdkProvider};
+use crate::retry::{stall_timeout, Deadline};
 
 #[derive(Clone, Debug)]
 pub struct S3Config {
     /// Custom endpoint (emulator, other S3); `None` means AWS itself.
     pub endpoint: Option<String>,
     pub region: String,
-    /// Attempts per request for transient failures.
+    /// Attempts per request for transient failures (within its deadline).
     pub attempts: u32,
-    /// Deadline of one attempt.
-    pub attempt_timeout: Duration,
+    /// Bound of one request, retries included (`--request-timeout`); a
+    /// third of it is the stall timeout of one attempt.
+    pub request_timeout: Duration,
+    /// How long a dataset whose files the user may not read is refused
+    /// from memory (the metadata TTL).
+    pub refusal_ttl: Duration,
 }
 
 impl Default for S3Config {
@@ -35,7 +43,8 @@ impl Default for S3Config {
             endpoint: None,
             region: "ap-southeast-2".into(),
             attempts: 6,
-            attempt_timeout: Duration::from_secs(30),
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
+            refusal_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -54,18 +63,15 @@ impl AwsFactory {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
             ))
             .build_https();
+        let stall = stall_timeout(config.request_timeout);
         let mut base = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
             .http_client(http)
             .retry_config(RetryConfig::disabled())
             .identity_cache(aws_sdk_s3::config::IdentityCache::no_cache())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(config.attempt_timeout)
-                    .build(),
-            );
+            // Attempts are bounded here, by deadline and stall timeout.
+            .timeout_config(TimeoutConfig::builder().connect_timeout(stall).build());
         if let Some(ep) = &config.endpoint {
             base = base.endpoint_url(ep).force_path_style(true);
         }
@@ -75,7 +81,12 @@ impl AwsFactory {
 
 impl StoreFactory for AwsFactory {
     fn open(&self, handle: &str, bucket: &str) -> Arc<dyn ObjectStore> {
-        let creds = Arc::new(DatasetCredentials::new(handle, self.api.clone()));
+        let creds = Arc::new(DatasetCredentials::new(
+            handle,
+            self.api.clone(),
+            self.config.request_timeout,
+            self.config.refusal_ttl,
+        ));
         let conf = self
             .base
             .clone()
@@ -86,6 +97,7 @@ impl StoreFactory for AwsFactory {
             bucket: bucket.to_string(),
             creds,
             attempts: self.config.attempts.max(1),
+            stall: stall_timeout(self.config.request_timeout),
         })
     }
 }
@@ -95,30 +107,54 @@ pub struct AwsObjectStore {
     bucket: String,
     creds: Arc<DatasetCredentials>,
     attempts: u32,
+    /// An attempt without progress for this long has stalled.
+    stall: Duration,
 }
 
 impl AwsObjectStore {
-    /// Runs `op` with fresh credentials, retrying transient failures with
-    /// backoff and refreshing credentials once when S3 calls them expired.
-    async fn with_retries<T, F, Fut>(&self, what: &str, op: F) -> Result<T, S3Error>
+    /// Runs `op` (given its stall timeout) with fresh credentials until
+    /// `deadline`: transient failures are retried with backoff; an answer
+    /// refusing the credentials renews them once and retries once.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Deadline,
+        op: F,
+    ) -> Result<T, S3Error>
     where
-        F: Fn() -> Fut,
+        F: Fn(Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, S3Error>>,
     {
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
             attempt += 1;
             // Fetch (or reuse) credentials first so a refusal surfaces as an
             // API error (EACCES), not an opaque SDK construction failure.
-            let key_id = self.creds.get().await?.access_key_id().to_string();
-            match op().await {
+            let key_id = self.creds.get(deadline).await?.key_id;
+            let stall = deadline.attempt(self.stall);
+            if stall.is_zero() {
+                return Err(S3Error::TimedOut);
+            }
+            let result = match deadline.run(op(stall)).await {
+                Some(r) => r,
+                None => Err(S3Error::TimedOut),
+            };
+            match result {
                 Ok(v) => return Ok(v),
-                Err(S3Error::ExpiredCredentials) if attempt < self.attempts => {
-                    debug!(what, "credentials expired at S3; refreshing");
-                    self.creds.invalidate(&key_id).await;
+                Err(S3Error::CredentialsRejected(code)) if !renewed => {
+                    info!(
+                        what,
+                        code, "S3 refused the read credentials; renewing them and retrying once"
+                    );
+                    self.creds.invalidate(&key_id);
+                    renewed = true;
                 }
                 Err(e) if e.is_transient() && attempt < self.attempts => {
                     let wait = crate::retry::backoff(attempt);
+                    if !deadline.allows(wait) {
+                        return Err(e);
+                    }
                     warn!(what, attempt, error = %e, "S3 request failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
@@ -128,11 +164,25 @@ impl AwsObjectStore {
     }
 }
 
+/// The first bytes of an answer within `stall`, or a (transient) stall.
+async fn answered<T, E: ProvideErrorMetadata + std::error::Error + 'static>(
+    stall: Duration,
+    send: impl std::future::Future<Output = Result<T, SdkError<E>>>,
+) -> Result<T, S3Error> {
+    match tokio::time::timeout(stall, send).await {
+        Ok(r) => r.map_err(map_err),
+        Err(_) => Err(S3Error::Network(format!("no answer within {stall:?}"))),
+    }
+}
+
 fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(e: SdkError<E>) -> S3Error {
     match &e {
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
             let code = se.err().code().unwrap_or_default();
+            if code == "RequestTimeTooSkewed" {
+                report_skew(se.raw().headers().get("date"));
+            }
             classify(status, code)
         }
         // The answer could not be read (cut short, garbled): try again.
@@ -152,14 +202,65 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(e: SdkError<E>
     }
 }
 
+/// Says once, in words, how far this machine's clock is from S3's (read
+/// from the refusing answer's `Date`). aws-sdk-s3 then signs with S3's
+/// time, so reads go on; the clock should still be fixed.
+fn report_skew(date: Option<&str>) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let server = date
+        .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+        .map(SystemTime::from);
+    let Some(server) = server else {
+        return;
+    };
+    if SAID.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let now = SystemTime::now();
+    let (secs, way) = match server.duration_since(now) {
+        Ok(d) => (d.as_secs(), "behind"),
+        Err(e) => (e.duration().as_secs(), "ahead of"),
+    };
+    warn!(
+        "this machine's clock is {} {way} S3's: S3 refused a request as signed at the wrong time. \
+         Requests are now signed with S3's time, but fix the clock (NTP): other tools will fail",
+        words(secs)
+    );
+}
+
+/// `1234` seconds as "20 minutes 34 seconds".
+fn words(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut parts = Vec::new();
+    for (n, unit) in [(h, "hour"), (m, "minute"), (s, "second")] {
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    if parts.is_empty() {
+        "0 seconds".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn classify(status: u16, code: &str) -> S3Error {
     match (status, code) {
-        (_, "ExpiredToken") | (_, "TokenRefreshRequired") => S3Error::ExpiredCredentials,
+        (
+            _,
+            "ExpiredToken"
+            | "TokenRefreshRequired"
+            | "InvalidAccessKeyId"
+            | "InvalidToken"
+            | "SignatureDoesNotMatch"
+            | "RequestTimeTooSkewed",
+        ) => S3Error::CredentialsRejected(code.to_string()),
         (_, "NoSuchKey") | (404, _) => S3Error::NotFound,
         (412, _) | (_, "PreconditionFailed") => S3Error::Stale,
         (_, "SlowDown") | (503, _) | (429, _) => S3Error::Throttled,
-        // A HEAD answer has no body, so an expired token shows only as 400.
-        (400, "") => S3Error::ExpiredCredentials,
+        // A HEAD answer has no body, so a refused credential shows only as
+        // a bare 400 or 403.
+        (400, "") => S3Error::CredentialsRejected("HTTP 400".into()),
         (403, _) | (_, "AccessDenied") => S3Error::AccessDenied,
         (s, _) => S3Error::Server(s),
     }
@@ -189,10 +290,12 @@ impl ObjectStore for AwsObjectStore {
         delimiter: Option<&str>,
         continuation: Option<String>,
         max_keys: Option<i32>,
+        deadline: Deadline,
     ) -> Result<ListPage, S3Error> {
         let span = info_span!("s3_list", bucket = %self.bucket, prefix);
-        self.with_retries("ListObjectsV2", || async {
-            let out = self
+        let continuation = &continuation;
+        self.with_retries("ListObjectsV2", deadline, |stall| async move {
+            let send = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
@@ -203,9 +306,8 @@ impl ObjectStore for AwsObjectStore {
                 // Keys may hold characters XML 1.0 cannot carry (control
                 // characters): ask for them encoded, decode below.
                 .encoding_type(aws_sdk_s3::types::EncodingType::Url)
-                .send()
-                .await
-                .map_err(map_err)?;
+                .send();
+            let out = answered(stall, send).await?;
             let objects = out
                 .contents()
                 .iter()
@@ -235,25 +337,24 @@ impl ObjectStore for AwsObjectStore {
         .await
     }
 
-    async fn prepare(&self) -> Result<(), S3Error> {
+    async fn prepare(&self, deadline: Deadline) -> Result<(), S3Error> {
         self.creds
-            .get()
+            .get(deadline)
             .await
             .map(|_| ())
             .map_err(S3Error::Credentials)
     }
 
-    async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error> {
+    async fn head(&self, key: &str, deadline: Deadline) -> Result<ObjectMeta, S3Error> {
         let span = info_span!("s3_head", bucket = %self.bucket, key);
-        self.with_retries("HeadObject", || async {
-            let out = self
+        self.with_retries("HeadObject", deadline, |stall| async move {
+            let send = self
                 .client
                 .head_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .send()
-                .await
-                .map_err(map_err)?;
+                .send();
+            let out = answered(stall, send).await?;
             Ok(meta(
                 key,
                 out.content_length(),
@@ -270,9 +371,10 @@ impl ObjectStore for AwsObjectStore {
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
+        deadline: Deadline,
     ) -> Result<Bytes, S3Error> {
         let len = range.end.saturating_sub(range.start).max(1);
-        let mut pieces = self.get_pieces(key, range, etag, len).await?;
+        let mut pieces = self.get_pieces(key, range, etag, len, deadline).await?;
         Ok(pieces.pop().unwrap_or_default())
     }
 
@@ -282,23 +384,24 @@ impl ObjectStore for AwsObjectStore {
         range: Range<u64>,
         etag: Option<&str>,
         piece: u64,
+        deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
         if range.is_empty() {
             return Ok(Vec::new());
         }
         let piece = piece.max(1);
         let span = info_span!("s3_get", bucket = %self.bucket, key, start = range.start, len = range.end - range.start);
-        self.with_retries("GetObject", || async {
-            let out = self
+        let range = &range;
+        self.with_retries("GetObject", deadline, |stall| async move {
+            let send = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .range(format!("bytes={}-{}", range.start, range.end - 1))
                 .set_if_match(etag.map(|e| format!("\"{e}\"")))
-                .send()
-                .await
-                .map_err(map_err)?;
+                .send();
+            let out = answered(stall, send).await?;
             // Copy each chunk into its piece as it arrives: one copy, one
             // allocation per piece, and a body of the wrong length is an
             // error, never data.
@@ -310,11 +413,19 @@ impl ObjectStore for AwsObjectStore {
             let mut done = 0u64;
             let mut body = out.body;
             loop {
-                let chunk = match body.try_next().await {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(e) => {
+                // A body that stops flowing is a stall like no answer at all.
+                let chunk = match tokio::time::timeout(stall, body.try_next()).await {
+                    Ok(Ok(Some(c))) => c,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
                         debug!(error = %e, got = done, "body cut short");
+                        return Err(S3Error::ShortBody {
+                            expected,
+                            got: done,
+                        });
+                    }
+                    Err(_) => {
+                        debug!(got = done, "body stalled");
                         return Err(S3Error::ShortBody {
                             expected,
                             got: done,
@@ -385,7 +496,29 @@ fn url_decode(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod url_tests {
-    use super::url_decode;
+    use super::{classify, url_decode, words, S3Error};
+
+    #[test]
+    fn refused_credentials_are_told_apart() {
+        for code in [
+            "ExpiredToken",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "RequestTimeTooSkewed",
+        ] {
+            assert!(
+                matches!(classify(403, code), S3Error::CredentialsRejected(c) if c == code),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            classify(403, "AccessDenied"),
+            S3Error::AccessDenied
+        ));
+        assert!(matches!(classify(412, ""), S3Error::Stale));
+        assert_eq!(words(1234), "20 minutes 34 seconds");
+        assert_eq!(words(3600), "1 hour");
+    }
 
     #[test]
     fn decodes_s3_url_encoding() {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use md5::Digest;
 
 use super::{ListPage, ObjectMeta, ObjectStore, S3Error, StoreFactory};
+use crate::retry::Deadline;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -34,6 +35,13 @@ impl MemoryStore {
         Self {
             page_size: n,
             ..Self::default()
+        }
+    }
+
+    /// Removes `key` (as a delete on S3 would).
+    pub fn delete(&self, key: &str) {
+        if let Ok(mut o) = self.objects.lock() {
+            o.remove(key);
         }
     }
 
@@ -63,11 +71,19 @@ impl ObjectStore for MemoryStore {
         delimiter: Option<&str>,
         continuation: Option<String>,
         max_keys: Option<i32>,
+        _deadline: Deadline,
     ) -> Result<ListPage, S3Error> {
         self.lists.fetch_add(1, Ordering::Relaxed);
+        // The smaller of what was asked and what this store serves (0: any).
+        let serves = if self.page_size == 0 {
+            usize::MAX
+        } else {
+            self.page_size
+        };
         let max = max_keys
             .map(|m| m.max(1) as usize)
-            .unwrap_or(self.page_size);
+            .unwrap_or(usize::MAX)
+            .min(serves);
         let objects = self
             .objects
             .lock()
@@ -110,7 +126,7 @@ impl ObjectStore for MemoryStore {
         Ok(page)
     }
 
-    async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error> {
+    async fn head(&self, key: &str, _deadline: Deadline) -> Result<ObjectMeta, S3Error> {
         self.heads.fetch_add(1, Ordering::Relaxed);
         let objects = self
             .objects
@@ -127,6 +143,7 @@ impl ObjectStore for MemoryStore {
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
+        _deadline: Deadline,
     ) -> Result<Bytes, S3Error> {
         self.gets.fetch_add(1, Ordering::Relaxed);
         let objects = self
@@ -156,6 +173,8 @@ impl StoreFactory for MemoryFactory {
 mod tests {
     use super::*;
 
+    const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+
     #[tokio::test]
     async fn lists_with_delimiter_and_pages() {
         let s = MemoryStore {
@@ -168,7 +187,10 @@ mod tests {
         let mut names = vec![];
         let mut token = None;
         loop {
-            let p = s.list("d/", Some("/"), token, None).await.unwrap();
+            let p = s
+                .list("d/", Some("/"), token, None, Deadline::after(SECOND))
+                .await
+                .unwrap();
             names.extend(p.objects.iter().map(|o| o.key.clone()));
             names.extend(p.prefixes.iter().cloned());
             token = p.next;

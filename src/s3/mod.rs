@@ -1,8 +1,10 @@
 //! Object access for one dataset: the [`ObjectStore`] trait, its aws-sdk-s3
-//! implementation ([`aws::AwsObjectStore`]) and an in-memory one
-//! ([`memory::MemoryStore`]) for fast unit tests of the layers above.
+//! implementation ([`aws::AwsObjectStore`]), an in-memory one
+//! ([`memory::MemoryStore`]) for fast unit tests of the layers above, and a
+//! wrapper that injects stalls, failures and panics ([`faulty::FaultyStore`]).
 
 pub mod aws;
+pub mod faulty;
 pub mod memory;
 
 use std::ops::Range;
@@ -13,6 +15,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::api::ApiError;
+use crate::retry::Deadline;
 
 /// What a listing or HEAD says about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,8 +44,11 @@ pub enum S3Error {
     Stale,
     #[error("access denied by S3")]
     AccessDenied,
-    #[error("S3 rejected the temporary credentials as expired")]
-    ExpiredCredentials,
+    /// S3 refused the read credentials themselves: `ExpiredToken`,
+    /// `InvalidAccessKeyId` (revoked), `SignatureDoesNotMatch` (re-keyed),
+    /// `RequestTimeTooSkewed` (a wrong clock). New ones may fix it.
+    #[error("S3 refused the read credentials ({0})")]
+    CredentialsRejected(String),
     #[error("cannot get read credentials: {0}")]
     Credentials(#[from] ApiError),
     #[error("S3 asked us to slow down")]
@@ -53,6 +59,8 @@ pub enum S3Error {
     Network(String),
     #[error("S3 sent {got} bytes where {expected} were due")]
     ShortBody { expected: u64, got: u64 },
+    #[error("S3 did not answer in time")]
+    TimedOut,
     #[error("S3 error: {0}")]
     Other(String),
 }
@@ -61,18 +69,25 @@ impl S3Error {
     /// Worth another attempt: the next try may well succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            S3Error::Throttled
-            | S3Error::Network(_)
-            | S3Error::ShortBody { .. }
-            | S3Error::ExpiredCredentials => true,
+            S3Error::Throttled | S3Error::Network(_) | S3Error::ShortBody { .. } => true,
             S3Error::Server(s) => *s >= 500 || *s == 429,
             S3Error::Credentials(e) => e.is_transient(),
             _ => false,
         }
     }
+
+    /// The request ran out of time (S3, or the credentials it needed).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            S3Error::TimedOut => true,
+            S3Error::Credentials(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
 }
 
-/// Read access to one dataset's objects in one bucket.
+/// Read access to one dataset's objects in one bucket. Every call ends by
+/// its `deadline`, retries included (then `TimedOut`).
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// One ListObjectsV2 page under `prefix`.
@@ -82,14 +97,15 @@ pub trait ObjectStore: Send + Sync {
         delimiter: Option<&str>,
         continuation: Option<String>,
         max_keys: Option<i32>,
+        deadline: Deadline,
     ) -> Result<ListPage, S3Error>;
 
-    async fn head(&self, key: &str) -> Result<ObjectMeta, S3Error>;
+    async fn head(&self, key: &str, deadline: Deadline) -> Result<ObjectMeta, S3Error>;
 
     /// Gets ready to serve: for S3, obtains the dataset's read credentials,
     /// so the first listing does not wait for them and a dataset the user
     /// may not read is known before anything is read.
-    async fn prepare(&self) -> Result<(), S3Error> {
+    async fn prepare(&self, _deadline: Deadline) -> Result<(), S3Error> {
         Ok(())
     }
 
@@ -100,6 +116,7 @@ pub trait ObjectStore: Send + Sync {
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
+        deadline: Deadline,
     ) -> Result<Bytes, S3Error>;
 
     /// Like [`get_range`](Self::get_range), split into pieces of `piece`
@@ -111,8 +128,9 @@ pub trait ObjectStore: Send + Sync {
         range: Range<u64>,
         etag: Option<&str>,
         piece: u64,
+        deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
-        let all = self.get_range(key, range, etag).await?;
+        let all = self.get_range(key, range, etag, deadline).await?;
         Ok(all
             .chunks(piece.max(1) as usize)
             .map(Bytes::copy_from_slice)

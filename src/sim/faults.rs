@@ -1,12 +1,18 @@
 //! Fault injection: a fraction of S3 and API requests fail the way real
 //! services fail (5xx, `SlowDown`, connection resets, bodies cut short),
-//! plus added latency. Settable by flags and at run time through
-//! `POST /_sim/faults?s3_rate=F&api_rate=F&latency_ms=N`.
+//! plus added latency, stalls and a skewed clock. Settable by flags and at
+//! run time through `POST /_sim/faults?s3_rate=F&api_rate=F&latency_ms=N`,
+//! `s3_hang=TEXT` (S3 requests whose key, listing prefix or continuation
+//! token contains TEXT are accepted and never answered until `s3_hang=`
+//! clears it), `api_hang=1|0` (the same for every identity and data store
+//! call) and `clock_skew=SECS` (the S3 side's clock runs SECS ahead).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use rand::Rng;
 use serde_json::json;
+use tokio::sync::Notify;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum S3Fault {
@@ -30,6 +36,26 @@ pub struct Faults {
     latency_ms: AtomicU64,
     s3_injected: [AtomicU64; 4],
     api_injected: AtomicU64,
+    /// S3 requests whose target contains this hang (empty: none).
+    s3_hang: Mutex<String>,
+    /// Identity and data store requests hang.
+    api_hang: AtomicBool,
+    /// Woken whenever a stall setting changes, so hung requests look again.
+    hang_changed: Notify,
+    /// Requests hanging right now, and ever.
+    hanging: AtomicU64,
+    hung_total: AtomicU64,
+    /// Seconds the S3 side's clock is ahead of the real one (negative: behind).
+    clock_skew: AtomicI64,
+}
+
+/// Counts a request as hanging while it lives.
+struct Hanging<'a>(&'a Faults);
+
+impl Drop for Hanging<'_> {
+    fn drop(&mut self) {
+        self.0.hanging.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn ppm(rate: f64) -> u64 {
@@ -57,6 +83,62 @@ impl Faults {
 
     pub fn latency(&self) -> u64 {
         self.latency_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sets (or, with an empty text, clears) the S3 stall.
+    pub fn set_s3_hang(&self, text: &str) {
+        *self.s3_hang.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+        self.hang_changed.notify_waiters();
+    }
+
+    pub fn set_api_hang(&self, on: bool) {
+        self.api_hang.store(on, Ordering::Relaxed);
+        self.hang_changed.notify_waiters();
+    }
+
+    pub fn set_clock_skew(&self, secs: i64) {
+        self.clock_skew.store(secs, Ordering::Relaxed);
+    }
+
+    pub fn clock_skew(&self) -> i64 {
+        self.clock_skew.load(Ordering::Relaxed)
+    }
+
+    fn s3_hangs(&self, target: &str) -> bool {
+        let t = self.s3_hang.lock().unwrap_or_else(|p| p.into_inner());
+        !t.is_empty() && target.contains(t.as_str())
+    }
+
+    /// Returns once the S3 stall no longer matches `target` (at once if it
+    /// never did). The caller holds the connection open meanwhile: to the
+    /// client the request was accepted and is never answered.
+    pub async fn hang_s3(&self, target: &str) {
+        self.hang_while(|| self.s3_hangs(target)).await
+    }
+
+    /// Like [`hang_s3`](Self::hang_s3), for identity and data store calls.
+    pub async fn hang_api(&self) {
+        self.hang_while(|| self.api_hang.load(Ordering::Relaxed))
+            .await
+    }
+
+    async fn hang_while(&self, hangs: impl Fn() -> bool) {
+        let mut counted = None;
+        loop {
+            let changed = self.hang_changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a change in between is seen.
+            changed.as_mut().enable();
+            if !hangs() {
+                return;
+            }
+            if counted.is_none() {
+                self.hanging.fetch_add(1, Ordering::Relaxed);
+                self.hung_total.fetch_add(1, Ordering::Relaxed);
+                counted = Some(Hanging(self));
+            }
+            changed.await;
+        }
     }
 
     fn hit(rate_ppm: u64) -> bool {
@@ -106,6 +188,11 @@ impl Faults {
                 "short_body": g(&self.s3_injected[3]),
             },
             "api_injected": g(&self.api_injected),
+            "s3_hang": self.s3_hang.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "api_hang": self.api_hang.load(Ordering::Relaxed),
+            "hanging": g(&self.hanging),
+            "hung_total": g(&self.hung_total),
+            "clock_skew": self.clock_skew(),
         })
     }
 }
@@ -113,6 +200,27 @@ impl Faults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stall_holds_until_cleared() {
+        let f = std::sync::Arc::new(Faults::default());
+        f.hang_s3("datasets/x/free").await; // no stall: returns at once
+        f.set_s3_hang("stuck");
+        let hung = {
+            let f = f.clone();
+            tokio::spawn(async move { f.hang_s3("datasets/x/stuck.bin").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!hung.is_finished());
+        assert_eq!(f.json()["hanging"], 1);
+        f.set_s3_hang("other");
+        tokio::time::timeout(std::time::Duration::from_secs(2), hung)
+            .await
+            .expect("released")
+            .unwrap();
+        assert_eq!(f.json()["hanging"], 0);
+        assert_eq!(f.json()["hung_total"], 1);
+    }
 
     #[test]
     fn rates_are_honoured_roughly() {

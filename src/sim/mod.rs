@@ -62,6 +62,15 @@ pub struct SimConfig {
     pub latency_ms: u64,
     /// Objects that cannot exist as files (odd keys), from a JSON file.
     pub extra_keys: Option<PathBuf>,
+    /// S3 requests whose key (or listing prefix, continuation token)
+    /// contains this text hang, accepted and never answered.
+    pub s3_hang: Option<String>,
+    /// Identity and data store requests hang.
+    pub api_hang: bool,
+    /// Seconds the S3 side's clock runs ahead of the real one (negative:
+    /// behind); more than 15 minutes off the client's and every request
+    /// answers `RequestTimeTooSkewed`, as AWS does.
+    pub clock_skew: i64,
 }
 
 impl Default for SimConfig {
@@ -82,6 +91,9 @@ impl Default for SimConfig {
             api_fault_rate: 0.0,
             latency_ms: 0,
             extra_keys: None,
+            s3_hang: None,
+            api_hang: false,
+            clock_skew: 0,
         }
     }
 }
@@ -250,9 +262,21 @@ impl Sim {
             s3_endpoint: base,
             offline_token: state.new_offline_token(),
         };
+        state
+            .faults
+            .set_s3_hang(state.cfg.s3_hang.as_deref().unwrap_or(""));
+        state.faults.set_api_hang(state.cfg.api_hang);
+        state.faults.set_clock_skew(state.cfg.clock_skew);
         let s3 = {
             let mut b = S3ServiceBuilder::new(s3::SimS3(state.clone()));
             b.set_auth(s3::SimAuth(state.clone()));
+            // The request-time check is ours ([`clock_check`]), against the
+            // emulator's possibly skewed clock.
+            let mut config = s3s::config::S3Config::default();
+            config.presigned_url_max_skew_time_secs = u32::MAX;
+            b.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
+                config,
+            ))));
             b.build()
         };
         state.store.warm_etags();
@@ -371,6 +395,63 @@ fn parse_form(b: &[u8]) -> HashMap<String, String> {
     serde_urlencoded::from_bytes(b).unwrap_or_default()
 }
 
+/// What an S3 stall is matched against: the decoded path (bucket and key)
+/// and query (listing prefix, continuation token, start-after).
+fn s3_target(uri: &hyper::Uri) -> String {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut t = decode(uri.path());
+    if let Some(q) = uri.query() {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            t.push_str(&format!("?{k}={v}"));
+        }
+    }
+    t
+}
+
+/// S3's clock: the real one plus the configured skew.
+fn s3_now(state: &SimState) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + chrono::Duration::seconds(state.faults.clock_skew())
+}
+
+/// S3 refuses a request signed more than 15 minutes away from its own
+/// clock (`x-amz-date` against the S3 side's, possibly skewed, time).
+fn clock_check(state: &SimState, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let signed = req
+        .headers()
+        .get("x-amz-date")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| chrono::NaiveDateTime::parse_from_str(v, "%Y%m%dT%H%M%SZ").ok())?
+        .and_utc();
+    let now = s3_now(state);
+    if (now - signed).num_seconds().abs() <= 15 * 60 {
+        return None;
+    }
+    let msg = format!(
+        "The difference between the request time and the current time is too large.</Message><RequestTime>{}</RequestTime><ServerTime>{}</ServerTime><MaxAllowedSkewMilliseconds>900000</MaxAllowedSkewMilliseconds><Message>",
+        signed.format("%Y%m%dT%H%M%SZ"),
+        now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    Some(s3_error(403, "RequestTimeTooSkewed", &msg))
+}
+
+/// Dates an S3 answer with the S3 side's clock (clients correct their
+/// signing time from it, as they do against AWS).
+fn s3_dated(state: &SimState, mut resp: Response<Body>) -> Response<Body> {
+    if state.faults.clock_skew() != 0 {
+        let date = s3_now(state)
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&date) {
+            resp.headers_mut().insert(hyper::header::DATE, v);
+        }
+    }
+    resp
+}
+
 async fn route(
     state: Arc<SimState>,
     s3: s3s::service::S3Service,
@@ -385,32 +466,58 @@ async fn route(
         tokio::time::sleep(std::time::Duration::from_millis(latency)).await;
     }
     if !is_api {
-        use faults::S3Fault;
-        let fault = state.faults.pick_s3();
-        match fault {
-            Some(S3Fault::InternalError) => {
-                return Ok(s3_error(
-                    500,
-                    "InternalError",
-                    "We encountered an internal error. Please try again.",
-                ))
-            }
-            Some(S3Fault::SlowDown) => {
-                return Ok(s3_error(
-                    503,
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                ))
-            }
-            Some(S3Fault::Reset) => return Err(reset()),
-            _ => {}
+        state.faults.hang_s3(&s3_target(req.uri())).await;
+        if let Some(refused) = clock_check(&state, &req) {
+            return Ok(s3_dated(&state, refused));
         }
-        let resp = s3.call(req.map(s3s::Body::from)).await?;
-        if fault == Some(S3Fault::ShortBody) {
-            return Ok(cut_short(resp).await);
-        }
-        return Ok(resp.map(|b| b.boxed_unsync()));
+        let resp = s3_answer(&state, s3, req).await?;
+        return Ok(s3_dated(&state, resp));
     }
+    if !path.starts_with("/_sim/") {
+        state.faults.hang_api().await;
+    }
+    api_answer(state, path, req).await
+}
+
+/// An S3 request, with the injected faults.
+async fn s3_answer(
+    state: &SimState,
+    s3: s3s::service::S3Service,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, s3s::HttpError> {
+    use faults::S3Fault;
+    let fault = state.faults.pick_s3();
+    match fault {
+        Some(S3Fault::InternalError) => {
+            return Ok(s3_error(
+                500,
+                "InternalError",
+                "We encountered an internal error. Please try again.",
+            ))
+        }
+        Some(S3Fault::SlowDown) => {
+            return Ok(s3_error(
+                503,
+                "SlowDown",
+                "Please reduce your request rate.",
+            ))
+        }
+        Some(S3Fault::Reset) => return Err(reset()),
+        _ => {}
+    }
+    let resp = s3.call(req.map(s3s::Body::from)).await?;
+    if fault == Some(S3Fault::ShortBody) {
+        return Ok(cut_short(resp).await);
+    }
+    Ok(resp.map(|b| b.boxed_unsync()))
+}
+
+/// An identity, data store or `/_sim/` control request.
+async fn api_answer(
+    state: Arc<SimState>,
+    path: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, s3s::HttpError> {
     if !path.starts_with("/_sim/") {
         match state.faults.pick_api() {
             Some(faults::ApiFault::Status(code)) => {
@@ -466,7 +573,33 @@ async fn route(
                 num("api_rate"),
                 num("latency_ms").map(|v| v as u64),
             );
+            if let Some(t) = query.get("s3_hang") {
+                state.faults.set_s3_hang(t);
+            }
+            if let Some(v) = query.get("api_hang") {
+                state
+                    .faults
+                    .set_api_hang(matches!(v.as_str(), "1" | "true" | "on"));
+            }
+            if let Some(v) = num("clock_skew") {
+                state.faults.set_clock_skew(v as i64);
+            }
             Reply::json(200, state.faults.json())
+        }
+        ("POST", "/_sim/credentials") => {
+            // What happens to S3 credentials in the field: revoked
+            // (InvalidAccessKeyId), re-keyed (SignatureDoesNotMatch) or
+            // expired early (ExpiredToken).
+            match query.get("action").map(String::as_str) {
+                Some(a @ ("forget" | "rotate" | "expire")) => {
+                    let n = state.credentials_event(a);
+                    Reply::json(200, json!({"action": a, "credentials": n}))
+                }
+                _ => Reply::json(
+                    400,
+                    json!({"detail": "action must be forget, rotate or expire"}),
+                ),
+            }
         }
         ("GET", "/_sim/secrets") => Reply::json(200, state.secrets()),
         ("POST", "/_sim/revoke") => {

@@ -80,6 +80,29 @@ fn record(ds: &SimDataset) -> serde_json::Value {
 }
 
 impl SimState {
+    /// Applies a credentials event to every set issued so far (see
+    /// `POST /_sim/credentials`); returns how many sets it touched.
+    pub fn credentials_event(&self, action: &str) -> usize {
+        let mut creds = self.creds();
+        let n = creds.len();
+        match action {
+            "forget" => creds.clear(),
+            "rotate" => {
+                for c in creds.values_mut() {
+                    c.secret = random(40, false);
+                    self.remember_secret(&c.secret);
+                }
+            }
+            _ => {
+                let now = Instant::now();
+                for c in creds.values_mut() {
+                    c.expires = now;
+                }
+            }
+        }
+        n
+    }
+
     fn denied(&self, handle: &str) -> bool {
         self.cfg.deny.iter().any(|d| d == handle)
     }

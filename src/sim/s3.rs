@@ -166,33 +166,44 @@ impl S3 for SimS3 {
                 ..Default::default()
             }));
         }
-        let mut file = std::fs::File::open(&obj.path).map_err(|_| s3_error!(NoSuchKey))?;
-        {
-            use std::io::Seek;
-            file.seek(std::io::SeekFrom::Start(range.start))
-                .map_err(|e| s3_error!(e, InternalError))?;
-        }
-        // Stream the range in 1 MiB chunks, each read on the blocking pool
-        // straight into its buffer (std's read_to_end does not zero it):
-        // s3s-fs's 4 KiB reads would make the server, not the client, the
-        // bottleneck of every benchmark.
-        let body = stream::unfold(Some((file, len)), |state| async move {
-            let (file, left) = state?;
+        // The very file (version) whose ETag was checked above.
+        let Some(file) = obj.file.clone() else {
+            return Err(s3_error!(NoSuchKey));
+        };
+        // Stream the range in 1 MiB chunks, each one positioned read on the
+        // blocking pool: s3s-fs's 4 KiB reads would make the server, not the
+        // client, the bottleneck of every benchmark.
+        let body = stream::unfold(Some((file, range.start, len)), |state| async move {
+            let (file, at, left) = state?;
             if left == 0 {
                 return None;
             }
             let n = left.min(1 << 20);
             let r = tokio::task::spawn_blocking(move || {
-                use std::io::Read;
-                let mut buf = Vec::with_capacity(n as usize);
-                let got = (&file).take(n).read_to_end(&mut buf);
-                (file, got.map(|_| buf))
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; n as usize];
+                let mut got = 0usize;
+                let read = loop {
+                    match file.read_at(&mut buf[got..], at + got as u64) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            got += k;
+                            if got == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(got);
+                (file, read.map(|_| buf))
             })
             .await;
             match r {
                 Ok((file, Ok(buf))) if buf.len() as u64 == n => Some((
                     Ok::<Bytes, std::io::Error>(Bytes::from(buf)),
-                    Some((file, left - n)),
+                    Some((file, at + n, left - n)),
                 )),
                 Ok((_, Ok(_))) => {
                     Some((Err(std::io::Error::other("file shrank while read")), None))

@@ -57,6 +57,9 @@ pub struct ObjectFile {
     pub path: PathBuf,
     /// Content held in memory (extra keys) instead of a file.
     pub data: Option<bytes::Bytes>,
+    /// The file itself, opened once: size, ETag and bytes all come from
+    /// this one version, even if a test replaces the file meanwhile.
+    pub file: Option<Arc<fs::File>>,
     pub size: u64,
     pub modified: SystemTime,
     pub etag: String,
@@ -98,14 +101,22 @@ fn version(md: &fs::Metadata) -> Version {
 struct Etags(std::sync::Mutex<std::collections::HashMap<PathBuf, (Version, String)>>);
 
 impl Etags {
-    fn get(&self, path: &Path, md: &fs::Metadata) -> String {
-        let v = version(md);
-        if let Some((seen, e)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(path) {
-            if *seen == v {
-                return e.clone();
-            }
+    /// The ETag of the version `md` describes, if already known.
+    fn known(&self, path: &Path, md: &fs::Metadata) -> Option<String> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(path)
+            .filter(|(seen, _)| *seen == version(md))
+            .map(|(_, e)| e.clone())
+    }
+
+    /// The ETag of open file `f`, whose metadata is `md` (from `f` itself,
+    /// so the hash and the metadata describe the same version).
+    fn of(&self, path: &Path, f: &fs::File, md: &fs::Metadata) -> String {
+        if let Some(e) = self.known(path, md) {
+            return e;
         }
-        let e = md5_file(path).unwrap_or_else(|_| format!("{:032x}", v.0 ^ v.3));
+        let v = version(md);
+        let e = md5_file(f).unwrap_or_else(|_| format!("{:032x}", v.0 ^ v.3));
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -114,19 +125,28 @@ impl Etags {
     }
 }
 
-fn md5_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut f = fs::File::open(path)?;
+fn md5_file(f: &fs::File) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let mut h = Md5::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read_at(&mut buf, off)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        off += n as u64;
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// Opens the regular file at `path` and reads its metadata from the open
+/// file, so whatever is learned about it belongs to one version.
+fn open_version(path: &Path) -> Option<(fs::File, fs::Metadata)> {
+    let f = fs::File::open(path).ok()?;
+    let md = f.metadata().ok()?;
+    md.is_file().then_some((f, md))
 }
 
 impl FolderStore {
@@ -164,6 +184,7 @@ impl FolderStore {
                     modified: SystemTime::now(),
                     path: PathBuf::new(),
                     data: Some(data),
+                    file: None,
                     key: e.key,
                 },
             );
@@ -286,14 +307,15 @@ impl FolderStore {
             return None;
         }
         let path = ds.dir.join(&rel);
-        let md = fs::metadata(&path).ok()?;
-        md.is_file().then(|| ObjectFile {
+        let (f, md) = open_version(&path)?;
+        Some(ObjectFile {
             key: key.to_string(),
-            etag: self.etags.get(&path, &md),
+            etag: self.etags.of(&path, &f, &md),
             size: md.len(),
             modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             path,
             data: None,
+            file: Some(Arc::new(f)),
         })
     }
 
@@ -524,14 +546,24 @@ impl FolderStore {
         }
     }
 
-    /// The object a regular file on disk holds.
+    /// The object a regular file on disk holds, as a listing shows it. A
+    /// file replaced since `md` was read is described as it is now (size,
+    /// time and ETag of one version, never mixed).
     fn file_object(&self, key: String, path: PathBuf, md: &fs::Metadata) -> ObjectFile {
+        let (etag, md) = match self.etags.known(&path, md) {
+            Some(e) => (e, md.clone()),
+            None => match open_version(&path) {
+                Some((f, md)) => (self.etags.of(&path, &f, &md), md),
+                None => (format!("{:032x}", md.len() ^ md.ino()), md.clone()),
+            },
+        };
         ObjectFile {
-            etag: self.etags.get(&path, md),
+            etag,
             size: md.len(),
             modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             path,
             data: None,
+            file: None,
             key,
         }
     }

@@ -6,13 +6,24 @@
 //! of the folder (and is kept as the folder's listing when complete), so an
 //! open handle costs no copy of the listing: readdir offsets are indices
 //! into the one append-only list.
+//!
+//! Entries are names and kinds only: which inode a name stands for is
+//! asked of the inode table when the entry is handed out, so a change
+//! detected after a page arrived is never undone by that page.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::tree::DirEntry;
-use super::FsError;
+use super::inode::FileKind;
+use crate::fs::FsError;
+
+/// One name of a listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: Arc<str>,
+    pub kind: FileKind,
+}
 
 #[derive(Default)]
 struct State {
@@ -129,6 +140,16 @@ impl DirStream {
         }
     }
 
+    /// The entries so far (for a finished listing: all of them).
+    pub fn entries(&self) -> Vec<DirEntry> {
+        self.lock().entries.clone()
+    }
+
+    /// Whether the listing has ended (well or not).
+    pub fn is_done(&self) -> bool {
+        self.lock().done
+    }
+
     /// Every entry, once the listing has ended.
     pub async fn all(&self) -> Result<Vec<DirEntry>, FsError> {
         let mut out = Vec::new();
@@ -147,18 +168,11 @@ impl DirStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::tree::{Attr, FileKind};
-    use std::sync::Arc;
 
     fn e(n: &str) -> DirEntry {
         DirEntry {
             name: n.into(),
-            attr: Attr {
-                ino: 1,
-                kind: FileKind::File,
-                size: 0,
-                mtime: std::time::UNIX_EPOCH,
-            },
+            kind: FileKind::File,
         }
     }
 

@@ -1,0 +1,577 @@
+//! The file tree: root → handle prefix → dataset → S3 folders and objects,
+//! and `by-name/`. It owns names, inode numbers, listings and their TTLs,
+//! and knows nothing of FUSE.
+//!
+//! Split as mountpoint-s3 splits its superblock: [`inode`] (the table and
+//! its versioning rules), [`catalog`] (which datasets exist), `listing`
+//! (folder listings), [`negative`] (names found missing) and
+//! [`dirstream`] (a listing that fills while it is read). This module puts
+//! them together: lookups, forgetting and collection.
+//!
+//! Network calls are made without holding the table lock; what they return
+//! is merged in afterwards, stamped with when the call started, so one slow
+//! call never blocks other lookups and an old answer never overrides a
+//! newer one.
+//!
+//! Costs it promises (see docs/SEMANTICS.md): a lookup in a folder listed
+//! within the metadata TTL makes no request, positive or negative; a lookup
+//! of one handle never lists the registry; the registry is listed at most
+//! once per TTL however many `ls` run.
+
+pub mod catalog;
+pub mod dirstream;
+pub mod inode;
+mod listing;
+pub mod negative;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{debug, warn};
+
+use super::names;
+use super::FsError;
+use crate::retry::Deadline;
+use crate::s3::{ObjectMeta, StoreFactory};
+pub use catalog::{Catalog, Dataset, Registry};
+pub use dirstream::{Chunk, DirEntry, DirStream};
+pub use inode::{Attr, FileKind, ROOT_INO};
+use inode::{Etag, InodeTable, Kind, Version};
+use negative::NegativeCache;
+
+/// Name of the folder of symlinks by dataset name (`--by-name`). It cannot
+/// clash with a handle prefix, which starts with a digit.
+pub const BY_NAME: &str = "by-name";
+
+#[derive(Clone, Debug)]
+pub struct TreeConfig {
+    /// How long listings, attributes and negative lookups are trusted.
+    pub metadata_ttl: Duration,
+    /// Keys per ListObjectsV2 page.
+    pub list_page_size: i32,
+    /// Only these handles exist (`--dataset`); the registry is never listed.
+    pub datasets: Option<Vec<String>>,
+    /// Show `by-name/<dataset name>` symlinks to the handle folders.
+    pub by_name: bool,
+    /// Bound of one request (a listing page, a lookup's probe).
+    pub request_timeout: Duration,
+}
+
+impl Default for TreeConfig {
+    fn default() -> Self {
+        Self {
+            metadata_ttl: Duration::from_secs(60),
+            list_page_size: 1000,
+            datasets: None,
+            by_name: false,
+            request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// What `open` needs of a file: where to read it and which version.
+#[derive(Clone)]
+pub struct FileRef {
+    pub dataset: Arc<Dataset>,
+    pub meta: ObjectMeta,
+}
+
+/// A complete listing of a folder.
+struct Listing {
+    at: Instant,
+    /// Stamp of when it started: names not confirmed since are gone.
+    started: u64,
+    stream: Arc<DirStream>,
+}
+
+/// What is known of a folder's contents as a whole.
+#[derive(Default)]
+struct DirState {
+    listing: Option<Listing>,
+    /// A listing being fetched now, shared by everyone who opens the folder.
+    pending: Option<Arc<DirStream>>,
+}
+
+struct State {
+    inodes: InodeTable,
+    dirs: HashMap<u64, DirState>,
+    negative: NegativeCache,
+    /// Keys already logged as hidden (each once; bounded).
+    hidden_logged: HashSet<String>,
+}
+
+/// How much the tree holds, for the stats line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TreeStats {
+    pub inodes: usize,
+    pub listings: usize,
+    pub negative: usize,
+}
+
+pub struct Tree {
+    cfg: TreeConfig,
+    catalog: Arc<Catalog>,
+    state: Mutex<State>,
+    /// Orders requests by when they started (see [`inode`]).
+    ticks: AtomicU64,
+}
+
+/// What a lookup must ask the network.
+enum Ask {
+    Dataset(String),
+    Object(Arc<Dataset>, String),
+    ByName,
+}
+
+impl Tree {
+    pub fn new(
+        cfg: TreeConfig,
+        registry: Arc<dyn Registry>,
+        stores: Arc<dyn StoreFactory>,
+    ) -> Self {
+        let mounted_at = SystemTime::now();
+        let catalog = Arc::new(Catalog::new(
+            registry,
+            stores,
+            cfg.metadata_ttl,
+            cfg.datasets.clone(),
+            mounted_at,
+        ));
+        Self {
+            state: Mutex::new(State {
+                inodes: InodeTable::new(mounted_at),
+                dirs: HashMap::new(),
+                negative: NegativeCache::new(cfg.metadata_ttl),
+                hidden_logged: HashSet::new(),
+            }),
+            cfg,
+            catalog,
+            ticks: AtomicU64::new(1),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.cfg.metadata_ttl
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent maps (every
+        // mutation is a single insert or remove), so poisoning is not fatal.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new stamp: taken when a request starts.
+    fn stamp(&self) -> u64 {
+        self.ticks.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn request_deadline(&self) -> Deadline {
+        Deadline::after(self.cfg.request_timeout)
+    }
+
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.cfg.metadata_ttl
+    }
+
+    fn fresh_listing<'a>(&self, st: &'a State, dir: u64) -> Option<&'a Listing> {
+        st.dirs
+            .get(&dir)
+            .and_then(|d| d.listing.as_ref())
+            .filter(|l| self.fresh(l.at))
+    }
+
+    /// Attributes of `ino`; ESTALE for an inode this mount does not know.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        self.state().inodes.attr(ino).ok_or(FsError::Stale)
+    }
+
+    /// Where symlink `ino` points.
+    pub fn readlink(&self, ino: u64) -> Result<String, FsError> {
+        match &self.state().inodes.get(ino).ok_or(FsError::Stale)?.kind {
+            Kind::Link(t) => Ok(t.to_string()),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// Looks `name` up in `parent`. On success the kernel is taken to hold
+    /// one more reference to the inode returned (the caller replies it).
+    pub async fn lookup(
+        &self,
+        parent: u64,
+        name: &str,
+        deadline: Deadline,
+    ) -> Result<Attr, FsError> {
+        let ask = {
+            let mut st = self.state();
+            match self.lookup_local(&mut st, parent, name)? {
+                Ok(attr) => return Ok(attr),
+                Err(ask) => ask,
+            }
+        };
+        let stamp = self.stamp();
+        match ask {
+            Ask::Dataset(handle) => {
+                let ds = match self.catalog.fetch(&handle, deadline).await {
+                    Err(FsError::NotFound) => {
+                        self.state().negative.insert(parent, name, stamp);
+                        return Err(FsError::NotFound);
+                    }
+                    other => other?,
+                };
+                self.prepare(&ds);
+                let mut st = self.state();
+                let ino = st.inodes.install(parent, name, Kind::Dataset(ds), stamp);
+                Ok(Self::counted(&mut st, ino))
+            }
+            Ask::Object(ds, dir) => {
+                let found = self.probe(&ds, &dir, name, deadline).await?;
+                let mut st = self.state();
+                match found {
+                    Some(kind) if !st.negative.newer_than(parent, name, stamp) => {
+                        st.negative.remove(parent, name);
+                        let ino = st.inodes.install(parent, name, kind, stamp);
+                        Ok(Self::counted(&mut st, ino))
+                    }
+                    Some(_) => Err(FsError::NotFound),
+                    None => {
+                        st.inodes.remove_name(parent, name, stamp);
+                        st.negative.insert(parent, name, stamp);
+                        Err(FsError::NotFound)
+                    }
+                }
+            }
+            Ask::ByName => {
+                // Names come only from the registry: list it (once per TTL).
+                self.readdir(parent, deadline).await?;
+                let mut st = self.state();
+                match st.inodes.child(parent, name) {
+                    Some(ino) => Ok(Self::counted(&mut st, ino)),
+                    None => Err(FsError::NotFound),
+                }
+            }
+        }
+    }
+
+    /// A lookup answered from memory (`Ok(Ok)`), known missing
+    /// (`Err(NotFound)`), or what to ask (`Ok(Err)`).
+    fn lookup_local(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &str,
+    ) -> Result<Result<Attr, Ask>, FsError> {
+        let node = st.inodes.get(parent).ok_or(FsError::Stale)?;
+        match &node.kind {
+            Kind::File { .. } | Kind::Link(_) => Err(FsError::NotDir),
+            Kind::Root => {
+                // Any name shaped like a handle prefix resolves, so a handle
+                // that is not listed still opens by path; nothing is fetched
+                // until a suffix below it is looked up.
+                let kind = if name == BY_NAME && self.cfg.by_name {
+                    Kind::ByName
+                } else if names::is_handle_prefix(name) && self.catalog.allows_prefix(name) {
+                    Kind::Prefix
+                } else {
+                    return Err(FsError::NotFound);
+                };
+                let stamp = self.stamp();
+                let ino = st.inodes.install(parent, name, kind, stamp);
+                Ok(Ok(Self::counted(st, ino)))
+            }
+            Kind::Prefix => {
+                let handle = format!("{}/{name}", node.name);
+                if !names::is_handle_suffix(name) || !self.catalog.allows(&handle) {
+                    return Err(FsError::NotFound);
+                }
+                if let Some(ds) = self.catalog.known(&handle) {
+                    self.prepare(&ds);
+                    let stamp = self.stamp();
+                    let ino = st.inodes.install(parent, name, Kind::Dataset(ds), stamp);
+                    return Ok(Ok(Self::counted(st, ino)));
+                }
+                if st.negative.contains(parent, name) {
+                    return Err(FsError::NotFound);
+                }
+                Ok(Err(Ask::Dataset(handle)))
+            }
+            Kind::Dataset(_) | Kind::Folder { .. } => {
+                let Some((ds, dir)) = node.kind.folder() else {
+                    return Err(FsError::NotDir);
+                };
+                let ask = Ask::Object(ds.clone(), dir.to_string());
+                if names::check(name).is_err() {
+                    return Err(FsError::NotFound);
+                }
+                // A listing within its TTL is the answer, both ways; a name
+                // it did not confirm (stamped before it) is gone.
+                if let Some(started) = self.fresh_listing(st, parent).map(|l| l.started) {
+                    let found = st.inodes.child(parent, name).and_then(|ino| {
+                        let n = st.inodes.get(ino)?;
+                        (n.stamp >= started).then_some((ino, n.stale))
+                    });
+                    return match found {
+                        Some((ino, false)) => Ok(Ok(Self::counted(st, ino))),
+                        // Known out of date: ask S3 what it is now.
+                        Some((_, true)) => Ok(Err(ask)),
+                        None => Err(FsError::NotFound),
+                    };
+                }
+                if st.negative.contains(parent, name) {
+                    return Err(FsError::NotFound);
+                }
+                Ok(Err(ask))
+            }
+            Kind::ByName => match self.fresh_listing(st, parent) {
+                Some(_) => match st.inodes.child(parent, name) {
+                    Some(ino) => Ok(Ok(Self::counted(st, ino))),
+                    None => Err(FsError::NotFound),
+                },
+                None => Ok(Err(Ask::ByName)),
+            },
+        }
+    }
+
+    /// Counts the kernel's new reference to `ino` and returns its attributes.
+    fn counted(st: &mut State, ino: u64) -> Attr {
+        st.inodes.count_lookup(ino);
+        st.inodes
+            .attr(ino)
+            .unwrap_or_else(|| unreachable!("inode {ino} was just installed"))
+    }
+
+    /// Someone is about to look inside a dataset: fetch its read
+    /// credentials meanwhile (once; later ones come with the first request
+    /// that needs them).
+    fn prepare(&self, ds: &Arc<Dataset>) {
+        if !ds.prepared.swap(true, Ordering::Relaxed) {
+            let store = ds.store.clone();
+            let deadline = self.request_deadline();
+            tokio::spawn(async move {
+                if let Err(e) = store.prepare(deadline).await {
+                    debug!(error = %e, "read credentials not ready");
+                }
+            });
+        }
+    }
+
+    /// What `dir` + `name` is in S3: one LIST with the name as prefix
+    /// answers both questions (the object `key` sorts first if it exists,
+    /// and everything under `key/` folds into one common prefix). No HEAD.
+    async fn probe(
+        &self,
+        ds: &Arc<Dataset>,
+        dir: &str,
+        name: &str,
+        deadline: Deadline,
+    ) -> Result<Option<Kind>, FsError> {
+        let key = format!("{dir}{name}");
+        let sub = format!("{key}/");
+        let page = ds
+            .store
+            .list(&key, Some("/"), None, Some(100), deadline)
+            .await?;
+        let mut is_dir = page.prefixes.contains(&sub);
+        if !is_dir && page.next.is_some() {
+            // Many siblings sort between `key` and `key/` (`key.txt`, `key-1`...).
+            let p = ds
+                .store
+                .list(&sub, Some("/"), None, Some(1), deadline)
+                .await?;
+            is_dir = !p.objects.is_empty() || !p.prefixes.is_empty();
+        }
+        if is_dir {
+            return Ok(Some(Kind::Folder {
+                ds: ds.clone(),
+                prefix: sub.into(),
+            }));
+        }
+        Ok(page
+            .objects
+            .into_iter()
+            .find(|o| o.key == key)
+            .map(|meta| file_kind(ds, &meta)))
+    }
+
+    /// What `open` needs to read file `ino`: ESTALE if it is out of date
+    /// (the kernel then looks the name up again and opens what is there now).
+    pub fn open_file(&self, ino: u64) -> Result<FileRef, FsError> {
+        let st = self.state();
+        let node = st.inodes.get(ino).ok_or(FsError::Stale)?;
+        let Kind::File { ds, version } = &node.kind else {
+            return Err(FsError::IsDir);
+        };
+        if node.stale {
+            return Err(FsError::Stale);
+        }
+        let dir = st
+            .inodes
+            .get(node.parent)
+            .and_then(|p| p.kind.folder().map(|(_, dir)| dir.to_string()))
+            .ok_or(FsError::Stale)?;
+        Ok(FileRef {
+            dataset: ds.clone(),
+            meta: ObjectMeta {
+                key: format!("{dir}{}", node.name),
+                size: version.size,
+                etag: version.etag.to_string(),
+                last_modified: version.mtime,
+            },
+        })
+    }
+
+    /// A read of `ino` met another version of its object (or none): the
+    /// next open looks it up again, and no listing already on its way can
+    /// make it current. Returns its folder and name (to tell the kernel).
+    pub fn mark_stale(&self, ino: u64) -> Option<(u64, Arc<str>)> {
+        let stamp = self.stamp();
+        self.state().inodes.mark_stale(ino, stamp)
+    }
+
+    /// The kernel dropped `n` references to `ino` (FUSE forget).
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.state();
+        if st.inodes.forget(ino, n) {
+            self.collect(&mut st, ino);
+        }
+    }
+
+    /// Removes `ino` if nothing keeps it any more, then its folder if that
+    /// was all that kept the folder.
+    fn collect(&self, st: &mut State, mut ino: u64) {
+        loop {
+            let Some(node) = st.inodes.get(ino) else {
+                return;
+            };
+            let busy = st
+                .dirs
+                .get(&ino)
+                .is_some_and(|d| d.pending.is_some() || d.listing.is_some());
+            if ino == ROOT_INO || node.lookups > 0 || busy || st.inodes.has_children(ino) {
+                return;
+            }
+            // Still named by its folder's listing within the TTL.
+            let parent = node.parent;
+            let listed = self.fresh_listing(st, parent).is_some_and(|l| {
+                node.stamp >= l.started && st.inodes.child(parent, &node.name) == Some(ino)
+            });
+            if listed {
+                return;
+            }
+            st.dirs.remove(&ino);
+            match st.inodes.remove(ino) {
+                Some(p) => ino = p,
+                None => return,
+            }
+        }
+    }
+
+    /// Drops listings past their TTL and whatever only they kept.
+    pub fn sweep(&self) {
+        let mut st = self.state();
+        let expired: Vec<u64> = st
+            .dirs
+            .iter()
+            .filter(|(_, d)| d.listing.as_ref().is_some_and(|l| !self.fresh(l.at)))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for dir in &expired {
+            if let Some(d) = st.dirs.get_mut(dir) {
+                d.listing = None;
+            }
+            for (_, child) in st.inodes.children(*dir) {
+                self.collect(&mut st, child);
+            }
+            self.collect(&mut st, *dir);
+        }
+        let State { dirs, inodes, .. } = &mut *st;
+        dirs.retain(|ino, d| {
+            inodes.get(*ino).is_some() && (d.listing.is_some() || d.pending.is_some())
+        });
+    }
+
+    /// Sweeps every half TTL (at least every second, at most every 30 s)
+    /// while the tree lives.
+    pub fn start_sweeper(self: &Arc<Self>) {
+        let me: Weak<Self> = Arc::downgrade(self);
+        let every =
+            (self.cfg.metadata_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match me.upgrade() {
+                    Some(t) => t.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    pub fn stats(&self) -> TreeStats {
+        let st = self.state();
+        TreeStats {
+            inodes: st.inodes.len(),
+            listings: st.dirs.values().filter(|d| d.listing.is_some()).count(),
+            negative: st.negative.len(),
+        }
+    }
+
+    /// Hands out `entries` (a chunk of `parent`'s listing) with the
+    /// attributes of what each name stands for *now*; with `plus`, each
+    /// entry `add` takes is counted as a kernel reference (readdirplus).
+    /// `add(k, entry, attr)` returns true when it is full (the entry was
+    /// not taken). Names gone since the listing are skipped.
+    pub fn fill(
+        &self,
+        parent: u64,
+        entries: &[DirEntry],
+        plus: bool,
+        mut add: impl FnMut(usize, &DirEntry, &Attr) -> bool,
+    ) {
+        let mut st = self.state();
+        for (k, e) in entries.iter().enumerate() {
+            let Some(ino) = st.inodes.child(parent, &e.name) else {
+                continue;
+            };
+            let Some(attr) = st.inodes.attr(ino) else {
+                continue;
+            };
+            if add(k, e, &attr) {
+                return;
+            }
+            if plus {
+                st.inodes.count_lookup(ino);
+            }
+        }
+    }
+
+    /// Loads a pinned dataset (`--dataset`) and its read credentials, so a
+    /// typo or a missing permission fails the mount, not the first read.
+    pub async fn pin_ready(&self, handle: &str) -> Result<(), FsError> {
+        let deadline = self.request_deadline();
+        let ds = self.catalog.fetch(handle, deadline).await?;
+        Ok(ds.store.prepare(deadline).await?)
+    }
+
+    fn log_hidden(st: &mut State, key: &str, why: &str) {
+        if st.hidden_logged.len() < 100_000 && st.hidden_logged.insert(key.to_string()) {
+            warn!(key = %key.escape_debug(), reason = why, "S3 key hidden from the mount");
+        }
+    }
+}
+
+/// The inode kind of an object as a listing or probe describes it.
+fn file_kind(ds: &Arc<Dataset>, meta: &ObjectMeta) -> Kind {
+    Kind::File {
+        ds: ds.clone(),
+        version: Version {
+            size: meta.size,
+            mtime: meta.last_modified,
+            etag: Etag::parse(&meta.etag),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;
