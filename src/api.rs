@@ -58,6 +58,9 @@ pub enum ApiError {
     Unreachable { url: String, reason: String },
     #[error("the data store API sent an answer we cannot read: {0}")]
     Malformed(String),
+    /// One attempt got no answer within the stall timeout; worth another.
+    #[error("the data store API at {0} stopped answering")]
+    Stalled(String),
     #[error("the data store API at {0} did not answer in time")]
     TimedOut(String),
 }
@@ -66,9 +69,18 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Http { status, .. } => *status >= 500 || *status == 429,
-            ApiError::Unreachable { .. } => true,
+            ApiError::Unreachable { .. } | ApiError::Stalled(_) => true,
             ApiError::Auth(a) => a.is_transient(),
             _ => false,
+        }
+    }
+
+    /// The error to give when no attempt is left: a stall then means the
+    /// call as a whole ran out of time.
+    fn out_of_time(self) -> ApiError {
+        match self {
+            ApiError::Stalled(url) => ApiError::TimedOut(url),
+            e => e,
         }
     }
 
@@ -261,12 +273,12 @@ impl DataStoreClient {
                 Err(Refusal::Other(e)) if e.is_transient() && attempt < self.config.attempts => {
                     let wait = crate::retry::backoff(attempt);
                     if !deadline.allows(wait) {
-                        return Err(e);
+                        return Err(e.out_of_time());
                     }
                     warn!(path, attempt, error = %e, "data store call failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
-                Err(Refusal::Other(e)) => return Err(e),
+                Err(Refusal::Other(e)) => return Err(e.out_of_time()),
                 Ok(v) => return Ok(v),
             }
         }
@@ -293,9 +305,15 @@ impl DataStoreClient {
             Method::Get(q) => self.http.get(&url).query(q),
             Method::Post(b) => self.http.post(&url).json(b),
         };
-        let unreachable = |e: reqwest::Error| ApiError::Unreachable {
-            url: url.clone(),
-            reason: describe_reqwest(&e),
+        let unreachable = |e: reqwest::Error| {
+            if e.is_timeout() {
+                ApiError::Stalled(url.clone())
+            } else {
+                ApiError::Unreachable {
+                    url: url.clone(),
+                    reason: describe_reqwest(&e),
+                }
+            }
         };
         let resp = req
             .bearer_auth(token.expose())

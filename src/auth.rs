@@ -62,6 +62,9 @@ pub enum AuthError {
     Unreachable { url: String, reason: String },
     #[error("the identity service sent an answer we cannot read: {0}")]
     Malformed(String),
+    /// One attempt got no answer within the stall timeout; worth another.
+    #[error("the identity service at {0} stopped answering")]
+    Stalled(String),
     #[error("the identity service at {0} did not answer in time")]
     TimedOut(String),
 }
@@ -71,7 +74,7 @@ impl AuthError {
     pub fn is_transient(&self) -> bool {
         match self {
             AuthError::Http(s) => *s >= 500 || *s == 429,
-            AuthError::Unreachable { .. } => true,
+            AuthError::Unreachable { .. } | AuthError::Stalled(_) => true,
             AuthError::Rejected(_) | AuthError::Malformed(_) | AuthError::TimedOut(_) => false,
         }
     }
@@ -201,7 +204,10 @@ impl Exchange {
                 Err(e) if e.is_transient() && attempt < EXCHANGE_ATTEMPTS => {
                     let wait = crate::retry::backoff(attempt);
                     if !deadline.allows(wait) {
-                        return Err(e);
+                        return Err(match e {
+                            AuthError::Stalled(url) => AuthError::TimedOut(url),
+                            e => e,
+                        });
                     }
                     // Before the mount is up, the final error is the message.
                     if self.ever_valid.load(Ordering::Relaxed) {
@@ -222,6 +228,7 @@ impl Exchange {
                     }
                     return Err(AuthError::Rejected(why));
                 }
+                Err(AuthError::Stalled(url)) => return Err(AuthError::TimedOut(url)),
                 Err(e) => return Err(e),
             }
         }
@@ -242,9 +249,15 @@ impl Exchange {
                 ("refresh_token", self.offline.expose()),
                 ("scope", "roles"),
             ];
-            let unreachable = |e: reqwest::Error| AuthError::Unreachable {
-                url: url.clone(),
-                reason: crate::http::describe_reqwest(&e),
+            let unreachable = |e: reqwest::Error| {
+                if e.is_timeout() {
+                    AuthError::Stalled(url.clone())
+                } else {
+                    AuthError::Unreachable {
+                        url: url.clone(),
+                        reason: crate::http::describe_reqwest(&e),
+                    }
+                }
             };
             let resp = self
                 .http

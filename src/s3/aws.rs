@@ -153,14 +153,23 @@ impl AwsObjectStore {
                 Err(e) if e.is_transient() && attempt < self.attempts => {
                     let wait = crate::retry::backoff(attempt);
                     if !deadline.allows(wait) {
-                        return Err(e);
+                        return Err(out_of_time(e));
                     }
                     warn!(what, attempt, error = %e, "S3 request failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(out_of_time(e)),
             }
         }
+    }
+}
+
+/// The error to give when no attempt is left: a stall then means the
+/// request as a whole ran out of time.
+fn out_of_time(e: S3Error) -> S3Error {
+    match e {
+        S3Error::Stalled => S3Error::TimedOut,
+        e => e,
     }
 }
 
@@ -171,7 +180,7 @@ async fn answered<T, E: ProvideErrorMetadata + std::error::Error + 'static>(
 ) -> Result<T, S3Error> {
     match tokio::time::timeout(stall, send).await {
         Ok(r) => r.map_err(map_err),
-        Err(_) => Err(S3Error::Network(format!("no answer within {stall:?}"))),
+        Err(_) => Err(S3Error::Stalled),
     }
 }
 
@@ -221,8 +230,15 @@ fn report_skew(date: Option<&str>) {
         Ok(d) => (d.as_secs(), "behind"),
         Err(e) => (e.duration().as_secs(), "ahead of"),
     };
+    // `Date` has whole seconds and the answer took a while: a skew of
+    // minutes is told in minutes.
+    let secs = if secs >= 120 {
+        (secs + 30) / 60 * 60
+    } else {
+        secs
+    };
     warn!(
-        "this machine's clock is {} {way} S3's: S3 refused a request as signed at the wrong time. \
+        "this machine's clock is about {} {way} S3's: S3 refused a request as signed at the wrong time. \
          Requests are now signed with S3's time, but fix the clock (NTP): other tools will fail",
         words(secs)
     );
@@ -425,11 +441,8 @@ impl ObjectStore for AwsObjectStore {
                         });
                     }
                     Err(_) => {
-                        debug!(got = done, "body stalled");
-                        return Err(S3Error::ShortBody {
-                            expected,
-                            got: done,
-                        });
+                        debug!(got = done, expected, "body stalled");
+                        return Err(S3Error::Stalled);
                     }
                 };
                 if done + chunk.len() as u64 > expected {

@@ -59,6 +59,10 @@ pub enum S3Error {
     Network(String),
     #[error("S3 sent {got} bytes where {expected} were due")]
     ShortBody { expected: u64, got: u64 },
+    /// One attempt made no progress for the stall timeout (no answer, or
+    /// a body that stopped flowing); worth another attempt.
+    #[error("S3 stopped answering")]
+    Stalled,
     #[error("S3 did not answer in time")]
     TimedOut,
     #[error("S3 error: {0}")]
@@ -69,7 +73,10 @@ impl S3Error {
     /// Worth another attempt: the next try may well succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            S3Error::Throttled | S3Error::Network(_) | S3Error::ShortBody { .. } => true,
+            S3Error::Throttled
+            | S3Error::Network(_)
+            | S3Error::ShortBody { .. }
+            | S3Error::Stalled => true,
             S3Error::Server(s) => *s >= 500 || *s == 429,
             S3Error::Credentials(e) => e.is_transient(),
             _ => false,

@@ -196,6 +196,9 @@ impl SimState {
             );
         };
         if self.denied(&ds.handle) {
+            self.stats
+                .credentials_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return detail(
                 401,
                 "You do not have sufficient permissions to read from this dataset!",

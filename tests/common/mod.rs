@@ -232,13 +232,34 @@ impl Sim {
                 self.scan_log(&own_log);
             }
         }
+        let log = match flags.iter().position(|f| *f == "--log-file") {
+            Some(i) => PathBuf::from(flags[i + 1]),
+            None => own_log.clone(),
+        };
         let out = self.run(&mut self.command(&args));
         assert!(
             out.status.success(),
             "mount failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Mount { dir }
+        Mount { dir, log }
+    }
+
+    /// A `POST` to the emulator's control endpoint, e.g.
+    /// `/_sim/faults?s3_hang=x`; returns the answer's body.
+    pub fn post(&self, path_and_query: &str) -> String {
+        self.http("POST", path_and_query)
+    }
+
+    /// S3 requests whose key (or listing prefix, continuation token)
+    /// contains `text` hang from now on; `""` clears it.
+    pub fn s3_hang(&self, text: &str) {
+        self.post(&format!("/_sim/faults?s3_hang={text}"));
+    }
+
+    /// Identity and data store requests hang (or no longer).
+    pub fn api_hang(&self, on: bool) {
+        self.post(&format!("/_sim/faults?api_hang={}", on as u8));
     }
 }
 
@@ -298,6 +319,8 @@ impl Drop for Sim {
 
 pub struct Mount {
     pub dir: tempfile::TempDir,
+    /// The daemon's log.
+    pub log: PathBuf,
 }
 
 impl Mount {
@@ -307,6 +330,47 @@ impl Mount {
 
     pub fn join(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
+    }
+
+    /// The process serving this mount.
+    pub fn daemon_pid(&self) -> i32 {
+        let pattern = format!("provenafs mount {}", self.path().display());
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(&pattern)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        assert_eq!(pids.len(), 1, "one daemon for {pattern}: {text}");
+        pids[0]
+    }
+
+    /// What the daemon holds and has done: the `stats:` line it logs on
+    /// SIGUSR1, as numbers by name.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let count = |t: &str| t.matches("stats: ").count();
+        let before = count(&std::fs::read_to_string(&self.log).unwrap_or_default());
+        unsafe { libc::kill(self.daemon_pid(), libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if count(&text) > before {
+                let line = text.rsplit("stats: ").next().unwrap_or_default();
+                let line = line.lines().next().unwrap_or_default();
+                return line
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stats line in {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -404,4 +468,155 @@ pub fn sim_stderr(sim: &Sim) -> Stdio {
     let p = log_file("stderr");
     sim.scan_log(&p);
     Stdio::from(std::fs::File::create(&p).unwrap())
+}
+
+/// The MD5 of `b` in hex (the emulator's ETags are the same).
+pub fn md5_hex(b: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(b))
+}
+
+/// Replaces `rel` under `root` as an upload replaces an object: the new
+/// content appears at once and whole (written aside, renamed into place).
+pub fn replace(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    let tmp = p.with_extension("uploading");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+}
+
+const PY_READER: &str = r#"
+import hashlib, os, signal, sys
+if os.environ.get("PY_DEFAULT_SIGINT"):
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+fds = {}
+for line in sys.stdin:
+    p = line.rstrip("\n").split(" ", 2)
+    try:
+        if p[0] == "open":
+            fds[p[1]] = os.open(p[2], os.O_RDONLY); print("ok")
+        elif p[0] == "pread":
+            n, off = p[2].split(" ")
+            b = os.pread(fds[p[1]], int(n), int(off))
+            print("ok", len(b), hashlib.md5(b).hexdigest())
+        elif p[0] == "readall":
+            fd, h, off = fds[p[1]], hashlib.md5(), 0
+            while True:
+                b = os.pread(fd, 1 << 20, off)
+                if not b:
+                    break
+                h.update(b); off += len(b)
+            print("ok", off, h.hexdigest())
+        elif p[0] == "size":
+            print("ok", os.fstat(fds[p[1]]).st_size)
+        elif p[0] == "random":
+            os.posix_fadvise(fds[p[1]], 0, 0, os.POSIX_FADV_RANDOM); print("ok")
+        elif p[0] == "close":
+            os.close(fds.pop(p[1])); print("ok")
+    except OSError as e:
+        print("err", e.errno)
+    sys.stdout.flush()
+"#;
+
+/// A Python process that keeps file handles open and reads through them
+/// on command (`os.pread`), as a long-running analysis does.
+pub struct Py {
+    pub child: Child,
+    stdin: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// What a read through [`Py`] returned: its length and MD5, or the errno.
+pub type Got = Result<(u64, String), i32>;
+
+impl Py {
+    pub fn start() -> Py {
+        Self::spawn(false)
+    }
+
+    /// One that leaves SIGINT to its default action (terminate), as `cat`
+    /// and `cp` do.
+    pub fn start_default_sigint() -> Py {
+        Self::spawn(true)
+    }
+
+    fn spawn(default_sigint: bool) -> Py {
+        let mut c = Command::new("python3");
+        c.arg("-u").arg("-c").arg(PY_READER);
+        if default_sigint {
+            c.env("PY_DEFAULT_SIGINT", "1");
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Py { child, stdin, out }
+    }
+
+    /// Sends a command without waiting for its answer.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The answer to the oldest command not yet answered.
+    pub fn answer(&mut self) -> Result<Vec<String>, i32> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        match words.first().map(String::as_str) {
+            Some("ok") => Ok(words[1..].to_vec()),
+            Some("err") => Err(words[1].parse().unwrap()),
+            _ => panic!("python reader said {line:?}"),
+        }
+    }
+
+    fn ask(&mut self, line: &str) -> Result<Vec<String>, i32> {
+        self.send(line);
+        self.answer()
+    }
+
+    pub fn open(&mut self, name: &str, path: &Path) -> Result<(), i32> {
+        self.ask(&format!("open {name} {}", path.display()))
+            .map(|_| ())
+    }
+
+    fn got(r: Result<Vec<String>, i32>) -> Got {
+        r.map(|w| (w[0].parse().unwrap(), w[1].clone()))
+    }
+
+    pub fn pread(&mut self, name: &str, offset: u64, len: u64) -> Got {
+        Self::got(self.ask(&format!("pread {name} {len} {offset}")))
+    }
+
+    /// Reads the whole file from its start, 1 MiB at a time.
+    pub fn read_all(&mut self, name: &str) -> Got {
+        Self::got(self.ask(&format!("readall {name}")))
+    }
+
+    pub fn size(&mut self, name: &str) -> u64 {
+        self.ask(&format!("size {name}")).unwrap()[0]
+            .parse()
+            .unwrap()
+    }
+
+    /// posix_fadvise(RANDOM): no kernel read-ahead, each read reaches us.
+    pub fn random(&mut self, name: &str) {
+        self.ask(&format!("random {name}")).unwrap();
+    }
+
+    pub fn close(&mut self, name: &str) {
+        self.ask(&format!("close {name}")).unwrap();
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
