@@ -77,6 +77,8 @@ impl DirStream {
 
     pub fn finish(&self, result: Result<(), FsError>) {
         let mut st = self.lock();
+        // Kept as the folder's listing for the TTL: no room to spare.
+        st.entries.shrink_to_fit();
         st.done = true;
         st.error = result.err();
         drop(st);

@@ -416,7 +416,7 @@ impl Tree {
                 key: format!("{dir}{}", node.name),
                 size: version.size,
                 etag: version.etag.to_string(),
-                last_modified: version.mtime,
+                last_modified: version.mtime(),
             },
         })
     }
@@ -565,11 +565,7 @@ impl Tree {
 fn file_kind(ds: &Arc<Dataset>, meta: &ObjectMeta) -> Kind {
     Kind::File {
         ds: ds.clone(),
-        version: Version {
-            size: meta.size,
-            mtime: meta.last_modified,
-            etag: Etag::parse(&meta.etag),
-        },
+        version: Version::new(meta.size, meta.last_modified, Etag::parse(&meta.etag)),
     }
 }
 
