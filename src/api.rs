@@ -93,6 +93,8 @@ impl ApiError {
     }
 }
 
+const FETCH_DATASET: &str = "/registry/items/fetch-dataset";
+
 /// Refusals the data store words as 401 although the token is fine: asking
 /// for a new token would not help, so none is asked for (source:
 /// `../shared/docs/provena-api.md`).
@@ -153,7 +155,7 @@ impl DataStoreClient {
         async {
             let (r, _): (FetchDatasetResponse, _) = self
                 .call(
-                    "/registry/items/fetch-dataset",
+                    FETCH_DATASET,
                     Method::Get(&[("handle_id", handle)]),
                     handle,
                     deadline,
@@ -341,8 +343,11 @@ impl DataStoreClient {
                     Err(Refusal::Other(ApiError::PermissionDenied(detail)))
                 }
             }
-            400 | 404 if !handle.is_empty() => {
+            400 | 404 if path == FETCH_DATASET => {
                 // fetch-dataset answers an unknown handle with 400 + detail.
+                // (Elsewhere a 400 is an error, not "no such dataset": a
+                // file must not look absent because a credentials call
+                // failed.)
                 debug!(status, detail = %detail_of(&body), "dataset not found");
                 Err(Refusal::Other(ApiError::NotFound(handle.to_string())))
             }

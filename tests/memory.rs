@@ -79,14 +79,14 @@ fn a_known_object_costs_about_a_fifth_of_a_kilobyte() {
             i.to_le_bytes().to_vec(),
         );
     }
-    let tree = Tree::new(
+    let tree = Arc::new(Tree::new(
         TreeConfig {
             metadata_ttl: Duration::from_secs(3600),
             ..TreeConfig::default()
         },
         Arc::new(One(AtomicU64::new(0))),
         Arc::new(MemoryFactory(store)),
-    );
+    ));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,10 +3,18 @@
 //! Every operation that may touch the network is handed to a tokio task
 //! with its reply ([`ProvenaFs::run`]), so the FUSE worker threads never
 //! wait on S3 or the API. Each such task answers within the request
-//! timeout (ETIMEDOUT otherwise) and at once when the kernel interrupts it
-//! (EINTR: the process was killed or got a signal), so no process ever
-//! hangs in the kernel waiting for us. Errors become errnos here and only
-//! here ([`errno`]), logged once.
+//! timeout (ETIMEDOUT otherwise) and at once when the process it works
+//! for is being killed (EINTR), so no process ever hangs in the kernel
+//! waiting for us. Errors become errnos here and only here ([`errno`]),
+//! logged once.
+//!
+//! Interrupts: the kernel sends `FUSE_INTERRUPT` when the waiting process
+//! gets any signal it handles or dies of. Only the second ends the
+//! request: answering EINTR to a SIGCHLD or SIGALRM a program handles
+//! would fail its `stat` or `read` of a regular file, which programs do not
+//! expect (modern NFS behaves the same: only fatal signals interrupt). For
+//! a caught signal the request goes on, watched until it ends in case a
+//! fatal signal follows (the kernel sends no second interrupt).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -159,6 +167,40 @@ impl MountStats {
     }
 }
 
+/// An operation running on a task, as an interrupt finds it.
+struct InFlight {
+    /// The thread that made the request.
+    pid: u32,
+    /// Ends the operation with EINTR.
+    cancel: Option<oneshot::Sender<()>>,
+    /// A caught signal interrupted it: watched for a fatal one.
+    watched: bool,
+}
+
+/// Whether thread `pid` is being killed: SIGKILL pending (the kernel adds
+/// it to every thread of a process that got a fatal signal, whichever),
+/// or already gone.
+fn being_killed(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status
+        .lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|mask| mask & sigkill != 0)
+}
+
+/// Removes an operation's entry however its task ends (even by a panic).
+struct Registered(Arc<Mutex<HashMap<u64, InFlight>>>, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
 pub struct ProvenaFs {
     tree: Arc<Tree>,
     reader: Arc<Reader>,
@@ -170,7 +212,7 @@ pub struct ProvenaFs {
     dirs: Arc<Mutex<HashMap<u64, Arc<DirStream>>>>,
     next_fh: AtomicU64,
     /// Operations in flight on tasks, by request id: how to interrupt each.
-    interrupts: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    interrupts: Arc<Mutex<HashMap<u64, InFlight>>>,
     ops: Arc<OpCounts>,
 }
 
@@ -239,8 +281,15 @@ impl ProvenaFs {
     {
         let unique = req.unique().0;
         let (tx, rx) = oneshot::channel::<()>();
-        lock(&self.interrupts).insert(unique, tx);
-        let interrupts = self.interrupts.clone();
+        lock(&self.interrupts).insert(
+            unique,
+            InFlight {
+                pid: req.pid(),
+                cancel: Some(tx),
+                watched: false,
+            },
+        );
+        let registered = Registered(self.interrupts.clone(), unique);
         let ops = self.ops.clone();
         let bound = self.cfg.request_timeout;
         self.rt.spawn(
@@ -248,10 +297,10 @@ impl ProvenaFs {
                 let outcome = tokio::select! {
                     biased;
                     r = work => r,
-                    _ = rx => Err(FsError::Interrupted),
+                    Ok(()) = rx => Err(FsError::Interrupted),
                     _ = tokio::time::sleep(bound) => Err(FsError::TimedOut),
                 };
-                lock(&interrupts).remove(&unique);
+                drop(registered);
                 match outcome {
                     Ok(v) => done(reply, v),
                     Err(e) => {
@@ -348,15 +397,38 @@ impl Filesystem for ProvenaFs {
     }
 
     fn interrupt(&self, _req: &Request, unique: RequestId) -> Result<(), Errno> {
-        match lock(&self.interrupts).remove(&unique.0) {
-            Some(tx) => {
-                let _ = tx.send(());
-                Ok(())
-            }
+        let mut map = lock(&self.interrupts);
+        let Some(op) = map.get_mut(&unique.0) else {
             // Not seen yet (another thread is dispatching it), or already
             // answered: the kernel sends it again, or drops it.
-            None => Err(Errno::EAGAIN),
+            return Err(Errno::EAGAIN);
+        };
+        if being_killed(op.pid) {
+            if let Some(tx) = op.cancel.take() {
+                let _ = tx.send(());
+            }
+            return Ok(());
         }
+        if !op.watched {
+            op.watched = true;
+            let (pid, interrupts) = (op.pid, self.interrupts.clone());
+            self.rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let mut map = lock(&interrupts);
+                    let Some(op) = map.get_mut(&unique.0) else {
+                        return; // answered meanwhile
+                    };
+                    if being_killed(pid) {
+                        if let Some(tx) = op.cancel.take() {
+                            let _ = tx.send(());
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(())
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -549,16 +621,20 @@ impl Filesystem for ProvenaFs {
         };
         let from = offset.saturating_sub(2) as usize;
         let tree = self.tree.clone();
-        match stream.try_from(from) {
-            Some(Ok(c)) => fill_dir(&tree, ino.0, offset, c, reply),
+        match ready_chunk(&tree, ino.0, &stream, from) {
+            Some(Ok(c)) => fill_dir(&tree, ino.0, offset, from, c, reply),
             Some(Err(e)) => reply.error(errno(&e)),
             None => self.run(
                 req,
                 "readdir",
                 span,
                 reply,
-                async move { stream.wait_from(from).await },
-                move |reply, c| fill_dir(&tree, ino.0, offset, c, reply),
+                async move {
+                    live_chunk(&tree, ino.0, &stream, from)
+                        .await
+                        .map(|c| (tree, c))
+                },
+                move |reply, (tree, (at, c))| fill_dir(&tree, ino.0, offset, at, c, reply),
             ),
         }
     }
@@ -584,16 +660,23 @@ impl Filesystem for ProvenaFs {
         let ttl = self.tree.ttl();
         let tree = self.tree.clone();
         let from = offset.saturating_sub(2) as usize;
-        match stream.try_from(from) {
-            Some(Ok(c)) => fill_dir_plus(&tree, &cfg, ttl, (ino.0, dot), offset, c, reply),
+        let plus = Plus { cfg, ttl, dot };
+        match ready_chunk(&tree, ino.0, &stream, from) {
+            Some(Ok(c)) => fill_dir_plus(&tree, &plus, ino.0, offset, from, c, reply),
             Some(Err(e)) => reply.error(errno(&e)),
             None => self.run(
                 req,
                 "readdirplus",
                 span,
                 reply,
-                async move { stream.wait_from(from).await },
-                move |reply, c| fill_dir_plus(&tree, &cfg, ttl, (ino.0, dot), offset, c, reply),
+                async move {
+                    live_chunk(&tree, ino.0, &stream, from)
+                        .await
+                        .map(|c| (tree, c))
+                },
+                move |reply, (tree, (at, c))| {
+                    fill_dir_plus(&tree, &plus, ino.0, offset, at, c, reply)
+                },
             ),
         }
     }
@@ -792,32 +875,79 @@ impl Filesystem for ProvenaFs {
     }
 }
 
+/// The chunk of the listing from entry `from`, if it can be answered at
+/// once: it is there and holds a live name, or the listing ended there.
+fn ready_chunk(
+    tree: &Tree,
+    dir: u64,
+    stream: &DirStream,
+    from: usize,
+) -> Option<Result<Chunk, FsError>> {
+    match stream.try_from(from)? {
+        Ok(c) if c.entries.is_empty() || tree.any_live(dir, &c.entries) => Some(Ok(c)),
+        Ok(_) => None, // all gone since: skip ahead, on a task
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// The first chunk from entry `from` on that holds a live name (or the
+/// end), waiting for pages as they come, with the index it starts at.
+async fn live_chunk(
+    tree: &Tree,
+    dir: u64,
+    stream: &DirStream,
+    mut from: usize,
+) -> Result<(usize, Chunk), FsError> {
+    loop {
+        let c = stream.wait_from(from).await?;
+        if c.entries.is_empty() || tree.any_live(dir, &c.entries) {
+            return Ok((from, c));
+        }
+        from += c.entries.len();
+    }
+}
+
 /// Offsets: 1 and 2 are `.` and `..`; entry `i` of the listing is `i + 3`.
-/// Each name is handed out as what it stands for now (see [`Tree::fill`]).
-fn fill_dir(tree: &Tree, ino: u64, offset: u64, chunk: Chunk, mut reply: ReplyDirectory) {
+/// `at` is the index of the chunk's first entry. Each name is handed out as
+/// what it stands for now (see [`Tree::fill`]).
+fn fill_dir(
+    tree: &Tree,
+    ino: u64,
+    offset: u64,
+    at: usize,
+    chunk: Chunk,
+    mut reply: ReplyDirectory,
+) {
     for (i, name) in [(0u64, "."), (1, "..")] {
         if offset <= i && reply.add(INodeNo(ino), i + 1, FileType::Directory, name) {
             return reply.ok();
         }
     }
-    let base = offset.max(2);
     tree.fill(ino, &chunk.entries, false, |k, e, attr| {
         let kind = match e.kind {
             FileKind::Directory => FileType::Directory,
             FileKind::File => FileType::RegularFile,
             FileKind::Symlink => FileType::Symlink,
         };
-        reply.add(INodeNo(attr.ino), base + k as u64 + 1, kind, &*e.name)
+        reply.add(INodeNo(attr.ino), (at + k) as u64 + 3, kind, &*e.name)
     });
     reply.ok();
 }
 
+/// What a readdirplus answer needs besides the entries.
+struct Plus {
+    cfg: FuseConfig,
+    ttl: Duration,
+    /// The folder's own attributes, for `.` and `..`.
+    dot: FileAttr,
+}
+
 fn fill_dir_plus(
     tree: &Tree,
-    cfg: &FuseConfig,
-    ttl: Duration,
-    (ino, dot): (u64, FileAttr),
+    plus: &Plus,
+    ino: u64,
     offset: u64,
+    at: usize,
     chunk: Chunk,
     mut reply: ReplyDirectoryPlus,
 ) {
@@ -825,27 +955,26 @@ fn fill_dir_plus(
         // `.` and `..` carry no lookup count; zero TTL keeps it so.
         if offset <= i
             && reply.add(
-                INodeNo(dot.ino.0),
+                INodeNo(plus.dot.ino.0),
                 i + 1,
                 name,
                 &Duration::ZERO,
-                &dot,
+                &plus.dot,
                 Generation(0),
             )
         {
             return reply.ok();
         }
     }
-    let base = offset.max(2);
     // Every entry taken counts as a kernel reference (readdirplus is a
     // lookup), in the same step as it is handed out.
     tree.fill(ino, &chunk.entries, true, |k, e, attr| {
         reply.add(
             INodeNo(attr.ino),
-            base + k as u64 + 1,
+            (at + k) as u64 + 3,
             &*e.name,
-            &ttl,
-            &fuse_attr(cfg, attr),
+            &plus.ttl,
+            &fuse_attr(&plus.cfg, attr),
             Generation(0),
         )
     });

@@ -297,12 +297,13 @@ impl DiskCache {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::ENOENT) => return None,
-            Err(_) => {
-                // A symlink (ELOOP), or something we may not open.
-                self.reject(shard, &name, "not a regular file");
+            Err(Errno::ELOOP) => {
+                self.reject(shard, &name, "a symlink");
                 return None;
             }
+            // Missing, or not openable right now (out of descriptors, a
+            // cluster file system's hiccup): a miss, and the entry stays.
+            Err(_) => return None,
         };
         let st = fstat(&fd).ok()?;
         let hlen = header_len(k);

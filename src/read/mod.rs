@@ -53,6 +53,9 @@ const MIB: u64 = 1024 * 1024;
 /// How long a failed fetch is remembered (see the module docs).
 const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
+/// Most disk cache reads and writes in flight at once.
+const DISK_SLOTS: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
     /// Cache and fetch granularity.
@@ -155,6 +158,9 @@ pub struct Reader {
     failures: Mutex<HashMap<BlockKey, (Instant, FetchError)>>,
     /// Read-ahead in flight, in blocks (see the module docs).
     budget: Arc<Semaphore>,
+    /// Disk cache reads and writes in flight: a cache folder on a stalled
+    /// cluster file system can hold this many threads, never all of them.
+    disk_slots: Arc<Semaphore>,
     sequential: Arc<AtomicUsize>,
     pub stats: CacheStats,
 }
@@ -195,6 +201,11 @@ impl OpenFile {
     pub fn etag(&self) -> &str {
         &self.file.meta.etag
     }
+
+    /// What GETs send as `If-Match` (nothing for a store without ETags).
+    fn if_match(&self) -> Option<&str> {
+        Some(self.file.meta.etag.as_str()).filter(|e| !e.is_empty())
+    }
 }
 
 enum Plan {
@@ -229,6 +240,7 @@ impl Reader {
             inflight: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(permits)),
+            disk_slots: Arc::new(Semaphore::new(DISK_SLOTS)),
             sequential: Arc::new(AtomicUsize::new(0)),
             stats: CacheStats::default(),
             cfg,
@@ -236,10 +248,24 @@ impl Reader {
     }
 
     pub fn open(&self, file: FileRef) -> OpenFile {
+        // Cached blocks are keyed by version. A store that gives no ETag
+        // (some S3-compatible ones) still tells versions apart by size and
+        // time; such a key is never sent to S3.
+        let version = match file.meta.etag.as_str() {
+            "" => {
+                let t = file
+                    .meta
+                    .last_modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                format!("~{}-{t}", file.meta.size)
+            }
+            e => e.to_string(),
+        };
         let id = Arc::new(ObjectId {
             bucket: file.dataset.bucket.clone(),
             key: file.meta.key.clone(),
-            etag: file.meta.etag.clone(),
+            etag: version,
         });
         OpenFile {
             file,
@@ -372,16 +398,20 @@ impl Reader {
         };
         match plan {
             Plan::Exact => {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                let m = &f.file.meta;
                 // Ends a little before the read must answer, so the read
                 // answers with what happened.
                 let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
+                // A disk cache (a remount's, another node's) may have it.
+                if let Some(blocks) = self.read_disk(f, b0, b1, fetch_deadline).await {
+                    return Ok(self.assemble(f, &blocks, b0, offset, end));
+                }
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                let m = &f.file.meta;
                 let got = f
                     .file
                     .dataset
                     .store
-                    .get_range(&m.key, offset..end, Some(&m.etag), fetch_deadline)
+                    .get_range(&m.key, offset..end, f.if_match(), fetch_deadline)
                     .await
                     .map_err(FetchError::from);
                 got.map_err(|e| {
@@ -443,6 +473,45 @@ impl Reader {
             skip = 0;
         }
         out.freeze()
+    }
+
+    /// Blocks `b0..=b1` from the disk cache, if every one is there (and
+    /// read before `deadline`); then they are in memory too.
+    async fn read_disk(
+        &self,
+        f: &OpenFile,
+        b0: u64,
+        b1: u64,
+        deadline: Deadline,
+    ) -> Option<Vec<Bytes>> {
+        let disk = self.disk.as_ref()?;
+        let mut out = Vec::with_capacity((b1 - b0 + 1) as usize);
+        for i in b0..=b1 {
+            let key = self.key(f, i);
+            let read = self.disk_read(disk, key.clone(), self.block_len(f, i))?;
+            let b = deadline.run(read).await.flatten()?;
+            self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+            self.mem.insert(key, b.clone());
+            out.push(b);
+        }
+        Some(out)
+    }
+
+    /// A disk cache read on the blocking pool, if a disk slot is free
+    /// (`None`: take it as a miss).
+    fn disk_read(
+        &self,
+        disk: &Arc<DiskCache>,
+        key: BlockKey,
+        len: u64,
+    ) -> Option<impl std::future::Future<Output = Option<Bytes>>> {
+        let slot = self.disk_slots.clone().try_acquire_owned().ok()?;
+        let d = disk.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            d.get(&key, len)
+        });
+        Some(task.map(|r| r.ok().flatten()))
     }
 
     /// The failure of a recent fetch of any of blocks `b0..=b1`, if any.
@@ -642,14 +711,30 @@ impl Reader {
         if let Some(disk) = &self.disk {
             // All of the batch from disk at once, each answered as soon as
             // it is read: a cache shared by another node is as fast as the
-            // disk allows, not one block at a time.
+            // disk allows, not one block at a time. A cache folder that
+            // does not answer in time (a stalled cluster file system) is a
+            // miss: S3 is asked instead.
             let reads = senders.iter().flatten().map(|(key, len, _)| {
-                let (d, k, len) = (disk.clone(), key.clone(), *len);
-                tokio::task::spawn_blocking(move || d.get(&k, len))
+                let read = self.disk_read(disk, key.clone(), *len);
+                async move {
+                    match read {
+                        Some(r) => r.await,
+                        None => None,
+                    }
+                }
             });
-            let found = futures::future::join_all(reads).await;
+            let disk_deadline =
+                deadline
+                    .sooner_by(self.cfg.request_timeout / 2)
+                    .min(Deadline::after(crate::retry::stall_timeout(
+                        self.cfg.request_timeout,
+                    )));
+            let found = disk_deadline
+                .run(futures::future::join_all(reads))
+                .await
+                .unwrap_or_default();
             for (slot, r) in senders.iter_mut().zip(found) {
-                if let Ok(Some(b)) = r {
+                if let Some(b) = r {
                     if let Some((key, _, tx)) = slot.take() {
                         self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                         // A disk hit takes none of the read-ahead budget.
@@ -697,16 +782,11 @@ impl Reader {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let start = first_index * bs;
         let end = ((last_index + 1) * bs).min(file.meta.size);
+        let if_match = Some(file.meta.etag.as_str()).filter(|e| !e.is_empty());
         let fetched = file
             .dataset
             .store
-            .get_pieces(
-                &file.meta.key,
-                start..end,
-                Some(&file.meta.etag),
-                bs,
-                deadline,
-            )
+            .get_pieces(&file.meta.key, start..end, if_match, bs, deadline)
             .await;
         let mut pieces = match fetched {
             Ok(p) if p.len() as u64 == last_index - first_index + 1 => Ok(p.into_iter()),
@@ -724,13 +804,21 @@ impl Reader {
             let r = match pieces.as_mut().map(|p| p.next()) {
                 Ok(Some(b)) if b.len() as u64 == len => {
                     if let Some(disk) = &self.disk {
-                        let (d, k, data) = (disk.clone(), key.clone(), b.clone());
-                        tokio::task::spawn_blocking(move || {
-                            if let Err(e) = d.put(&k, &data) {
-                                warn!(error = %e, "cannot write disk cache block");
+                        // Only with a free disk slot: a stalled cache folder
+                        // costs blocks not written, never threads piling up.
+                        match self.disk_slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                let (d, k, data) = (disk.clone(), key.clone(), b.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    let _slot = slot;
+                                    if let Err(e) = d.put(&k, &data) {
+                                        warn!(error = %e, "cannot write disk cache block");
+                                    }
+                                });
+                                self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
                             }
-                        });
-                        self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
+                            Err(_) => debug!("disk cache busy; block not written"),
+                        }
                     }
                     Ok(b)
                 }

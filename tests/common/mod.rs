@@ -489,6 +489,8 @@ const PY_READER: &str = r#"
 import hashlib, os, signal, sys
 if os.environ.get("PY_DEFAULT_SIGINT"):
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A signal it handles and lives on (as make's SIGCHLD, a profiler's SIGPROF).
+signal.signal(signal.SIGUSR2, lambda *a: None)
 fds = {}
 for line in sys.stdin:
     p = line.rstrip("\n").split(" ", 2)

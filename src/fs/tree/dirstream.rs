@@ -93,7 +93,9 @@ impl DirStream {
             let end = st.entries.len().min(from + CHUNK);
             return Some(Ok(Chunk {
                 entries: st.entries[from..end].to_vec(),
-                done: st.done && end == st.entries.len(),
+                // Not "done" if it ended in an error: the reader must still
+                // come back for that error.
+                done: st.done && end == st.entries.len() && st.error.is_none(),
             }));
         }
         if st.done {

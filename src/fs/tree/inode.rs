@@ -149,7 +149,12 @@ impl Kind {
     fn same(&self, other: &Kind) -> bool {
         match (self, other) {
             (Kind::File { ds: a, version: v }, Kind::File { ds: b, version: w }) => {
-                a.handle == b.handle && v.etag == w.etag && v.size == w.size
+                // Without an ETag (some S3-compatible stores), the time
+                // tells versions apart.
+                a.handle == b.handle
+                    && v.etag == w.etag
+                    && v.size == w.size
+                    && (v.etag != Etag::Other("".into()) || v.mtime_ms == w.mtime_ms)
             }
             (Kind::Folder { prefix: a, .. }, Kind::Folder { prefix: b, .. }) => a == b,
             (Kind::Dataset(a), Kind::Dataset(b)) => a.handle == b.handle,
@@ -323,11 +328,14 @@ impl InodeTable {
     }
 
     /// Marks `ino` out of date as of `stamp` (a read met another version):
-    /// listings already on their way cannot make it current again.
+    /// listings already on their way cannot make it current again. Returns
+    /// its folder and name the first time only (to tell the kernel once).
     pub fn mark_stale(&mut self, ino: u64, stamp: u64) -> Option<(u64, Arc<str>)> {
         let node = self.nodes.get_mut(&ino)?;
-        node.stale = true;
         node.stamp = node.stamp.max(stamp);
+        if std::mem::replace(&mut node.stale, true) {
+            return None;
+        }
         Some((node.parent, node.name.clone()))
     }
 
@@ -391,7 +399,11 @@ mod tests {
     #[test]
     fn an_inode_stays_small() {
         // Per known object: measured as a whole by tests/memory.rs.
-        assert!(std::mem::size_of::<Inode>() <= 88, "{}", std::mem::size_of::<Inode>());
+        assert!(
+            std::mem::size_of::<Inode>() <= 88,
+            "{}",
+            std::mem::size_of::<Inode>()
+        );
         let t = UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
         assert_eq!(Version::new(1, t, Etag::parse("x")).mtime(), t);
     }

@@ -50,7 +50,7 @@ impl Tree {
                 if self.3 {
                     return;
                 }
-                self.0.end_pending(self.1, self.2);
+                self.0.abandon(self.1, self.2);
                 self.2
                     .finish(Err(FsError::Io("the listing was interrupted".into())));
             }
@@ -59,36 +59,59 @@ impl Tree {
         let started = self.stamp();
         let result = self.list(ino, stream, started).await;
         guard.3 = true;
-        self.end_pending(ino, stream);
-        if result.is_ok() {
+        {
+            // One step, so no opener in between finds neither the listing
+            // nor the one in progress (and starts a second one).
             let mut st = self.state();
-            let inside_dataset = st
-                .inodes
-                .get(ino)
-                .is_some_and(|n| n.kind.folder().is_some());
-            if inside_dataset {
-                // What the listing did not confirm is gone (unless a later
-                // request said otherwise). Root and prefix folders are not
-                // authoritative: any handle opens by path.
-                for (name, child) in st.inodes.children(ino) {
-                    if st.inodes.get(child).is_some_and(|n| n.stamp < started) {
-                        st.inodes.remove_name(ino, &name, started);
+            if result.is_ok() {
+                let inside_dataset = st
+                    .inodes
+                    .get(ino)
+                    .is_some_and(|n| n.kind.folder().is_some());
+                if inside_dataset {
+                    // What the listing did not confirm is gone (unless a
+                    // later request said otherwise). Root and prefix
+                    // folders are not authoritative: any handle opens by
+                    // path.
+                    for (name, child) in st.inodes.children(ino) {
+                        if st.inodes.get(child).is_some_and(|n| n.stamp < started) {
+                            st.inodes.remove_name(ino, &name, started);
+                        }
                     }
                 }
+                if let Some(d) = st.dirs.get_mut(&ino) {
+                    d.listing = Some(Listing {
+                        at: Instant::now(),
+                        started,
+                        stream: stream.clone(),
+                    });
+                }
             }
-            if let Some(d) = st.dirs.get_mut(&ino) {
-                d.listing = Some(Listing {
-                    at: Instant::now(),
-                    started,
-                    stream: stream.clone(),
-                });
+            Self::end_pending_locked(&mut st, ino, stream);
+            if result.is_err() {
+                self.collect_unlisted(&mut st, ino);
             }
         }
         stream.finish(result);
     }
 
-    fn end_pending(&self, ino: u64, stream: &Arc<DirStream>) {
+    /// A listing that will not finish: no longer in progress, and what its
+    /// pages installed goes unless the kernel holds it.
+    fn abandon(&self, ino: u64, stream: &Arc<DirStream>) {
         let mut st = self.state();
+        Self::end_pending_locked(&mut st, ino, stream);
+        self.collect_unlisted(&mut st, ino);
+    }
+
+    /// Names in `ino` that no listing keeps any more: whatever the kernel
+    /// does not hold goes now.
+    fn collect_unlisted(&self, st: &mut super::State, ino: u64) {
+        for (_, child) in st.inodes.children(ino) {
+            self.collect(st, child);
+        }
+    }
+
+    fn end_pending_locked(st: &mut super::State, ino: u64, stream: &Arc<DirStream>) {
         if let Some(d) = st.dirs.get_mut(&ino) {
             if d.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, stream)) {
                 d.pending = None;

@@ -215,7 +215,12 @@ impl Tree {
             Ask::Dataset(handle) => {
                 let ds = match self.catalog.fetch(&handle, deadline).await {
                     Err(FsError::NotFound) => {
-                        self.state().negative.insert(parent, name, stamp);
+                        let mut st = self.state();
+                        // Resolved by a later request meanwhile: that wins.
+                        if let Some(ino) = st.inodes.child(parent, name) {
+                            return Ok(Self::counted(&mut st, ino));
+                        }
+                        st.negative.insert(parent, name, stamp);
                         return Err(FsError::NotFound);
                     }
                     other => other?,
@@ -226,21 +231,42 @@ impl Tree {
                 Ok(Self::counted(&mut st, ino))
             }
             Ask::Object(ds, dir) => {
-                let found = self.probe(&ds, &dir, name, deadline).await?;
-                let mut st = self.state();
-                match found {
-                    Some(kind) if !st.negative.newer_than(parent, name, stamp) => {
-                        st.negative.remove(parent, name);
-                        let ino = st.inodes.install(parent, name, kind, stamp);
-                        Ok(Self::counted(&mut st, ino))
+                let mut stamp = stamp;
+                // A change found while the probe was on its way (a read met
+                // a new ETag) makes its answer out of date: ask once more,
+                // so the kernel's re-lookup after ESTALE gets what is there.
+                for attempt in 0..2 {
+                    let found = self.probe(&ds, &dir, name, deadline).await?;
+                    let mut st = self.state();
+                    // What a later request said of the name wins over this
+                    // answer, either way.
+                    let newer = st
+                        .inodes
+                        .child(parent, name)
+                        .filter(|i| st.inodes.get(*i).is_some_and(|n| n.stamp > stamp));
+                    let ino = match (found, newer) {
+                        (_, Some(ino)) => ino,
+                        (Some(_), None) if st.negative.newer_than(parent, name, stamp) => {
+                            return Err(FsError::NotFound)
+                        }
+                        (Some(kind), None) => {
+                            st.negative.remove(parent, name);
+                            st.inodes.install(parent, name, kind, stamp)
+                        }
+                        (None, None) => {
+                            st.inodes.remove_name(parent, name, stamp);
+                            st.negative.insert(parent, name, stamp);
+                            return Err(FsError::NotFound);
+                        }
+                    };
+                    let stale = st.inodes.get(ino).is_some_and(|n| n.stale);
+                    if !stale || attempt == 1 {
+                        return Ok(Self::counted(&mut st, ino));
                     }
-                    Some(_) => Err(FsError::NotFound),
-                    None => {
-                        st.inodes.remove_name(parent, name, stamp);
-                        st.negative.insert(parent, name, stamp);
-                        Err(FsError::NotFound)
-                    }
+                    drop(st);
+                    stamp = self.stamp();
                 }
+                unreachable!("the second attempt always answers")
             }
             Ask::ByName => {
                 // Names come only from the registry: list it (once per TTL).
@@ -451,11 +477,16 @@ impl Tree {
             if ino == ROOT_INO || node.lookups > 0 || busy || st.inodes.has_children(ino) {
                 return;
             }
-            // Still named by its folder's listing within the TTL.
+            // Still named by its folder's listing (within the TTL, or read
+            // by an open directory handle).
             let parent = node.parent;
-            let listed = self.fresh_listing(st, parent).is_some_and(|l| {
-                node.stamp >= l.started && st.inodes.child(parent, &node.name) == Some(ino)
-            });
+            let listed = st
+                .dirs
+                .get(&parent)
+                .and_then(|d| d.listing.as_ref())
+                .is_some_and(|l| {
+                    node.stamp >= l.started && st.inodes.child(parent, &node.name) == Some(ino)
+                });
             if listed {
                 return;
             }
@@ -467,13 +498,20 @@ impl Tree {
         }
     }
 
-    /// Drops listings past their TTL and whatever only they kept.
+    /// Drops listings past their TTL and whatever only they kept. A
+    /// listing an open directory handle still reads is kept (with the
+    /// inodes it names) until the handle is closed: `readdir` hands its
+    /// entries out as they are, however long the reader takes.
     pub fn sweep(&self) {
         let mut st = self.state();
         let expired: Vec<u64> = st
             .dirs
             .iter()
-            .filter(|(_, d)| d.listing.as_ref().is_some_and(|l| !self.fresh(l.at)))
+            .filter(|(_, d)| {
+                d.listing
+                    .as_ref()
+                    .is_some_and(|l| !self.fresh(l.at) && Arc::strong_count(&l.stream) == 1)
+            })
             .map(|(ino, _)| *ino)
             .collect();
         for dir in &expired {
@@ -515,6 +553,16 @@ impl Tree {
             listings: st.dirs.values().filter(|d| d.listing.is_some()).count(),
             negative: st.negative.len(),
         }
+    }
+
+    /// Whether any of `entries` still stands for something (a chunk whose
+    /// names were all deleted since is skipped, not answered empty: an
+    /// empty answer is the end of the folder to the kernel).
+    pub fn any_live(&self, parent: u64, entries: &[DirEntry]) -> bool {
+        let st = self.state();
+        entries
+            .iter()
+            .any(|e| st.inodes.child(parent, &e.name).is_some())
     }
 
     /// Hands out `entries` (a chunk of `parent`'s listing) with the

@@ -69,18 +69,18 @@ fn soon() -> Deadline {
     Deadline::after(Duration::from_secs(5))
 }
 
-fn tree_over(store: Arc<MemoryStore>, reg: Arc<FakeRegistry>, ttl: Duration) -> Tree {
-    Tree::new(
+fn tree_over(store: Arc<MemoryStore>, reg: Arc<FakeRegistry>, ttl: Duration) -> Arc<Tree> {
+    Arc::new(Tree::new(
         TreeConfig {
             metadata_ttl: ttl,
             ..TreeConfig::default()
         },
         reg,
         Arc::new(MemoryFactory(store)),
-    )
+    ))
 }
 
-fn setup() -> (Tree, Arc<FakeRegistry>, Arc<MemoryStore>) {
+fn setup() -> (Arc<Tree>, Arc<FakeRegistry>, Arc<MemoryStore>) {
     let reg = registry(&["1.2/3", "1.2/4", "7/8", "1.2/hidden"]);
     let store = Arc::new(MemoryStore::new());
     for k in [
@@ -116,7 +116,7 @@ fn listed(t: &Tree, dir: u64, entries: &[DirEntry]) -> Vec<(String, Attr)> {
     out
 }
 
-async fn dataset(t: &Tree, handle: &str) -> u64 {
+async fn dataset(t: &Arc<Tree>, handle: &str) -> u64 {
     let (p, s) = handle.split_once('/').unwrap();
     let p = t.lookup(ROOT_INO, p, soon()).await.unwrap();
     t.lookup(p.ino, s, soon()).await.unwrap().ino
@@ -428,6 +428,170 @@ async fn forgotten_inodes_go_and_expired_listings_take_theirs_along() {
     assert_eq!(t.stats().listings, 0);
 }
 
+#[tokio::test]
+async fn an_open_directory_handle_keeps_its_listing_past_the_ttl() {
+    let store = Arc::new(MemoryStore::new());
+    for i in 0..600 {
+        store.put(&format!("datasets/1-2-3/f{i:03}"), "x");
+    }
+    let t = tree_over(store, registry(&["1.2/3"]), Duration::from_millis(100));
+    let d = dataset(&t, "1.2/3").await;
+    let entries = t.readdir(d, soon()).await.unwrap();
+    // A slow `os.scandir` loop holds the stream past TTL and sweeps.
+    let (held, _) = (t.open_dir(d).unwrap(), ());
+    assert!(held.0.is_done());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    t.sweep();
+    let mut seen = 0;
+    t.fill(d, &entries, false, |_, _, _| {
+        seen += 1;
+        false
+    });
+    assert_eq!(seen, 600, "every entry still handed out");
+    // Once the handle is closed, the next sweep takes it all.
+    drop(held);
+    drop(entries);
+    let before = t.stats().inodes;
+    t.sweep();
+    assert_eq!(t.stats().inodes, before - 600);
+}
+
+/// A store whose first listing of a name is read at once but answered
+/// only when let go; later ones are answered at once.
+struct SlowFirstProbe {
+    inner: Arc<MemoryStore>,
+    gate: tokio::sync::Semaphore,
+    waiting: tokio::sync::Notify,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl crate::s3::ObjectStore for SlowFirstProbe {
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<String>,
+        max_keys: Option<i32>,
+        deadline: Deadline,
+    ) -> Result<crate::s3::ListPage, crate::s3::S3Error> {
+        let page = self
+            .inner
+            .list(prefix, delimiter, continuation, max_keys, deadline)
+            .await;
+        if prefix.ends_with("/x") && !self.first.swap(true, Ordering::SeqCst) {
+            self.waiting.notify_one();
+            let _ = self.gate.acquire().await;
+        }
+        page
+    }
+    async fn head(&self, key: &str, d: Deadline) -> Result<ObjectMeta, crate::s3::S3Error> {
+        self.inner.head(key, d).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+        d: Deadline,
+    ) -> Result<bytes::Bytes, crate::s3::S3Error> {
+        self.inner.get_range(key, range, etag, d).await
+    }
+}
+
+struct OneStore(Arc<dyn crate::s3::ObjectStore>);
+
+impl StoreFactory for OneStore {
+    fn open(&self, _h: &str, _b: &str) -> Arc<dyn crate::s3::ObjectStore> {
+        self.0.clone()
+    }
+}
+
+#[tokio::test]
+async fn an_older_not_found_never_hides_a_newer_found() {
+    let mem = Arc::new(MemoryStore::new());
+    let slow = Arc::new(SlowFirstProbe {
+        inner: mem.clone(),
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: tokio::sync::Notify::new(),
+        first: Default::default(),
+    });
+    let t = Arc::new(Tree::new(
+        TreeConfig::default(),
+        registry(&["1.2/3"]),
+        Arc::new(OneStore(slow.clone())),
+    ));
+    let d = dataset(&t, "1.2/3").await;
+    // Lookup 1 finds nothing, but its answer is slow to come back...
+    let first = {
+        let t = t.clone();
+        tokio::spawn(async move { t.lookup(d, "x", soon()).await })
+    };
+    slow.waiting.notified().await;
+    // ...while `x` is created and lookup 2 finds it.
+    mem.put("datasets/1-2-3/x", "new");
+    let found = t.lookup(d, "x", soon()).await.unwrap();
+    slow.gate.add_permits(1);
+    let late = first.await.unwrap();
+    assert_eq!(
+        late.map(|a| a.ino).ok(),
+        Some(found.ino),
+        "the newer answer wins"
+    );
+    assert_eq!(t.lookup(d, "x", soon()).await.unwrap().ino, found.ino);
+}
+
+/// A store whose listings fail after the first page.
+struct FailsPage2(Arc<MemoryStore>);
+
+#[async_trait]
+impl crate::s3::ObjectStore for FailsPage2 {
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<String>,
+        max_keys: Option<i32>,
+        deadline: Deadline,
+    ) -> Result<crate::s3::ListPage, crate::s3::S3Error> {
+        if continuation.is_some() {
+            return Err(crate::s3::S3Error::Network("page 2 lost".into()));
+        }
+        self.0
+            .list(prefix, delimiter, continuation, max_keys, deadline)
+            .await
+    }
+    async fn head(&self, key: &str, d: Deadline) -> Result<ObjectMeta, crate::s3::S3Error> {
+        self.0.head(key, d).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+        d: Deadline,
+    ) -> Result<bytes::Bytes, crate::s3::S3Error> {
+        self.0.get_range(key, range, etag, d).await
+    }
+}
+
+#[tokio::test]
+async fn a_listing_that_fails_part_way_leaves_nothing_behind() {
+    let mem = Arc::new(MemoryStore::new());
+    for i in 0..1500 {
+        mem.put(&format!("datasets/1-2-3/f{i:04}"), "x");
+    }
+    let t = Arc::new(Tree::new(
+        TreeConfig::default(),
+        registry(&["1.2/3"]),
+        Arc::new(OneStore(Arc::new(FailsPage2(mem)))),
+    ));
+    let d = dataset(&t, "1.2/3").await;
+    let before = t.stats().inodes;
+    assert!(t.readdir(d, soon()).await.is_err());
+    assert_eq!(t.stats().inodes, before, "page 1's names did not stay");
+}
+
 /// What the tree must show for `keys` (relative to the dataset), by the
 /// rules of docs/SEMANTICS.md: paths, directories ending in `/`.
 fn model(keys: &[String]) -> BTreeSet<String> {
@@ -455,7 +619,7 @@ fn model(keys: &[String]) -> BTreeSet<String> {
     dirs.into_iter().chain(files).collect()
 }
 
-async fn walk(t: &Tree, ino: u64, path: String, out: &mut BTreeSet<String>) {
+async fn walk(t: &Arc<Tree>, ino: u64, path: String, out: &mut BTreeSet<String>) {
     let entries = t.readdir(ino, soon()).await.unwrap();
     let mut seen = HashSet::new();
     for (name, attr) in listed(t, ino, &entries) {
