@@ -5,7 +5,7 @@
 # ListObjectsV2 calls they need and with rclone mount (when installed).
 #   BENCH_LATENCY_MS=20   added to every emulator request (S3 from a cluster)
 #   BENCH_SCALE=10        sizes divided by 10 (a quick look)
-# Needs root (drop_caches, mounts) and fuse3. Writes bench/SCALE.md
+# Needs root (mounts) and fuse3. Writes bench/SCALE.md
 # (or $BENCH_OUT) and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."

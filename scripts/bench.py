@@ -27,8 +27,12 @@ def timed(cmd):
     return time.perf_counter() - t
 
 def drop_caches(data):
-    sh("sync; echo 3 > /proc/sys/vm/drop_caches", check=False)
-    # The emulator's own reads should come from memory, as a fast server's would.
+    # No /proc/sys/vm/drop_caches on these shared machines: every figure is
+    # taken on a fresh mount, whose page cache is empty (a FUSE mount's
+    # pages belong to its own inodes), and no tool keeps a cache between
+    # mounts (rclone's cache folder is new each time). What this does is
+    # the opposite: the emulator's own reads come from memory, as a fast
+    # server's would.
     sh(f"cat {data}/10378.1/1/big.bin {data}/10378.1/2/* > /dev/null")
     sh(f"find {data}/10378.1/3 -type f -exec cat {{}} + > /dev/null")
 
@@ -241,7 +245,7 @@ def cpu_times(pid):
 
 def main():
     if os.geteuid() != 0:
-        sys.exit("bench: run as root (drop_caches, mounts)")
+        sys.exit("bench: run as root (mounts)")
     data = os.environ.get("BENCH_DATA", f"/tmp/provenafs-bench-data-{SCALE}")
     log(f"generating data in {data} (scale 1/{SCALE})")
     gen(data)

@@ -131,6 +131,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         max_threads: 16,
         allow_other: false,
         allow_root: false,
+        logs_to_file: false,
     };
     let m = mountpoint.display();
     eprintln!(

@@ -43,6 +43,9 @@ pub struct MountConfig {
     pub max_threads: usize,
     pub allow_other: bool,
     pub allow_root: bool,
+    /// Logs go to a file (`--log-file`), not to standard error: a detached
+    /// mount keeps standard error only then.
+    pub logs_to_file: bool,
 }
 
 #[derive(Debug, Error)]
@@ -198,7 +201,7 @@ fn is_detached_child() -> bool {
 
 /// After the mount is ready, a detached child tells its parent and stops
 /// writing to the parent's pipe.
-fn signal_ready() {
+fn signal_ready(logs_to_file: bool) {
     notify_systemd();
     if !is_detached_child() {
         return;
@@ -210,7 +213,7 @@ fn signal_ready() {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             libc::dup2(null, 1);
-            if !crate::cli::logs_to_file() {
+            if !logs_to_file {
                 libc::dup2(null, 2);
             }
             libc::close(null);
@@ -328,7 +331,7 @@ pub fn serve(
     let bg = session.spawn().map_err(MountError::Fuse)?;
     info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     raise_readahead(&cfg.mountpoint);
-    signal_ready();
+    signal_ready(cfg.logs_to_file);
 
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
     let tx2 = tx.clone();

@@ -3,7 +3,6 @@
 //! flags, environment variables and settings files.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -278,12 +277,6 @@ pub struct SimArgs {
     pub log: LogArgs,
 }
 
-static LOG_TO_FILE: AtomicBool = AtomicBool::new(false);
-
-pub fn logs_to_file() -> bool {
-    LOG_TO_FILE.load(Ordering::Relaxed)
-}
-
 fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match &log.log_level {
@@ -322,7 +315,6 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
                 .mode(0o600)
                 .open(p)
                 .map_err(|e| format!("cannot open log file {}: {e}", p.display()))?;
-            LOG_TO_FILE.store(true, Ordering::Relaxed);
             builder
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(f))
@@ -484,6 +476,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
         max_threads: a.max_threads.or(file.max_threads).unwrap_or(16),
         allow_other: a.allow_other || file.allow_other.unwrap_or(false),
         allow_root: a.allow_root || file.allow_root.unwrap_or(false),
+        logs_to_file: false,
     })
 }
 
@@ -592,11 +585,12 @@ fn run(command: Command) -> Result<(), Exit> {
     match command {
         Command::Mount(a) => {
             let file = file_settings(&a.connect)?;
-            let cfg = mount_config(&a, &file)?;
+            let mut cfg = mount_config(&a, &file)?;
             let log = LogArgs {
                 log_file: a.log.log_file.clone().or(file.log_file.clone()),
                 log_level: a.log.log_level.clone().or(file.log_level.clone()),
             };
+            cfg.logs_to_file = log.log_file.is_some();
             if !a.foreground {
                 // Check what can be checked before detaching, for a fast answer.
                 mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
