@@ -82,8 +82,7 @@ async fn main() -> Result<(), String> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..parallel {
-        let (store, key, next, etag) =
-            (store.clone(), key.clone(), next.clone(), meta.etag.clone());
+        let (store, key, next, meta) = (store.clone(), key.clone(), next.clone(), meta.clone());
         let size = meta.size;
         tasks.push(tokio::spawn(async move {
             let mut got = 0u64;
@@ -96,7 +95,7 @@ async fn main() -> Result<(), String> {
                     .get_range(
                         &key,
                         off..(off + part).min(size),
-                        Some(&etag),
+                        Some(&meta),
                         Deadline::after(TIMEOUT),
                     )
                     .await

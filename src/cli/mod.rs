@@ -603,7 +603,11 @@ fn run(command: Command) -> Result<(), Exit> {
             // fuser warns about an unmount that already happened; not news.
             init_logging(&log, "warn,fuser=error")?;
             let rt = runtime()?;
-            mount::run(cfg, &rt).map_err(|e| e.to_string())?;
+            let served = mount::run(cfg, &rt).map_err(|e| e.to_string());
+            // Unmounted: do not wait for work stuck in the blocking pool (a
+            // disk cache on a stalled file system) before exiting.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            served?;
             Ok(())
         }
         Command::Unmount { mountpoint } => Ok(mount::unmount(&mountpoint)?),

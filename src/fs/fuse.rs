@@ -177,19 +177,54 @@ struct InFlight {
     watched: bool,
 }
 
-/// Whether thread `pid` is being killed: SIGKILL pending (the kernel adds
-/// it to every thread of a process that got a fatal signal, whichever),
-/// or already gone.
+/// Whether thread `pid` is being killed: a signal pending that it neither
+/// catches nor ignores and whose default action ends it (the kernel turns
+/// most into SIGKILL; SIGQUIT, SIGABRT and others that dump core stay as
+/// they are), or it is gone. A thread we cannot see (another PID
+/// namespace, `/proc` mounted `hidepid`) counts as not being killed: its
+/// operation then ends at its bound, never by a caught signal.
 fn being_killed(pid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return true;
+    let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && pid != 0 => return true,
+        Err(_) => return false,
     };
-    let sigkill = 1u64 << (libc::SIGKILL - 1);
-    status
-        .lines()
-        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
-        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
-        .any(|mask| mask & sigkill != 0)
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    if pending & bit(libc::SIGKILL) != 0 {
+        return true;
+    }
+    // Signals whose default action is not to end the process.
+    let harmless = [
+        libc::SIGCHLD,
+        libc::SIGCONT,
+        libc::SIGURG,
+        libc::SIGWINCH,
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ]
+    .iter()
+    .fold(0u64, |m, s| m | bit(*s));
+    pending & !(mask("SigCgt:") | mask("SigIgn:")) & !harmless != 0
+}
+
+/// Ends operation `unique` with EINTR, if it is still running.
+fn cancel(interrupts: &Mutex<HashMap<u64, InFlight>>, unique: u64) {
+    let tx = lock(interrupts)
+        .get_mut(&unique)
+        .and_then(|op| op.cancel.take());
+    if let Some(tx) = tx {
+        let _ = tx.send(());
+    }
 }
 
 /// Removes an operation's entry however its task ends (even by a panic).
@@ -397,32 +432,29 @@ impl Filesystem for ProvenaFs {
     }
 
     fn interrupt(&self, _req: &Request, unique: RequestId) -> Result<(), Errno> {
-        let mut map = lock(&self.interrupts);
-        let Some(op) = map.get_mut(&unique.0) else {
+        let Some(pid) = lock(&self.interrupts).get(&unique.0).map(|op| op.pid) else {
             // Not seen yet (another thread is dispatching it), or already
             // answered: the kernel sends it again, or drops it.
             return Err(Errno::EAGAIN);
         };
-        if being_killed(op.pid) {
-            if let Some(tx) = op.cancel.take() {
-                let _ = tx.send(());
-            }
+        // /proc is read without holding the table every operation takes.
+        if being_killed(pid) {
+            cancel(&self.interrupts, unique.0);
             return Ok(());
         }
-        if !op.watched {
-            op.watched = true;
-            let (pid, interrupts) = (op.pid, self.interrupts.clone());
+        let first = lock(&self.interrupts)
+            .get_mut(&unique.0)
+            .is_some_and(|op| !std::mem::replace(&mut op.watched, true));
+        if first {
+            let interrupts = self.interrupts.clone();
             self.rt.spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    let mut map = lock(&interrupts);
-                    let Some(op) = map.get_mut(&unique.0) else {
+                    if !lock(&interrupts).contains_key(&unique.0) {
                         return; // answered meanwhile
-                    };
+                    }
                     if being_killed(pid) {
-                        if let Some(tx) = op.cancel.take() {
-                            let _ = tx.send(());
-                        }
+                        cancel(&interrupts, unique.0);
                         return;
                     }
                 }
@@ -979,4 +1011,60 @@ fn fill_dir_plus(
         )
     });
     reply.ok();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::being_killed;
+    use std::process::{Command, Stdio};
+
+    /// A stopped child with `sig` pending (a stopped process takes no
+    /// signals, so it stays pending), after it set up its handlers.
+    fn stopped_with_pending(script: &str, sig: i32) -> std::process::Child {
+        let child = Command::new("python3")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut child = child;
+        let mut ready = [0u8; 1];
+        use std::io::Read;
+        child.stdout.as_mut().unwrap().read_exact(&mut ready).unwrap();
+        let pid = child.id() as i32;
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        unsafe {
+            libc::kill(pid, sig);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        child
+    }
+
+    const SETUP: &str = "import signal, sys, time\n\
+        signal.signal(signal.SIGUSR2, lambda *a: None)\n\
+        sys.stdout.write('r'); sys.stdout.flush()\n\
+        time.sleep(60)\n";
+
+    #[test]
+    fn only_a_signal_that_ends_the_process_counts_as_being_killed() {
+        assert!(!being_killed(std::process::id()));
+        assert!(being_killed(u32::MAX - 7), "a process that is gone");
+        // Caught and survived: not being killed.
+        let mut c = stopped_with_pending(SETUP, libc::SIGUSR2);
+        assert!(!being_killed(c.id()));
+        let _ = c.kill();
+        let _ = c.wait();
+        // Default action: core dump (not turned into SIGKILL): killed.
+        let mut c = stopped_with_pending(SETUP, libc::SIGQUIT);
+        assert!(being_killed(c.id()));
+        let _ = c.kill();
+        let _ = c.wait();
+        // A harmless default (SIGWINCH): not killed.
+        let mut c = stopped_with_pending(SETUP, libc::SIGWINCH);
+        assert!(!being_killed(c.id()));
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

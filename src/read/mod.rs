@@ -53,7 +53,7 @@ const MIB: u64 = 1024 * 1024;
 /// How long a failed fetch is remembered (see the module docs).
 const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
-/// Most disk cache reads and writes in flight at once.
+/// Most disk cache reads (and, apart, writes) in flight at once.
 const DISK_SLOTS: usize = 64;
 
 #[derive(Clone, Debug)]
@@ -158,9 +158,10 @@ pub struct Reader {
     failures: Mutex<HashMap<BlockKey, (Instant, FetchError)>>,
     /// Read-ahead in flight, in blocks (see the module docs).
     budget: Arc<Semaphore>,
-    /// Disk cache reads and writes in flight: a cache folder on a stalled
+    /// Disk cache reads, and writes, in flight: a cache folder on a stalled
     /// cluster file system can hold this many threads, never all of them.
-    disk_slots: Arc<Semaphore>,
+    disk_reads: Arc<Semaphore>,
+    disk_writes: Arc<Semaphore>,
     sequential: Arc<AtomicUsize>,
     pub stats: CacheStats,
 }
@@ -201,11 +202,6 @@ impl OpenFile {
     pub fn etag(&self) -> &str {
         &self.file.meta.etag
     }
-
-    /// What GETs send as `If-Match` (nothing for a store without ETags).
-    fn if_match(&self) -> Option<&str> {
-        Some(self.file.meta.etag.as_str()).filter(|e| !e.is_empty())
-    }
 }
 
 enum Plan {
@@ -240,7 +236,8 @@ impl Reader {
             inflight: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(permits)),
-            disk_slots: Arc::new(Semaphore::new(DISK_SLOTS)),
+            disk_reads: Arc::new(Semaphore::new(DISK_SLOTS)),
+            disk_writes: Arc::new(Semaphore::new(DISK_SLOTS)),
             sequential: Arc::new(AtomicUsize::new(0)),
             stats: CacheStats::default(),
             cfg,
@@ -402,7 +399,8 @@ impl Reader {
                 // answers with what happened.
                 let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
                 // A disk cache (a remount's, another node's) may have it.
-                if let Some(blocks) = self.read_disk(f, b0, b1, fetch_deadline).await {
+                let disk_deadline = self.disk_deadline(fetch_deadline);
+                if let Some(blocks) = self.read_disk(f, b0, b1, disk_deadline).await {
                     return Ok(self.assemble(f, &blocks, b0, offset, end));
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +409,7 @@ impl Reader {
                     .file
                     .dataset
                     .store
-                    .get_range(&m.key, offset..end, f.if_match(), fetch_deadline)
+                    .get_range(&m.key, offset..end, Some(m), fetch_deadline)
                     .await
                     .map_err(FetchError::from);
                 got.map_err(|e| {
@@ -497,6 +495,17 @@ impl Reader {
         Some(out)
     }
 
+    /// How long the disk cache may take before a fetch ends by `deadline`:
+    /// the stall timeout, and never more than half the time left, so a
+    /// stalled cache folder is a miss with time to spare for S3.
+    fn disk_deadline(&self, deadline: Deadline) -> Deadline {
+        deadline
+            .sooner_by(self.cfg.request_timeout / 2)
+            .min(Deadline::after(crate::retry::stall_timeout(
+                self.cfg.request_timeout,
+            )))
+    }
+
     /// A disk cache read on the blocking pool, if a disk slot is free
     /// (`None`: take it as a miss).
     fn disk_read(
@@ -505,7 +514,7 @@ impl Reader {
         key: BlockKey,
         len: u64,
     ) -> Option<impl std::future::Future<Output = Option<Bytes>>> {
-        let slot = self.disk_slots.clone().try_acquire_owned().ok()?;
+        let slot = self.disk_reads.clone().try_acquire_owned().ok()?;
         let d = disk.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -723,13 +732,8 @@ impl Reader {
                     }
                 }
             });
-            let disk_deadline =
-                deadline
-                    .sooner_by(self.cfg.request_timeout / 2)
-                    .min(Deadline::after(crate::retry::stall_timeout(
-                        self.cfg.request_timeout,
-                    )));
-            let found = disk_deadline
+            let found = self
+                .disk_deadline(deadline)
                 .run(futures::future::join_all(reads))
                 .await
                 .unwrap_or_default();
@@ -782,11 +786,10 @@ impl Reader {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let start = first_index * bs;
         let end = ((last_index + 1) * bs).min(file.meta.size);
-        let if_match = Some(file.meta.etag.as_str()).filter(|e| !e.is_empty());
         let fetched = file
             .dataset
             .store
-            .get_pieces(&file.meta.key, start..end, if_match, bs, deadline)
+            .get_pieces(&file.meta.key, start..end, Some(&file.meta), bs, deadline)
             .await;
         let mut pieces = match fetched {
             Ok(p) if p.len() as u64 == last_index - first_index + 1 => Ok(p.into_iter()),
@@ -806,7 +809,7 @@ impl Reader {
                     if let Some(disk) = &self.disk {
                         // Only with a free disk slot: a stalled cache folder
                         // costs blocks not written, never threads piling up.
-                        match self.disk_slots.clone().try_acquire_owned() {
+                        match self.disk_writes.clone().try_acquire_owned() {
                             Ok(slot) => {
                                 let (d, k, data) = (disk.clone(), key.clone(), b.clone());
                                 tokio::task::spawn_blocking(move || {

@@ -386,11 +386,11 @@ impl ObjectStore for AwsObjectStore {
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         deadline: Deadline,
     ) -> Result<Bytes, S3Error> {
         let len = range.end.saturating_sub(range.start).max(1);
-        let mut pieces = self.get_pieces(key, range, etag, len, deadline).await?;
+        let mut pieces = self.get_pieces(key, range, version, len, deadline).await?;
         Ok(pieces.pop().unwrap_or_default())
     }
 
@@ -398,13 +398,17 @@ impl ObjectStore for AwsObjectStore {
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         piece: u64,
         deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
         if range.is_empty() {
             return Ok(Vec::new());
         }
+        // The version to read: its ETag, or (a store without ETags) its
+        // time and length, checked below.
+        let etag = version.map(|v| v.etag.as_str()).filter(|e| !e.is_empty());
+        let by_time = version.filter(|v| v.etag.is_empty());
         let piece = piece.max(1);
         let span = info_span!("s3_get", bucket = %self.bucket, key, start = range.start, len = range.end - range.start);
         let range = &range;
@@ -416,8 +420,16 @@ impl ObjectStore for AwsObjectStore {
                 .key(key)
                 .range(format!("bytes={}-{}", range.start, range.end - 1))
                 .set_if_match(etag.map(|e| format!("\"{e}\"")))
+                .set_if_unmodified_since(
+                    by_time.map(|v| aws_smithy_types::DateTime::from(v.last_modified)),
+                )
                 .send();
             let out = answered(stall, send).await?;
+            if let Some(v) = by_time {
+                if !same_object(v, out.last_modified(), out.content_range()) {
+                    return Err(S3Error::Stale);
+                }
+            }
             // Copy each chunk into its piece as it arrives: one copy, one
             // allocation per piece, and a body of the wrong length is an
             // error, never data.
@@ -472,6 +484,26 @@ impl ObjectStore for AwsObjectStore {
         .instrument(span)
         .await
     }
+}
+
+/// Whether an answer (its `Last-Modified`, to the second, and the object
+/// length in its `Content-Range`) comes from version `v`.
+fn same_object(
+    v: &ObjectMeta,
+    modified: Option<&aws_smithy_types::DateTime>,
+    range: Option<&str>,
+) -> bool {
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let same_time = modified
+        .and_then(|d| SystemTime::try_from(*d).ok())
+        .is_some_and(|t| secs(t) == secs(v.last_modified));
+    let total = range
+        .and_then(|r| r.rsplit('/').next())
+        .and_then(|t| t.parse::<u64>().ok());
+    same_time && total == Some(v.size)
 }
 
 /// Undoes S3's `encoding-type=url` (form encoding: `+` is a space). A key

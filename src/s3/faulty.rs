@@ -99,24 +99,24 @@ impl ObjectStore for FaultyStore {
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         deadline: Deadline,
     ) -> Result<Bytes, S3Error> {
         self.gate(key, deadline).await?;
-        self.inner.get_range(key, range, etag, deadline).await
+        self.inner.get_range(key, range, version, deadline).await
     }
 
     async fn get_pieces(
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         piece: u64,
         deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
         self.gate(key, deadline).await?;
         self.inner
-            .get_pieces(key, range, etag, piece, deadline)
+            .get_pieces(key, range, version, piece, deadline)
             .await
     }
 }

@@ -142,7 +142,7 @@ impl ObjectStore for MemoryStore {
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         _deadline: Deadline,
     ) -> Result<Bytes, S3Error> {
         self.gets.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +151,11 @@ impl ObjectStore for MemoryStore {
             .lock()
             .map_err(|_| S3Error::Other("poisoned".into()))?;
         let (data, e) = objects.get(key).ok_or(S3Error::NotFound)?;
-        if etag.is_some_and(|t| t != e) {
+        let other = |v: &ObjectMeta| match v.etag.as_str() {
+            "" => v.size != data.len() as u64,
+            t => t != e,
+        };
+        if version.is_some_and(other) {
             return Err(S3Error::Stale);
         }
         let end = range.end.min(data.len() as u64) as usize;

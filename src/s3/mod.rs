@@ -116,13 +116,15 @@ pub trait ObjectStore: Send + Sync {
         Ok(())
     }
 
-    /// Bytes `range` of `key`; with `etag`, only from that version (If-Match).
-    /// Returns exactly `range.len()` bytes or an error, never fewer.
+    /// Bytes `range` of `key`; with `version`, only from that version, else
+    /// `Stale`: `If-Match` its ETag, or, for a store that gives no ETags,
+    /// `If-Unmodified-Since` its time and a check of the answer's time and
+    /// length. Returns exactly `range.len()` bytes or an error, never fewer.
     async fn get_range(
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         deadline: Deadline,
     ) -> Result<Bytes, S3Error>;
 
@@ -133,11 +135,11 @@ pub trait ObjectStore: Send + Sync {
         &self,
         key: &str,
         range: Range<u64>,
-        etag: Option<&str>,
+        version: Option<&ObjectMeta>,
         piece: u64,
         deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
-        let all = self.get_range(key, range, etag, deadline).await?;
+        let all = self.get_range(key, range, version, deadline).await?;
         Ok(all
             .chunks(piece.max(1) as usize)
             .map(Bytes::copy_from_slice)

@@ -119,11 +119,19 @@ impl Tree {
         }
     }
 
-    /// Every entry of directory `ino`, from a listing no older than the TTL.
-    pub async fn readdir(&self, ino: u64, deadline: Deadline) -> Result<Vec<DirEntry>, FsError> {
+    /// Every entry of directory `ino`, from a listing no older than the
+    /// TTL. A listing this starts runs on its own task: a caller that gives
+    /// up (its deadline, an interrupt) does not end it for the others
+    /// reading it.
+    pub async fn readdir(
+        self: &Arc<Self>,
+        ino: u64,
+        deadline: Deadline,
+    ) -> Result<Vec<DirEntry>, FsError> {
         let (stream, drive) = self.open_dir(ino)?;
         if drive {
-            self.drive(ino, &stream).await;
+            let (me, s) = (self.clone(), stream.clone());
+            tokio::spawn(async move { me.drive(ino, &s).await });
         }
         deadline
             .run(stream.all())

@@ -198,7 +198,7 @@ impl Tree {
     /// Looks `name` up in `parent`. On success the kernel is taken to hold
     /// one more reference to the inode returned (the caller replies it).
     pub async fn lookup(
-        &self,
+        self: &Arc<Self>,
         parent: u64,
         name: &str,
         deadline: Deadline,
@@ -569,7 +569,12 @@ impl Tree {
     /// attributes of what each name stands for *now*; with `plus`, each
     /// entry `add` takes is counted as a kernel reference (readdirplus).
     /// `add(k, entry, attr)` returns true when it is full (the entry was
-    /// not taken). Names gone since the listing are skipped.
+    /// not taken).
+    ///
+    /// A name gone since the listing is handed out with inode 0: the
+    /// kernel makes no entry for it and readers (glibc's `readdir`, Go)
+    /// skip it, as a deleted slot. Skipping it here instead could leave an
+    /// answer empty, which the kernel takes for the end of the folder.
     pub fn fill(
         &self,
         parent: u64,
@@ -579,17 +584,21 @@ impl Tree {
     ) {
         let mut st = self.state();
         for (k, e) in entries.iter().enumerate() {
-            let Some(ino) = st.inodes.child(parent, &e.name) else {
-                continue;
-            };
-            let Some(attr) = st.inodes.attr(ino) else {
-                continue;
-            };
+            let live = st
+                .inodes
+                .child(parent, &e.name)
+                .and_then(|ino| st.inodes.attr(ino));
+            let attr = live.unwrap_or(Attr {
+                ino: 0,
+                kind: e.kind,
+                size: 0,
+                mtime: SystemTime::UNIX_EPOCH,
+            });
             if add(k, e, &attr) {
                 return;
             }
-            if plus {
-                st.inodes.count_lookup(ino);
+            if plus && attr.ino != 0 {
+                st.inodes.count_lookup(attr.ino);
             }
         }
     }
