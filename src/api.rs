@@ -61,7 +61,7 @@ pub enum ApiError {
     /// One attempt got no answer within the stall timeout; worth another.
     #[error("the data store API at {0} stopped answering")]
     Stalled(String),
-    #[error("the data store API at {0} did not answer in time")]
+    #[error("the data store API at {0} did not answer within --request-timeout")]
     TimedOut(String),
 }
 

@@ -65,7 +65,7 @@ pub enum AuthError {
     /// One attempt got no answer within the stall timeout; worth another.
     #[error("the identity service at {0} stopped answering")]
     Stalled(String),
-    #[error("the identity service at {0} did not answer in time")]
+    #[error("the identity service at {0} did not answer within --request-timeout")]
     TimedOut(String),
 }
 

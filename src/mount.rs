@@ -362,8 +362,9 @@ pub fn serve(
             tokio::select! {
                 _ = int.recv() => break "SIGINT",
                 _ = term.recv() => break "SIGTERM",
-                // `kill -USR1 PID`: what the mount holds, in the log.
-                _ = usr1.recv() => info!("stats: {}", stats.line()),
+                // `kill -USR1 PID`: what the mount holds, in the log (at
+                // the default level too: the operator asked for it).
+                _ = usr1.recv() => warn!("stats: {}", stats.line()),
             }
         };
         let _ = tx.send(why);

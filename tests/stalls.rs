@@ -16,6 +16,21 @@ fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
 }
 
+/// Requests the emulator has ever hung.
+fn hung_total(sim: &Sim) -> u64 {
+    sim.stats()["faults"]["hung_total"].as_u64().unwrap()
+}
+
+/// Waits until the emulator has hung a request more than `before` in all
+/// (robust where earlier hung requests end and retry meanwhile).
+fn until_hung_more_than(sim: &Sim, before: u64) {
+    let t = Instant::now();
+    while hung_total(sim) <= before {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new request hung");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until the emulator holds at least `n` requests hung.
 fn until_hanging(sim: &Sim, n: u64) {
     let t = Instant::now();
@@ -123,6 +138,40 @@ fn every_operation_ends_within_the_request_timeout_and_a_retry_fails_at_once() {
 }
 
 #[test]
+fn a_name_looked_up_again_fails_within_one_bound() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/f.bin", b"f");
+    let sim = Sim::start(d, &[]);
+    let m = sim.mount(&["--request-timeout", "3", "--metadata-ttl", "1"]);
+    let f = m.join("10378.1/1/f.bin");
+    std::fs::metadata(&f).unwrap();
+    sim.s3_hang("f.bin");
+    std::thread::sleep(Duration::from_millis(1200));
+    // The kernel revalidates its entry (one lookup), and when that fails
+    // looks the name up afresh (a second): one bound in all, not two.
+    let t = Instant::now();
+    assert_eq!(errno_of(std::fs::metadata(&f)), libc::ETIMEDOUT);
+    assert!(
+        t.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    assert_eq!(errno_of(std::fs::metadata(&f)), libc::ETIMEDOUT);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    sim.s3_hang("");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(std::fs::read(&f).unwrap(), b"f");
+}
+
+#[test]
 fn a_reader_killed_while_stuck_is_gone_at_once() {
     if !fuse_available() {
         return;
@@ -165,14 +214,14 @@ fn a_reader_killed_while_stuck_is_gone_at_once() {
         ("stat", vec![m.join("10378.1/1/stuck.other")]),
         ("ls", vec![m.join("10378.1/1/stuckdir")]),
     ] {
-        let before = sim.stats()["faults"]["hanging"].as_u64().unwrap();
+        let before = hung_total(&sim);
         let mut c = Command::new(what)
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        until_hanging(&sim, before + 1);
+        until_hung_more_than(&sim, before);
         let took = kill_and_time(&mut c, libc::SIGKILL);
         assert!(took < Duration::from_secs(2), "kill -9 of {what}: {took:?}");
     }
@@ -222,12 +271,13 @@ fn a_caught_signal_never_fails_a_slow_operation() {
     // A fatal signal after a caught one (the kernel interrupts only once)
     // still ends the wait at once.
     sim.s3_hang("slow.bin.other");
+    let before = hung_total(&sim);
     let mut q = Py::start();
     q.send(&format!(
         "open s {}",
         m.join("10378.1/1/slow.bin.other").display()
     ));
-    until_hanging(&sim, 1);
+    until_hung_more_than(&sim, before);
     unsafe { libc::kill(q.child.id() as i32, libc::SIGUSR2) };
     std::thread::sleep(Duration::from_millis(300));
     let took = kill_and_time(&mut q.child, libc::SIGKILL);

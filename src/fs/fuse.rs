@@ -1029,7 +1029,12 @@ mod tests {
         let mut child = child;
         let mut ready = [0u8; 1];
         use std::io::Read;
-        child.stdout.as_mut().unwrap().read_exact(&mut ready).unwrap();
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .unwrap();
         let pid = child.id() as i32;
         unsafe {
             libc::kill(pid, libc::SIGSTOP);

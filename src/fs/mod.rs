@@ -30,7 +30,7 @@ pub enum FsError {
     BadHandle,
     #[error("invalid argument")]
     Invalid,
-    #[error("no answer within the request timeout")]
+    #[error("no answer within --request-timeout")]
     TimedOut,
     #[error("interrupted")]
     Interrupted,

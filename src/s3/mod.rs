@@ -63,7 +63,7 @@ pub enum S3Error {
     /// a body that stopped flowing); worth another attempt.
     #[error("S3 stopped answering")]
     Stalled,
-    #[error("S3 did not answer in time")]
+    #[error("S3 did not answer within --request-timeout")]
     TimedOut,
     #[error("S3 error: {0}")]
     Other(String),

@@ -100,7 +100,14 @@ struct State {
     negative: NegativeCache,
     /// Keys already logged as hidden (each once; bounded).
     hidden_logged: HashSet<String>,
+    /// Lookups whose request failed (timed out, S3 or the API down), when
+    /// and how: the kernel's second try (it revalidates a name, then looks
+    /// it up afresh) fails at once instead of waiting out a second stall.
+    failed: HashMap<(u64, Box<str>), (Instant, FsError)>,
 }
+
+/// How long a failed lookup is remembered.
+const LOOKUP_FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 /// How much the tree holds, for the stats line.
 #[derive(Clone, Copy, Debug, Default)]
@@ -144,6 +151,7 @@ impl Tree {
                 inodes: InodeTable::new(mounted_at),
                 dirs: HashMap::new(),
                 negative: NegativeCache::new(cfg.metadata_ttl),
+                failed: HashMap::new(),
                 hidden_logged: HashSet::new(),
             }),
             cfg,
@@ -210,6 +218,37 @@ impl Tree {
                 Err(ask) => ask,
             }
         };
+        let key = (parent, Box::<str>::from(name));
+        if let Some((at, e)) = self.state().failed.get(&key) {
+            if at.elapsed() < LOOKUP_FAILURE_MEMORY {
+                return Err(e.clone());
+            }
+        }
+        let result = self.ask(parent, name, ask, deadline).await;
+        let mut st = self.state();
+        match &result {
+            Err(e) if !matches!(e, FsError::NotFound | FsError::Interrupted) => {
+                if st.failed.len() >= 4096 {
+                    st.failed
+                        .retain(|_, (at, _)| at.elapsed() < LOOKUP_FAILURE_MEMORY);
+                }
+                st.failed.insert(key, (Instant::now(), e.clone()));
+            }
+            _ => {
+                st.failed.remove(&key);
+            }
+        }
+        result
+    }
+
+    /// The network part of a lookup.
+    async fn ask(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &str,
+        ask: Ask,
+        deadline: Deadline,
+    ) -> Result<Attr, FsError> {
         let stamp = self.stamp();
         match ask {
             Ask::Dataset(handle) => {
