@@ -13,20 +13,6 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const F: &str = "10378.1/1/f.bin";
 
-fn md5_of(path: &std::path::Path) -> String {
-    let out = sh(&format!("md5sum '{}'", path.display()));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Waits out a metadata TTL of 1 s.
 fn after_ttl() {
     std::thread::sleep(Duration::from_millis(1200));
@@ -72,7 +58,7 @@ fn mixed_versions() {
     p1.close("a");
     // A fresh md5sum matches the new version, and keeps doing so.
     for _ in 0..2 {
-        assert_eq!(md5_of(&path), md5_hex(&v2));
+        assert_eq!(md5sum(&path), md5_hex(&v2));
         after_ttl();
     }
 }
@@ -110,7 +96,7 @@ fn cut_short() {
             md5_hex(&v2[5 * MIB as usize..5 * MIB as usize + 4096])
         ))
     );
-    assert_eq!(md5_of(&path), md5_hex(&v2));
+    assert_eq!(md5sum(&path), md5_hex(&v2));
 }
 
 #[test]
@@ -228,5 +214,5 @@ fn a_listing_on_its_way_never_undoes_a_change() {
         "ls -l shows the new size: {line}"
     );
     assert_eq!(std::fs::metadata(&a).unwrap().len(), 5 * MIB);
-    assert_eq!(md5_of(&a), md5_hex(&v2));
+    assert_eq!(md5sum(&a), md5_hex(&v2));
 }

@@ -403,13 +403,19 @@ pub fn sh(cmd: &str) -> Output {
 /// The file's SHA-256, by `sha256sum` (a debug build of sha2 in the test
 /// itself would be slower than the mount it measures).
 pub fn sha256(p: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(p)
-        .output()
-        .expect("sha256sum");
+    digest("sha256sum", p)
+}
+
+/// The file's MD5, by `md5sum` (a fresh open and read of the whole file).
+pub fn md5sum(p: &Path) -> String {
+    digest("md5sum", p)
+}
+
+fn digest(tool: &str, p: &Path) -> String {
+    let out = Command::new(tool).arg(p).output().expect(tool);
     assert!(
         out.status.success(),
-        "sha256sum {}: {}",
+        "{tool} {}: {}",
         p.display(),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -111,6 +111,16 @@ impl Tree {
         }
     }
 
+    /// The listing entry of inode `child`, as its name stands now (a newer
+    /// answer may have made it another kind than the page said).
+    fn entry_of(st: &super::State, child: u64) -> Option<DirEntry> {
+        let node = st.inodes.get(child)?;
+        Some(DirEntry {
+            name: node.name.clone(),
+            kind: node.kind.file_kind(),
+        })
+    }
+
     fn end_pending_locked(st: &mut super::State, ino: u64, stream: &Arc<DirStream>) {
         if let Some(d) = st.dirs.get_mut(&ino) {
             if d.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, stream)) {
@@ -273,15 +283,10 @@ impl Tree {
                             prefix: format!("{prefix}{name}/").into(),
                         };
                         let child = st.inodes.install(ino, name, kind, stamp);
-                        let Some(node) = st.inodes.get(child) else {
-                            continue;
-                        };
-                        let entry = DirEntry {
-                            name: node.name.clone(),
-                            kind: node.kind.file_kind(),
-                        };
-                        given.insert(entry.name.clone());
-                        out.push(entry);
+                        if let Some(entry) = Self::entry_of(&st, child) {
+                            given.insert(entry.name.clone());
+                            out.push(entry);
+                        }
                     }
                     Ok(()) => Self::log_hidden(&mut st, &p, names::Hidden::Empty.reason()),
                     Err(why) => Self::log_hidden(&mut st, &p, why.reason()),
@@ -328,15 +333,10 @@ impl Tree {
                     continue; // found missing since its page was asked for
                 }
                 let child = st.inodes.install(ino, &name, file_kind(ds, &meta), seen);
-                let Some(node) = st.inodes.get(child) else {
-                    continue;
-                };
-                let entry = DirEntry {
-                    name: node.name.clone(),
-                    kind: node.kind.file_kind(),
-                };
-                given.insert(entry.name.clone());
-                out.push(entry);
+                if let Some(entry) = Self::entry_of(&st, child) {
+                    given.insert(entry.name.clone());
+                    out.push(entry);
+                }
             }
             drop(st);
             stream.push(out);

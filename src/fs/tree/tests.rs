@@ -301,16 +301,25 @@ async fn a_replaced_object_is_a_new_inode_and_the_old_one_keeps_its_version() {
     assert!(t.getattr(v1.ino).is_err() && t.getattr(v2.ino).is_err());
 }
 
-/// A store whose listing pages after the first are read at once but
-/// answered only when let go (a slow network between S3 and us).
-struct GatedStore {
+/// What a [`Hooked`] store does with a listing page it has read: passes
+/// it on, holds it, or fails it (given the prefix and whether it is a
+/// continuation page).
+type ListHook = Box<
+    dyn Fn(&str, bool) -> futures::future::BoxFuture<'static, Result<(), crate::s3::S3Error>>
+        + Send
+        + Sync,
+>;
+
+/// An in-memory store whose listings go through a hook after the page is
+/// read: a slow network (the page is computed, the answer held), or a
+/// failure.
+struct Hooked {
     inner: Arc<MemoryStore>,
-    gate: tokio::sync::Semaphore,
-    waiting: tokio::sync::Notify,
+    hook: ListHook,
 }
 
 #[async_trait]
-impl crate::s3::ObjectStore for GatedStore {
+impl crate::s3::ObjectStore for Hooked {
     async fn list(
         &self,
         prefix: &str,
@@ -324,10 +333,7 @@ impl crate::s3::ObjectStore for GatedStore {
             .inner
             .list(prefix, delimiter, continuation, max_keys, deadline)
             .await;
-        if later {
-            self.waiting.notify_one();
-            let _ = self.gate.acquire().await;
-        }
+        (self.hook)(prefix, later).await?;
         page
     }
     async fn head(&self, key: &str, d: Deadline) -> Result<ObjectMeta, crate::s3::S3Error> {
@@ -344,12 +350,41 @@ impl crate::s3::ObjectStore for GatedStore {
     }
 }
 
-struct GatedFactory(Arc<GatedStore>);
+/// Every dataset served by one store.
+struct OneStore(Arc<dyn crate::s3::ObjectStore>);
 
-impl StoreFactory for GatedFactory {
+impl StoreFactory for OneStore {
     fn open(&self, _h: &str, _b: &str) -> Arc<dyn crate::s3::ObjectStore> {
         self.0.clone()
     }
+}
+
+/// A gate a hooked listing waits at (telling `waiting` it does).
+struct Gate {
+    open: tokio::sync::Semaphore,
+    waiting: tokio::sync::Notify,
+}
+
+impl Gate {
+    fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            open: tokio::sync::Semaphore::new(0),
+            waiting: tokio::sync::Notify::new(),
+        })
+    }
+
+    async fn pass(&self) {
+        self.waiting.notify_one();
+        let _ = self.open.acquire().await;
+    }
+}
+
+fn hooked_tree(mem: Arc<MemoryStore>, hook: ListHook) -> Arc<Tree> {
+    Arc::new(Tree::new(
+        TreeConfig::default(),
+        registry(&["1.2/3"]),
+        Arc::new(OneStore(Arc::new(Hooked { inner: mem, hook }))),
+    ))
 }
 
 #[tokio::test]
@@ -358,16 +393,21 @@ async fn a_listing_in_flight_never_undoes_a_detected_change() {
     for k in ["a", "b", "c"] {
         mem.put(&format!("datasets/1-2-3/{k}"), "old");
     }
-    let gated = Arc::new(GatedStore {
-        inner: mem.clone(),
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: tokio::sync::Notify::new(),
-    });
-    let t = Arc::new(Tree::new(
-        TreeConfig::default(),
-        registry(&["1.2/3"]),
-        Arc::new(GatedFactory(gated.clone())),
-    ));
+    // Pages after the first are read at once but answered when let go.
+    let gate = Gate::new();
+    let g = gate.clone();
+    let t = hooked_tree(
+        mem.clone(),
+        Box::new(move |_, later| {
+            let g = g.clone();
+            Box::pin(async move {
+                if later {
+                    g.pass().await;
+                }
+                Ok(())
+            })
+        }),
+    );
     let d = dataset(&t, "1.2/3").await;
     let old_a = t.lookup(d, "a", soon()).await.unwrap();
     // The listing has page 1 (`a`, old) and page 2 (`b`) on its way.
@@ -376,7 +416,7 @@ async fn a_listing_in_flight_never_undoes_a_detected_change() {
         let (t, s) = (t.clone(), stream.clone());
         tokio::spawn(async move { t.drive(d, &s).await })
     };
-    gated.waiting.notified().await;
+    gate.waiting.notified().await;
     // `a` is replaced and `b` deleted; a lookup of each finds out.
     mem.put("datasets/1-2-3/a", "new!");
     mem.delete("datasets/1-2-3/b");
@@ -388,7 +428,7 @@ async fn a_listing_in_flight_never_undoes_a_detected_change() {
         Err(FsError::NotFound)
     ));
     // Now the old listing finishes: `a` stays new, `b` stays gone.
-    gated.gate.add_permits(100);
+    gate.open.add_permits(100);
     driver.await.unwrap();
     let entries = stream.all().await.unwrap();
     let got = listed(&t, d, &entries);
@@ -459,82 +499,39 @@ async fn an_open_directory_handle_keeps_its_listing_past_the_ttl() {
     assert_eq!(t.stats().inodes, before - 600);
 }
 
-/// A store whose first listing of a name is read at once but answered
-/// only when let go; later ones are answered at once.
-struct SlowFirstProbe {
-    inner: Arc<MemoryStore>,
-    gate: tokio::sync::Semaphore,
-    waiting: tokio::sync::Notify,
-    first: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl crate::s3::ObjectStore for SlowFirstProbe {
-    async fn list(
-        &self,
-        prefix: &str,
-        delimiter: Option<&str>,
-        continuation: Option<String>,
-        max_keys: Option<i32>,
-        deadline: Deadline,
-    ) -> Result<crate::s3::ListPage, crate::s3::S3Error> {
-        let page = self
-            .inner
-            .list(prefix, delimiter, continuation, max_keys, deadline)
-            .await;
-        if prefix.ends_with("/x") && !self.first.swap(true, Ordering::SeqCst) {
-            self.waiting.notify_one();
-            let _ = self.gate.acquire().await;
-        }
-        page
-    }
-    async fn head(&self, key: &str, d: Deadline) -> Result<ObjectMeta, crate::s3::S3Error> {
-        self.inner.head(key, d).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-        version: Option<&ObjectMeta>,
-        d: Deadline,
-    ) -> Result<bytes::Bytes, crate::s3::S3Error> {
-        self.inner.get_range(key, range, version, d).await
-    }
-}
-
-struct OneStore(Arc<dyn crate::s3::ObjectStore>);
-
-impl StoreFactory for OneStore {
-    fn open(&self, _h: &str, _b: &str) -> Arc<dyn crate::s3::ObjectStore> {
-        self.0.clone()
-    }
-}
-
 #[tokio::test]
 async fn an_older_not_found_never_hides_a_newer_found() {
     let mem = Arc::new(MemoryStore::new());
-    let slow = Arc::new(SlowFirstProbe {
-        inner: mem.clone(),
-        gate: tokio::sync::Semaphore::new(0),
-        waiting: tokio::sync::Notify::new(),
-        first: Default::default(),
-    });
-    let t = Arc::new(Tree::new(
-        TreeConfig::default(),
-        registry(&["1.2/3"]),
-        Arc::new(OneStore(slow.clone())),
-    ));
+    // The first probe of `x` is read at once but answered when let go.
+    let gate = Gate::new();
+    let (g, first) = (
+        gate.clone(),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let t = hooked_tree(
+        mem.clone(),
+        Box::new(move |prefix, _| {
+            let hold = prefix.ends_with("/x") && !first.swap(true, Ordering::SeqCst);
+            let g = g.clone();
+            Box::pin(async move {
+                if hold {
+                    g.pass().await;
+                }
+                Ok(())
+            })
+        }),
+    );
     let d = dataset(&t, "1.2/3").await;
     // Lookup 1 finds nothing, but its answer is slow to come back...
     let first = {
         let t = t.clone();
         tokio::spawn(async move { t.lookup(d, "x", soon()).await })
     };
-    slow.waiting.notified().await;
+    gate.waiting.notified().await;
     // ...while `x` is created and lookup 2 finds it.
     mem.put("datasets/1-2-3/x", "new");
     let found = t.lookup(d, "x", soon()).await.unwrap();
-    slow.gate.add_permits(1);
+    gate.open.add_permits(1);
     let late = first.await.unwrap();
     assert_eq!(
         late.map(|a| a.ino).ok(),
@@ -544,51 +541,24 @@ async fn an_older_not_found_never_hides_a_newer_found() {
     assert_eq!(t.lookup(d, "x", soon()).await.unwrap().ino, found.ino);
 }
 
-/// A store whose listings fail after the first page.
-struct FailsPage2(Arc<MemoryStore>);
-
-#[async_trait]
-impl crate::s3::ObjectStore for FailsPage2 {
-    async fn list(
-        &self,
-        prefix: &str,
-        delimiter: Option<&str>,
-        continuation: Option<String>,
-        max_keys: Option<i32>,
-        deadline: Deadline,
-    ) -> Result<crate::s3::ListPage, crate::s3::S3Error> {
-        if continuation.is_some() {
-            return Err(crate::s3::S3Error::Network("page 2 lost".into()));
-        }
-        self.0
-            .list(prefix, delimiter, continuation, max_keys, deadline)
-            .await
-    }
-    async fn head(&self, key: &str, d: Deadline) -> Result<ObjectMeta, crate::s3::S3Error> {
-        self.0.head(key, d).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-        version: Option<&ObjectMeta>,
-        d: Deadline,
-    ) -> Result<bytes::Bytes, crate::s3::S3Error> {
-        self.0.get_range(key, range, version, d).await
-    }
-}
-
 #[tokio::test]
 async fn a_listing_that_fails_part_way_leaves_nothing_behind() {
     let mem = Arc::new(MemoryStore::new());
     for i in 0..1500 {
         mem.put(&format!("datasets/1-2-3/f{i:04}"), "x");
     }
-    let t = Arc::new(Tree::new(
-        TreeConfig::default(),
-        registry(&["1.2/3"]),
-        Arc::new(OneStore(Arc::new(FailsPage2(mem)))),
-    ));
+    // Every page after the first is lost.
+    let t = hooked_tree(
+        mem,
+        Box::new(|_, later| {
+            Box::pin(async move {
+                if later {
+                    return Err(crate::s3::S3Error::Network("page 2 lost".into()));
+                }
+                Ok(())
+            })
+        }),
+    );
     let d = dataset(&t, "1.2/3").await;
     let before = t.stats().inodes;
     assert!(t.readdir(d, soon()).await.is_err());
