@@ -143,27 +143,31 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        format!(
-            "inodes={} listings={} negative={} open_files={} fetches_in_flight={} memory_hits={} disk_hits={} misses={} disk_writes={} lookups={} forgets={} getattrs={} opens={} reads={} opendirs={} readdirs={} interrupted={} timed_out={}",
-            t.inodes,
-            t.listings,
-            t.negative,
-            lock(&self.files).len(),
-            self.reader.fetches_in_flight(),
-            n(&s.memory_hits),
-            n(&s.disk_hits),
-            n(&s.misses),
-            n(&s.disk_writes),
-            n(&o.lookup),
-            n(&o.forget),
-            n(&o.getattr),
-            n(&o.open),
-            n(&o.read),
-            n(&o.opendir),
-            n(&o.readdir),
-            n(&o.interrupted),
-            n(&o.timed_out),
-        )
+        let fields: [(&str, u64); 18] = [
+            ("inodes", t.inodes as u64),
+            ("listings", t.listings as u64),
+            ("negative", t.negative as u64),
+            ("open_files", lock(&self.files).len() as u64),
+            ("fetches_in_flight", self.reader.fetches_in_flight() as u64),
+            ("memory_hits", n(&s.memory_hits)),
+            ("disk_hits", n(&s.disk_hits)),
+            ("misses", n(&s.misses)),
+            ("disk_writes", n(&s.disk_writes)),
+            ("lookups", n(&o.lookup)),
+            ("forgets", n(&o.forget)),
+            ("getattrs", n(&o.getattr)),
+            ("opens", n(&o.open)),
+            ("reads", n(&o.read)),
+            ("opendirs", n(&o.opendir)),
+            ("readdirs", n(&o.readdir)),
+            ("interrupted", n(&o.interrupted)),
+            ("timed_out", n(&o.timed_out)),
+        ];
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 

@@ -543,6 +543,12 @@ impl Reader {
         blocks: std::ops::RangeInclusive<u64>,
         e: &FetchError,
     ) {
+        self.note_failures(blocks.map(|i| self.key(f, i)), e);
+    }
+
+    /// Remembers that fetching `keys` failed with `e` (not a fetch that
+    /// died: its blocks are simply fetched afresh), in a table kept small.
+    fn note_failures(&self, keys: impl IntoIterator<Item = BlockKey>, e: &FetchError) {
         if matches!(e, FetchError::Abandoned) {
             return;
         }
@@ -551,8 +557,8 @@ impl Reader {
             failures.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
         }
         let now = Instant::now();
-        for i in blocks {
-            failures.insert(self.key(f, i), (now, e.clone()));
+        for k in keys {
+            failures.insert(k, (now, e.clone()));
         }
     }
 
@@ -843,14 +849,7 @@ impl Reader {
                 self.mem.insert(key.clone(), b.clone());
                 lock(&self.failures).remove(key);
             }
-            Err(e) if !matches!(e, FetchError::Abandoned) => {
-                let mut failures = lock(&self.failures);
-                if failures.len() > 4096 {
-                    failures.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
-                }
-                failures.insert(key.clone(), (Instant::now(), e.clone()));
-            }
-            Err(_) => {}
+            Err(e) => self.note_failures([key.clone()], e),
         }
         lock(&self.inflight).remove(key);
         let _ = tx.send(r);
