@@ -132,6 +132,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         allow_other: false,
         allow_root: false,
         logs_to_file: false,
+        explicit_modes: false,
     };
     let m = mountpoint.display();
     eprintln!(

