@@ -22,6 +22,7 @@ pub mod lease;
 pub mod logfile;
 pub mod login;
 pub mod mount;
+pub mod mountinfo;
 pub mod read;
 pub mod retry;
 pub mod s3;

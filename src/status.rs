@@ -1,12 +1,285 @@
 //! `provenafs status`: the provenafs mounts of this machine and, for the
 //! caller's own, the live figures their daemons answer on a Unix socket.
+//!
+//! Each daemon listens on [`crate::logfile::socket_path`] of its
+//! mountpoint (in its user's state folder, 0700; the socket 0600), and
+//! answers every connection with one JSON object ([`Figures`]) and closes.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::mountinfo::{self, MountEntry};
+
+/// One mount as `status --json` prints it. The figures are `null` for a
+/// mount whose daemon did not answer (another user's, or a dead one).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Figures {
+    pub mountpoint: PathBuf,
+    /// `answering`, `not yours` (another user's mount), or `no answer`.
+    pub state: String,
+    /// UID that mounted it, from the mount table.
+    pub owner_uid: Option<u32>,
+    pub pid: Option<u32>,
+    pub log_file: Option<PathBuf>,
+    /// Datasets whose folders were resolved.
+    pub datasets: Option<u64>,
+    /// Bytes returned to readers.
+    pub bytes_read: Option<u64>,
+    /// Object bytes fetched from S3.
+    pub s3_bytes: Option<u64>,
+    /// S3 requests sent (retries included).
+    pub s3_requests: Option<u64>,
+    /// Blocks found in the memory or disk cache.
+    pub cache_hits: Option<u64>,
+    /// Blocks fetched from S3.
+    pub cache_misses: Option<u64>,
+    /// Errors answered to readers (EACCES, EIO, ETIMEDOUT...).
+    pub errors: Option<u64>,
+    /// The last of them, with its time and cause.
+    pub last_error: Option<String>,
+    pub uptime_s: Option<u64>,
+}
+
+/// Answers `provenafs status` for one mount while it lives; removes the
+/// socket when dropped.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens at `path` (see the module doc) on `rt`, answering with
+/// `figures()`. Errors: the socket cannot be made, or another live daemon
+/// answers there.
+pub fn serve(
+    path: PathBuf,
+    figures: impl Fn() -> Figures + Send + Sync + 'static,
+    rt: &tokio::runtime::Handle,
+) -> Result<Server, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(format!(
+            "another provenafs daemon answers at {}",
+            path.display()
+        ));
+    }
+    // Left behind by a daemon that died: nobody answers there.
+    let _ = std::fs::remove_file(&path);
+    let std_listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
+    let server = Server { path: path.clone() };
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let _guard = rt.enter();
+    let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| e.to_string())?;
+    rt.spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            let mut stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "status socket failed; `provenafs status` will not see this mount");
+                    return;
+                }
+            };
+            let mut body = serde_json::to_vec(&figures()).unwrap_or_default();
+            body.push(b'\n');
+            tokio::spawn(async move {
+                let sent = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&body)).await;
+                debug!(ok = matches!(sent, Ok(Ok(()))), "status answered");
+            });
+        }
+    });
+    Ok(server)
+}
+
+/// Asks the daemon of `entry` for its figures (2 s at most).
+fn ask(entry: &MountEntry) -> Option<Figures> {
+    let path = crate::logfile::socket_path(&entry.mountpoint)?;
+    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut text = String::new();
+    s.take(1 << 20).read_to_string(&mut text).ok()?;
+    let f: Figures = serde_json::from_str(&text).ok()?;
+    // A socket of the same name may belong to a mount elsewhere.
+    (f.mountpoint == entry.mountpoint).then_some(f)
+}
 
 /// Runs `provenafs status [MOUNTPOINT] [--json]`; returns what to print.
 ///
 /// Errors: a MOUNTPOINT that is not a provenafs mount.
 pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<String, String> {
-    let _ = (mountpoint, json);
-    Err("status: not yet".into())
+    let mut mounts: Vec<MountEntry> = mountinfo::read()
+        .into_iter()
+        .filter(MountEntry::is_provenafs)
+        .collect();
+    if let Some(mp) = mountpoint {
+        let want = mountinfo::resolve(mp);
+        mounts.retain(|m| m.mountpoint == want);
+        if mounts.is_empty() {
+            return Err(format!("{} is not a provenafs mount", mp.display()));
+        }
+    }
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    let rows: Vec<Figures> = mounts
+        .iter()
+        .map(|m| match ask(m) {
+            Some(mut f) => {
+                f.state = "answering".into();
+                f.owner_uid = m.user_id();
+                f
+            }
+            None => Figures {
+                mountpoint: m.mountpoint.clone(),
+                state: if m.user_id().is_some_and(|u| u != me) {
+                    "not yours".into()
+                } else {
+                    "no answer".into()
+                },
+                owner_uid: m.user_id(),
+                ..Figures::default()
+            },
+        })
+        .collect();
+    if json {
+        let mut s = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        s.push('\n');
+        return Ok(s);
+    }
+    Ok(table(&rows))
+}
+
+/// The plain form: one row a mount, then its last error and log.
+fn table(rows: &[Figures]) -> String {
+    if rows.is_empty() {
+        return "No provenafs mounts.\n".into();
+    }
+    let num = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+    let size = |v: Option<u64>| v.map_or("-".to_string(), human);
+    let mut lines = vec![[
+        "MOUNTPOINT".to_string(),
+        "STATE".into(),
+        "PID".into(),
+        "UPTIME".into(),
+        "DATASETS".into(),
+        "READ".into(),
+        "FROM S3".into(),
+        "REQUESTS".into(),
+        "HITS".into(),
+        "MISSES".into(),
+        "ERRORS".into(),
+    ]];
+    for r in rows {
+        lines.push([
+            r.mountpoint.display().to_string(),
+            r.state.clone(),
+            r.pid.map_or("-".into(), |p| p.to_string()),
+            r.uptime_s.map_or("-".into(), uptime),
+            num(r.datasets),
+            size(r.bytes_read),
+            size(r.s3_bytes),
+            num(r.s3_requests),
+            num(r.cache_hits),
+            num(r.cache_misses),
+            num(r.errors),
+        ]);
+    }
+    let widths: Vec<usize> = (0..lines[0].len())
+        .map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (n, l) in lines.iter().enumerate() {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if n == 0 {
+            continue;
+        }
+        let r = &rows[n - 1];
+        if let Some(e) = &r.last_error {
+            out.push_str(&format!("  last error: {e}\n"));
+        }
+        if let Some(p) = &r.log_file {
+            out.push_str(&format!("  log: {}\n", p.display()));
+        }
+    }
+    out
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn uptime(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_reads_at_a_glance() {
+        let rows = vec![
+            Figures {
+                mountpoint: "/data/p".into(),
+                state: "answering".into(),
+                pid: Some(42),
+                uptime_s: Some(3725),
+                datasets: Some(2),
+                bytes_read: Some(3 << 30),
+                s3_bytes: Some(1536),
+                s3_requests: Some(7),
+                cache_hits: Some(10),
+                cache_misses: Some(3),
+                errors: Some(1),
+                last_error: Some("read: permission denied".into()),
+                log_file: Some("/root/.local/state/provenafs/data-p.log".into()),
+                ..Figures::default()
+            },
+            Figures {
+                mountpoint: "/other".into(),
+                state: "not yours".into(),
+                ..Figures::default()
+            },
+        ];
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("MOUNTPOINT  STATE"), "{t}");
+        assert!(lines[1].contains("1h02m") && lines[1].contains("3.0 GiB") && lines[1].contains("1.5 KiB"), "{t}");
+        assert_eq!(lines[2], "  last error: read: permission denied");
+        assert!(lines[3].ends_with("data-p.log"));
+        assert!(lines[4].starts_with("/other ") && lines[4].contains("not yours"), "{t}");
+    }
 }

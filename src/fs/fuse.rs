@@ -31,7 +31,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tracing::{debug, info_span, warn, Instrument, Span};
+use tracing::{debug, info_span, Instrument, Span};
 
 use super::tree::{Attr, Chunk, DirStream, FileKind, Tree};
 use super::FsError;
@@ -80,16 +80,6 @@ pub fn errno(e: &FsError) -> Errno {
     }
 }
 
-fn log_failure(op: &str, e: &FsError) {
-    match e {
-        // Expected answers, or already logged once where they arose.
-        FsError::NotFound | FsError::PermissionDenied(_) | FsError::Interrupted => {
-            debug!(op, error = %e, "failed")
-        }
-        _ => warn!(op, error = %e, "failed"),
-    }
-}
-
 /// A reply that can carry an error: every reply type of fuser.
 trait Fail {
     fn fail(self, e: Errno);
@@ -124,6 +114,10 @@ pub struct OpCounts {
     pub readdir: AtomicU64,
     pub interrupted: AtomicU64,
     pub timed_out: AtomicU64,
+    /// Bytes returned to readers.
+    pub bytes_read: AtomicU64,
+    /// Every error answered, counted and its cause logged once.
+    pub errors: super::errors::ErrorLog,
 }
 
 /// What a mount holds and has done, for `SIGUSR1` and the unmount line.
@@ -136,6 +130,28 @@ pub struct MountStats {
 }
 
 impl MountStats {
+    /// Bytes returned to readers.
+    pub fn bytes_read(&self) -> u64 {
+        self.ops.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Blocks found in the memory or disk cache, and blocks fetched.
+    pub fn cache_hits_misses(&self) -> (u64, u64) {
+        let s = &self.reader.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (n(&s.memory_hits) + n(&s.disk_hits), n(&s.misses))
+    }
+
+    /// The errors answered to readers.
+    pub fn errors(&self) -> &super::errors::ErrorLog {
+        &self.ops.errors
+    }
+
+    /// Datasets whose folders this mount has resolved.
+    pub fn datasets(&self) -> usize {
+        self.tree.stats().datasets
+    }
+
     /// One line: inodes, listings, negative names, open files, blocks in
     /// flight, cache hits and misses, FUSE operations.
     pub fn line(&self) -> String {
@@ -143,7 +159,7 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        let fields: [(&str, u64); 18] = [
+        let fields: [(&str, u64); 20] = [
             ("inodes", t.inodes as u64),
             ("listings", t.listings as u64),
             ("negative", t.negative as u64),
@@ -162,6 +178,8 @@ impl MountStats {
             ("readdirs", n(&o.readdir)),
             ("interrupted", n(&o.interrupted)),
             ("timed_out", n(&o.timed_out)),
+            ("bytes_read", n(&o.bytes_read)),
+            ("errors", o.errors.count()),
         ];
         fields
             .iter()
@@ -348,7 +366,7 @@ impl ProvenaFs {
                             FsError::TimedOut => ops.timed_out.fetch_add(1, Ordering::Relaxed),
                             _ => 0,
                         };
-                        log_failure(op, &e);
+                        ops.errors.record(op, &e);
                         reply.fail(errno(&e))
                     }
                 }
@@ -541,7 +559,7 @@ impl Filesystem for ProvenaFs {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Err(e) => {
-                log_failure("open", &e);
+                self.ops.errors.record("open", &e);
                 reply.error(errno(&e))
             }
         }
@@ -567,6 +585,7 @@ impl Filesystem for ProvenaFs {
         let deadline = self.work_deadline();
         let span = info_span!("read", ino = ino.0, offset, size);
         let (tree, notifier) = (self.tree.clone(), self.notifier.clone());
+        let ops = self.ops.clone();
         self.run(
             req,
             "read",
@@ -579,7 +598,10 @@ impl Filesystem for ProvenaFs {
                 }
                 r
             },
-            |reply, b| reply.data(&b),
+            move |reply, b| {
+                ops.bytes_read.fetch_add(b.len() as u64, Ordering::Relaxed);
+                reply.data(&b)
+            },
         );
     }
 
@@ -730,7 +752,12 @@ impl Filesystem for ProvenaFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+        // As the peers do for object storage: a large fixed size and no
+        // free space, so plain `df` lists the mount (it hides file systems
+        // of 0 blocks) and nothing thinks it can write here.
+        const BLOCK: u32 = 4096;
+        const SIZE: u64 = 1 << 50; // 1 PiB
+        reply.statfs(SIZE / BLOCK as u64, 0, 0, 0, 0, BLOCK, 255, BLOCK);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {

@@ -2,6 +2,7 @@
 //! the FUSE adapter ([`fuse`]). Errors of every layer below end up as an
 //! [`FsError`], turned into an errno in one place (`fuse::errno`).
 
+pub mod errors;
 pub mod fuse;
 pub mod names;
 pub mod tree;

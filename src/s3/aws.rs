@@ -49,11 +49,21 @@ impl Default for S3Config {
     }
 }
 
+/// What all stores of one factory sent to S3, for `provenafs status`.
+#[derive(Debug, Default)]
+pub struct S3Counters {
+    /// Requests sent (every attempt, retries included).
+    pub requests: std::sync::atomic::AtomicU64,
+    /// Object bytes received in GetObject bodies.
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
 /// Builds per-dataset stores that share one HTTP connection pool.
 pub struct AwsFactory {
     config: S3Config,
     api: Arc<DataStoreClient>,
     base: aws_sdk_s3::config::Builder,
+    counters: Arc<S3Counters>,
 }
 
 impl AwsFactory {
@@ -75,7 +85,17 @@ impl AwsFactory {
         if let Some(ep) = &config.endpoint {
             base = base.endpoint_url(ep).force_path_style(true);
         }
-        Self { config, api, base }
+        Self {
+            config,
+            api,
+            base,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What the stores of this factory sent and received.
+    pub fn counters(&self) -> Arc<S3Counters> {
+        self.counters.clone()
     }
 }
 
@@ -98,6 +118,7 @@ impl StoreFactory for AwsFactory {
             creds,
             attempts: self.config.attempts.max(1),
             stall: stall_timeout(self.config.request_timeout),
+            counters: self.counters.clone(),
         })
     }
 }
@@ -109,6 +130,7 @@ pub struct AwsObjectStore {
     attempts: u32,
     /// An attempt without progress for this long has stalled.
     stall: Duration,
+    counters: Arc<S3Counters>,
 }
 
 impl AwsObjectStore {
@@ -136,6 +158,9 @@ impl AwsObjectStore {
             if stall.is_zero() {
                 return Err(S3Error::TimedOut);
             }
+            self.counters
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let result = match deadline.run(op(stall)).await {
                 Some(r) => r,
                 None => Err(S3Error::TimedOut),
@@ -460,6 +485,9 @@ impl ObjectStore for AwsObjectStore {
                 if done + chunk.len() as u64 > expected {
                     return Err(S3Error::Other("S3 sent more bytes than the range".into()));
                 }
+                self.counters
+                    .bytes
+                    .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut rest = &chunk[..];
                 while !rest.is_empty() {
                     let room = cur.capacity() - cur.len();

@@ -101,6 +101,11 @@ impl Catalog {
         }
     }
 
+    /// Datasets resolved so far (their S3 location known).
+    pub fn resolved_count(&self) -> usize {
+        self.lock().datasets.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -112,6 +112,8 @@ const LOOKUP_FAILURE_MEMORY: Duration = Duration::from_secs(5);
 /// How much the tree holds, for the stats line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TreeStats {
+    /// Datasets resolved (their S3 location known).
+    pub datasets: usize,
     pub inodes: usize,
     pub listings: usize,
     pub negative: usize,
@@ -586,8 +588,10 @@ impl Tree {
     }
 
     pub fn stats(&self) -> TreeStats {
+        let datasets = self.catalog.resolved_count();
         let st = self.state();
         TreeStats {
+            datasets,
             inodes: st.inodes.len(),
             listings: st.dirs.values().filter(|d| d.listing.is_some()).count(),
             negative: st.negative.len(),

@@ -477,11 +477,22 @@ fn fuse_mount_sys(
         source = name;
     }
 
+    // provenafs patch: the file system type is "fuse.SUBTYPE", as libfuse and
+    // fusermount3 make it, so `findmnt -t fuse.SUBTYPE` finds root mounts
+    // too (the kernel takes the subtype from the type's suffix).
+    #[cfg(target_os = "linux")]
+    let fstype = match options.iter().find_map(|x| match x {
+        MountOption::Subtype(s) => Some(s),
+        _ => None,
+    }) {
+        Some(subtype) => format!("fuse.{subtype}"),
+        None => "fuse".to_string(),
+    };
     #[cfg(target_os = "linux")]
     let result = nix::mount::mount(
         Some(source),
         mountpoint,
-        Some("fuse"),
+        Some(fstype.as_str()),
         flags,
         Some(mount_options.as_str()),
     );
