@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use thiserror::Error;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::auth::{AuthError, TokenSource};
 use crate::http::describe_reqwest;
@@ -212,6 +212,42 @@ impl DataStoreClient {
         .await
     }
 
+    /// One authenticated call (the first registry page, of one item), so
+    /// a mount learns before mounting that the data store API is where
+    /// `--api-url` says and accepts the token. Errors: one line naming the
+    /// URL and what is wrong there.
+    pub async fn check(&self, deadline: Deadline) -> Result<(), String> {
+        let span = info_span!("check_api");
+        let base = self.config.base_url.trim_end_matches('/').to_string();
+        let body = serde_json::json!({"page_size": 1, "pagination_key": null, "sort_by": null});
+        let r: Result<(ListResponse, _), ApiError> = self
+            .call("/registry/items/list", Method::Post(body), "", deadline)
+            .instrument(span)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(ApiError::Unreachable { reason, .. }) => Err(format!(
+                "cannot reach the data store API at {base}: {reason} (check --api-url)"
+            )),
+            Err(ApiError::Http { status: 404, .. }) => Err(format!(
+                "nothing answers as the data store API at {base} (HTTP 404 for /registry/items/list); check --api-url"
+            )),
+            Err(ApiError::Malformed(e)) => Err(format!(
+                "{base} does not answer like the data store API ({e}); check --api-url"
+            )),
+            Err(ApiError::Http { status, detail }) => Err(format!(
+                "the data store API at {base} answered HTTP {status}: {detail}"
+            )),
+            Err(e @ (ApiError::TimedOut(_) | ApiError::Stalled(_))) => Err(format!(
+                "the data store API at {base} did not answer within --request-timeout ({e})"
+            )),
+            Err(ApiError::PermissionDenied(d)) => Err(format!(
+                "the data store API at {base} refused the token: {d}"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Temporary S3 read credentials for `handle`.
     pub async fn read_credentials(
         &self,
@@ -277,7 +313,9 @@ impl DataStoreClient {
                     if !deadline.allows(wait) {
                         return Err(e.out_of_time());
                     }
-                    warn!(path, attempt, error = %e, "data store call failed, retrying in {wait:?}");
+                    // Not a warning yet: the call may still succeed; if
+                    // it does not, its caller tells why.
+                    info!(path, attempt, error = %e, "data store call failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
                 Err(Refusal::Other(e)) => return Err(e.out_of_time()),

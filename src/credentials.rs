@@ -107,7 +107,10 @@ impl DatasetCredentials {
             Err(Wait::Failed(ApiError::PermissionDenied(why))) => {
                 debug!(handle = %self.handle, "read credentials refused; remembered");
                 // Said with the dataset: the service's words do not name it.
-                let why = format!("the data store refused read access to dataset {}: {why}", self.handle);
+                let why = format!(
+                    "the data store refused read access to dataset {}: {why}",
+                    self.handle
+                );
                 *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((Instant::now(), why.clone()));
                 Err(ApiError::PermissionDenied(why))

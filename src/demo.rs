@@ -133,6 +133,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         allow_root: false,
         logs_to_file: false,
         explicit_modes: false,
+        log_file: None,
     };
     let m = mountpoint.display();
     eprintln!(

@@ -44,10 +44,7 @@ pub fn state_dir_created() -> Result<PathBuf, String> {
 /// `_`, `.` and `:` (and a leading `.`) become `\xNN`. `/` alone is `-`.
 pub fn mount_name(mountpoint: &Path) -> String {
     let s = mountpoint.as_os_str().as_encoded_bytes();
-    let trimmed: Vec<&[u8]> = s
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty())
-        .collect();
+    let trimmed: Vec<&[u8]> = s.split(|b| *b == b'/').filter(|c| !c.is_empty()).collect();
     if trimmed.is_empty() {
         return "-".into();
     }
@@ -57,7 +54,9 @@ pub fn mount_name(mountpoint: &Path) -> String {
             out.push('-');
         }
         for (j, b) in comp.iter().enumerate() {
-            let keep = b.is_ascii_alphanumeric() || matches!(b, b'_' | b':') || (*b == b'.' && (i, j) != (0, 0));
+            let keep = b.is_ascii_alphanumeric()
+                || matches!(b, b'_' | b':')
+                || (*b == b'.' && (i, j) != (0, 0));
             if keep {
                 out.push(*b as char);
             } else {
@@ -112,7 +111,10 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
     // A log in our own state folder is ours alone, whatever mode an older
     // version left it with.
-    if path.parent().is_some_and(|p| Some(p) == state_dir().as_deref()) {
+    if path
+        .parent()
+        .is_some_and(|p| Some(p) == state_dir().as_deref())
+    {
         let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
     drop(f);

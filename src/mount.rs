@@ -20,6 +20,7 @@ use crate::api::ApiConfig;
 use crate::auth::{AuthConfig, AuthError};
 use crate::fs::fuse::{FuseConfig, MountStats, ProvenaFs};
 use crate::fs::tree::{Tree, TreeConfig};
+use crate::mountinfo;
 use crate::read::{ReadConfig, Reader};
 use crate::s3::aws::S3Config;
 use crate::secret::Secret;
@@ -49,6 +50,9 @@ pub struct MountConfig {
     /// `--file-mode` or `--dir-mode` was given: `--allow-other` then
     /// needs no warning about who can read what.
     pub explicit_modes: bool,
+    /// Where this mount logs, if to a file: shown by `provenafs status`,
+    /// and where the watchdog says what it did.
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -99,74 +103,103 @@ pub fn check_mountpoint(p: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Whether `p` is listed as a mount point in /proc/self/mountinfo.
+/// Whether something is mounted at `p` (live or stale).
 pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(canon) = p.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .map(unescape_mountinfo)
-            .is_some_and(|m| Path::new(&m) == canon)
-    })
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    mountinfo::at(p).is_some()
 }
 
 /// `provenafs unmount [--lazy] MOUNTPOINT`: unmounts a provenafs mount
-/// and nothing else; a busy one only with `lazy`.
+/// and nothing else. A busy one is left alone (the error names the
+/// processes using it) unless `lazy`, which detaches it at once and lets
+/// it go when the last user does.
+///
+/// Errors, each one line: not a mount point; a mount of another kind
+/// (named); busy; the unmount itself failed.
 pub fn unmount_command(p: &Path, lazy: bool) -> Result<(), String> {
-    let _ = lazy;
-    unmount(p)
-}
-
-/// Unmounts `p`: a plain unmount first, a lazy one if it is busy.
-pub fn unmount(p: &Path) -> Result<(), String> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        let c =
-            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-        // SAFETY: `c` is a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EBUSY) {
-            // SAFETY: as above.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-                return Ok(());
-            }
-        }
+    let shown = p.display();
+    let Some(entry) = mountinfo::at(p) else {
+        return Err(format!("{shown} is not a mount point"));
+    };
+    if !entry.is_provenafs() {
         return Err(format!(
-            "cannot unmount {}: {}",
-            p.display(),
-            std::io::Error::last_os_error()
+            "{shown} is not a provenafs mount (it is {} from {}); not unmounting it",
+            entry.fstype, entry.source
         ));
     }
-    for args in [&["-u"][..], &["-u", "-z"][..]] {
-        let ok = Command::new("fusermount3")
-            .args(args)
-            .arg(p)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok(());
+    match unmount_once(&entry.mountpoint, lazy) {
+        Ok(()) => Ok(()),
+        Err(Unmount::Busy) => {
+            let users = mountinfo::users(&entry.mountpoint);
+            let named = if users.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = users
+                    .iter()
+                    .map(|u| format!("{} ({})", u.pid, u.command))
+                    .collect();
+                format!(", used by {}", list.join(", "))
+            };
+            Err(format!(
+                "{shown} is busy{named}; close those, or detach it anyway with `provenafs unmount --lazy {shown}`"
+            ))
         }
+        Err(Unmount::Failed(e)) => Err(format!("cannot unmount {shown}: {e}")),
     }
-    Err(format!(
-        "cannot unmount {} (fusermount3 -u failed)",
-        p.display()
-    ))
+}
+
+/// Why an unmount did not happen.
+enum Unmount {
+    Busy,
+    Failed(String),
+}
+
+/// One unmount of the mount at `p`: umount2(2) as root, fusermount3
+/// otherwise; `lazy` detaches a busy mount.
+fn unmount_once(p: &Path, lazy: bool) -> Result<(), Unmount> {
+    if nix::unistd::geteuid().is_root() {
+        use nix::mount::MntFlags;
+        let mut flags = MntFlags::UMOUNT_NOFOLLOW;
+        if lazy {
+            flags |= MntFlags::MNT_DETACH;
+        }
+        return match nix::mount::umount2(p, flags) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => Err(Unmount::Busy),
+            Err(e) => Err(Unmount::Failed(e.desc().to_string())),
+        };
+    }
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    match cmd.arg(p).stdin(Stdio::null()).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            if why.to_ascii_lowercase().contains("busy") {
+                Err(Unmount::Busy)
+            } else {
+                Err(Unmount::Failed(why))
+            }
+        }
+        Err(e) => Err(Unmount::Failed(format!("cannot run fusermount3: {e}"))),
+    }
+}
+
+/// The daemon unmounting its own mount on a signal: a plain unmount, and
+/// a lazy one if it is busy (the reader holding it then gets errors, not
+/// a hang, once the daemon is gone).
+fn unmount(p: &Path) -> Result<(), String> {
+    match unmount_once(p, false) {
+        Ok(()) => Ok(()),
+        Err(Unmount::Busy) => match unmount_once(p, true) {
+            Ok(()) => Ok(()),
+            Err(Unmount::Busy) => Err(format!("cannot unmount {}: busy", p.display())),
+            Err(Unmount::Failed(e)) => Err(format!("cannot unmount {}: {e}", p.display())),
+        },
+        Err(Unmount::Failed(e)) => Err(format!("cannot unmount {}: {e}", p.display())),
+    }
 }
 
 /// Starts a detached child that mounts in the foreground and returns once
@@ -254,8 +287,12 @@ fn notify_systemd() {
     }
 }
 
-/// Mounts and serves until unmounted or SIGINT/SIGTERM.
-pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
+/// Mounts and serves until unmounted or SIGINT/SIGTERM (or SIGHUP in the
+/// foreground: a closed terminal).
+pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountError> {
+    // Absolute before the daemon leaves the folder it was started in.
+    cfg.mountpoint = std::path::absolute(&cfg.mountpoint)
+        .map_err(|e| MountError::Mountpoint(cfg.mountpoint.display().to_string(), e))?;
     check_mountpoint(&cfg.mountpoint)?;
     // Exchange now: a bad token or an unreachable service fails here,
     // before anything is mounted.
@@ -270,6 +307,15 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
             AuthErrorOr::Auth(a) => MountError::Auth(a),
             AuthErrorOr::Other(o) => MountError::Other(o),
         })?;
+    // And the data store with it: a wrong --api-url fails here in one
+    // line, not later as an error on every access.
+    rt.block_on(
+        session
+            .api
+            .check(crate::retry::Deadline::after(cfg.api.request_timeout)),
+    )
+    .map_err(MountError::Other)?;
+    let s3_counters = session.stores.counters();
     let tree = Arc::new(Tree::new(
         cfg.tree.clone(),
         session.api.clone(),
@@ -286,9 +332,23 @@ pub fn run(cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), MountEr
     }
     let reader = Reader::new(cfg.read.clone())
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
+    if cfg.allow_other && !cfg.explicit_modes {
+        warn!(
+            "--allow-other without --file-mode/--dir-mode: every user of this machine can read \
+             every dataset this token can read (files {:o}, folders {:o}); give the mount to a \
+             group with --gid GROUP --file-mode 0440 --dir-mode 0550",
+            cfg.fuse.file_mode, cfg.fuse.dir_mode
+        );
+    }
+    // A daemon must not pin the folder it was started in (that folder
+    // could then not be unmounted or removed). Every path it uses from
+    // here on is absolute.
+    if let Err(e) = std::env::set_current_dir("/") {
+        warn!(error = %e, "cannot change to /");
+    }
     let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
     let stats = fs.stats();
-    let served = serve(fs, &stats, &cfg, rt);
+    let served = serve(fs, &stats, s3_counters, &cfg, rt);
     // One line for the operator: what the mount held and did.
     info!("stats: {}", stats.line());
     served
@@ -312,10 +372,134 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
+/// Holds the mountpoint folder locked while it is checked and mounted, so
+/// that of two mounts started at once exactly one mounts and the other
+/// sees the first's mount (never two stacked mounts). The lock is the
+/// folder's own `flock`: it needs no shared path, and a second process
+/// that opens the folder after the mount meets the mount instead.
+struct MountLock(#[allow(dead_code)] Option<nix::fcntl::Flock<std::fs::File>>);
+
+impl MountLock {
+    fn take(mountpoint: &Path) -> Result<MountLock, MountError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let shown = mountpoint.display().to_string();
+        let mut file = std::fs::File::open(mountpoint)
+            .map_err(|e| MountError::Mountpoint(shown.clone(), e))?;
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return Ok(MountLock(Some(l))),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < give_up => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // A file system without flock (some NFS setups): mount
+                // without the guard rather than not at all.
+                Err((_, e)) => {
+                    debug!(error = %e, "cannot lock the mountpoint; mounting without the guard");
+                    return Ok(MountLock(None));
+                }
+            }
+        }
+    }
+}
+
+/// Set in the environment of the watchdog process: the mount's ID.
+const WATCHDOG_ENV: &str = "PROVENAFS_WATCHDOG_MOUNT_ID";
+
+/// Starts the watchdog of the mount `entry`: a small process (this binary
+/// again) that waits for the daemon to end, then unmounts the mount if it
+/// is still there, so a daemon killed by SIGKILL, a crash or the OOM
+/// killer leaves a usable mountpoint, not "Transport endpoint is not
+/// connected" (libfuse's `auto_unmount`, for root mounts too). It learns
+/// of the end through a pipe whose write end only the daemon holds.
+fn spawn_watchdog(
+    entry: &mountinfo::MountEntry,
+    log_file: Option<&Path>,
+) -> Result<std::io::PipeWriter, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (reader, writer) = std::io::pipe().map_err(|e| e.to_string())?;
+    let stderr = match log_file.and_then(|p| std::fs::OpenOptions::new().append(true).open(p).ok())
+    {
+        Some(f) => Stdio::from(f),
+        None => Stdio::null(),
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg0("provenafs-watchdog")
+        .arg(&entry.mountpoint)
+        .env(WATCHDOG_ENV, entry.id.to_string())
+        .env_remove(CHILD_ENV)
+        .current_dir("/")
+        .stdin(reader)
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: setsid and close_range are async-signal-safe. Its own
+    // session keeps a Ctrl-C in the mount's terminal from reaching it;
+    // every inherited descriptor (above all /dev/fuse, which would keep
+    // the dead mount's connection open) is closed when it execs.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| e.to_string())?;
+    debug!(pid = child.id(), mount_id = entry.id, "watchdog started");
+    Ok(writer)
+}
+
+/// The watchdog process's main (see [`spawn_watchdog`]); None when this
+/// process is not a watchdog. Returns the exit status.
+pub fn watchdog_main() -> Option<i32> {
+    let id: u64 = std::env::var(WATCHDOG_ENV).ok()?.parse().ok()?;
+    let mountpoint = PathBuf::from(std::env::args_os().nth(1)?);
+    // Blocks until the daemon is gone: end of file once its end closes.
+    let mut buf = [0u8; 64];
+    loop {
+        match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    // Still there, on top at its path, with its own ID? Then the daemon
+    // ended without unmounting. A mount made there since is not ours.
+    match mountinfo::at(&mountpoint) {
+        Some(top) if top.id == id => {}
+        _ => return Some(0),
+    }
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+    match unmount_once(&mountpoint, true) {
+        Ok(()) => {
+            eprintln!(
+                "{now} provenafs-watchdog: the daemon of {} ended without unmounting; unmounted it",
+                mountpoint.display()
+            );
+            Some(0)
+        }
+        Err(Unmount::Busy) | Err(Unmount::Failed(_)) => {
+            eprintln!(
+                "{now} provenafs-watchdog: the daemon of {} ended; cannot unmount it (run `fusermount3 -u -z {}`)",
+                mountpoint.display(),
+                mountpoint.display()
+            );
+            Some(1)
+        }
+    }
+}
+
 /// Mounts `fs` at the configured mountpoint and serves it.
-pub fn serve(
+fn serve(
     fs: ProvenaFs,
     stats: &MountStats,
+    s3_counters: Arc<crate::s3::aws::S3Counters>,
     cfg: &MountConfig,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(), MountError> {
@@ -337,11 +521,31 @@ pub fn serve(
     fc.n_threads = Some(cfg.max_threads.max(1));
     fc.clone_fd = true;
     let notifier = fs.notifier_slot();
+    let lock = MountLock::take(&cfg.mountpoint)?;
+    // Checked again under the lock: a mount started at the same moment
+    // may have won.
+    check_mountpoint(&cfg.mountpoint)?;
     let session = fuser::Session::new(fs, &cfg.mountpoint, &fc).map_err(MountError::Fuse)?;
+    drop(lock);
     let _ = notifier.set(session.notifier());
     let bg = session.spawn().map_err(MountError::Fuse)?;
     info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     raise_readahead(&cfg.mountpoint);
+    // Kept until this function returns: its end closing tells the
+    // watchdog the daemon is gone.
+    let _watchdog = match mountinfo::at(&cfg.mountpoint) {
+        Some(entry) if entry.is_provenafs() => {
+            match spawn_watchdog(&entry, cfg.log_file.as_deref()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!("cannot start the watchdog (a killed daemon would leave a stale mount): {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let _status = status_server(stats, s3_counters, cfg, rt);
     signal_ready(cfg.logs_to_file);
 
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
@@ -360,11 +564,13 @@ pub fn serve(
         let _ = tx2.send("unmounted");
     });
     let stats = stats.clone();
+    let foreground = !is_detached_child();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term), Ok(mut usr1)) = (
+        let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut usr1)) = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
             signal(SignalKind::user_defined1()),
         ) else {
             return;
@@ -373,6 +579,13 @@ pub fn serve(
             tokio::select! {
                 _ = int.recv() => break "SIGINT",
                 _ = term.recv() => break "SIGTERM",
+                // A closed terminal: the mount goes with it, cleanly.
+                _ = hup.recv() => {
+                    if foreground {
+                        break "SIGHUP";
+                    }
+                    info!("SIGHUP ignored: a background mount runs until `provenafs unmount`");
+                }
                 // `kill -USR1 PID`: what the mount holds, in the log (at
                 // the default level too: the operator asked for it).
                 _ = usr1.recv() => warn!("stats: {}", stats.line()),
@@ -391,4 +604,59 @@ pub fn serve(
     }
     info!("unmounted");
     Ok(())
+}
+
+/// Answers `provenafs status` for this mount (see [`crate::status`]);
+/// None (with a warning) when the socket cannot be made.
+fn status_server(
+    stats: &MountStats,
+    s3: Arc<crate::s3::aws::S3Counters>,
+    cfg: &MountConfig,
+    rt: &tokio::runtime::Runtime,
+) -> Option<crate::status::Server> {
+    use std::sync::atomic::Ordering;
+    let path = match crate::logfile::state_dir_created()
+        .ok()
+        .and_then(|_| crate::logfile::socket_path(&cfg.mountpoint))
+    {
+        Some(p) => p,
+        None => {
+            warn!("no state folder (set HOME or XDG_STATE_HOME): `provenafs status` will not see this mount");
+            return None;
+        }
+    };
+    let stats = stats.clone();
+    let started = std::time::Instant::now();
+    let mountpoint = cfg.mountpoint.clone();
+    let log_file = cfg.log_file.clone();
+    let pid = std::process::id();
+    let figures = move || {
+        let (hits, misses) = stats.cache_hits_misses();
+        crate::status::Figures {
+            mountpoint: mountpoint.clone(),
+            state: "answering".into(),
+            owner_uid: None,
+            pid: Some(pid),
+            log_file: log_file.clone(),
+            datasets: Some(stats.datasets() as u64),
+            bytes_read: Some(stats.bytes_read()),
+            s3_bytes: Some(s3.bytes.load(Ordering::Relaxed)),
+            s3_requests: Some(s3.requests.load(Ordering::Relaxed)),
+            cache_hits: Some(hits),
+            cache_misses: Some(misses),
+            errors: Some(stats.errors().count()),
+            last_error: stats.errors().last().map(|(at, e)| {
+                let at: chrono::DateTime<chrono::Utc> = at.into();
+                format!("{} {e}", at.format("%Y-%m-%dT%H:%M:%SZ"))
+            }),
+            uptime_s: Some(started.elapsed().as_secs()),
+        }
+    };
+    match crate::status::serve(path, figures, rt.handle()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("`provenafs status` will not see this mount: {e}");
+            None
+        }
+    }
 }

@@ -189,7 +189,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::File::create(dir.path().join("held")).unwrap();
         // This process is left out; a child holding the folder is found.
-        assert!(users(dir.path()).iter().all(|u| u.pid != std::process::id()));
+        assert!(users(dir.path())
+            .iter()
+            .all(|u| u.pid != std::process::id()));
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .current_dir(dir.path())
@@ -200,7 +202,9 @@ mod tests {
         let _ = child.wait();
         drop(f);
         assert!(
-            found.iter().any(|u| u.pid == child.id() && u.command == "sleep"),
+            found
+                .iter()
+                .any(|u| u.pid == child.id() && u.command == "sleep"),
             "{found:?}"
         );
     }

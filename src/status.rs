@@ -196,7 +196,13 @@ fn table(rows: &[Figures]) -> String {
         ]);
     }
     let widths: Vec<usize> = (0..lines[0].len())
-        .map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for (n, l) in lines.iter().enumerate() {
@@ -277,9 +283,17 @@ mod tests {
         let t = table(&rows);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("MOUNTPOINT  STATE"), "{t}");
-        assert!(lines[1].contains("1h02m") && lines[1].contains("3.0 GiB") && lines[1].contains("1.5 KiB"), "{t}");
+        assert!(
+            lines[1].contains("1h02m")
+                && lines[1].contains("3.0 GiB")
+                && lines[1].contains("1.5 KiB"),
+            "{t}"
+        );
         assert_eq!(lines[2], "  last error: read: permission denied");
         assert!(lines[3].ends_with("data-p.log"));
-        assert!(lines[4].starts_with("/other ") && lines[4].contains("not yours"), "{t}");
+        assert!(
+            lines[4].starts_with("/other ") && lines[4].contains("not yours"),
+            "{t}"
+        );
     }
 }

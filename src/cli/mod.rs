@@ -83,7 +83,12 @@ pub enum Command {
     /// `-o opt,key=value` form: every long flag is an option of the same name.
     Mount(MountArgs),
     /// Unmount a provenafs mount (works for root and for the user who mounted it).
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach a busy mount now; it goes when its last user does.
+        #[arg(short, long)]
+        lazy: bool,
+    },
     /// Sign in through the browser (OAuth2 device flow) and store the offline token.
     Login(LoginArgs),
     /// Delete the offline token `provenafs login` stored.
@@ -478,6 +483,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
         allow_root: a.allow_root || file.allow_root.unwrap_or(false),
         logs_to_file: false,
         explicit_modes: false,
+        log_file: None,
     })
 }
 
@@ -592,6 +598,7 @@ fn run(command: Command) -> Result<(), Exit> {
                 log_level: a.log.log_level.clone().or(file.log_level.clone()),
             };
             cfg.logs_to_file = log.log_file.is_some();
+            cfg.log_file = log.log_file.clone();
             if !a.foreground {
                 // Check what can be checked before detaching, for a fast answer.
                 mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
@@ -611,7 +618,7 @@ fn run(command: Command) -> Result<(), Exit> {
             served?;
             Ok(())
         }
-        Command::Unmount { mountpoint } => Ok(mount::unmount(&mountpoint)?),
+        Command::Unmount { mountpoint, lazy } => Ok(mount::unmount_command(&mountpoint, lazy)?),
         Command::Login(a) => login(a),
         Command::Logout => {
             let Some(p) = config::stored_token_path() else {

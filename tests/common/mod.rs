@@ -46,6 +46,9 @@ pub struct Sim {
     logs: std::sync::Mutex<Vec<PathBuf>>,
     /// Text captured from commands run through [`Sim::run`].
     outputs: std::sync::Mutex<String>,
+    /// `XDG_STATE_HOME` of every command: where background mounts log and
+    /// answer `provenafs status`.
+    pub state: tempfile::TempDir,
 }
 
 /// Where a test's logs go (kept after a failure for a look).
@@ -99,10 +102,20 @@ impl Sim {
             assert!(Instant::now() < deadline, "emulator did not start");
             std::thread::sleep(Duration::from_millis(20));
         };
+        // `KEY=value` or `export KEY=value`, the value maybe quoted.
         let env: HashMap<String, String> = text
             .lines()
+            .map(|l| l.trim().trim_start_matches("export "))
             .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| {
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('\'')
+                    .and_then(|v| v.strip_suffix('\''))
+                    .or_else(|| v.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+                    .unwrap_or(v);
+                (k.trim().to_string(), v.to_string())
+            })
             .collect();
         let addr = env["PROVENA_API_URL"]
             .trim_start_matches("http://")
@@ -114,6 +127,7 @@ impl Sim {
             addr,
             logs: std::sync::Mutex::new(vec![log.to_path_buf()]),
             outputs: Default::default(),
+            state: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -130,7 +144,8 @@ impl Sim {
         let mut c = Command::new(BIN);
         c.args(args)
             .env_remove("PROVENAFS_LOG")
-            .env("RUST_LOG", "trace");
+            .env("RUST_LOG", "trace")
+            .env("XDG_STATE_HOME", self.state.path());
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -377,8 +392,10 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new(BIN)
-            .arg("unmount")
+            .args(["unmount", "--lazy"])
             .arg(self.dir.path())
+            // Already unmounted by the test: nothing to say.
+            .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while is_mounted(self.dir.path()) && Instant::now() < deadline {
