@@ -216,16 +216,31 @@ impl DataStoreClient {
     /// a mount learns before mounting that the data store API is where
     /// `--api-url` says and accepts the token. Errors: one line naming the
     /// URL and what is wrong there.
-    pub async fn check(&self, deadline: Deadline) -> Result<(), String> {
+    ///
+    /// With `probe` (a mount of named datasets, which never lists the
+    /// registry) the call is fetch-dataset of that handle instead; an
+    /// unknown handle still shows the API is there.
+    pub async fn check(&self, deadline: Deadline, probe: Option<&str>) -> Result<(), String> {
         let span = info_span!("check_api");
         let base = self.config.base_url.trim_end_matches('/').to_string();
-        let body = serde_json::json!({"page_size": 1, "pagination_key": null, "sort_by": null});
-        let r: Result<(ListResponse, _), ApiError> = self
-            .call("/registry/items/list", Method::Post(body), "", deadline)
-            .instrument(span)
-            .await;
+        let r: Result<(), ApiError> = async {
+            match probe {
+                Some(handle) => match self.fetch_dataset(handle, deadline).await {
+                    Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                None => {
+                    let body = serde_json::json!({"page_size": 1, "pagination_key": null, "sort_by": null});
+                    self.call::<ListResponse>("/registry/items/list", Method::Post(body), "", deadline)
+                        .await
+                        .map(|_| ())
+                }
+            }
+        }
+        .instrument(span)
+        .await;
         match r {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(ApiError::Unreachable { reason, .. }) => Err(format!(
                 "cannot reach the data store API at {base}: {reason} (check --api-url)"
             )),
@@ -381,11 +396,11 @@ impl DataStoreClient {
                     Err(Refusal::Other(ApiError::PermissionDenied(detail)))
                 }
             }
-            400 | 404 if path == FETCH_DATASET => {
+            400 if path == FETCH_DATASET => {
                 // fetch-dataset answers an unknown handle with 400 + detail.
                 // (Elsewhere a 400 is an error, not "no such dataset": a
                 // file must not look absent because a credentials call
-                // failed.)
+                // failed. A 404 is a wrong --api-url, never a dataset.)
                 debug!(status, detail = %detail_of(&body), "dataset not found");
                 Err(Refusal::Other(ApiError::NotFound(handle.to_string())))
             }

@@ -309,11 +309,11 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
         })?;
     // And the data store with it: a wrong --api-url fails here in one
     // line, not later as an error on every access.
-    rt.block_on(
-        session
-            .api
-            .check(crate::retry::Deadline::after(cfg.api.request_timeout)),
-    )
+    let probe = cfg.tree.datasets.as_ref().and_then(|d| d.first());
+    rt.block_on(session.api.check(
+        crate::retry::Deadline::after(cfg.api.request_timeout),
+        probe.map(String::as_str),
+    ))
     .map_err(MountError::Other)?;
     let s3_counters = session.stores.counters();
     let tree = Arc::new(Tree::new(
@@ -469,11 +469,17 @@ pub fn watchdog_main() -> Option<i32> {
             Err(_) => break,
         }
     }
-    // Still there, on top at its path, with its own ID? Then the daemon
-    // ended without unmounting. A mount made there since is not ours.
+    // Still there, on top at its path, and dead? Then the daemon ended
+    // without unmounting. The kernel reuses mount IDs at once, so a mount
+    // made there since may carry the same ID: only a dead connection
+    // (statfs always asks the daemon; ENOTCONN once it is gone) tells
+    // ours apart from a live newcomer, which is left alone.
     match mountinfo::at(&mountpoint) {
-        Some(top) if top.id == id => {}
+        Some(top) if top.id == id && top.is_provenafs() => {}
         _ => return Some(0),
+    }
+    if nix::sys::statfs::statfs(&mountpoint).err() != Some(nix::errno::Errno::ENOTCONN) {
+        return Some(0);
     }
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
     match unmount_once(&mountpoint, true) {
