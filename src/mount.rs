@@ -472,14 +472,18 @@ pub fn watchdog_main() -> Option<i32> {
     // Still there, on top at its path, and dead? Then the daemon ended
     // without unmounting. The kernel reuses mount IDs at once, so a mount
     // made there since may carry the same ID: only a dead connection
-    // (statfs always asks the daemon; ENOTCONN once it is gone) tells
+    // (statfs always asks the daemon) tells
     // ours apart from a live newcomer, which is left alone.
     match mountinfo::at(&mountpoint) {
         Some(top) if top.id == id && top.is_provenafs() => {}
         _ => return Some(0),
     }
-    if nix::sys::statfs::statfs(&mountpoint).err() != Some(nix::errno::Errno::ENOTCONN) {
-        return Some(0);
+    // A request already waiting when the connection ends fails with
+    // ECONNABORTED; one after, with ENOTCONN.
+    use nix::errno::Errno;
+    match nix::sys::statfs::statfs(&mountpoint) {
+        Err(Errno::ENOTCONN | Errno::ECONNABORTED) => {}
+        _ => return Some(0),
     }
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
     match unmount_once(&mountpoint, true) {
