@@ -98,7 +98,10 @@ pub struct Cli {
 pub enum Command {
     /// Mount the data store at MOUNTPOINT (read-only). Also takes mount(8)'s
     /// `-o opt,key=value` form: every long flag is an option of the same name.
-    Mount(MountArgs),
+    // A flag given twice (an fstab `-o allow_other` and the same flag in a
+    // wrapper script) means the same as once, the last value winning.
+    #[command(args_override_self = true)]
+    Mount(Box<MountArgs>),
     /// Unmount a provenafs mount (works for root and for the user who mounted it).
     Unmount {
         /// Detach even when busy: the mount goes once the last user leaves.
@@ -789,7 +792,7 @@ impl From<String> for Exit {
 
 fn run(command: Command) -> Result<(), Exit> {
     match command {
-        Command::Mount(a) => mount(a),
+        Command::Mount(a) => mount(*a),
         Command::Unmount { mountpoint, lazy } => Ok(mount::unmount_command(&mountpoint, lazy)?),
         Command::Status { mountpoint, json } => {
             let out = crate::status::run(mountpoint.as_deref(), json)?;

@@ -309,17 +309,6 @@ impl SimState {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64url_matches_the_standard_alphabet() {
-        assert_eq!(super::base64url(b"hi"), "aGk");
-        assert_eq!(super::base64url(b"hi!"), "aGkh");
-        assert_eq!(super::base64url(b"\xfb\xff"), "-_8");
-        assert_eq!(super::base64url(b""), "");
-    }
-}
-
 fn uuid_like() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
@@ -347,4 +336,15 @@ pub fn device_page(user_code: &str) -> Reply {
          <form method=post action=\"/_sim/device?user_code={code}&action=deny\"><button>Deny</button></form>"
     );
     Reply::html(200, html)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64url_matches_the_standard_alphabet() {
+        assert_eq!(super::base64url(b"hi"), "aGk");
+        assert_eq!(super::base64url(b"hi!"), "aGkh");
+        assert_eq!(super::base64url(b"\xfb\xff"), "-_8");
+        assert_eq!(super::base64url(b""), "");
+    }
 }
