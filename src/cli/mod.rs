@@ -1043,7 +1043,9 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
          \x20 mkdir -p /tmp/provena && provenafs mount /tmp/provena && ls /tmp/provena\n\
          \x20 provenafs unmount /tmp/provena",
         addr = sim.addr,
-        root = sim.state.cfg.root.display(),
+        root = absolute(&sim.state.cfg.root)
+            .unwrap_or_else(|_| sim.state.cfg.root.clone())
+            .display(),
     );
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
