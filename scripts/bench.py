@@ -61,7 +61,9 @@ class Sim:
             if os.path.exists(self.envfile):
                 break
             time.sleep(0.05)
-        self.env = dict(l.split("=", 1) for l in open(self.envfile).read().split())
+        # NAME=value lines; the closing `export NAME...` line is for shells.
+        self.env = dict(l.split("=", 1) for l in open(self.envfile).read().splitlines()
+                        if "=" in l and not l.startswith("export "))
         self.base = self.env["PROVENA_API_URL"]
         self.pid = self.p.pid
 

@@ -173,6 +173,15 @@ impl DataStoreClient {
     /// Every dataset the user may see, all pages; each page is bounded by
     /// the request timeout on its own.
     pub async fn list_datasets(&self) -> Result<Vec<ItemDataset>, ApiError> {
+        self.list_datasets_counted(&mut |_| {}).await
+    }
+
+    /// [`list_datasets`](Self::list_datasets), telling `on_page` the number
+    /// of datasets fetched so far after each page (a progress counter).
+    pub async fn list_datasets_counted(
+        &self,
+        on_page: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Vec<ItemDataset>, ApiError> {
         let span = info_span!("list_datasets");
         async {
             let mut out = Vec::new();
@@ -197,6 +206,7 @@ impl DataStoreClient {
                 }
                 pages += 1;
                 out.extend(r.items);
+                on_page(out.len());
                 match r.pagination_key {
                     Some(k) if !k.is_null() => key = Some(k),
                     _ => break,

@@ -44,6 +44,18 @@ impl AuthConfig {
         )
     }
 
+    /// Keycloak's logout endpoint: given an offline token (`refresh_token`
+    /// form field) it ends that token's offline session, so the token no
+    /// longer exchanges. Chosen over the RFC 7009 `/revoke` endpoint, which
+    /// in Keycloak before 26 revokes every offline token the user holds for
+    /// the client (all machines), not only this one.
+    pub fn logout_url(&self) -> String {
+        format!(
+            "{}/protocol/openid-connect/logout",
+            self.realm_url.trim_end_matches('/')
+        )
+    }
+
     pub fn device_url(&self) -> String {
         format!(
             "{}/protocol/openid-connect/auth/device",
@@ -82,12 +94,14 @@ impl AuthError {
 
 /// Checks the shape of an offline token before any network call, so a
 /// pasted-wrong token gets a precise message. Keycloak tokens are JWTs.
+/// The error is a predicate ("is empty") for the caller to put after the
+/// token's name and origin.
 pub fn check_token_shape(token: &str) -> Result<(), String> {
     if token.is_empty() {
-        return Err("the offline token is empty".into());
+        return Err("is empty".into());
     }
     if token.chars().any(|c| !c.is_ascii_graphic()) {
-        return Err("the offline token contains spaces, quotes or non-ASCII characters".into());
+        return Err("contains spaces, quotes or non-ASCII characters".into());
     }
     let parts: Vec<&str> = token.split('.').collect();
     let b64url = |p: &&str| {
@@ -96,12 +110,97 @@ pub fn check_token_shape(token: &str) -> Result<(), String> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
     };
     if parts.len() != 3 || !parts.iter().all(b64url) {
-        return Err(
-            "the offline token is malformed (expected a JWT: three base64url parts joined by dots)"
-                .into(),
-        );
+        return Err("is malformed (expected a JWT: three base64url parts joined by dots)".into());
     }
     Ok(())
+}
+
+/// The claims of a JWT's payload, not verified: for showing who a token
+/// belongs to, never for deciding anything.
+pub fn token_claims(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64url_decode(payload)?;
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// Base64url without padding (padding tolerated), as JWTs use.
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in s.trim_end_matches('=').bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// What became of an offline token sent to the logout endpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revocation {
+    /// Its session is ended: it no longer exchanges.
+    Revoked,
+    /// The service did not accept it at all (already revoked, expired, or
+    /// never valid there): nothing left to revoke.
+    AlreadyInvalid(String),
+}
+
+/// Ends the offline session of `offline` at the identity service
+/// ([`AuthConfig::logout_url`]). Errors say why it could not be done.
+pub async fn revoke_offline(
+    http: &reqwest::Client,
+    config: &AuthConfig,
+    offline: &Secret,
+) -> Result<Revocation, String> {
+    let url = config.logout_url();
+    let resp = http
+        .post(&url)
+        .form(&[
+            ("client_id", CLIENT_ID),
+            ("refresh_token", offline.expose()),
+        ])
+        .timeout(config.request_timeout)
+        .send()
+        .instrument(info_span!("revoke_offline_token", url = %url))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the identity service at {url}: {}",
+                crate::http::describe_reqwest(&e)
+            )
+        })?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap_or_default();
+    if (200..300).contains(&status) {
+        return Ok(Revocation::Revoked);
+    }
+    match serde_json::from_slice::<OAuthError>(&body) {
+        Ok(e) if status == 400 && e.error == "invalid_grant" => Ok(Revocation::AlreadyInvalid(
+            e.error_description.unwrap_or(e.error),
+        )),
+        Ok(e) => Err(format!(
+            "the identity service at {url} answered HTTP {status} ({})",
+            e.error_description.unwrap_or(e.error)
+        )),
+        Err(_) => Err(format!(
+            "the identity service at {url} answered HTTP {status}"
+        )),
+    }
 }
 
 /// Hands out valid access tokens for one offline token, renewed in the
@@ -307,5 +406,18 @@ mod tests {
         assert!(check_token_shape("\"a.b.c\"").is_err());
         assert!(check_token_shape("a.b.c d").is_err());
         assert!(check_token_shape("a..c").is_err());
+    }
+
+    #[test]
+    fn claims_are_read_from_the_payload() {
+        // {"sub":"u1","preferred_username":"ann"} in base64url, no padding.
+        let payload = "eyJzdWIiOiJ1MSIsInByZWZlcnJlZF91c2VybmFtZSI6ImFubiJ9";
+        let c = token_claims(&format!("eyJh.{payload}.c2ln")).unwrap();
+        assert_eq!(c["preferred_username"], "ann");
+        assert_eq!(c["sub"], "u1");
+        assert!(token_claims("a.!!.c").is_none());
+        assert!(token_claims("abc").is_none());
+        assert_eq!(base64url_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64url_decode("aGk=").unwrap(), b"hi");
     }
 }

@@ -1,13 +1,29 @@
 //! Finding data without mounting: `provenafs datasets` and `provenafs ls`.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::api::DataStoreClient;
 use crate::retry::Deadline;
 use crate::s3::{ObjectStore, StoreFactory};
 use crate::session::Session;
-use crate::wire::{split_handle, ItemDataset};
+use crate::wire::{split_target, ItemDataset};
+
+/// A counter on standard error while a long operation runs, when standard
+/// error is a terminal; nothing at all otherwise (a pipe or a log file
+/// gets no redraw noise).
+pub fn progress() -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
 
 fn date(t: Option<i64>) -> String {
     match t.filter(|t| *t > 0) {
@@ -47,7 +63,13 @@ pub async fn datasets(
     search: Option<&str>,
     json: bool,
 ) -> Result<String, String> {
-    let mut items = api.list_datasets().await.map_err(|e| e.to_string())?;
+    let pb = progress();
+    pb.set_message("Listing datasets...");
+    let listed = api
+        .list_datasets_counted(&mut |n| pb.set_message(format!("{n} datasets fetched")))
+        .await;
+    pb.finish_and_clear();
+    let mut items = listed.map_err(|e| e.to_string())?;
     if let Some(s) = search {
         items.retain(|i| matches(i, s));
     }
@@ -111,27 +133,41 @@ fn table(head: [&str; 4], rows: &[[String; 4]]) -> String {
     out
 }
 
-/// `aws s3 ls`, by handle: `HANDLE` or `HANDLE/PATH`.
+/// Where `ls` writes: stops quietly when the reader has gone (`| head`).
+struct Out<'a> {
+    w: &'a mut dyn std::io::Write,
+    /// The reader closed the pipe: nothing more to write.
+    closed: bool,
+}
+
+impl Out<'_> {
+    fn line(&mut self, text: &str) -> Result<(), String> {
+        if self.closed {
+            return Ok(());
+        }
+        match writeln!(self.w, "{text}").and_then(|()| self.w.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot write output: {e}")),
+        }
+    }
+}
+
+/// `aws s3 ls`, by handle: `HANDLE` or `HANDLE/PATH` (a handle may be
+/// given as people copy it, see [`crate::wire::split_target`]). Lines are
+/// written to `out` as each page arrives. A PATH with nothing below it
+/// is an error ("no such folder"), as with `aws s3 ls`.
 pub async fn ls(
     session: &Session,
     target: &str,
     recursive: bool,
     human: bool,
-) -> Result<String, String> {
-    let target = target.trim_start_matches('/');
-    let mut parts = target.splitn(3, '/');
-    let (Some(p), Some(s)) = (parts.next(), parts.next()) else {
-        return Err(format!(
-            "{target:?} is not a dataset handle (PREFIX/SUFFIX[/PATH])"
-        ));
-    };
-    let handle = format!("{p}/{s}");
-    if split_handle(&handle).is_none() {
-        return Err(format!(
-            "{target:?} is not a dataset handle (PREFIX/SUFFIX[/PATH])"
-        ));
-    }
-    let path = parts.next().unwrap_or_default();
+    out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    let (handle, path) = split_target(target)?;
     let item = session
         .api
         .fetch_dataset(&handle, session.deadline())
@@ -160,28 +196,44 @@ pub async fn ls(
             prefix.push('/');
         }
     }
-    list(
+    let mut out = Out {
+        w: out,
+        closed: false,
+    };
+    let listed = list(
         store.as_ref(),
         &prefix,
         recursive,
         human,
         session.api.request_timeout(),
+        &mut out,
     )
-    .await
+    .await?;
+    // S3 has no empty folders: a path with nothing below it does not exist.
+    // The dataset's root is there even when it holds nothing.
+    if listed == 0 && !path.is_empty() {
+        return Err(format!(
+            "no such folder: {handle}/{}",
+            printable(path.trim_end_matches('/'))
+        ));
+    }
+    Ok(())
 }
 
+/// Lists `prefix` page by page into `out`; returns how many entries there were.
 async fn list(
     store: &dyn ObjectStore,
     prefix: &str,
     recursive: bool,
     human: bool,
     request_timeout: std::time::Duration,
-) -> Result<String, String> {
+    out: &mut Out<'_>,
+) -> Result<u64, String> {
     // Relative to the folder being listed, as `aws s3 ls` prints them.
     let base = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-    let mut out = String::new();
     let mut token = None;
     let mut total = (0u64, 0u64);
+    let mut entries = 0u64;
     loop {
         let page = store
             .list(
@@ -194,14 +246,15 @@ async fn list(
             .await
             .map_err(|e| e.to_string())?;
         for p in &page.prefixes {
-            let _ = writeln!(
-                out,
+            entries += 1;
+            out.line(&format!(
                 "{:>30} {}",
                 "PRE",
                 printable(p.strip_prefix(base).unwrap_or(p))
-            );
+            ))?;
         }
         for o in &page.objects {
+            entries += 1;
             let when: chrono::DateTime<chrono::Local> = o.last_modified.into();
             let size = if human {
                 human_size(o.size)
@@ -209,28 +262,34 @@ async fn list(
                 o.size.to_string()
             };
             total = (total.0 + 1, total.1 + o.size);
-            let _ = writeln!(
-                out,
+            out.line(&format!(
                 "{} {:>10} {}",
                 when.format("%Y-%m-%d %H:%M:%S"),
                 size,
                 printable(o.key.strip_prefix(base).unwrap_or(&o.key))
-            );
+            ))?;
+        }
+        if out.closed {
+            // Nobody reads on: no more pages.
+            return Ok(entries);
         }
         match page.next {
             Some(t) => token = Some(t),
             None => break,
         }
     }
-    if recursive {
+    if recursive && entries > 0 {
         let size = if human {
             human_size(total.1)
         } else {
             format!("{} bytes", total.1)
         };
-        let _ = writeln!(out, "\nTotal Objects: {}\n   Total Size: {size}", total.0);
+        out.line(&format!(
+            "\nTotal Objects: {}\n   Total Size: {size}",
+            total.0
+        ))?;
     }
-    Ok(out)
+    Ok(entries)
 }
 
 /// Text safe to print on a terminal: control characters (a key may hold

@@ -47,6 +47,12 @@ pub struct FileSettings {
     pub by_name: Option<bool>,
     pub log_file: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// Octal, as a string (`"0440"`): TOML would read a bare 0440 as decimal.
+    pub file_mode: Option<String>,
+    pub dir_mode: Option<String>,
+    /// Where these settings were read from, for messages.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/provenafs`, else `~/.config/provenafs`.
@@ -80,10 +86,12 @@ pub fn load(explicit: Option<&Path>) -> Result<FileSettings, String> {
         }
         Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
     };
-    toml::from_str(&text).map_err(|e| {
+    let mut settings: FileSettings = toml::from_str(&text).map_err(|e| {
         let msg = e.message().to_string();
         format!("config file {}: {msg}", path.display())
-    })
+    })?;
+    settings.path = Some(path);
+    Ok(settings)
 }
 
 /// Where the three services live.
@@ -180,42 +188,146 @@ impl Endpoints {
     }
 }
 
-/// The offline token: `--token-file`, else `RRAP_OFFLINE_TOKEN`, else the
-/// config file's `token_file`, else the one `provenafs login` stored.
-pub fn offline_token(flag: Option<&Path>, file: &FileSettings) -> Result<Secret, String> {
-    let token = if let Some(p) = flag {
-        read_token_file(p)?
+/// Where an offline token came from: every message about a token names
+/// it, since a token the user did not expect (an old `RRAP_OFFLINE_TOKEN`
+/// in a shell profile) is the usual cause of a puzzling rejection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenOrigin {
+    /// `--token-file FILE`.
+    Flag(PathBuf),
+    /// The `RRAP_OFFLINE_TOKEN` environment variable.
+    Env,
+    /// The config file's `token_file`.
+    ConfigFile {
+        file: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// The token `provenafs login` stored.
+    Stored(PathBuf),
+}
+
+impl std::fmt::Display for TokenOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenOrigin::Flag(p) => write!(f, "--token-file {}", p.display()),
+            TokenOrigin::Env => f.write_str("RRAP_OFFLINE_TOKEN"),
+            TokenOrigin::ConfigFile {
+                file,
+                config: Some(c),
+            } => write!(
+                f,
+                "the config file's token_file {} (in {})",
+                file.display(),
+                c.display()
+            ),
+            TokenOrigin::ConfigFile { file, config: None } => {
+                write!(f, "the config file's token_file {}", file.display())
+            }
+            TokenOrigin::Stored(p) => write!(f, "the stored login at {}", p.display()),
+        }
+    }
+}
+
+impl TokenOrigin {
+    /// What to do when the identity service rejects this token: a new
+    /// login does not help while another source takes precedence.
+    pub fn fix(&self) -> String {
+        match self {
+            TokenOrigin::Flag(p) => format!(
+                "put a valid token in {} (`provenafs login --print > {}`)",
+                p.display(),
+                p.display()
+            ),
+            TokenOrigin::Env => {
+                "set RRAP_OFFLINE_TOKEN to a valid token, or unset it to use `provenafs login`"
+                    .into()
+            }
+            TokenOrigin::ConfigFile { file, .. } => format!(
+                "put a valid token in {} (`provenafs login --print > {}`)",
+                file.display(),
+                file.display()
+            ),
+            TokenOrigin::Stored(_) => "sign in again with `provenafs login`".into(),
+        }
+    }
+}
+
+/// The offline token and where it came from: `--token-file`, else
+/// `RRAP_OFFLINE_TOKEN`, else the config file's `token_file`, else the one
+/// `provenafs login` stored.
+pub fn offline_token(
+    flag: Option<&Path>,
+    file: &FileSettings,
+) -> Result<(Secret, TokenOrigin), String> {
+    let (token, origin) = if let Some(p) = flag {
+        let o = TokenOrigin::Flag(p.to_path_buf());
+        (read_token_file(p, &o)?, o)
     } else if let Ok(t) = std::env::var("RRAP_OFFLINE_TOKEN") {
-        t
+        (t, TokenOrigin::Env)
     } else if let Some(p) = &file.token_file {
-        read_token_file(p)?
+        let o = TokenOrigin::ConfigFile {
+            file: p.clone(),
+            config: file.path.clone(),
+        };
+        (read_token_file(p, &o)?, o)
     } else {
         match stored_token_path().filter(|p| p.exists()) {
-            Some(p) => read_token_file(&p)?,
+            Some(p) => {
+                let o = TokenOrigin::Stored(p.clone());
+                (read_token_file(&p, &o)?, o)
+            }
             None => {
                 return Err("no offline token: run `provenafs login`, set RRAP_OFFLINE_TOKEN, or pass --token-file FILE".into())
             }
         }
     };
     let token = token.trim().to_string();
-    crate::auth::check_token_shape(&token)?;
-    Ok(Secret::new(token))
+    crate::auth::check_token_shape(&token)
+        .map_err(|why| format!("the offline token from {origin} {why}"))?;
+    Ok((Secret::new(token), origin))
 }
 
-fn read_token_file(p: &Path) -> Result<String, String> {
+/// The token sources that take precedence over the stored login, as they
+/// stand now: what `provenafs login` warns about.
+pub fn overriding_sources(file: &FileSettings) -> Vec<TokenOrigin> {
+    let mut v = Vec::new();
+    if std::env::var_os("RRAP_OFFLINE_TOKEN").is_some() {
+        v.push(TokenOrigin::Env);
+    }
+    if let Some(p) = &file.token_file {
+        v.push(TokenOrigin::ConfigFile {
+            file: p.clone(),
+            config: file.path.clone(),
+        });
+    }
+    v
+}
+
+/// Reads a token file `provenafs login` or the user wrote.
+pub fn read_stored_token(p: &Path) -> Result<String, String> {
+    read_token_file(p, &TokenOrigin::Stored(p.to_path_buf()))
+}
+
+fn read_token_file(p: &Path, origin: &TokenOrigin) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
-    let md =
-        std::fs::metadata(p).map_err(|e| format!("cannot read token file {}: {e}", p.display()))?;
+    // The flag's own name already holds the path; others say where the path came from.
+    let from = match origin {
+        TokenOrigin::Flag(_) => " (--token-file)".to_string(),
+        TokenOrigin::Stored(_) => " (the stored login)".to_string(),
+        o => format!(" ({o})"),
+    };
+    let cannot = |e: std::io::Error| format!("cannot read token file {}{from}: {e}", p.display());
+    let md = std::fs::metadata(p).map_err(cannot)?;
     if md.mode() & 0o044 != 0 {
         // As ssh does with private keys: a secret others can read is refused.
         return Err(format!(
-            "token file {} is readable by other users (mode {:o}); run `chmod 600 {}`",
+            "token file {}{from} is readable by other users (mode {:o}); run `chmod 600 {}`",
             p.display(),
             md.mode() & 0o777,
             p.display()
         ));
     }
-    std::fs::read_to_string(p).map_err(|e| format!("cannot read token file {}: {e}", p.display()))
+    std::fs::read_to_string(p).map_err(cannot)
 }
 
 /// Writes a file only its owner can read (it holds a token), atomically,

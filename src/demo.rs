@@ -96,13 +96,39 @@ pub fn generate(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sample files whose SHA-256 the demo prints, relative to the data folder
+/// (and so to the mountpoint): `sha256sum -c` on the printed lines checks
+/// the mount end to end.
+const CHECKED: &[&str] = &[
+    "10378.1/1687966/data/sst.csv",
+    "10378.1/1687966/data/large.bin",
+    "10378.1/1687967/surveys/2024/north/transect-1.csv",
+    "102.100.100/42/hello.txt",
+];
+
+/// `sha256sum` lines for the sample files as they will appear under `mountpoint`.
+fn checksums(data: &Path, mountpoint: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut out = String::new();
+    for rel in CHECKED {
+        let bytes = fs::read(data.join(rel))?;
+        let sum = hex::encode(sha2::Sha256::digest(&bytes));
+        out.push_str(&format!("{sum}  {}\n", mountpoint.join(rel).display()));
+    }
+    Ok(out)
+}
+
 pub fn run(mountpoint: &Path) -> Result<(), String> {
     crate::mount::check_mountpoint(mountpoint).map_err(|e| e.to_string())?;
+    let mountpoint = std::path::absolute(mountpoint)
+        .map_err(|e| format!("cannot resolve {}: {e}", mountpoint.display()))?;
     let data = tempfile::Builder::new()
         .prefix("provenafs-demo-")
         .tempdir()
         .map_err(|e| e.to_string())?;
     generate(data.path()).map_err(|e| format!("cannot write demo data: {e}"))?;
+    let sums =
+        checksums(data.path(), &mountpoint).map_err(|e| format!("cannot read demo data: {e}"))?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let sim = rt
         .block_on(Sim::start(SimConfig {
@@ -111,7 +137,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         }))
         .map_err(|e| e.to_string())?;
     let cfg = MountConfig {
-        mountpoint: mountpoint.to_path_buf(),
+        mountpoint: mountpoint.clone(),
         token: Secret::new(sim.env.offline_token.clone()),
         auth: AuthConfig {
             realm_url: sim.env.auth_url.clone(),
@@ -135,20 +161,57 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         explicit_modes: false,
         log_file: None,
     };
-    let m = mountpoint.display();
+    let m = mountpoint.display().to_string();
+    let data_dir = data.path().display().to_string();
     eprintln!(
-        "provenafs demo: emulator at {addr}, sample data in {data}\n\
-         Mounting at {m}. Try, in another terminal:\n\
-         \x20 ls {m}\n\
-         \x20 ls -l {m}/10378.1/1687966/data\n\
-         \x20 head {m}/10378.1/1687966/data/sst.csv\n\
-         \x20 sha256sum {m}/10378.1/1687966/data/large.bin\n\
-         \x20 find {m}/10378.1/1687967\n\
-         Press Ctrl-C to unmount and remove the sample data.",
+        "provenafs demo: emulator at {addr}, sample data in {data_dir}\n\
+         Mounting at {m}...",
         addr = sim.addr,
-        data = data.path().display(),
     );
+    // The mount serves on this thread until it ends; another one says
+    // when it is ready, once the kernel lists it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, mountpoint, m) = (done.clone(), mountpoint.clone(), m.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                if crate::mount::is_mountpoint(&mountpoint) {
+                    eprintln!(
+                        "provenafs demo: ready, mounted at {m}. Press Ctrl-C here (or run \
+                         `provenafs unmount {m}`) to stop.\n\
+                         Try, in another terminal:\n\
+                         \x20 ls {m}\n\
+                         \x20 ls -l {m}/10378.1/1687966/data\n\
+                         \x20 head {m}/10378.1/1687966/data/sst.csv\n\
+                         \x20 find {m}/10378.1/1687967\n\
+                         The sample files' SHA-256, to compare with `sha256sum` (or save \
+                         these lines and run `sha256sum -c FILE`):\n{sums}"
+                    );
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
     let r = crate::mount::run(cfg, &rt).map_err(|e| e.to_string());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
     sim.stop();
+    let unmounted = if r.is_ok() {
+        format!("unmounted {m}; ")
+    } else {
+        String::new()
+    };
+    match data.close() {
+        Ok(()) => eprintln!(
+            "provenafs demo: {unmounted}stopped the emulator and removed the sample data in {data_dir}."
+        ),
+        Err(e) => eprintln!(
+            "provenafs demo: {unmounted}stopped the emulator, but could not remove {data_dir}: {e}"
+        ),
+    }
     r
 }

@@ -4,7 +4,7 @@
 //! Everything the user reads goes to standard error, so `--print` can put
 //! the token alone on standard output for a pipe or a secret store.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -176,37 +176,35 @@ fn open_browser(url: &str) -> bool {
     false
 }
 
-/// A line that redraws itself on a terminal and stays quiet elsewhere.
+/// The waiting line: an indicatif spinner with the time left on a
+/// terminal, one plain line elsewhere.
 struct Progress {
-    tty: bool,
-    frame: usize,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
-    fn tick(&mut self, left: Duration) {
-        if !self.tty {
-            return;
+    fn new() -> Self {
+        let bar = crate::browse::progress();
+        if bar.is_hidden() {
+            eprintln!("Waiting for approval...");
         }
-        const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-        self.frame = (self.frame + 1) % FRAMES.len();
+        Self { bar }
+    }
+
+    fn tick(&mut self, left: Duration) {
         let secs = left.as_secs();
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{} Waiting for approval in the browser ({}:{:02} left) ",
-            FRAMES[self.frame],
+        self.bar.set_message(format!(
+            "Waiting for approval in the browser ({}:{:02} left)",
             secs / 60,
             secs % 60
-        );
-        let _ = err.flush();
+        ));
     }
 
     fn done(&self, msg: &str) {
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let _ = write!(err, "\r\x1b[2K");
+        self.bar.finish_and_clear();
+        if !msg.is_empty() {
+            eprintln!("{msg}");
         }
-        let _ = writeln!(err, "{msg}");
     }
 }
 
@@ -217,13 +215,7 @@ async fn poll(
 ) -> Result<Secret, LoginError> {
     let deadline = Instant::now() + Duration::from_secs(start.expires_in.max(1));
     let mut interval = Duration::from_secs(start.interval.max(1));
-    let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        frame: 0,
-    };
-    if !progress.tty {
-        eprintln!("Waiting for approval...");
-    }
+    let mut progress = Progress::new();
     let url = auth.token_url();
     let mut failures = 0u32;
     loop {

@@ -195,6 +195,60 @@ pub fn split_handle(handle: &str) -> Option<(&str, &str)> {
     Some((prefix, suffix))
 }
 
+/// The text of a handle as people copy it, without what is not the handle:
+/// surrounding spaces, a resolver address (`https://hdl.handle.net/`,
+/// `http://`, no scheme, or the `hdl:` URI form) and leading slashes.
+/// What follows the handle (`/PATH`, a trailing `/`) is kept.
+pub fn strip_resolver(s: &str) -> &str {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let mut cut = 0;
+    for scheme in ["https://", "http://"] {
+        if lower.starts_with(scheme) {
+            cut = scheme.len();
+            break;
+        }
+    }
+    if lower[cut..].starts_with("hdl.handle.net/") {
+        cut += "hdl.handle.net/".len();
+    } else if cut == 0 && lower.starts_with("hdl:") {
+        cut = "hdl:".len();
+    }
+    t[cut..].trim_start_matches('/')
+}
+
+/// A dataset handle as people copy it (`10378.1/1687966`, with a trailing
+/// slash, or as `https://hdl.handle.net/10378.1/1687966`), reduced to the
+/// handle itself. Used for `--dataset`, the config file's `dataset`, `ls`
+/// targets and a mount helper's SOURCE, so all accept the same forms.
+pub fn normalize_handle(s: &str) -> Result<String, String> {
+    let h = strip_resolver(s).trim_end_matches('/');
+    match split_handle(h) {
+        Some(_) => Ok(h.to_string()),
+        None => Err(format!(
+            "{s:?} is not a dataset handle (PREFIX/SUFFIX, e.g. 10378.1/1687966)"
+        )),
+    }
+}
+
+/// `HANDLE[/PATH]` as people copy it, split into the handle and the path
+/// below it (empty for the dataset's root; a trailing `/` is kept).
+pub fn split_target(s: &str) -> Result<(String, String), String> {
+    let t = strip_resolver(s);
+    let mut parts = t.splitn(3, '/');
+    let bad = || {
+        format!("{s:?} is not a dataset handle (PREFIX/SUFFIX[/PATH], e.g. 10378.1/1687966/data)")
+    };
+    let (Some(p), Some(x)) = (parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let handle = format!("{p}/{x}");
+    if split_handle(&handle).is_none() {
+        return Err(bad());
+    }
+    Ok((handle, parts.next().unwrap_or_default().to_string()))
+}
+
 /// Parses the `expiry` of read credentials: ISO 8601, with or without a
 /// zone (no zone means UTC, as the service's Python `isoformat()` may send).
 pub fn parse_expiry(s: &str) -> Option<std::time::SystemTime> {
@@ -226,6 +280,53 @@ mod tests {
         assert_eq!(split_handle("10378.1"), None);
         assert_eq!(split_handle("a/b/c"), None);
         assert_eq!(split_handle("/b"), None);
+    }
+
+    #[test]
+    fn handles_are_accepted_as_people_copy_them() {
+        let h = "10378.1/1687966";
+        for form in [
+            "10378.1/1687966",
+            "10378.1/1687966/",
+            " 10378.1/1687966// ",
+            "/10378.1/1687966",
+            "https://hdl.handle.net/10378.1/1687966",
+            "https://hdl.handle.net/10378.1/1687966/",
+            "HTTPS://HDL.HANDLE.NET/10378.1/1687966",
+            "http://hdl.handle.net/10378.1/1687966",
+            "hdl.handle.net/10378.1/1687966",
+            "hdl:10378.1/1687966",
+        ] {
+            assert_eq!(normalize_handle(form).as_deref(), Ok(h), "{form}");
+        }
+        for bad in [
+            "",
+            "10378.1",
+            "10378.1/",
+            "https://hdl.handle.net/",
+            "https://example.org/10378.1/1687966",
+            "10378.1/1687966/data",
+        ] {
+            assert!(normalize_handle(bad).is_err(), "{bad}");
+        }
+        assert!(normalize_handle("x")
+            .unwrap_err()
+            .contains("not a dataset handle"));
+    }
+
+    #[test]
+    fn targets_split_into_handle_and_path() {
+        let t = |s: &str| split_target(s).map(|(h, p)| format!("{h}|{p}"));
+        assert_eq!(t("10378.1/1").unwrap(), "10378.1/1|");
+        assert_eq!(t("10378.1/1/").unwrap(), "10378.1/1|");
+        assert_eq!(t("10378.1/1/data").unwrap(), "10378.1/1|data");
+        assert_eq!(t("10378.1/1/data/").unwrap(), "10378.1/1|data/");
+        assert_eq!(
+            t("https://hdl.handle.net/10378.1/1/a/b.csv").unwrap(),
+            "10378.1/1|a/b.csv"
+        );
+        assert!(t("nonsense").is_err());
+        assert!(t("10378.1//x").is_err());
     }
 
     #[test]

@@ -117,8 +117,6 @@ fn bad_input_table() {
             &["--s3-endpoint", "http://s3.example.org:9000"],
             "plain http",
         ),
-        (&[], &["--no-such-flag"], "unexpected argument"),
-        (&[], &["--metadata-ttl", "soon"], "invalid value"),
         (&[("RRAP_OFFLINE_TOKEN", None)], &[], "no offline token"),
         (&[("RRAP_OFFLINE_TOKEN", Some("abc.def"))], &[], "malformed"),
         (
@@ -129,6 +127,25 @@ fn bad_input_table() {
     ];
     for (envs, flags, needle) in cases {
         refused(&sim, envs, flags, needle);
+    }
+    // Usage errors are clap's whole message (what is wrong, the usage
+    // line, the --help hint) and status 2; nothing is mounted.
+    for (flags, needle) in [
+        (&["--no-such-flag"][..], "unexpected argument"),
+        (&["--metadata-ttl", "soon"][..], "invalid value"),
+        (&["--file-mode", "0888"][..], "not an octal mode"),
+        (&["-o", "dir_mode=4755"][..], "more than 0777"),
+        (&["-o", "alow_other"][..], "unknown mount option"),
+    ] {
+        let mnt = tempfile::tempdir().unwrap();
+        let mut args = vec!["mount", mnt.path().to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let out = sim.run(&mut sim.command(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+        assert!(err.contains("try '--help'"), "{err}");
+        assert!(!is_mounted(mnt.path()));
     }
     // --allow-insecure-http lifts the http refusal (and then the endpoint
     // is simply unreachable).
@@ -290,7 +307,28 @@ fn demo_serves_the_sample_data_until_interrupted() {
             .len(),
         48 << 20
     );
-    let said = std::fs::read_to_string(log.path()).unwrap();
+    // It says when it is ready, and the checksums it prints are the mount's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut said = String::new();
+    while !said.contains("ready, mounted at") || !said.contains("hello.txt\n") {
+        assert!(
+            Instant::now() < deadline,
+            "demo never said it is ready: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        said = std::fs::read_to_string(log.path()).unwrap();
+    }
+    let mp = mnt.path().to_str().unwrap();
+    assert!(said.contains(&format!("ready, mounted at {mp}")), "{said}");
+    let sums: Vec<&str> = said
+        .lines()
+        .filter(|l| l.len() > 66 && l.as_bytes()[64] == b' ' && l.contains(mp))
+        .collect();
+    assert_eq!(sums.len(), 4, "{said}");
+    for line in sums {
+        let (sum, path) = line.split_once("  ").unwrap();
+        assert_eq!(sha256(Path::new(path)), sum, "{path}");
+    }
     let data = said
         .split("sample data in ")
         .nth(1)
@@ -303,6 +341,11 @@ fn demo_serves_the_sample_data_until_interrupted() {
     assert!(status.success(), "{status}");
     assert!(!is_mounted(mnt.path()));
     assert!(!Path::new(&data).exists(), "sample data removed");
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        said.contains(&format!("removed the sample data in {data}")),
+        "{said}"
+    );
 }
 
 #[test]

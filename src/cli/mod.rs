@@ -2,32 +2,34 @@
 //! structs, then run. Only this module (with [`crate::config`]) reads
 //! flags, environment variables and settings files.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::ApiConfig;
-use crate::auth::AuthConfig;
-use crate::config::{self, EndpointChoice, Endpoints, FileSettings};
+use crate::auth::{AuthConfig, AuthError};
+use crate::config::{self, EndpointChoice, Endpoints, FileSettings, TokenOrigin};
 use crate::fs::fuse::FuseConfig;
 use crate::fs::tree::TreeConfig;
 use crate::mount::{self, MountConfig};
 use crate::read::{DiskConfig, ReadConfig};
 use crate::s3::aws::S3Config;
 use crate::secret::Secret;
-use crate::session::Session;
+use crate::session::{AuthErrorOr, Session};
 use crate::sim::SimConfig;
 
+mod account;
 mod options;
 
-/// Settings every command that talks to a deployment takes. Each may also
-/// come from the environment variable named in `--help`, or from the config
-/// file; the order is flag, environment, config file, default.
+/// How to reach the identity service. Each setting may also come from the
+/// environment variable named in `--help`, or from the config file; the
+/// order is flag, environment, config file, default.
 #[derive(Args, Clone, Debug, Default)]
-pub struct ConnectArgs {
+pub struct IdentityArgs {
     /// Config file [default: $XDG_CONFIG_HOME/provenafs/config.toml].
-    #[arg(long, env = "PROVENAFS_CONFIG", global = true)]
+    #[arg(long, env = "PROVENAFS_CONFIG")]
     pub config: Option<PathBuf>,
     /// Deployment domain: derives https://auth.DOMAIN/auth/realms/REALM and
     /// https://data-api.DOMAIN [default: mds.gbrrestoration.org].
@@ -39,28 +41,43 @@ pub struct ConnectArgs {
     /// Keycloak realm URL (overrides --domain/--realm).
     #[arg(long, env = "PROVENA_AUTH_URL")]
     pub auth_url: Option<String>,
+    /// Allow plain http:// endpoints that are not on this machine (tokens
+    /// would cross the network unencrypted).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
+}
+
+/// Where the offline token comes from.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TokenArgs {
+    /// Read the offline token from this file [default: RRAP_OFFLINE_TOKEN,
+    /// then the config file's token_file, then the token `provenafs login` stored].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// How to reach the data store API.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ApiArgs {
     /// Data store API base URL (overrides --domain).
     #[arg(long, env = "PROVENA_API_URL")]
     pub api_url: Option<String>,
+    /// Seconds any one operation may take, retries included: a read,
+    /// listing or lookup that gets no answer in time fails with ETIMEDOUT
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub request_timeout: Option<u64>,
+}
+
+/// How to reach S3.
+#[derive(Args, Clone, Debug, Default)]
+pub struct S3Args {
     /// S3 endpoint URL [default: AWS S3 itself].
     #[arg(long, env = "PROVENA_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     /// S3 region [default: ap-southeast-2].
     #[arg(long, env = "PROVENA_S3_REGION")]
     pub s3_region: Option<String>,
-    /// Read the offline token from this file [default: RRAP_OFFLINE_TOKEN,
-    /// then the config file's token_file, then the token `provenafs login` stored].
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Allow plain http:// endpoints that are not on this machine (tokens
-    /// would cross the network unencrypted).
-    #[arg(long)]
-    pub allow_insecure_http: bool,
-    /// Seconds any one operation may take, retries included: a read,
-    /// listing or lookup that gets no answer in time fails with ETIMEDOUT
-    /// [default: 30].
-    #[arg(long, value_name = "SECS")]
-    pub request_timeout: Option<u64>,
 }
 
 #[derive(Parser)]
@@ -81,22 +98,40 @@ pub struct Cli {
 pub enum Command {
     /// Mount the data store at MOUNTPOINT (read-only). Also takes mount(8)'s
     /// `-o opt,key=value` form: every long flag is an option of the same name.
-    Mount(MountArgs),
+    // A flag given twice (an fstab `-o allow_other` and the same flag in a
+    // wrapper script) means the same as once, the last value winning.
+    #[command(args_override_self = true)]
+    Mount(Box<MountArgs>),
     /// Unmount a provenafs mount (works for root and for the user who mounted it).
     Unmount {
-        mountpoint: PathBuf,
-        /// Detach a busy mount now; it goes when its last user does.
+        /// Detach even when busy: the mount goes once the last user leaves.
         #[arg(short, long)]
         lazy: bool,
+        mountpoint: PathBuf,
+    },
+    /// List this machine's provenafs mounts, with live figures for your own.
+    Status {
+        /// Only this mount.
+        mountpoint: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Sign in through the browser (OAuth2 device flow) and store the offline token.
     Login(LoginArgs),
-    /// Delete the offline token `provenafs login` stored.
-    Logout,
+    /// Revoke the stored offline token at the identity service and delete it.
+    Logout(LogoutArgs),
+    /// Show whom the offline token belongs to and where it was found.
+    Whoami(WhoamiArgs),
     /// List the datasets you can see.
     Datasets(DatasetsArgs),
     /// List a dataset's files by handle, like `aws s3 ls`: HANDLE[/PATH].
     Ls(LsArgs),
+    /// Print a man page or shell completions.
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+    },
     /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     Sim(SimArgs),
     /// Generate sample datasets, run the emulator and mount it in the foreground.
@@ -107,6 +142,19 @@ pub enum Command {
     },
 }
 
+/// What `provenafs generate` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Generated {
+    /// The man page (roff), for `man -l -` or man1/provenafs.1.
+    Man,
+    /// Bash completions.
+    CompleteBash,
+    /// Zsh completions (a `_provenafs` file in $fpath).
+    CompleteZsh,
+    /// Fish completions.
+    CompleteFish,
+}
+
 #[derive(Args, Clone, Debug, Default)]
 pub struct LogArgs {
     /// Log to this file instead of standard error.
@@ -115,12 +163,26 @@ pub struct LogArgs {
     /// Log filter: error, warn, info, debug, trace, or a RUST_LOG-style directive.
     #[arg(long, env = "PROVENAFS_LOG")]
     pub log_level: Option<String>,
+    /// Log at debug level (the same as --log-level debug).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+impl LogArgs {
+    /// The log filter asked for, `--debug` first.
+    fn level(&self) -> Option<String> {
+        if self.debug {
+            Some("debug".into())
+        } else {
+            self.log_level.clone()
+        }
+    }
 }
 
 #[derive(Args, Clone)]
 pub struct LoginArgs {
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub identity: IdentityArgs,
     /// Print the offline token on standard output instead of storing it.
     #[arg(long)]
     pub print: bool,
@@ -133,9 +195,27 @@ pub struct LoginArgs {
 }
 
 #[derive(Args, Clone)]
+pub struct LogoutArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct WhoamiArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+}
+
+#[derive(Args, Clone)]
 pub struct DatasetsArgs {
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -146,10 +226,17 @@ pub struct DatasetsArgs {
 
 #[derive(Args, Clone)]
 pub struct LsArgs {
-    /// HANDLE or HANDLE/PATH, e.g. 10378.1/1687966/data
+    /// HANDLE or HANDLE/PATH, e.g. 10378.1/1687966/data (also as
+    /// https://hdl.handle.net/10378.1/1687966/data).
     pub target: String,
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
     /// Everything below, not one level.
     #[arg(short, long)]
     pub recursive: bool,
@@ -162,12 +249,32 @@ pub struct LsArgs {
 pub struct MountArgs {
     pub mountpoint: PathBuf,
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// mount(8)-style options, comma-separated: each long flag without its
+    /// `--`, `_` or `-` alike (allow_other,uid=1000,cache_dir=/scratch/c).
+    /// mount(8)'s generic options (ro, rw, defaults, _netdev, nofail,
+    /// noatime, ...) are accepted and change nothing.
+    // Expanded into flags before parsing (options.rs); declared for --help.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
     /// Stay attached; unmount on Ctrl-C / SIGTERM.
     #[arg(short, long)]
     pub foreground: bool,
+    /// Accepted for compatibility (-o ro too): the mount is always read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Accepted for compatibility: a mount whose process ends is always unmounted.
+    #[arg(long)]
+    pub auto_unmount: bool,
     /// Show only this dataset (repeatable); the registry is never listed.
-    #[arg(long = "dataset", value_name = "HANDLE")]
+    /// A handle as copied: 10378.1/1687966 or https://hdl.handle.net/10378.1/1687966.
+    #[arg(long = "dataset", value_name = "HANDLE", value_parser = crate::wire::normalize_handle)]
     pub datasets: Vec<String>,
     /// Add `by-name/<dataset name>`: symlinks to the handle folders.
     #[arg(long)]
@@ -213,6 +320,13 @@ pub struct MountArgs {
     /// Group shown for every file [default: the mounting user's group].
     #[arg(long)]
     pub gid: Option<u32>,
+    /// Permission bits of every file, octal, enforced by the kernel
+    /// [default: 0444]. With --gid, e.g. 0440 gives the mount to one group.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub file_mode: Option<u16>,
+    /// Permission bits of every folder, octal [default: 0555], e.g. 0550.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub dir_mode: Option<u16>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -282,9 +396,12 @@ pub struct SimArgs {
     pub log: LogArgs,
 }
 
-fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
+/// Sends tracing output to `file` (through [`crate::logfile::open`]:
+/// private, bounded) or to standard error. Colour codes only on a terminal:
+/// a journal, a pipe or a file gets plain text.
+fn init_logging(level: Option<&str>, file: Option<&Path>, default: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = match &log.log_level {
+    let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
@@ -309,23 +426,18 @@ fn init_logging(log: &LogArgs, default: &str) -> Result<(), String> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    match &log.log_file {
+    match file {
         Some(p) => {
-            use std::os::unix::fs::OpenOptionsExt;
-            // Created readable by its owner only: a log names datasets,
-            // keys and errors other users need not see.
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(|e| format!("cannot open log file {}: {e}", p.display()))?;
+            let w = crate::logfile::open(p)?;
             builder
                 .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(f))
+                .with_writer(std::sync::Mutex::new(w))
                 .init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }
@@ -342,31 +454,43 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 struct Connect {
     endpoints: Endpoints,
     token: Secret,
+    origin: TokenOrigin,
     request_timeout: Duration,
 }
 
-impl ConnectArgs {
-    /// The endpoints as flags and environment gave them, and whether plain
-    /// http off this machine is allowed (flag or file).
-    fn endpoints(&self, file: &FileSettings) -> (Endpoints, bool) {
-        let choice = EndpointChoice {
-            domain: self.domain.clone(),
-            realm: self.realm.clone(),
-            auth_url: self.auth_url.clone(),
-            api_url: self.api_url.clone(),
-            s3_endpoint: self.s3_endpoint.clone(),
-            s3_region: self.s3_region.clone(),
-        };
-        let insecure = self.allow_insecure_http || file.allow_insecure_http.unwrap_or(false);
-        (config::endpoints(&choice, file), insecure)
-    }
+/// The endpoints as flags and environment gave them (the groups a command
+/// does not take come from the file or defaults), and whether plain http
+/// off this machine is allowed (flag or file).
+fn endpoints(
+    id: &IdentityArgs,
+    api: Option<&ApiArgs>,
+    s3: Option<&S3Args>,
+    file: &FileSettings,
+) -> (Endpoints, bool) {
+    let choice = EndpointChoice {
+        domain: id.domain.clone(),
+        realm: id.realm.clone(),
+        auth_url: id.auth_url.clone(),
+        api_url: api.and_then(|a| a.api_url.clone()),
+        s3_endpoint: s3.and_then(|a| a.s3_endpoint.clone()),
+        s3_region: s3.and_then(|a| a.s3_region.clone()),
+    };
+    let insecure = id.allow_insecure_http || file.allow_insecure_http.unwrap_or(false);
+    (config::endpoints(&choice, file), insecure)
 }
 
-fn connect_settings(c: &ConnectArgs, file: &FileSettings) -> Result<Connect, String> {
-    let (endpoints, insecure) = c.endpoints(file);
+fn connect_settings(
+    id: &IdentityArgs,
+    token: &TokenArgs,
+    api: &ApiArgs,
+    s3: Option<&S3Args>,
+    file: &FileSettings,
+) -> Result<Connect, String> {
+    let (endpoints, insecure) = endpoints(id, Some(api), s3, file);
     endpoints.check(insecure)?;
-    let token = config::offline_token(c.token_file.as_deref(), file)?;
-    let secs = c
+    let token_file = token.token_file.as_deref().map(absolute).transpose()?;
+    let (token, origin) = config::offline_token(token_file.as_deref(), file)?;
+    let secs = api
         .request_timeout
         .or(file.request_timeout)
         .unwrap_or(crate::retry::DEFAULT_REQUEST_TIMEOUT.as_secs());
@@ -376,8 +500,34 @@ fn connect_settings(c: &ConnectArgs, file: &FileSettings) -> Result<Connect, Str
     Ok(Connect {
         endpoints,
         token,
+        origin,
         request_timeout: Duration::from_secs(secs),
     })
+}
+
+/// A path made absolute against the current folder: a background mount's
+/// daemon moves to `/`, and must still find the files it was given.
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
+}
+
+/// An authentication failure, with the token's origin named: a rejected
+/// token names where it was found and what to do about that source.
+fn token_error(e: AuthError, origin: &TokenOrigin) -> String {
+    match e {
+        AuthError::Rejected(why) => format!(
+            "the offline token from {origin} was rejected by the identity service ({why}); {}",
+            origin.fix()
+        ),
+        e => e.to_string(),
+    }
+}
+
+fn session_error(e: AuthErrorOr, origin: &TokenOrigin) -> String {
+    match e {
+        AuthErrorOr::Auth(a) => token_error(a, origin),
+        AuthErrorOr::Other(o) => o,
+    }
 }
 
 /// The three clients' settings for `e`, each bounding one call by
@@ -410,8 +560,28 @@ fn size_setting(flag: Option<u64>, file: &Option<String>, default: u64) -> Resul
     }
 }
 
-fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, String> {
-    let c = connect_settings(&a.connect, file)?;
+/// A permission mode from the flag, else the config file's key (a string).
+fn mode_setting(flag: Option<u16>, file: &FileSettings, key: &str) -> Result<Option<u16>, String> {
+    let text = match key {
+        "file_mode" => &file.file_mode,
+        _ => &file.dir_mode,
+    };
+    match (flag, text) {
+        (Some(m), _) => Ok(Some(m)),
+        (None, Some(t)) => parse_mode(t).map(Some).map_err(|e| {
+            let at = file
+                .path
+                .as_ref()
+                .map(|p| format!(" {}", p.display()))
+                .unwrap_or_default();
+            format!("config file{at}: {key}: {e}")
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, TokenOrigin), String> {
+    let c = connect_settings(&a.identity, &a.token, &a.api, Some(&a.s3), file)?;
     let request_timeout = c.request_timeout;
     let metadata_ttl = Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60));
     let (auth, api, mut s3) = client_configs(c.endpoints, request_timeout);
@@ -420,15 +590,22 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
     s3.refusal_ttl = metadata_ttl;
     let mut datasets = a.datasets.clone();
     if datasets.is_empty() {
-        datasets = file.dataset.clone().unwrap_or_default();
-    }
-    for h in &datasets {
-        if crate::wire::split_handle(h).is_none() {
-            return Err(format!("--dataset {h:?} is not a handle (PREFIX/SUFFIX)"));
-        }
+        datasets = file
+            .dataset
+            .iter()
+            .flatten()
+            .map(|h| {
+                crate::wire::normalize_handle(h).map_err(|e| format!("config file: dataset {e}"))
+            })
+            .collect::<Result<_, _>>()?;
     }
     let read_defaults = ReadConfig::default();
-    let cache_dir = a.cache_dir.clone().or_else(|| file.cache_dir.clone());
+    let cache_dir = a
+        .cache_dir
+        .clone()
+        .or_else(|| file.cache_dir.clone())
+        .map(|d| absolute(&d))
+        .transpose()?;
     let cache_size = size_setting(a.cache_size, &file.cache_size, 10 << 30)?;
     let cache_shared = a.cache_shared || file.cache_shared.unwrap_or(false);
     let cache_group = a.cache_group || file.cache_group.unwrap_or(false);
@@ -442,9 +619,17 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
     if let Some(gid) = a.gid.or(file.gid) {
         fuse.gid = gid;
     }
+    let file_mode = mode_setting(a.file_mode, file, "file_mode")?;
+    let dir_mode = mode_setting(a.dir_mode, file, "dir_mode")?;
+    if let Some(m) = file_mode {
+        fuse.file_mode = m;
+    }
+    if let Some(m) = dir_mode {
+        fuse.dir_mode = m;
+    }
     fuse.request_timeout = request_timeout;
-    Ok(MountConfig {
-        mountpoint: a.mountpoint.clone(),
+    let cfg = MountConfig {
+        mountpoint: absolute(&a.mountpoint)?,
         token: c.token,
         auth,
         api,
@@ -482,9 +667,10 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<MountConfig, Strin
         allow_other: a.allow_other || file.allow_other.unwrap_or(false),
         allow_root: a.allow_root || file.allow_root.unwrap_or(false),
         logs_to_file: false,
-        explicit_modes: false,
+        explicit_modes: file_mode.is_some() || dir_mode.is_some(),
         log_file: None,
-    })
+    };
+    Ok((cfg, c.origin))
 }
 
 /// A byte size: a number with an optional K/M/G/T suffix (KiB, MB, ... all
@@ -512,9 +698,43 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// Permission bits in octal, as chmod(1) and mount-s3 take them: `0440`,
+/// `440` or `0o440`; at most `0777` (no setuid, setgid or sticky bits).
+pub fn parse_mode(s: &str) -> Result<u16, String> {
+    let t = s.trim();
+    let digits = t
+        .strip_prefix("0o")
+        .or_else(|| t.strip_prefix("0O"))
+        .unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!("{s:?} is not an octal mode (e.g. 0440)"));
+    }
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m as u16),
+        _ => Err(format!(
+            "{s:?} is more than 0777 (setuid, setgid and sticky bits mean nothing here)"
+        )),
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("provenafs: {msg}");
     1
+}
+
+/// A usage error found outside clap (the `-o` translation), shown as clap
+/// shows its own (message, usage line, `--help` hint), status 2.
+fn usage_error(msg: &str, subcommand: Option<&str>) -> i32 {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let err = clap::Error::raw(clap::error::ErrorKind::ValueValidation, msg);
+    let err = match subcommand.and_then(|s| cmd.find_subcommand_mut(s)) {
+        Some(sub) => err.format(sub),
+        None => err.format(&mut cmd),
+    };
+    let _ = err.print();
+    2
 }
 
 /// The long flags of `mount`, for translating `-o` options.
@@ -533,11 +753,12 @@ fn mount_flags() -> Vec<(String, bool)> {
         .collect()
 }
 
-/// Runs the command line; returns the exit status.
+/// Runs the command line; returns the exit status: 0 done (or help shown),
+/// 1 a runtime failure, 2 a usage error (clap's convention).
 pub fn main() -> i32 {
     let argv = match options::normalize(std::env::args_os().collect(), &mount_flags()) {
         Ok(a) => a,
-        Err(e) => return fail(e),
+        Err(e) => return usage_error(&e, Some("mount")),
     };
     if argv.get(1).is_some_and(|a| a == options::FAKE) {
         return 0;
@@ -545,23 +766,9 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return 0;
-            }
-            // One line, as every other failure: clap's first line, minus its prefix.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            return fail(format!(
-                "{} (see --help)",
-                first.trim_start_matches("error: ")
-            ));
+            // clap's whole message: what is wrong, "did you mean", usage.
+            let _ = e.print();
+            return e.exit_code();
         }
     };
     match run(cli.command) {
@@ -584,63 +791,21 @@ impl From<String> for Exit {
     }
 }
 
-fn file_settings(c: &ConnectArgs) -> Result<FileSettings, String> {
-    config::load(c.config.as_deref())
-}
-
 fn run(command: Command) -> Result<(), Exit> {
     match command {
-        Command::Mount(a) => {
-            let file = file_settings(&a.connect)?;
-            let mut cfg = mount_config(&a, &file)?;
-            let log = LogArgs {
-                log_file: a.log.log_file.clone().or(file.log_file.clone()),
-                log_level: a.log.log_level.clone().or(file.log_level.clone()),
-            };
-            cfg.logs_to_file = log.log_file.is_some();
-            cfg.log_file = log.log_file.clone();
-            if !a.foreground {
-                // Check what can be checked before detaching, for a fast answer.
-                mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
-                return match mount::spawn_detached() {
-                    Ok(()) => Ok(()),
-                    Err(mount::MountError::ChildFailed(code)) => Err(Exit::Code(code)),
-                    Err(e) => Err(e.to_string().into()),
-                };
-            }
-            // fuser warns about an unmount that already happened; not news.
-            init_logging(&log, "warn,fuser=error")?;
-            let rt = runtime()?;
-            let served = mount::run(cfg, &rt).map_err(|e| e.to_string());
-            // Unmounted: do not wait for work stuck in the blocking pool (a
-            // disk cache on a stalled file system) before exiting.
-            rt.shutdown_timeout(std::time::Duration::from_secs(2));
-            served?;
-            Ok(())
-        }
+        Command::Mount(a) => mount(*a),
         Command::Unmount { mountpoint, lazy } => Ok(mount::unmount_command(&mountpoint, lazy)?),
-        Command::Login(a) => login(a),
-        Command::Logout => {
-            let Some(p) = config::stored_token_path() else {
-                return Err(
-                    "cannot tell where the token is stored: set HOME or XDG_CONFIG_HOME"
-                        .to_string()
-                        .into(),
-                );
-            };
-            match std::fs::remove_file(&p) {
-                Ok(()) => eprintln!("Removed {}", p.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    eprintln!("Not logged in (no {})", p.display())
-                }
-                Err(e) => return Err(format!("cannot remove {}: {e}", p.display()).into()),
-            }
-            Ok(())
+        Command::Status { mountpoint, json } => {
+            let out = crate::status::run(mountpoint.as_deref(), json)?;
+            print_out(&out)
         }
+        Command::Login(a) => account::login(a),
+        Command::Logout(a) => account::logout(a),
+        Command::Whoami(a) => account::whoami(a),
         Command::Datasets(a) => {
-            init_logging(&LogArgs::default(), "error")?;
+            init_logging(None, None, "error")?;
             let rt = runtime()?;
-            let session = rt.block_on(connect(&a.connect))?;
+            let session = rt.block_on(connect(&a.identity, &a.token, &a.api, None))?;
             let out = rt.block_on(crate::browse::datasets(
                 &session.api,
                 a.search.as_deref(),
@@ -649,23 +814,157 @@ fn run(command: Command) -> Result<(), Exit> {
             print_out(&out)
         }
         Command::Ls(a) => {
-            init_logging(&LogArgs::default(), "error")?;
+            init_logging(None, None, "error")?;
             let rt = runtime()?;
-            let session = rt.block_on(connect(&a.connect))?;
-            let out = rt.block_on(crate::browse::ls(&session, &a.target, a.recursive, a.human))?;
-            print_out(&out)
+            let session = rt.block_on(connect(&a.identity, &a.token, &a.api, Some(&a.s3)))?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            rt.block_on(crate::browse::ls(
+                &session,
+                &a.target,
+                a.recursive,
+                a.human,
+                &mut out,
+            ))?;
+            Ok(())
         }
+        Command::Generate { what } => generate(what),
         Command::Sim(a) => {
-            init_logging(&a.log, "info")?;
+            init_logging(a.log.level().as_deref(), a.log.log_file.as_deref(), "info")?;
             runtime().and_then(|rt| rt.block_on(run_sim(a)))?;
             Ok(())
         }
         Command::Demo { mountpoint, log } => {
-            init_logging(&log, "warn")?;
+            init_logging(log.level().as_deref(), log.log_file.as_deref(), "warn")?;
             crate::demo::run(&mountpoint)?;
             Ok(())
         }
     }
+}
+
+/// Whether systemd runs us with its journal on standard error (a service
+/// unit): logs then stay there.
+fn under_systemd() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+fn mount(a: MountArgs) -> Result<(), Exit> {
+    let file = config::load(a.identity.config.as_deref())?;
+    let (mut cfg, origin) = mount_config(&a, &file)?;
+    let level = a.log.level().or(file.log_level.clone());
+    let explicit_log = a
+        .log
+        .log_file
+        .clone()
+        .or(file.log_file.clone())
+        .map(|p| absolute(&p))
+        .transpose()?;
+    // The parent of a background mount computes the same place as the
+    // detached child it starts, to tell the user where the logs are.
+    let background = !a.foreground || mount::is_detached_child();
+    let journal = under_systemd();
+    let default_log = if explicit_log.is_none() && background && !journal {
+        crate::logfile::default_path(&cfg.mountpoint)
+    } else {
+        None
+    };
+    let log_path = explicit_log.or(default_log.clone());
+    cfg.logs_to_file = log_path.is_some();
+    cfg.log_file = log_path.clone();
+    if !a.foreground {
+        // Check what can be checked before detaching, for a fast answer.
+        mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
+        return match mount::spawn_detached() {
+            Ok(()) => {
+                let logs = match &log_path {
+                    Some(p) => format!("; logs in {}", p.display()),
+                    None if journal => "; logs to the journal".to_string(),
+                    None => String::new(),
+                };
+                print_out(&format!(
+                    "provenafs: mounted at {}{logs}\n",
+                    cfg.mountpoint.display()
+                ))
+            }
+            Err(mount::MountError::ChildFailed(code)) => Err(Exit::Code(code)),
+            Err(e) => Err(e.to_string().into()),
+        };
+    }
+    if let Some(dir) = default_log.as_deref().and_then(Path::parent) {
+        use std::os::unix::fs::DirBuilderExt;
+        // Private: a log names datasets, files and errors.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))?;
+    }
+    // fuser warns about an unmount that already happened; not news.
+    init_logging(level.as_deref(), log_path.as_deref(), "warn,fuser=error")?;
+    let rt = runtime()?;
+    let served = mount::run(cfg, &rt).map_err(|e| match e {
+        mount::MountError::Auth(a) => token_error(a, &origin),
+        e => e.to_string(),
+    });
+    // Unmounted: do not wait for work stuck in the blocking pool (a
+    // disk cache on a stalled file system) before exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    served?;
+    Ok(())
+}
+
+/// `provenafs generate`: the man page (every subcommand's options in it)
+/// or a shell's completions, on standard output.
+fn generate(what: Generated) -> Result<(), Exit> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut buf: Vec<u8> = Vec::new();
+    let shell = match what {
+        Generated::Man => {
+            man_page(cmd, &mut buf).map_err(|e| format!("cannot render the man page: {e}"))?;
+            return print_out(&String::from_utf8_lossy(&buf));
+        }
+        Generated::CompleteBash => clap_complete::Shell::Bash,
+        Generated::CompleteZsh => clap_complete::Shell::Zsh,
+        Generated::CompleteFish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, "provenafs", &mut buf);
+    print_out(&String::from_utf8_lossy(&buf))
+}
+
+/// One page: the command, then a section per subcommand with its usage,
+/// description and options, so `man provenafs` answers about `mount -o`.
+fn man_page(mut cmd: clap::Command, w: &mut Vec<u8>) -> std::io::Result<()> {
+    cmd.build();
+    clap_mangen::Man::new(cmd.clone()).render(w)?;
+    for sub in cmd.get_subcommands() {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let man = clap_mangen::Man::new(sub.clone());
+        let usage = sub.clone().render_usage().to_string();
+        let usage = usage.trim_start_matches("Usage: ");
+        let mut text = format!(".SH \"PROVENAFS {}\"\n", sub.get_name().to_uppercase());
+        text.push_str(&format!(".B {}\n.PP\n", roff_escape(usage)));
+        let mut desc = Vec::new();
+        man.render_description_section(&mut desc)?;
+        let mut opts = Vec::new();
+        man.render_options_section(&mut opts)?;
+        // The sections' own headings would repeat DESCRIPTION and OPTIONS
+        // once per subcommand; the subcommand's heading is enough.
+        for part in [desc, opts] {
+            let part = String::from_utf8_lossy(&part).into_owned();
+            let body: Vec<&str> = part.lines().filter(|l| !l.starts_with(".SH")).collect();
+            text.push_str(&body.join("\n"));
+            text.push('\n');
+        }
+        w.extend_from_slice(text.as_bytes());
+    }
+    Ok(())
+}
+
+fn roff_escape(s: &str) -> String {
+    s.replace('\\', "\\e").replace('-', "\\-")
 }
 
 /// Writes command output; a closed pipe (`| head`) is not an error.
@@ -679,51 +978,18 @@ fn print_out(s: &str) -> Result<(), Exit> {
     }
 }
 
-async fn connect(c: &ConnectArgs) -> Result<Session, String> {
-    let file = file_settings(c)?;
-    let s = connect_settings(c, &file)?;
+async fn connect(
+    id: &IdentityArgs,
+    token: &TokenArgs,
+    api: &ApiArgs,
+    s3: Option<&S3Args>,
+) -> Result<Session, String> {
+    let file = config::load(id.config.as_deref())?;
+    let s = connect_settings(id, token, api, s3, &file)?;
     let (auth, api, s3) = client_configs(s.endpoints, s.request_timeout);
     Session::connect(s.token, auth, api, s3)
         .await
-        .map_err(|e| e.to_string())
-}
-
-fn login(a: LoginArgs) -> Result<(), Exit> {
-    init_logging(&LogArgs::default(), "error")?;
-    let file = file_settings(&a.connect)?;
-    // Only the identity service is involved.
-    let (e, insecure) = a.connect.endpoints(&file);
-    config::check_endpoint("--auth-url", &e.auth_url, insecure)?;
-    let target = if a.print {
-        None
-    } else {
-        Some(config::stored_token_path().ok_or_else(|| {
-            "cannot tell where to store the token: set HOME or XDG_CONFIG_HOME, or use --print"
-                .to_string()
-        })?)
-    };
-    let rt = runtime()?;
-    let http = crate::http::client()?;
-    let (auth, _, _) = client_configs(e, crate::retry::DEFAULT_REQUEST_TIMEOUT);
-    let ui = crate::login::Ui {
-        open_browser: !a.no_browser,
-        qr: !a.no_qr,
-    };
-    let token = rt
-        .block_on(crate::login::device_login(&http, &auth, &ui))
-        .map_err(|e| e.to_string())?;
-    match target {
-        None => print_out(&format!("{}\n", token.expose())),
-        Some(p) => {
-            config::write_private(&p, &format!("{}\n", token.expose()))
-                .map_err(|e| format!("cannot store the token in {}: {e}", p.display()))?;
-            eprintln!(
-                "Offline token stored in {} (readable only by you). `provenafs mount` will use it.",
-                p.display()
-            );
-            Ok(())
-        }
-    }
+        .map_err(|e| session_error(e, &s.origin))
 }
 
 async fn run_sim(a: SimArgs) -> Result<(), String> {
@@ -762,6 +1028,27 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
     print!("{lines}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    // What to do next, on standard error: standard output stays the
+    // lines to source, for `eval "$(provenafs sim ...)"` and scripts.
+    let source = match &a.env_file {
+        Some(p) => format!(
+            "source {}",
+            absolute(p).unwrap_or_else(|_| p.clone()).display()
+        ),
+        None => "paste the lines above (they set and export the endpoints and the token)".into(),
+    };
+    eprintln!(
+        "provenafs sim: emulator at http://{addr}, serving {root}. Ctrl-C stops it.\n\
+         Next, in another shell:\n\
+         \x20 {source}\n\
+         \x20 provenafs datasets\n\
+         \x20 mkdir -p /tmp/provena && provenafs mount /tmp/provena && ls /tmp/provena\n\
+         \x20 provenafs unmount /tmp/provena",
+        addr = sim.addr,
+        root = absolute(&sim.state.cfg.root)
+            .unwrap_or_else(|_| sim.state.cfg.root.clone())
+            .display(),
+    );
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     tokio::select! {
@@ -783,5 +1070,23 @@ mod tests {
         assert_eq!(parse_size("1.5k"), Ok(1536));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn modes_are_octal_and_at_most_0777() {
+        use super::parse_mode;
+        assert_eq!(parse_mode("0440"), Ok(0o440));
+        assert_eq!(parse_mode("440"), Ok(0o440));
+        assert_eq!(parse_mode("0o550"), Ok(0o550));
+        assert_eq!(parse_mode("0777"), Ok(0o777));
+        assert_eq!(parse_mode("0"), Ok(0));
+        assert!(parse_mode("0888")
+            .unwrap_err()
+            .contains("not an octal mode"));
+        assert!(parse_mode("rw-r-----").is_err());
+        assert!(parse_mode("").is_err());
+        assert!(parse_mode("-440").is_err());
+        assert!(parse_mode("4755").unwrap_err().contains("more than 0777"));
+        assert!(parse_mode("77777777777").is_err());
     }
 }

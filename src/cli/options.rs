@@ -16,7 +16,8 @@ use std::ffi::OsString;
 
 /// Subcommands; anything else in first position is the mount(8) form.
 const SUBCOMMANDS: &[&str] = &[
-    "mount", "unmount", "login", "logout", "datasets", "ls", "sim", "demo", "help",
+    "mount", "unmount", "status", "login", "logout", "whoami", "datasets", "ls", "generate", "sim",
+    "demo", "help",
 ];
 
 /// Generic mount(8) / fstab / systemd options that need no action here.
@@ -138,10 +139,15 @@ fn helper_form(argv: &[OsString], flags: &[(String, bool)]) -> Result<Vec<OsStri
         return Ok(vec![argv[0].clone(), FAKE.into()]);
     }
     let mut out: Vec<OsString> = vec![argv[0].clone(), "mount".into(), mountpoint.clone()];
+    // A handle as copied (`https://hdl.handle.net/10378.1/1687966`, a
+    // trailing slash) pins that dataset; any other SOURCE is a label.
     let src = source.to_string_lossy();
-    if crate::wire::split_handle(&src).is_some_and(|(p, _)| crate::fs::names::is_handle_prefix(p)) {
-        out.push("--dataset".into());
-        out.push(source.clone());
+    if let Ok(h) = crate::wire::normalize_handle(&src) {
+        if crate::wire::split_handle(&h).is_some_and(|(p, _)| crate::fs::names::is_handle_prefix(p))
+        {
+            out.push("--dataset".into());
+            out.push(h.into());
+        }
     }
     out.extend(expand(&rest, flags)?);
     Ok(out)
@@ -297,6 +303,56 @@ mod tests {
                 "5"
             ]
         );
+    }
+
+    #[test]
+    fn helper_source_handles_as_copied_and_peer_flags() {
+        let f: Vec<(String, bool)> = flags()
+            .into_iter()
+            .chain(
+                [
+                    ("debug", false),
+                    ("auto-unmount", false),
+                    ("read-only", false),
+                ]
+                .iter()
+                .map(|(f, v)| (f.to_string(), *v)),
+            )
+            .collect();
+        let run = |args: &[&str]| {
+            normalize(args.iter().map(OsString::from).collect(), &f).map(|v| {
+                v.into_iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            run(&[
+                "mount.provenafs",
+                "https://hdl.handle.net/10378.1/1687966/",
+                "/d",
+                "-o",
+                "ro,debug,auto_unmount,read_only"
+            ])
+            .unwrap(),
+            [
+                "mount.provenafs",
+                "mount",
+                "/d",
+                "--dataset",
+                "10378.1/1687966",
+                "--debug",
+                "--auto-unmount",
+                "--read-only"
+            ]
+        );
+        // New subcommands are never taken for the mount.fuse3 form.
+        for sub in ["generate", "status", "whoami"] {
+            assert_eq!(
+                run(&["provenafs", sub, "x", "-o", "y"]).unwrap(),
+                ["provenafs", sub, "x", "-o", "y"]
+            );
+        }
     }
 
     #[test]

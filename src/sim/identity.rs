@@ -36,6 +36,28 @@ pub fn jwt_like(kind: &str) -> String {
     format!("{header}.{}.{}", part(120), part(86))
 }
 
+/// Base64url without padding, as JWT parts are written.
+fn base64url(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 3);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Who the emulator's one user is, as Keycloak's access tokens say.
+pub const SIM_USERNAME: &str = "sim-user";
+pub const SIM_EMAIL: &str = "sim-user@example.org";
+pub const SIM_NAME: &str = "Sim User";
+pub const SIM_SUBJECT: &str = "5b1e6c1e-0000-4000-8000-00000000c0de";
+
 pub struct Device {
     pub user_code: String,
     pub expires: Instant,
@@ -62,9 +84,38 @@ fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
 }
 
 impl SimState {
+    /// An access token shaped as Keycloak's: a JWT whose payload holds the
+    /// user's claims (what `provenafs whoami` shows); the signature is random.
+    fn access_jwt(&self, ttl: u64) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({
+            "exp": now + ttl as i64,
+            "iat": now,
+            "jti": uuid_like(),
+            "iss": self.realm_url(),
+            "aud": "account",
+            "sub": SIM_SUBJECT,
+            "typ": "Bearer",
+            "azp": CLIENT_ID,
+            "session_state": uuid_like(),
+            "realm_access": {"roles": ["offline_access", "uma_authorization"]},
+            "scope": "offline_access roles",
+            "email_verified": true,
+            "name": SIM_NAME,
+            "preferred_username": SIM_USERNAME,
+            "email": SIM_EMAIL,
+        });
+        let random = jwt_like("access");
+        let signature = random.rsplit('.').next().unwrap_or_default();
+        format!(
+            "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.{}.{signature}",
+            base64url(claims.to_string().as_bytes())
+        )
+    }
+
     /// A fresh access token for a valid offline token.
     fn issue_tokens(&self, offline: &str) -> Reply {
-        let token = jwt_like("access");
+        let token = self.access_jwt(self.cfg.access_token_ttl);
         self.remember_secret(&token);
         let ttl = self.cfg.access_token_ttl;
         let mut id = self.identity();
@@ -166,6 +217,31 @@ impl SimState {
         }
     }
 
+    /// Keycloak's logout endpoint given an offline token (`client_id`,
+    /// `refresh_token`): ends that token's offline session, so it no longer
+    /// exchanges (`invalid_grant`). 204 also for a token already revoked,
+    /// as Keycloak answers when the session is gone; a token it never
+    /// issued fails verification: 400 `invalid_grant`.
+    pub fn logout(&self, form: &HashMap<String, String>) -> Reply {
+        if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+            return oauth_error(
+                401,
+                "unauthorized_client",
+                "Invalid client or Invalid client credentials",
+            );
+        }
+        let Some(rt) = form.get("refresh_token") else {
+            return oauth_error(400, "invalid_request", "No refresh token");
+        };
+        match self.identity().offline.get_mut(rt) {
+            Some(revoked) => {
+                *revoked = true;
+                Reply::html(204, String::new())
+            }
+            None => oauth_error(400, "invalid_grant", "Invalid refresh token"),
+        }
+    }
+
     pub fn device_authorization(&self, form: &HashMap<String, String>) -> Reply {
         if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
             return oauth_error(
@@ -260,4 +336,15 @@ pub fn device_page(user_code: &str) -> Reply {
          <form method=post action=\"/_sim/device?user_code={code}&action=deny\"><button>Deny</button></form>"
     );
     Reply::html(200, html)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64url_matches_the_standard_alphabet() {
+        assert_eq!(super::base64url(b"hi"), "aGk");
+        assert_eq!(super::base64url(b"hi!"), "aGkh");
+        assert_eq!(super::base64url(b"\xfb\xff"), "-_8");
+        assert_eq!(super::base64url(b""), "");
+    }
 }

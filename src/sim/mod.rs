@@ -217,10 +217,13 @@ pub struct SimEnv {
 }
 
 impl SimEnv {
-    /// Shell lines a client can `source`.
+    /// Shell lines a client can `source` (or `eval`): one `NAME=value`
+    /// line each, read as they are by scripts and tests, then one
+    /// `export` line so the values reach the commands run next.
     pub fn shell(&self) -> String {
         format!(
-            "PROVENA_AUTH_URL={}\nPROVENA_API_URL={}\nPROVENA_S3_ENDPOINT={}\nRRAP_OFFLINE_TOKEN={}\n",
+            "PROVENA_AUTH_URL={}\nPROVENA_API_URL={}\nPROVENA_S3_ENDPOINT={}\nRRAP_OFFLINE_TOKEN={}\n\
+             export PROVENA_AUTH_URL PROVENA_API_URL PROVENA_S3_ENDPOINT RRAP_OFFLINE_TOKEN\n",
             self.auth_url, self.api_url, self.s3_endpoint, self.offline_token
         )
     }
@@ -547,6 +550,7 @@ async fn api_answer(
     };
     let realm_token = format!("{REALM_PATH}/protocol/openid-connect/token");
     let realm_device = format!("{REALM_PATH}/protocol/openid-connect/auth/device");
+    let realm_logout = format!("{REALM_PATH}/protocol/openid-connect/logout");
     let reply = match (method.as_str(), path.as_str()) {
         ("POST", p) if p == realm_token => {
             let r = state.token(&parse_form(&body));
@@ -556,6 +560,7 @@ async fn api_answer(
             r
         }
         ("POST", p) if p == realm_device => state.device_authorization(&parse_form(&body)),
+        ("POST", p) if p == realm_logout => state.logout(&parse_form(&body)),
         ("GET", p) if p == format!("{REALM_PATH}/device") => {
             // The page a user opens from `provenafs login`, standing in for
             // Keycloak's consent screen.
