@@ -41,8 +41,9 @@ pub struct FileSettings {
     pub cache_group: Option<bool>,
     pub allow_other: Option<bool>,
     pub allow_root: Option<bool>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+    /// A number or a name (`gid = "lab"`).
+    pub uid: Option<IdSetting>,
+    pub gid: Option<IdSetting>,
     pub dataset: Option<Vec<String>>,
     pub by_name: Option<bool>,
     pub log_file: Option<PathBuf>,
@@ -53,6 +54,24 @@ pub struct FileSettings {
     /// Where these settings were read from, for messages.
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// A user or group as the config file gives it: `uid = 1000` or `uid = "alice"`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum IdSetting {
+    Number(u32),
+    Name(String),
+}
+
+impl IdSetting {
+    /// As the command line would give it.
+    pub fn as_text(&self) -> String {
+        match self {
+            IdSetting::Number(n) => n.to_string(),
+            IdSetting::Name(s) => s.clone(),
+        }
+    }
 }
 
 /// `$XDG_CONFIG_HOME/provenafs`, else `~/.config/provenafs`.

@@ -368,3 +368,197 @@ fn a_refused_read_has_its_cause_in_the_log_once() {
     let stats = m.stats();
     assert!(stats["errors"] >= 10, "{stats:?}");
 }
+
+/// `status --json` as a list of objects by mountpoint.
+fn status_json(sim: &Sim, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["status", "--json"];
+    all.extend_from_slice(args);
+    let out = sim.run(&mut sim.command(&all));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn entry<'a>(list: &'a [serde_json::Value], m: &Mount) -> &'a serde_json::Value {
+    list.iter()
+        .find(|e| e["mountpoint"] == m.path().to_str().unwrap())
+        .unwrap_or_else(|| panic!("{} not in {list:?}", m.path().display()))
+}
+
+#[test]
+fn status_lists_the_mounts_with_live_figures() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &["--deny", "10378.1/3"]);
+    let a = sim.mount(&[]);
+    let b = sim.mount(&[]);
+    let file = std::fs::read(a.join("10378.1/2/b.bin")).unwrap();
+    assert_eq!(file, bytes(2, 100_000));
+    let list = status_json(&sim, &[]);
+    let e = entry(&list, &a);
+    for key in [
+        "mountpoint",
+        "pid",
+        "log_file",
+        "datasets",
+        "bytes_read",
+        "s3_bytes",
+        "s3_requests",
+        "cache_hits",
+        "cache_misses",
+        "errors",
+        "last_error",
+        "uptime_s",
+    ] {
+        assert!(e.get(key).is_some(), "{key} missing: {e}");
+    }
+    assert_eq!(e["state"], "answering");
+    assert_eq!(e["pid"], a.daemon_pid());
+    assert_eq!(e["log_file"], a.log.to_str().unwrap());
+    assert!(e["datasets"].as_u64().unwrap() >= 1, "{e}");
+    assert!(e["bytes_read"].as_u64().unwrap() >= 100_000, "{e}");
+    assert!(e["s3_bytes"].as_u64().unwrap() >= 100_000, "{e}");
+    assert!(e["s3_requests"].as_u64().unwrap() >= 1, "{e}");
+    assert!(e["cache_misses"].as_u64().unwrap() >= 1, "{e}");
+    assert_eq!(e["errors"], 0);
+    assert!(e["last_error"].is_null());
+    // The other mount has read nothing.
+    let eb = entry(&list, &b);
+    assert_eq!(eb["bytes_read"], 0);
+    assert_eq!(eb["s3_requests"], 0);
+    // A refusal shows as an error, with its cause.
+    let denied = std::fs::read(a.join("10378.1/3/c.txt")).unwrap_err();
+    assert_eq!(denied.raw_os_error(), Some(libc::EACCES));
+    let one = status_json(&sim, &[a.path().to_str().unwrap()]);
+    assert_eq!(one.len(), 1);
+    assert!(one[0]["errors"].as_u64().unwrap() >= 1, "{}", one[0]);
+    let last = one[0]["last_error"].as_str().unwrap();
+    assert!(
+        last.contains("refused read access to dataset 10378.1/3"),
+        "{last}"
+    );
+    // The plain form: a table a person reads.
+    let out = sim.run(&mut sim.command(&["status"]));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.starts_with("MOUNTPOINT"), "{table}");
+    assert!(
+        table.contains(a.path().to_str().unwrap()) && table.contains("answering"),
+        "{table}"
+    );
+    assert!(table.contains("last error: "), "{table}");
+    // Another user sees the mounts, not their figures.
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        BIN,
+        "status",
+        "--json",
+    ])
+    .env("HOME", "/nonexistent")
+    .env("XDG_STATE_HOME", sim.state.path());
+    let out = sim.run(&mut c);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let e = entry(&theirs, &a);
+    assert_eq!(e["state"], "not yours", "{e}");
+    assert!(e["bytes_read"].is_null());
+    // Not a provenafs mount: one line, exit 1.
+    let out = sim.run(&mut sim.command(&["status", "/proc"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("not a provenafs mount"));
+}
+
+#[test]
+fn modes_give_a_shared_mount_to_one_group() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    // By group name; nobody's primary group is nogroup (65534).
+    let m = sim.mount(&[
+        "--allow-other",
+        "--gid",
+        "nogroup",
+        "--file-mode",
+        "0440",
+        "--dir-mode",
+        "0550",
+    ]);
+    let as_user = |gid: u32, path: &Path| {
+        Command::new("setpriv")
+            .arg("--reuid=65534")
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("cat")
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let f = m.join("10378.1/1/data/a.csv");
+    let member = as_user(65534, &f);
+    assert!(member.status.success(), "{}", stderr_of(&member));
+    assert_eq!(member.stdout, b"x,y\n1,2\n");
+    let outsider = as_user(4242, &f);
+    assert!(!outsider.status.success());
+    assert!(
+        stderr_of(&outsider).contains("Permission denied"),
+        "{}",
+        stderr_of(&outsider)
+    );
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(!log.contains("every user of this machine"), "{log}");
+    // --allow-other alone says who can now read what.
+    let open = sim.mount(&["--allow-other"]);
+    assert!(as_user(4242, &open.join("10378.1/1/data/a.csv"))
+        .status
+        .success());
+    let log = std::fs::read_to_string(&open.log).unwrap();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("every user of this machine can read every dataset"))
+        .count();
+    assert_eq!(warned, 1, "{log}");
+}
+
+#[test]
+fn a_background_mount_logs_to_a_private_file_and_says_where() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &["--deny", "10378.1/3"]);
+    let mnt = tempfile::tempdir().unwrap();
+    let mp = mnt.path().to_str().unwrap();
+    let out = sim.run(&mut sim.command(&["mount", mp]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let name = mp
+        .trim_start_matches('/')
+        .replace('-', "\\x2d")
+        .replace('/', "-");
+    let log = sim
+        .state
+        .path()
+        .join("provenafs")
+        .join(format!("{name}.log"));
+    sim.scan_log(&log);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        said,
+        format!("provenafs: mounted at {mp}; logs in {}\n", log.display())
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&log), 0o600);
+    assert_eq!(mode(log.parent().unwrap()), 0o700);
+    let e = std::fs::read(mnt.path().join("10378.1/3/c.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    wait_until("the cause in the log", 5, || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("refused read access to dataset 10378.1/3"))
+    });
+    let list = status_json(&sim, &[mp]);
+    assert_eq!(list[0]["log_file"], log.to_str().unwrap());
+    let out = sim.run(&mut sim.command(&["unmount", mp]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}

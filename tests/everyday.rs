@@ -539,6 +539,33 @@ fn a_user_mounts_and_unmounts_without_root() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(is_mounted(&mnt));
+    // Killed, the user's daemon takes its mount with it too (its watchdog
+    // unmounts through fusermount3), and the folder mounts again.
+    let found = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("provenafs mount {mp} "))
+        .output()
+        .unwrap();
+    let pid: i32 = String::from_utf8_lossy(&found.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_mounted(&mnt) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !is_mounted(&mnt),
+        "the killed daemon's mount is gone within 5 s"
+    );
+    let out = as_nobody(&["mount", mp, "--token-file", tf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mnt));
     let out = as_nobody(&["unmount", mp]);
     assert!(
         out.status.success(),

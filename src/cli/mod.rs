@@ -314,11 +314,13 @@ pub struct MountArgs {
     /// Let root read the mount too.
     #[arg(long)]
     pub allow_root: bool,
-    /// Owner shown for every file [default: the mounting user].
-    #[arg(long)]
+    /// Owner shown for every file, a number or a user name [default: the
+    /// mounting user].
+    #[arg(long, value_name = "USER", value_parser = user_id)]
     pub uid: Option<u32>,
-    /// Group shown for every file [default: the mounting user's group].
-    #[arg(long)]
+    /// Group shown for every file, a number or a group name [default: the
+    /// mounting user's group].
+    #[arg(long, value_name = "GROUP", value_parser = group_id)]
     pub gid: Option<u32>,
     /// Permission bits of every file, octal, enforced by the kernel
     /// [default: 0444]. With --gid, e.g. 0440 gives the mount to one group.
@@ -613,10 +615,13 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
         return Err("--cache-shared and --cache-group need --cache-dir".into());
     }
     let mut fuse = FuseConfig::default();
-    if let Some(uid) = a.uid.or(file.uid) {
+    let from_file = |v: &Option<config::IdSetting>, parse: fn(&str) -> Result<u32, String>| {
+        v.as_ref().map(|v| parse(&v.as_text())).transpose()
+    };
+    if let Some(uid) = a.uid.or(from_file(&file.uid, user_id)?) {
         fuse.uid = uid;
     }
-    if let Some(gid) = a.gid.or(file.gid) {
+    if let Some(gid) = a.gid.or(from_file(&file.gid, group_id)?) {
         fuse.gid = gid;
     }
     let file_mode = mode_setting(a.file_mode, file, "file_mode")?;
@@ -671,6 +676,30 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
         log_file: None,
     };
     Ok((cfg, c.origin))
+}
+
+/// A user: a number, or a name looked up in the user database.
+fn user_id(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("no user named {s:?}")),
+        Err(e) => Err(format!("cannot look up user {s:?}: {e}")),
+    }
+}
+
+/// A group: a number, or a name looked up in the group database.
+fn group_id(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {s:?}")),
+        Err(e) => Err(format!("cannot look up group {s:?}: {e}")),
+    }
 }
 
 /// A byte size: a number with an optional K/M/G/T suffix (KiB, MB, ... all
@@ -848,6 +877,17 @@ fn under_systemd() -> bool {
     std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
+/// Creates `dir` (and its parents) readable by its owner only: a log
+/// names datasets, files and errors.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))
+}
+
 fn mount(a: MountArgs) -> Result<(), Exit> {
     let file = config::load(a.identity.config.as_deref())?;
     let (mut cfg, origin) = mount_config(&a, &file)?;
@@ -868,6 +908,16 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     } else {
         None
     };
+    // A user without a writable home (a service account) still mounts;
+    // the parent says it is not logging, and why.
+    let mut no_log_because = None;
+    let default_log = default_log.filter(|p| match p.parent().map(private_dir) {
+        Some(Err(e)) => {
+            no_log_because = Some(e);
+            false
+        }
+        _ => true,
+    });
     let log_path = explicit_log.or(default_log.clone());
     cfg.logs_to_file = log_path.is_some();
     cfg.log_file = log_path.clone();
@@ -876,10 +926,11 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
         mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
         return match mount::spawn_detached() {
             Ok(()) => {
-                let logs = match &log_path {
-                    Some(p) => format!("; logs in {}", p.display()),
-                    None if journal => "; logs to the journal".to_string(),
-                    None => String::new(),
+                let logs = match (&log_path, &no_log_because) {
+                    (Some(p), _) => format!("; logs in {}", p.display()),
+                    (None, _) if journal => "; logs to the journal".to_string(),
+                    (None, Some(why)) => format!("; not logging ({why}; use --log-file)"),
+                    (None, None) => String::new(),
                 };
                 print_out(&format!(
                     "provenafs: mounted at {}{logs}\n",
@@ -889,15 +940,6 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
             Err(mount::MountError::ChildFailed(code)) => Err(Exit::Code(code)),
             Err(e) => Err(e.to_string().into()),
         };
-    }
-    if let Some(dir) = default_log.as_deref().and_then(Path::parent) {
-        use std::os::unix::fs::DirBuilderExt;
-        // Private: a log names datasets, files and errors.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))?;
     }
     // fuser warns about an unmount that already happened; not news.
     init_logging(level.as_deref(), log_path.as_deref(), "warn,fuser=error")?;
@@ -1061,6 +1103,17 @@ async fn run_sim(a: SimArgs) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn users_and_groups_by_number_or_name() {
+        assert_eq!(super::user_id("0"), Ok(0));
+        assert_eq!(super::user_id("root"), Ok(0));
+        assert_eq!(super::group_id("1234"), Ok(1234));
+        assert_eq!(super::group_id("root"), Ok(0));
+        assert!(super::group_id("no-such-group-here")
+            .unwrap_err()
+            .contains("no group"));
+    }
+
     #[test]
     fn sizes() {
         use super::parse_size;
