@@ -63,6 +63,9 @@ pub enum ApiError {
     Stalled(String),
     #[error("the data store API at {0} did not answer within --request-timeout")]
     TimedOut(String),
+    /// The API is not usable at all (see [`DataStoreClient::check`]).
+    #[error("{0}")]
+    Unusable(String),
 }
 
 impl ApiError {
@@ -230,13 +233,15 @@ impl DataStoreClient {
     /// With `probe` (a mount of named datasets, which never lists the
     /// registry) the call is fetch-dataset of that handle instead; an
     /// unknown handle still shows the API is there.
-    pub async fn check(&self, deadline: Deadline, probe: Option<&str>) -> Result<(), String> {
+    pub async fn check(&self, deadline: Deadline, probe: Option<&str>) -> Result<(), ApiError> {
         let span = info_span!("check_api");
         let base = self.config.base_url.trim_end_matches('/').to_string();
         let r: Result<(), ApiError> = async {
             match probe {
                 Some(handle) => match self.fetch_dataset(handle, deadline).await {
-                    Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+                    // The API is there; what is wrong with the dataset is
+                    // for the pinning that follows to say.
+                    Ok(_) | Err(ApiError::NotFound(_)) | Err(ApiError::PermissionDenied(_)) => Ok(()),
                     Err(e) => Err(e),
                 },
                 None => {
@@ -251,25 +256,34 @@ impl DataStoreClient {
         .await;
         match r {
             Ok(()) => Ok(()),
-            Err(ApiError::Unreachable { reason, .. }) => Err(format!(
+            Err(ApiError::Unreachable { reason, .. }) => Err(ApiError::Unusable(format!(
                 "cannot reach the data store API at {base}: {reason} (check --api-url)"
-            )),
-            Err(ApiError::Http { status: 404, .. }) => Err(format!(
-                "nothing answers as the data store API at {base} (HTTP 404 for /registry/items/list); check --api-url"
-            )),
-            Err(ApiError::Malformed(e)) => Err(format!(
+            ))),
+            Err(ApiError::Http { status: 404, .. }) => Err(ApiError::Unusable(format!(
+                "nothing answers as the data store API at {base} (HTTP 404); check --api-url"
+            ))),
+            Err(ApiError::Malformed(e)) => Err(ApiError::Unusable(format!(
                 "{base} does not answer like the data store API ({e}); check --api-url"
-            )),
-            Err(ApiError::Http { status, detail }) => Err(format!(
-                "the data store API at {base} answered HTTP {status}: {detail}"
-            )),
-            Err(e @ (ApiError::TimedOut(_) | ApiError::Stalled(_))) => Err(format!(
+            ))),
+            // Not the API's JSON (a web page, S3's XML): something else
+            // answers at that address.
+            Err(ApiError::Http { status, detail }) if detail.trim_start().starts_with('<') => {
+                Err(ApiError::Unusable(format!(
+                    "{base} answers HTTP {status} with something that is not the data store API; check --api-url"
+                )))
+            }
+            Err(ApiError::Http { status, detail }) => Err(ApiError::Unusable(format!(
+                "the data store API at {base} answered HTTP {status}: {detail} (check --api-url)"
+            ))),
+            Err(e @ (ApiError::TimedOut(_) | ApiError::Stalled(_))) => Err(ApiError::Unusable(format!(
                 "the data store API at {base} did not answer within --request-timeout ({e})"
-            )),
-            Err(ApiError::PermissionDenied(d)) => Err(format!(
+            ))),
+            Err(ApiError::PermissionDenied(d)) => Err(ApiError::Unusable(format!(
                 "the data store API at {base} refused the token: {d}"
-            )),
-            Err(e) => Err(e.to_string()),
+            ))),
+            // A token refused by the identity service: said by the caller,
+            // which knows where the token came from.
+            Err(e) => Err(e),
         }
     }
 

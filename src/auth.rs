@@ -68,8 +68,8 @@ impl AuthConfig {
 pub enum AuthError {
     #[error("the offline token was rejected by the identity service ({0}); create a new one with `provenafs login`")]
     Rejected(String),
-    #[error("the identity service answered HTTP {0}")]
-    Http(u16),
+    #[error("the identity service at {url} answered HTTP {status} (check --auth-url)")]
+    Http { status: u16, url: String },
     #[error("cannot reach the identity service at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("the identity service sent an answer we cannot read: {0}")]
@@ -85,7 +85,7 @@ impl AuthError {
     /// Worth retrying: the service may answer next time.
     pub fn is_transient(&self) -> bool {
         match self {
-            AuthError::Http(s) => *s >= 500 || *s == 429,
+            AuthError::Http { status, .. } => *status >= 500 || *status == 429,
             AuthError::Unreachable { .. } | AuthError::Stalled(_) => true,
             AuthError::Rejected(_) | AuthError::Malformed(_) | AuthError::TimedOut(_) => false,
         }
@@ -385,7 +385,10 @@ impl Exchange {
                     };
                     Err(AuthError::Rejected(what))
                 }
-                _ => Err(AuthError::Http(status)),
+                _ => Err(AuthError::Http {
+                    status,
+                    url: url.clone(),
+                }),
             }
         }
         .instrument(span)

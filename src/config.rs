@@ -253,7 +253,7 @@ impl TokenOrigin {
     pub fn fix(&self) -> String {
         match self {
             TokenOrigin::Flag(p) => format!(
-                "put a valid token in {} (`provenafs login --print > {}`)",
+                "put a valid token in {} (`(umask 077; provenafs login --print > {})`)",
                 p.display(),
                 p.display()
             ),
@@ -262,7 +262,7 @@ impl TokenOrigin {
                     .into()
             }
             TokenOrigin::ConfigFile { file, .. } => format!(
-                "put a valid token in {} (`provenafs login --print > {}`)",
+                "put a valid token in {} (`(umask 077; provenafs login --print > {})`)",
                 file.display(),
                 file.display()
             ),

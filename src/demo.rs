@@ -160,6 +160,7 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
         logs_to_file: false,
         explicit_modes: false,
         log_file: None,
+        announce: false,
     };
     let m = mountpoint.display().to_string();
     let data_dir = data.path().display().to_string();
@@ -187,9 +188,14 @@ pub fn run(mountpoint: &Path) -> Result<(), String> {
                          \x20 ls -l {m}/10378.1/1687966/data\n\
                          \x20 head {m}/10378.1/1687966/data/sst.csv\n\
                          \x20 find {m}/10378.1/1687967\n\
-                         The sample files' SHA-256, to compare with `sha256sum` (or save \
-                         these lines and run `sha256sum -c FILE`):\n{sums}"
+                         The sample files' SHA-256 follow on standard output, to compare \
+                         with `sha256sum` (or save them and run `sha256sum -c FILE`):"
                     );
+                    // On standard output: `provenafs demo DIR > sums` keeps
+                    // just what `sha256sum -c sums` checks.
+                    print!("{sums}");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));

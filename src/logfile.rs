@@ -118,13 +118,34 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
         let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
     drop(f);
-    Ok(Box::new(FileRotate::new(
+    Ok(Box::new(NeverPanics(FileRotate::new(
         path,
         AppendCount::new(KEPT),
         ContentLimit::BytesSurpassed(MAX_BYTES),
         Compression::None,
         Some(options),
-    )))
+    ))))
+}
+
+/// A log writer that fails instead of panicking. `file_rotate` asserts on
+/// its own view of the rotated files (which another process may change:
+/// a user deleting `NAME.log.*`, two mounts given one log file), and a
+/// panic while tracing holds its writer lock would poison it, after which
+/// every log call on every FUSE thread panics too.
+struct NeverPanics<W>(W);
+
+impl<W: Write> Write for NeverPanics<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let inner = &mut self.0;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.write(buf)))
+            .unwrap_or_else(|_| Err(std::io::Error::other("log rotation failed")))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let inner = &mut self.0;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.flush()))
+            .unwrap_or_else(|_| Err(std::io::Error::other("log rotation failed")))
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +164,22 @@ mod tests {
         let n = mount_name(Path::new(&deep));
         assert!(n.len() < 130, "{n}");
         assert_ne!(n, mount_name(Path::new(&format!("{deep}x"))));
+    }
+
+    #[test]
+    fn a_panicking_writer_fails_instead() {
+        struct Bad;
+        impl Write for Bad {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                panic!("rotation assert")
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = NeverPanics(Bad);
+        assert!(w.write(b"x").is_err());
+        assert!(w.write(b"y").is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! every failure before that point reaches the user's terminal as one line
 //! and a non-zero exit status.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,6 +53,9 @@ pub struct MountConfig {
     /// Where this mount logs, if to a file: shown by `provenafs status`,
     /// and where the watchdog says what it did.
     pub log_file: Option<PathBuf>,
+    /// A foreground mount run by a person: say on a terminal when it is
+    /// mounted and when it is unmounted.
+    pub announce: bool,
 }
 
 #[derive(Debug, Error)]
@@ -125,6 +128,15 @@ pub fn unmount_command(p: &Path, lazy: bool) -> Result<(), String> {
             "{shown} is not a provenafs mount (it is {} from {}); not unmounting it",
             entry.fstype, entry.source
         ));
+    }
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    if me != 0 {
+        if let Some(owner) = entry.user_id().filter(|o| *o != me) {
+            return Err(format!(
+                "{shown} is not your mount (mounted by uid {owner}); its owner or root can unmount it"
+            ));
+        }
     }
     match unmount_once(&entry.mountpoint, lazy) {
         Ok(()) => Ok(()),
@@ -314,7 +326,12 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
         crate::retry::Deadline::after(cfg.api.request_timeout),
         probe.map(String::as_str),
     ))
-    .map_err(MountError::Other)?;
+    .map_err(|e| match e {
+        crate::api::ApiError::Auth(a) => MountError::Auth(a),
+        e => MountError::Other(e.to_string()),
+    })?;
+    rt.block_on(crate::s3::aws::probe(&cfg.s3))
+        .map_err(MountError::Other)?;
     let s3_counters = session.stores.counters();
     let tree = Arc::new(Tree::new(
         cfg.tree.clone(),
@@ -333,12 +350,18 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
     let reader = Reader::new(cfg.read.clone())
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
     if cfg.allow_other && !cfg.explicit_modes {
-        warn!(
+        let said = format!(
             "--allow-other without --file-mode/--dir-mode: every user of this machine can read \
              every dataset this token can read (files {:o}, folders {:o}); give the mount to a \
              group with --gid GROUP --file-mode 0440 --dir-mode 0550",
             cfg.fuse.file_mode, cfg.fuse.dir_mode
         );
+        warn!("{said}");
+        // Also to the person mounting (a background mount's standard
+        // error reaches their terminal until it is mounted).
+        if cfg.logs_to_file {
+            eprintln!("provenafs: warning: {said}");
+        }
     }
     // A daemon must not pin the folder it was started in (that folder
     // could then not be unmounted or removed). Every path it uses from
@@ -389,7 +412,12 @@ impl MountLock {
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(l) => return Ok(MountLock(Some(l))),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < give_up => {
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if std::time::Instant::now() >= give_up {
+                        return Err(MountError::Other(format!(
+                            "{shown} is locked by another process (a mount still starting?); try again"
+                        )));
+                    }
                     file = f;
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -404,8 +432,11 @@ impl MountLock {
     }
 }
 
-/// Set in the environment of the watchdog process: the mount's ID.
+/// Set in the environment of the watchdog process: the mount's ID…
 const WATCHDOG_ENV: &str = "PROVENAFS_WATCHDOG_MOUNT_ID";
+/// …and the mount's log file, opened only to say what it did (the file
+/// may have been rotated in between).
+const WATCHDOG_LOG_ENV: &str = "PROVENAFS_WATCHDOG_LOG";
 
 /// Starts the watchdog of the mount `entry`: a small process (this binary
 /// again) that waits for the daemon to end, then unmounts the mount if it
@@ -419,20 +450,29 @@ fn spawn_watchdog(
 ) -> Result<std::io::PipeWriter, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (reader, writer) = std::io::pipe().map_err(|e| e.to_string())?;
-    let stderr = match log_file.and_then(|p| std::fs::OpenOptions::new().append(true).open(p).ok())
-    {
-        Some(f) => Stdio::from(f),
-        None => Stdio::null(),
-    };
     let mut cmd = Command::new(exe);
+    // Nothing of the daemon's environment (its token above all) but what
+    // the watchdog needs: where fusermount3 is and where the state is.
     cmd.arg0("provenafs-watchdog")
         .arg(&entry.mountpoint)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
         .env(WATCHDOG_ENV, entry.id.to_string())
-        .env_remove(CHILD_ENV)
         .current_dir("/")
         .stdin(reader)
         .stdout(Stdio::null())
-        .stderr(stderr);
+        .stderr(Stdio::null());
+    for k in ["HOME", "XDG_STATE_HOME"] {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    if let Some(p) = log_file {
+        cmd.env(WATCHDOG_LOG_ENV, p);
+    }
     // SAFETY: setsid and close_range are async-signal-safe. Its own
     // session keeps a Ctrl-C in the mount's terminal from reaching it;
     // every inherited descriptor (above all /dev/fuse, which would keep
@@ -485,24 +525,40 @@ pub fn watchdog_main() -> Option<i32> {
         Err(Errno::ENOTCONN | Errno::ECONNABORTED) => {}
         _ => return Some(0),
     }
-    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
-    match unmount_once(&mountpoint, true) {
-        Ok(()) => {
-            eprintln!(
-                "{now} provenafs-watchdog: the daemon of {} ended without unmounting; unmounted it",
-                mountpoint.display()
-            );
-            Some(0)
-        }
-        Err(Unmount::Busy) | Err(Unmount::Failed(_)) => {
-            eprintln!(
-                "{now} provenafs-watchdog: the daemon of {} ended; cannot unmount it (run `fusermount3 -u -z {}`)",
-                mountpoint.display(),
-                mountpoint.display()
-            );
-            Some(1)
+    let unmounted = unmount_once(&mountpoint, true);
+    // Its status socket answers no more.
+    if let Some(sock) = crate::logfile::socket_path(&mountpoint) {
+        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            let _ = std::fs::remove_file(sock);
         }
     }
+    let (code, said) = match unmounted {
+        Ok(()) => (0, "ended without unmounting; unmounted it".to_string()),
+        Err(Unmount::Busy) | Err(Unmount::Failed(_)) => (
+            1,
+            format!(
+                "ended; cannot unmount it (run `fusermount3 -u -z {}`)",
+                mountpoint.display()
+            ),
+        ),
+    };
+    if let Some(log) = std::env::var_os(WATCHDOG_LOG_ENV) {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(log)
+        {
+            let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+            let _ = writeln!(
+                f,
+                "{now}  WARN provenafs-watchdog: the daemon of {} {said}",
+                mountpoint.display()
+            );
+        }
+    }
+    Some(code)
 }
 
 /// Mounts `fs` at the configured mountpoint and serves it.
@@ -531,6 +587,27 @@ fn serve(
     fc.n_threads = Some(cfg.max_threads.max(1));
     fc.clone_fd = true;
     let notifier = fs.notifier_slot();
+    // Caught from before the mount answers: a signal that arrives as soon
+    // as the mount is visible must not meet the default action (SIGHUP's
+    // would kill the daemon and leave the mount to the watchdog).
+    let (mut int, mut term, mut usr1, mut hup) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        let catch = |k: SignalKind| {
+            signal(k).map_err(|e| MountError::Other(format!("cannot catch signals: {e}")))
+        };
+        (
+            catch(SignalKind::interrupt())?,
+            catch(SignalKind::terminate())?,
+            catch(SignalKind::user_defined1())?,
+            // Started under `nohup`: a closed terminal must not end it.
+            if sighup_ignored() {
+                None
+            } else {
+                Some(catch(SignalKind::hangup())?)
+            },
+        )
+    };
     let lock = MountLock::take(&cfg.mountpoint)?;
     // Checked again under the lock: a mount started at the same moment
     // may have won.
@@ -543,19 +620,19 @@ fn serve(
     raise_readahead(&cfg.mountpoint);
     // Kept until this function returns: its end closing tells the
     // watchdog the daemon is gone.
-    let _watchdog = match mountinfo::at(&cfg.mountpoint) {
-        Some(entry) if entry.is_provenafs() => {
-            match spawn_watchdog(&entry, cfg.log_file.as_deref()) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    warn!("cannot start the watchdog (a killed daemon would leave a stale mount): {e}");
-                    None
-                }
+    let ours = mountinfo::at(&cfg.mountpoint).filter(|e| e.is_provenafs());
+    let own_id = ours.as_ref().map(|e| e.id);
+    let _watchdog = match &ours {
+        Some(entry) => match spawn_watchdog(entry, cfg.log_file.as_deref()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!("cannot start the watchdog (a killed daemon would leave a stale mount): {e}");
+                None
             }
-        }
-        _ => None,
+        },
+        None => None,
     };
-    let _status = status_server(stats, s3_counters, cfg, rt);
+    let _status = status_server(stats, s3_counters, own_id, cfg, rt);
     signal_ready(cfg.logs_to_file);
 
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
@@ -575,22 +652,25 @@ fn serve(
     });
     let stats = stats.clone();
     let foreground = !is_detached_child();
+    let announce = cfg.announce && std::io::stderr().is_terminal();
+    if announce {
+        eprintln!(
+            "provenafs: mounted at {} (Ctrl-C unmounts)",
+            cfg.mountpoint.display()
+        );
+    }
     rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut usr1)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-            signal(SignalKind::user_defined1()),
-        ) else {
-            return;
-        };
         let why = loop {
             tokio::select! {
                 _ = int.recv() => break "SIGINT",
                 _ = term.recv() => break "SIGTERM",
                 // A closed terminal: the mount goes with it, cleanly.
-                _ = hup.recv() => {
+                _ = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     if foreground {
                         break "SIGHUP";
                     }
@@ -606,14 +686,47 @@ fn serve(
     let why = rx.recv().unwrap_or("unmounted");
     if why != "unmounted" {
         info!(signal = why, "unmounting");
-        if let Err(e) = unmount(&cfg.mountpoint) {
-            warn!("{e}");
+        // Only our own mount: as root, an unmount of the path would take
+        // whatever was mounted over it since (and lazily, if busy).
+        match mountinfo::at(&cfg.mountpoint) {
+            Some(top) if Some(top.id) == own_id && top.is_provenafs() => {
+                if let Err(e) = unmount(&cfg.mountpoint) {
+                    warn!("{e}");
+                }
+            }
+            Some(top) => warn!(
+                fstype = %top.fstype,
+                "another mount now covers {}; not unmounting it",
+                cfg.mountpoint.display()
+            ),
+            None => {}
         }
         // Give the session a moment to see the unmount and end cleanly.
         let _ = rx.recv_timeout(Duration::from_secs(3));
     }
     info!("unmounted");
+    if announce {
+        eprintln!("provenafs: unmounted {}", cfg.mountpoint.display());
+    }
     Ok(())
+}
+
+/// Whether SIGHUP was ignored when this process started (`nohup`).
+fn sighup_ignored() -> bool {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    // Asking means setting: set "ignore", look at the old, put it back.
+    let probe = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: swaps SIGHUP's disposition and puts the old one back at
+    // once; nothing has installed a handler for it yet.
+    unsafe {
+        match sigaction(Signal::SIGHUP, &probe) {
+            Ok(old) => {
+                let _ = sigaction(Signal::SIGHUP, &old);
+                matches!(old.handler(), SigHandler::SigIgn)
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Answers `provenafs status` for this mount (see [`crate::status`]);
@@ -621,6 +734,7 @@ fn serve(
 fn status_server(
     stats: &MountStats,
     s3: Arc<crate::s3::aws::S3Counters>,
+    mount_id: Option<u64>,
     cfg: &MountConfig,
     rt: &tokio::runtime::Runtime,
 ) -> Option<crate::status::Server> {
@@ -644,6 +758,7 @@ fn status_server(
         let (hits, misses) = stats.cache_hits_misses();
         crate::status::Figures {
             mountpoint: mountpoint.clone(),
+            mount_id,
             state: "answering".into(),
             owner_uid: None,
             pid: Some(pid),

@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 /// One line of `/proc/self/mountinfo` (see proc(5)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountEntry {
-    /// Unique ID of the mount (field 1); a new mount at the same path has a new one.
+    /// ID of the mount (field 1). The kernel reuses IDs at once: a new
+    /// mount at the same path may get the ID of one just unmounted.
     pub id: u64,
+    /// ID of the mount it sits on (field 2).
+    pub parent: u64,
     /// `major:minor` of the file system (field 3).
     pub dev: String,
     /// Where it is mounted (field 5), unescaped.
@@ -45,6 +48,7 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
             let r: Vec<&str> = right.split(' ').collect();
             Some(MountEntry {
                 id: f.first()?.parse().ok()?,
+                parent: f.get(1)?.parse().ok()?,
                 dev: f.get(2)?.to_string(),
                 mountpoint: PathBuf::from(unescape(f.get(4)?)),
                 fstype: r.first()?.to_string(),
@@ -62,19 +66,28 @@ pub fn read() -> Vec<MountEntry> {
         .unwrap_or_default()
 }
 
-/// The mount on top at `path` (the last one listed there), if any.
+/// The mount on top at `path`, if any: of the mounts at that path, the
+/// one no other sits on.
+///
+/// `path` itself is not touched first (a stalled mount would hang even a
+/// `stat` of its root): its parent is resolved and its name taken as
+/// given. Only when that names no mount is `path` resolved in full (a
+/// symlink to a mountpoint).
 pub fn at(path: &Path) -> Option<MountEntry> {
-    let p = resolve(path);
-    read().into_iter().rev().find(|e| e.mountpoint == p)
+    let table = read();
+    let top = |p: &Path| {
+        let here: Vec<&MountEntry> = table.iter().filter(|e| e.mountpoint == p).collect();
+        here.iter()
+            .find(|e| !here.iter().any(|o| o.parent == e.id))
+            .or(here.last())
+            .map(|e| (*e).clone())
+    };
+    top(&lexical(path)).or_else(|| path.canonicalize().ok().and_then(|c| top(&c)))
 }
 
 /// `path` made absolute with its parent's symlinks resolved, without
-/// touching `path` itself: a dead FUSE mount answers `stat` with ENOTCONN,
-/// so it cannot be canonicalized, yet it must still be found.
-pub fn resolve(path: &Path) -> PathBuf {
-    if let Ok(c) = path.canonicalize() {
-        return c;
-    }
+/// touching `path` itself.
+fn lexical(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => parent
@@ -144,14 +157,22 @@ fn uses(proc_dir: &Path, mountpoint: &Path) -> bool {
             }
         }
     }
-    // Mapped files: the path is everything from the sixth field on.
-    std::fs::read_to_string(proc_dir.join("maps")).is_ok_and(|maps| {
-        maps.lines().any(|l| {
-            l.splitn(6, ' ')
-                .nth(5)
-                .map(str::trim_start)
-                .is_some_and(|p| p.starts_with('/') && below(Path::new(p)))
-        })
+    // Mapped files: the path is everything from the sixth field on. A
+    // process stuck faulting a page of a stalled mount can hold its memory
+    // map locked: its maps are read on a thread given one second.
+    let maps_path = proc_dir.join("maps");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read_to_string(maps_path));
+    });
+    let Ok(Ok(maps)) = rx.recv_timeout(std::time::Duration::from_secs(1)) else {
+        return false;
+    };
+    maps.lines().any(|l| {
+        l.splitn(6, ' ')
+            .nth(5)
+            .map(str::trim_start)
+            .is_some_and(|p| p.starts_with('/') && below(Path::new(p)))
     })
 }
 

@@ -19,7 +19,11 @@ use crate::mountinfo::{self, MountEntry};
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Figures {
     pub mountpoint: PathBuf,
-    /// `answering`, `not yours` (another user's mount), or `no answer`.
+    /// The kernel's ID of the mount (`/proc/self/mountinfo`).
+    pub mount_id: Option<u64>,
+    /// `answering`; `not yours` (another user's mount); `not answering`
+    /// (its daemon is stuck or ending); `no status socket` (started with
+    /// another `XDG_STATE_HOME`, or by an older provenafs).
     pub state: String,
     /// UID that mounted it, from the mount table.
     pub owner_uid: Option<u32>,
@@ -48,34 +52,44 @@ pub struct Figures {
 /// socket when dropped.
 pub struct Server {
     path: PathBuf,
+    /// Device and inode of our socket file: a newer mount at the same
+    /// mountpoint may have replaced it, and its file is not ours to remove.
+    id: Option<(u64, u64)>,
+}
+
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
 /// Listens at `path` (see the module doc) on `rt`, answering with
-/// `figures()`. Errors: the socket cannot be made, or another live daemon
-/// answers there.
+/// `figures()`. A socket already there belongs to an earlier mount at the
+/// same mountpoint (one that died, or one just unmounted whose daemon is
+/// still ending: only one mount can be there at a time) and is replaced.
+/// Errors: the socket cannot be made.
 pub fn serve(
     path: PathBuf,
     figures: impl Fn() -> Figures + Send + Sync + 'static,
     rt: &tokio::runtime::Handle,
 ) -> Result<Server, String> {
     use std::os::unix::fs::PermissionsExt;
-    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-        return Err(format!(
-            "another provenafs daemon answers at {}",
-            path.display()
-        ));
-    }
-    // Left behind by a daemon that died: nobody answers there.
     let _ = std::fs::remove_file(&path);
     let std_listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
-    let server = Server { path: path.clone() };
+    let server = Server {
+        id: file_id(&path),
+        path: path.clone(),
+    };
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     std_listener
         .set_nonblocking(true)
@@ -103,16 +117,52 @@ pub fn serve(
     Ok(server)
 }
 
-/// Asks the daemon of `entry` for its figures (2 s at most).
-fn ask(entry: &MountEntry) -> Option<Figures> {
-    let path = crate::logfile::socket_path(&entry.mountpoint)?;
-    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+/// What asking a mount's daemon gave.
+enum Asked {
+    Answer(Box<Figures>),
+    /// No socket of ours for it: another user's mount, one started with
+    /// another state folder, or by an older provenafs.
+    NoSocket,
+    /// A socket, but no answer within 2 s (a stuck or ending daemon).
+    Silent,
+}
+
+/// Asks the daemon of `entry` for its figures, 2 s at most, whatever it
+/// does: a wedged daemon's full accept queue blocks even the connect, so
+/// the asking runs on a thread of its own.
+fn ask(entry: &MountEntry) -> Asked {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = entry.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ask_blocking(&e));
+    });
+    rx.recv_timeout(Duration::from_secs(2))
+        .unwrap_or(Asked::Silent)
+}
+
+fn ask_blocking(entry: &MountEntry) -> Asked {
+    let Some(path) = crate::logfile::socket_path(&entry.mountpoint) else {
+        return Asked::NoSocket;
+    };
+    let s = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) if !path.exists() => return Asked::NoSocket,
+        Err(_) => return Asked::Silent,
+    };
     let mut text = String::new();
-    s.take(1 << 20).read_to_string(&mut text).ok()?;
-    let f: Figures = serde_json::from_str(&text).ok()?;
-    // A socket of the same name may belong to a mount elsewhere.
-    (f.mountpoint == entry.mountpoint).then_some(f)
+    let read = s
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .and_then(|()| s.take(1 << 20).read_to_string(&mut text));
+    // Figures of another mount that was at this path (one lazily
+    // detached, still serving its last readers) are not this one's.
+    match (read, serde_json::from_str::<Figures>(&text)) {
+        // A socket of the same name may belong to a mount elsewhere.
+        (Ok(_), Ok(f)) if f.mountpoint == entry.mountpoint && f.mount_id == Some(entry.id) => {
+            Asked::Answer(Box::new(f))
+        }
+        (Ok(_), Ok(_)) => Asked::NoSocket,
+        _ => Asked::Silent,
+    }
 }
 
 /// Runs `provenafs status [MOUNTPOINT] [--json]`; returns what to print.
@@ -124,8 +174,8 @@ pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<String, String> {
         .filter(MountEntry::is_provenafs)
         .collect();
     if let Some(mp) = mountpoint {
-        let want = mountinfo::resolve(mp);
-        mounts.retain(|m| m.mountpoint == want);
+        let want = mountinfo::at(mp).map(|e| e.mountpoint);
+        mounts.retain(|m| Some(&m.mountpoint) == want.as_ref());
         if mounts.is_empty() {
             return Err(format!("{} is not a provenafs mount", mp.display()));
         }
@@ -134,22 +184,23 @@ pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<String, String> {
     let me = unsafe { libc::getuid() };
     let rows: Vec<Figures> = mounts
         .iter()
-        .map(|m| match ask(m) {
-            Some(mut f) => {
-                f.state = "answering".into();
-                f.owner_uid = m.user_id();
-                f
-            }
-            None => Figures {
+        .map(|m| {
+            let state = match ask(m) {
+                Asked::Answer(mut f) => {
+                    f.state = "answering".into();
+                    f.owner_uid = m.user_id();
+                    return *f;
+                }
+                _ if m.user_id().is_some_and(|u| u != me) => "not yours",
+                Asked::Silent => "not answering",
+                Asked::NoSocket => "no status socket",
+            };
+            Figures {
                 mountpoint: m.mountpoint.clone(),
-                state: if m.user_id().is_some_and(|u| u != me) {
-                    "not yours".into()
-                } else {
-                    "no answer".into()
-                },
+                state: state.into(),
                 owner_uid: m.user_id(),
                 ..Figures::default()
-            },
+            }
         })
         .collect();
     if json {

@@ -20,6 +20,20 @@ fn data() -> tempfile::TempDir {
     d
 }
 
+/// Unmounts (lazily) whatever provenafs mount is left at a path when a
+/// test ends, passed or failed: a failed test leaks no mount.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["unmount", "--lazy"])
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -125,6 +139,26 @@ fn a_busy_mount_is_named_not_detached_unless_lazy() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    // Another user may not unmount it (and is told whose it is).
+    let m3 = sim.mount(&[]);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "unmount",
+        ])
+        .arg(m3.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("not your mount (mounted by uid 0)"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(is_mounted(m3.path()));
     // An idle mount unmounts plainly.
     let m2 = sim.mount(&[]);
     let out = sim.run(&mut sim.command(&["unmount", m2.path().to_str().unwrap()]));
@@ -139,9 +173,15 @@ fn a_wrong_api_url_fails_at_once_with_nothing_mounted() {
     }
     let sim = Sim::start(data(), &[]);
     let api = sim.env["PROVENA_API_URL"].clone();
-    // Nothing listening; a wrong path on the right host (HTTP 404).
-    for url in ["http://127.0.0.1:9".to_string(), format!("{api}/v2")] {
+    // Nothing listening; a wrong path on the right host (HTTP 404); an
+    // S3 endpoint where nothing listens.
+    for (var, url) in [
+        ("PROVENA_API_URL", "http://127.0.0.1:9".to_string()),
+        ("PROVENA_API_URL", format!("{api}/v2")),
+        ("PROVENA_S3_ENDPOINT", "http://127.0.0.1:9".to_string()),
+    ] {
         let mnt = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(mnt.path().to_path_buf());
         let t = Instant::now();
         let mut c = sim.command(&[
             "mount",
@@ -150,7 +190,7 @@ fn a_wrong_api_url_fails_at_once_with_nothing_mounted() {
             "5",
         ]);
         // As a user runs it: the default log level.
-        c.env("PROVENA_API_URL", &url).env_remove("RUST_LOG");
+        c.env(var, &url).env_remove("RUST_LOG");
         let out = sim.run(&mut c);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{url}: {err}");
@@ -172,6 +212,7 @@ fn a_foreground_mount_goes_with_its_terminal() {
     }
     let sim = Sim::start(data(), &[]);
     let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(mnt.path().to_path_buf());
     let log = mnt.path().with_extension("log");
     sim.scan_log(&log);
     let mut child = sim
@@ -249,6 +290,7 @@ fn two_mounts_started_together_never_stack() {
     let sim = Sim::start(data(), &[]);
     for round in 0..3 {
         let mnt = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(mnt.path().to_path_buf());
         let mp = mnt.path().to_str().unwrap();
         let kids: Vec<Child> = (0..2)
             .map(|_| {
@@ -290,6 +332,7 @@ fn the_daemon_pins_no_folder_and_shows_in_df_and_findmnt() {
     let sim = Sim::start(data(), &[]);
     let start = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(mnt.path().to_path_buf());
     let log = mnt.path().with_extension("log");
     sim.scan_log(&log);
     // Started from a folder, with a relative mountpoint.
@@ -529,6 +572,7 @@ fn a_background_mount_logs_to_a_private_file_and_says_where() {
     }
     let sim = Sim::start(data(), &["--deny", "10378.1/3"]);
     let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(mnt.path().to_path_buf());
     let mp = mnt.path().to_str().unwrap();
     let out = sim.run(&mut sim.command(&["mount", mp]));
     assert!(out.status.success(), "{}", stderr_of(&out));
@@ -561,4 +605,112 @@ fn a_background_mount_logs_to_a_private_file_and_says_where() {
     assert_eq!(list[0]["log_file"], log.to_str().unwrap());
     let out = sim.run(&mut sim.command(&["unmount", mp]));
     assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+#[test]
+fn a_quick_remount_answers_status_and_nohup_keeps_a_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(mnt.path().to_path_buf());
+    let mp = mnt.path().to_str().unwrap();
+    let log = mnt.path().with_extension("log");
+    sim.scan_log(&log);
+    let mount = |extra: &[&str]| {
+        let mut args = vec!["mount", mp, "--log-file", log.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        sim.command(&args)
+    };
+    // Unmounted and mounted again at once: the new daemon answers status,
+    // not the old one on its way out.
+    for _ in 0..3 {
+        let out = sim.run(&mut mount(&[]));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let out = sim.run(&mut sim.command(&["unmount", mp]));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    let out = sim.run(&mut mount(&[]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let daemons = || {
+        let found = Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("provenafs mount {mp} "))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&found.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .collect::<Vec<u64>>()
+    };
+    // The old daemons end within seconds of their unmount.
+    wait_until("one daemon left", 10, || daemons().len() == 1);
+    let pid = daemons()[0];
+    let list = status_json(&sim, &[mp]);
+    assert_eq!(list[0]["state"], "answering", "{list:?}");
+    assert_eq!(list[0]["pid"], pid);
+    let out = sim.run(&mut sim.command(&["unmount", mp]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    wait_until("unmounted", 5, || !is_mounted(mnt.path()));
+
+    // Under nohup a foreground mount outlives its terminal (SIGHUP).
+    let template = sim.command(&[]);
+    let mut nohup = Command::new("nohup");
+    nohup
+        .args([BIN, "mount", mp, "--foreground", "--log-file"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in template.get_envs() {
+        if let Some(v) = v {
+            nohup.env(k, v);
+        }
+    }
+    let mut child = nohup.spawn().unwrap();
+    wait_until("mounted", 20, || mnt.path().join("10378.1").exists());
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "nohup'd mount ended on SIGHUP"
+    );
+    assert!(mnt.path().join("10378.1").exists());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!is_mounted(mnt.path()));
+}
+
+#[test]
+fn a_stopping_daemon_never_unmounts_what_covers_its_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let m = sim.mount(&[]);
+    let mp = m.path().to_str().unwrap().to_string();
+    let pid = m.daemon_pid();
+    // An admin mounts something else over it...
+    let out = sh(&format!("mount -t tmpfs provenafs-test-cover '{mp}'"));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    std::fs::write(m.join("mine"), b"keep").unwrap();
+    // ...and then the daemon is stopped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until("the daemon ended", 10, || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(m.join("mine")).unwrap(),
+        b"keep",
+        "the covering tmpfs was unmounted"
+    );
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(log.contains("another mount now covers"), "{log}");
+    assert!(sh(&format!("umount '{mp}'")).status.success());
+    // What is left underneath is a dead provenafs mount, which unmount clears.
+    let out = sim.run(&mut sim.command(&["unmount", &mp]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!is_mounted(m.path()));
 }

@@ -287,10 +287,13 @@ fn demo_serves_the_sample_data_until_interrupted() {
     }
     let mnt = tempfile::tempdir().unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
+    // The checksums alone on standard output: `demo DIR > sums` keeps
+    // what `sha256sum -c sums` checks.
+    let out = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(BIN)
         .args(["demo", mnt.path().to_str().unwrap()])
         .env_remove("RRAP_OFFLINE_TOKEN")
-        .stdout(Stdio::null())
+        .stdout(Stdio::from(out.reopen().unwrap()))
         .stderr(Stdio::from(log.reopen().unwrap()))
         .spawn()
         .unwrap();
@@ -310,21 +313,23 @@ fn demo_serves_the_sample_data_until_interrupted() {
     // It says when it is ready, and the checksums it prints are the mount's.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut said = String::new();
-    while !said.contains("ready, mounted at") || !said.contains("hello.txt\n") {
+    let mut printed = String::new();
+    while !said.contains("ready, mounted at") || !printed.contains("hello.txt\n") {
         assert!(
             Instant::now() < deadline,
             "demo never said it is ready: {said}"
         );
         std::thread::sleep(Duration::from_millis(50));
         said = std::fs::read_to_string(log.path()).unwrap();
+        printed = std::fs::read_to_string(out.path()).unwrap();
     }
     let mp = mnt.path().to_str().unwrap();
     assert!(said.contains(&format!("ready, mounted at {mp}")), "{said}");
-    let sums: Vec<&str> = said
-        .lines()
-        .filter(|l| l.len() > 66 && l.as_bytes()[64] == b' ' && l.contains(mp))
-        .collect();
-    assert_eq!(sums.len(), 4, "{said}");
+    let sums: Vec<&str> = printed.lines().collect();
+    assert_eq!(sums.len(), 4, "{printed}");
+    assert!(sums
+        .iter()
+        .all(|l| l.len() > 66 && l.as_bytes()[64] == b' ' && l.contains(mp)));
     for line in sums {
         let (sum, path) = line.split_once("  ").unwrap();
         assert_eq!(sha256(Path::new(path)), sum, "{path}");

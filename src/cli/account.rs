@@ -98,6 +98,22 @@ pub(super) fn logout(a: LogoutArgs) -> Result<(), Exit> {
     let file = config::load(a.identity.config.as_deref())?;
     let (e, insecure) = endpoints(&a.identity, None, None, &file);
     let realm = e.auth_url.clone();
+    // A token of another deployment or realm: that identity service would
+    // answer `invalid_grant` here too, which must not pass for "already
+    // invalid". The file is kept for a logout against the right one.
+    if let Some(iss) = config::read_stored_token(&p)
+        .ok()
+        .and_then(|t| crate::auth::token_claims(t.trim()))
+        .and_then(|c| c.get("iss").and_then(|i| i.as_str()).map(str::to_string))
+    {
+        if iss.trim_end_matches('/') != realm.trim_end_matches('/') {
+            return Err(format!(
+                "the stored token was issued by {iss}, not {realm}: nothing revoked or removed; \
+                 run `provenafs logout --auth-url {iss}`"
+            )
+            .into());
+        }
+    }
     let revoked: Result<Revocation, String> = (|| {
         config::check_endpoint("--auth-url", &e.auth_url, insecure)?;
         let token = config::read_stored_token(&p)?;

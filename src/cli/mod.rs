@@ -674,6 +674,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
         logs_to_file: false,
         explicit_modes: file_mode.is_some() || dir_mode.is_some(),
         log_file: None,
+        announce: false,
     };
     Ok((cfg, c.origin))
 }
@@ -874,7 +875,22 @@ fn run(command: Command) -> Result<(), Exit> {
 /// Whether systemd runs us with its journal on standard error (a service
 /// unit): logs then stay there.
 fn under_systemd() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("NOTIFY_SOCKET").is_some()
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        return true;
+    }
+    // JOURNAL_STREAM is inherited by every shell of a desktop session; it
+    // means "stderr is the journal" only while stderr is that stream
+    // (systemd.exec(5): compare its device and inode).
+    let Some(v) = std::env::var("JOURNAL_STREAM").ok() else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino)
 }
 
 /// Creates `dir` (and its parents) readable by its owner only: a log
@@ -902,7 +918,9 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     // The parent of a background mount computes the same place as the
     // detached child it starts, to tell the user where the logs are.
     let background = !a.foreground || mount::is_detached_child();
-    let journal = under_systemd();
+    // Only a foreground mount keeps a journal on its stderr: a detached
+    // child's stderr goes to /dev/null once it is mounted.
+    let journal = !background && under_systemd();
     let default_log = if explicit_log.is_none() && background && !journal {
         crate::logfile::default_path(&cfg.mountpoint)
     } else {
@@ -921,6 +939,7 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     let log_path = explicit_log.or(default_log.clone());
     cfg.logs_to_file = log_path.is_some();
     cfg.log_file = log_path.clone();
+    cfg.announce = a.foreground && !mount::is_detached_child();
     if !a.foreground {
         // Check what can be checked before detaching, for a fast answer.
         mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;

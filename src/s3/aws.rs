@@ -119,6 +119,7 @@ impl StoreFactory for AwsFactory {
             attempts: self.config.attempts.max(1),
             stall: stall_timeout(self.config.request_timeout),
             counters: self.counters.clone(),
+            endpoint: endpoint_url(&self.config),
         })
     }
 }
@@ -131,6 +132,8 @@ pub struct AwsObjectStore {
     /// An attempt without progress for this long has stalled.
     stall: Duration,
     counters: Arc<S3Counters>,
+    /// Named in network errors: which S3 could not be reached.
+    endpoint: String,
 }
 
 impl AwsObjectStore {
@@ -183,9 +186,43 @@ impl AwsObjectStore {
                     warn!(what, attempt, error = %e, "S3 request failed, retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
+                Err(S3Error::Network(m)) => {
+                    return Err(S3Error::Network(format!("{m} (S3 at {})", self.endpoint)))
+                }
                 Err(e) => return Err(out_of_time(e)),
             }
         }
+    }
+}
+
+/// The S3 endpoint `config` names: `--s3-endpoint`, else AWS S3 of the region.
+pub fn endpoint_url(config: &S3Config) -> String {
+    match &config.endpoint {
+        Some(e) => e.clone(),
+        None => format!("https://s3.{}.amazonaws.com", config.region),
+    }
+}
+
+/// Whether anything answers HTTP at the S3 endpoint: one unsigned `HEAD /`
+/// (any status will do; it costs the data store nothing), so a mount with
+/// a wrong `--s3-endpoint` fails before mounting, not at every read.
+/// Errors: one line naming the endpoint.
+pub async fn probe(config: &S3Config) -> Result<(), String> {
+    let url = endpoint_url(config);
+    let http = crate::http::client()?;
+    let span = tracing::info_span!("s3_probe", url = %url);
+    let sent = http
+        .head(&url)
+        .timeout(stall_timeout(config.request_timeout))
+        .send()
+        .instrument(span)
+        .await;
+    match sent {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "cannot reach S3 at {url}: {} (check --s3-endpoint)",
+            crate::http::describe_reqwest(&e)
+        )),
     }
 }
 
