@@ -586,7 +586,8 @@ fn a_background_mount_logs_to_a_private_file_and_says_where() {
         .join("provenafs")
         .join(format!("{name}.log"));
     sim.scan_log(&log);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.stdout.is_empty());
+    let said = stderr_of(&out);
     assert_eq!(
         said,
         format!("provenafs: mounted at {mp}; logs in {}\n", log.display())

@@ -500,7 +500,8 @@ fn mount_takes_peer_flags_modes_and_handles_and_says_where_it_logs() {
         ])
         .current_dir(parent.path()),
     );
-    let said = ok(&out);
+    assert!(ok(&out).is_empty(), "standard output stays the caller's");
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         said.trim(),
         format!(

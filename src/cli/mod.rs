@@ -951,10 +951,10 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
                     (None, Some(why)) => format!("; not logging ({why}; use --log-file)"),
                     (None, None) => String::new(),
                 };
-                print_out(&format!(
-                    "provenafs: mounted at {}{logs}\n",
-                    cfg.mountpoint.display()
-                ))
+                // On standard error, as every other word of ours: a job
+                // script's standard output stays its own.
+                eprintln!("provenafs: mounted at {}{logs}", cfg.mountpoint.display());
+                Ok(())
             }
             Err(mount::MountError::ChildFailed(code)) => Err(Exit::Code(code)),
             Err(e) => Err(e.to_string().into()),
