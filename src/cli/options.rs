@@ -16,8 +16,20 @@ use std::ffi::OsString;
 
 /// Subcommands; anything else in first position is the mount(8) form.
 const SUBCOMMANDS: &[&str] = &[
-    "mount", "unmount", "status", "login", "logout", "whoami", "datasets", "ls", "generate", "sim",
-    "demo", "help",
+    "mount",
+    "unmount",
+    "status",
+    "login",
+    "logout",
+    "whoami",
+    "datasets",
+    "ls",
+    "generate",
+    "credentials",
+    "url",
+    "sim",
+    "demo",
+    "help",
 ];
 
 /// Generic mount(8) / fstab / systemd options that need no action here.
