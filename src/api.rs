@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use thiserror::Error;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::{AuthError, TokenSource};
 use crate::http::describe_reqwest;
@@ -24,7 +24,8 @@ use crate::wire::{
 pub struct ApiConfig {
     /// Base URL, e.g. `https://data-api.mds.gbrrestoration.org`.
     pub base_url: String,
-    /// Registry list page size.
+    /// Registry list page size (`--registry-page-size`; Provena's own
+    /// clients ask for 20).
     pub page_size: u32,
     /// Attempts for transient failures (5xx, resets) per call, all within
     /// the call's deadline.
@@ -37,7 +38,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             base_url: "https://data-api.mds.gbrrestoration.org".into(),
-            page_size: 100,
+            page_size: 20,
             attempts: 4,
             request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
         }
@@ -111,6 +112,21 @@ fn is_refusal(detail: &str) -> bool {
     REFUSALS.iter().any(|r| detail.contains(r))
 }
 
+/// The registry as listed: every dataset that could be read, and why the
+/// listing stopped early if it did.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub items: Vec<ItemDataset>,
+    /// Set when a page could not be read (see
+    /// [`DataStoreClient::list_datasets_counted`]).
+    pub incomplete: Option<String>,
+}
+
+/// A registry page the service cannot serve: a record on it does not parse.
+fn is_bad_page(e: &ApiError) -> bool {
+    matches!(e, ApiError::Http { status: 400, .. })
+}
+
 /// Read credentials as issued, with the service's clock at that moment
 /// (its `Date` header), so their lifetime can be told on a wrong local clock.
 pub struct IssuedCredentials {
@@ -174,33 +190,67 @@ impl DataStoreClient {
     }
 
     /// Every dataset the user may see, all pages; each page is bounded by
-    /// the request timeout on its own.
+    /// the request timeout on its own. What could not be listed is logged
+    /// (see [`list_datasets_counted`](Self::list_datasets_counted)).
     pub async fn list_datasets(&self) -> Result<Vec<ItemDataset>, ApiError> {
-        self.list_datasets_counted(&mut |_| {}).await
+        Ok(self.list_datasets_counted(&mut |_| {}).await?.items)
     }
 
     /// [`list_datasets`](Self::list_datasets), telling `on_page` the number
     /// of datasets fetched so far after each page (a progress counter).
+    ///
+    /// Gentle on the registry (source: `../shared/docs/provena-api.md`):
+    /// pages of `page_size` (20, as Provena's own clients ask); a page that
+    /// times out or answers 5xx (after the usual retries) is asked again
+    /// with half the page size, down to one item. A page that answers 400
+    /// holds a record the service cannot parse; it is narrowed down the
+    /// same way so that every record before the bad one is listed, and the
+    /// listing ends there: the next page's key comes only with a page that
+    /// answers, so nothing past the bad record can be reached. That is
+    /// reported in [`Listing::incomplete`] and logged once; datasets
+    /// reachable by handle still work.
     pub async fn list_datasets_counted(
         &self,
         on_page: &mut (dyn FnMut(usize) + Send),
-    ) -> Result<Vec<ItemDataset>, ApiError> {
+    ) -> Result<Listing, ApiError> {
         let span = info_span!("list_datasets");
         async {
+            let full = self.config.page_size.max(1);
+            let mut size = full;
             let mut out = Vec::new();
             let mut key: Option<serde_json::Value> = None;
             let mut pages = 0u32;
+            let mut incomplete = None;
             loop {
                 let body = serde_json::to_value(ListRequest {
-                    page_size: self.config.page_size,
-                    pagination_key: key.take(),
+                    page_size: size,
+                    pagination_key: key.clone(),
                     sort_by: None,
                 })
                 .map_err(|e| ApiError::Malformed(e.to_string()))?;
                 let deadline = Deadline::after(self.config.request_timeout);
-                let (r, _): (ListResponse, _) = self
+                let answer: Result<(ListResponse, _), ApiError> = self
                     .call("/registry/items/list", Method::Post(body), "", deadline)
-                    .await?;
+                    .await;
+                let r = match answer {
+                    Ok((r, _)) => r,
+                    Err(e) if size > 1 && (e.is_transient() || e.is_timeout() || is_bad_page(&e)) => {
+                        size = (size / 2).max(1);
+                        info!(error = %e, page_size = size, "registry page failed; asking again with half the page size");
+                        continue;
+                    }
+                    Err(e) if is_bad_page(&e) => {
+                        let why = format!(
+                            "a registry record after the first {} datasets cannot be read by the data store ({e}); \
+                             the datasets past it are not listed (each still opens by its handle)",
+                            out.len()
+                        );
+                        warn!("{why}");
+                        incomplete = Some(why);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if !r.status.success {
                     return Err(ApiError::Http {
                         status: 200,
@@ -210,6 +260,8 @@ impl DataStoreClient {
                 pages += 1;
                 out.extend(r.items);
                 on_page(out.len());
+                // Short and even empty pages come with a key while more
+                // follow: only a missing key ends the listing.
                 match r.pagination_key {
                     Some(k) if !k.is_null() => key = Some(k),
                     _ => break,
@@ -219,7 +271,10 @@ impl DataStoreClient {
                 }
             }
             debug!(pages, datasets = out.len(), "registry listed");
-            Ok(out)
+            Ok(Listing {
+                items: out,
+                incomplete,
+            })
         }
         .instrument(span)
         .await
@@ -278,6 +333,10 @@ impl DataStoreClient {
             Err(e @ (ApiError::TimedOut(_) | ApiError::Stalled(_))) => Err(ApiError::Unusable(format!(
                 "the data store API at {base} did not answer within --request-timeout ({e})"
             ))),
+            // The data store's words for a token without roles.
+            Err(ApiError::PermissionDenied(d)) if d.contains("incorrect structure") => {
+                Err(ApiError::Auth(AuthError::NoRoles))
+            }
             Err(ApiError::PermissionDenied(d)) => Err(ApiError::Unusable(format!(
                 "the data store API at {base} refused the token: {d}"
             ))),

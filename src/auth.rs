@@ -68,6 +68,11 @@ impl AuthConfig {
 pub enum AuthError {
     #[error("the offline token was rejected by the identity service ({0}); create a new one with `provenafs login`")]
     Rejected(String),
+    /// The token carries no roles (it was created without the `roles`
+    /// scope), and the data store refuses every call made with it (source:
+    /// `../shared/docs/provena-api.md`, "Token had incorrect structure").
+    #[error("the offline token was created without the `roles` scope, and the data store refuses such tokens; run `provenafs login` for a new one (it asks for `offline_access roles`)")]
+    NoRoles,
     #[error("the identity service at {url} answered HTTP {status} (check --auth-url)")]
     Http { status: u16, url: String },
     #[error("cannot reach the identity service at {url}: {reason}")]
@@ -87,7 +92,10 @@ impl AuthError {
         match self {
             AuthError::Http { status, .. } => *status >= 500 || *status == 429,
             AuthError::Unreachable { .. } | AuthError::Stalled(_) => true,
-            AuthError::Rejected(_) | AuthError::Malformed(_) | AuthError::TimedOut(_) => false,
+            AuthError::Rejected(_)
+            | AuthError::NoRoles
+            | AuthError::Malformed(_)
+            | AuthError::TimedOut(_) => false,
         }
     }
 }

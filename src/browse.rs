@@ -69,7 +69,12 @@ pub async fn datasets(
         .list_datasets_counted(&mut |n| pb.set_message(format!("{n} datasets fetched")))
         .await;
     pb.finish_and_clear();
-    let mut items = listed.map_err(|e| e.to_string())?;
+    let listed = listed.map_err(|e| e.to_string())?;
+    if let Some(why) = &listed.incomplete {
+        // One line, on standard error: the table or JSON stays clean.
+        eprintln!("provenafs: listing incomplete: {why}");
+    }
+    let mut items = listed.items;
     if let Some(s) = search {
         items.retain(|i| matches(i, s));
     }

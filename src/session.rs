@@ -31,10 +31,18 @@ impl Session {
         let http = crate::http::client().map_err(AuthErrorOr::Other)?;
         let deadline = Deadline::after(auth.request_timeout);
         let tokens = Arc::new(TokenSource::new(http.clone(), auth, token));
-        tokens
+        let access = tokens
             .access_token(deadline)
             .await
             .map_err(AuthErrorOr::Auth)?;
+        // An access token without `realm_access` comes from an offline
+        // token created without the `roles` scope; Keycloak 16 does not add
+        // it on refresh, and the data store refuses every call with it.
+        if crate::auth::token_claims(access.expose())
+            .is_some_and(|c| !c.contains_key("realm_access"))
+        {
+            return Err(AuthErrorOr::Auth(AuthError::NoRoles));
+        }
         let api = Arc::new(DataStoreClient::new(http, api, tokens));
         let stores = Arc::new(AwsFactory::new(s3, api.clone()));
         Ok(Session { api, stores })

@@ -68,6 +68,10 @@ pub struct ApiArgs {
     /// [default: 30].
     #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<u64>,
+    /// Datasets per registry page [default: 20, as Provena's own clients
+    /// ask]; a page that fails is asked again with half as many.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub registry_page_size: Option<u32>,
 }
 
 /// How to reach S3.
@@ -288,6 +292,14 @@ pub struct MountArgs {
     /// Seconds listings and attributes are trusted before asking again [default: 60].
     #[arg(long)]
     pub metadata_ttl: Option<u64>,
+    /// Seconds the registry listing (the datasets at the root) is trusted
+    /// [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub registry_ttl: Option<u64>,
+    /// Seconds listings and attributes of RELEASED and PENDING datasets
+    /// (whose data no longer changes) are trusted [default: 86400].
+    #[arg(long, value_name = "SECS")]
+    pub released_ttl: Option<u64>,
     /// FUSE worker threads [default: 16].
     #[arg(long)]
     pub max_threads: Option<usize>,
@@ -399,6 +411,7 @@ struct Connect {
     token: Secret,
     origin: TokenOrigin,
     request_timeout: Duration,
+    registry_page_size: u32,
 }
 
 /// The endpoints as flags and environment gave them (the groups a command
@@ -445,6 +458,11 @@ fn connect_settings(
         token,
         origin,
         request_timeout: Duration::from_secs(secs),
+        registry_page_size: api
+            .registry_page_size
+            .or(file.registry_page_size)
+            .unwrap_or(ApiConfig::default().page_size)
+            .clamp(1, 1000),
     })
 }
 
@@ -461,6 +479,14 @@ fn token_error(e: AuthError, origin: &TokenOrigin) -> String {
         AuthError::Rejected(why) => format!(
             "the offline token from {origin} was rejected by the identity service ({why}); {}",
             origin.fix()
+        ),
+        AuthError::NoRoles => format!(
+            "the offline token from {origin} was created without the `roles` scope, and the data \
+             store refuses such tokens; {} (`provenafs login` asks for `offline_access roles`)",
+            match origin {
+                TokenOrigin::Stored(_) => "run `provenafs login` for a new one".to_string(),
+                _ => origin.fix(),
+            }
         ),
         e => e.to_string(),
     }
@@ -527,7 +553,8 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
     let c = connect_settings(&a.identity, &a.token, &a.api, Some(&a.s3), file)?;
     let request_timeout = c.request_timeout;
     let metadata_ttl = Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60));
-    let (auth, api, mut s3) = client_configs(c.endpoints, request_timeout);
+    let (auth, mut api, mut s3) = client_configs(c.endpoints, request_timeout);
+    api.page_size = c.registry_page_size;
     // A dataset the user may not read is refused from memory as long as
     // anything else is trusted.
     s3.refusal_ttl = metadata_ttl;
@@ -582,6 +609,10 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
         s3,
         tree: TreeConfig {
             metadata_ttl,
+            registry_ttl: Duration::from_secs(a.registry_ttl.or(file.registry_ttl).unwrap_or(600)),
+            released_ttl: Duration::from_secs(
+                a.released_ttl.or(file.released_ttl).unwrap_or(24 * 3600),
+            ),
             datasets: (!datasets.is_empty()).then_some(datasets),
             by_name: a.by_name || file.by_name.unwrap_or(false),
             request_timeout,
@@ -990,7 +1021,8 @@ async fn connect(
 ) -> Result<Session, String> {
     let file = config::load(id.config.as_deref())?;
     let s = connect_settings(id, token, api, s3, &file)?;
-    let (auth, api, s3) = client_configs(s.endpoints, s.request_timeout);
+    let (auth, mut api, s3) = client_configs(s.endpoints, s.request_timeout);
+    api.page_size = s.registry_page_size;
     Session::connect(s.token, auth, api, s3)
         .await
         .map_err(|e| session_error(e, &s.origin))

@@ -493,7 +493,7 @@ impl Filesystem for ProvenaFs {
         };
         let tree = self.tree.clone();
         let cfg = self.cfg.clone();
-        let ttl = self.tree.ttl();
+        let neg_ttl = self.tree.negative_ttl();
         let deadline = self.work_deadline();
         let span = info_span!("lookup", parent = parent.0, name = %name);
         self.run(
@@ -503,15 +503,17 @@ impl Filesystem for ProvenaFs {
             reply,
             async move {
                 match tree.lookup(parent.0, &name, deadline).await {
-                    Ok(a) => Ok(Some(a)),
+                    Ok(a) => Ok(Some((a, tree.ttl(a.ino)))),
                     Err(FsError::NotFound) => Ok(None),
                     Err(e) => Err(e),
                 }
             },
             move |reply, found| match found {
-                Some(a) => reply.entry(&ttl, &fuse_attr(&cfg, &a), Generation(0)),
+                // Names and attributes inside a released dataset are kept
+                // by the kernel for the released TTL.
+                Some((a, ttl)) => reply.entry(&ttl, &fuse_attr(&cfg, &a), Generation(0)),
                 // A negative entry the kernel caches for the TTL.
-                None => reply.entry(&ttl, &negative_attr(&cfg), Generation(0)),
+                None => reply.entry(&neg_ttl, &negative_attr(&cfg), Generation(0)),
             },
         );
     }
@@ -527,7 +529,7 @@ impl Filesystem for ProvenaFs {
         self.ops.getattr.fetch_add(1, Ordering::Relaxed);
         let _s = info_span!("getattr", ino = ino.0).entered();
         match self.tree.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.tree.ttl(), &self.attr(&a)),
+            Ok(a) => reply.attr(&self.tree.ttl(ino.0), &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -715,7 +717,8 @@ impl Filesystem for ProvenaFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let cfg = self.cfg.clone();
-        let ttl = self.tree.ttl();
+        // The folder's TTL serves its entries: they share its dataset.
+        let ttl = self.tree.ttl(ino.0);
         let tree = self.tree.clone();
         let from = offset.saturating_sub(2) as usize;
         let plus = Plus { cfg, ttl, dot };

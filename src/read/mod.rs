@@ -893,8 +893,8 @@ mod tests {
             prefix: "".into(),
             updated: std::time::UNIX_EPOCH,
             name: None,
+            released: false,
             store,
-            prepared: Default::default(),
         });
         FileRef { dataset: ds, meta }
     }

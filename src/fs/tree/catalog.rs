@@ -11,7 +11,6 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,9 +52,10 @@ pub struct Dataset {
     pub updated: SystemTime,
     /// Human-readable name from the registry, for `by-name/`.
     pub name: Option<String>,
+    /// `RELEASED` or `PENDING` (release requested): its data no longer
+    /// changes, so what is known of it is trusted for `--released-ttl`.
+    pub released: bool,
     pub store: Arc<dyn ObjectStore>,
-    /// Read credentials were asked for ahead of the first listing.
-    pub prepared: AtomicBool,
 }
 
 type Listed = Result<Arc<BTreeSet<String>>, FsError>;
@@ -159,7 +159,10 @@ impl Catalog {
             store: self.stores.open(&item.id, &item.s3.bucket_name),
             prefix,
             name: item.name().map(str::to_string),
-            prepared: Default::default(),
+            released: matches!(
+                item.release_status.as_deref(),
+                Some("RELEASED") | Some("PENDING")
+            ),
             updated: item
                 .updated_timestamp
                 .or(item.created_timestamp)
@@ -269,8 +272,8 @@ pub(crate) mod tests {
             prefix: format!("datasets/{}/", handle.replace(['.', '/'], "-")),
             updated: UNIX_EPOCH,
             name: None,
+            released: false,
             store: Arc::new(MemoryStore::new()),
-            prepared: Default::default(),
         })
     }
 }

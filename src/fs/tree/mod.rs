@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::names;
 use super::FsError;
@@ -49,6 +49,12 @@ pub const BY_NAME: &str = "by-name";
 pub struct TreeConfig {
     /// How long listings, attributes and negative lookups are trusted.
     pub metadata_ttl: Duration,
+    /// How long listings and attributes of a released (or pending)
+    /// dataset are trusted: its data no longer changes.
+    pub released_ttl: Duration,
+    /// How long the registry listing (the datasets shown at the root) is
+    /// trusted.
+    pub registry_ttl: Duration,
     /// Keys per ListObjectsV2 page.
     pub list_page_size: i32,
     /// Only these handles exist (`--dataset`); the registry is never listed.
@@ -63,6 +69,8 @@ impl Default for TreeConfig {
     fn default() -> Self {
         Self {
             metadata_ttl: Duration::from_secs(60),
+            released_ttl: Duration::from_secs(24 * 3600),
+            registry_ttl: Duration::from_secs(600),
             list_page_size: 1000,
             datasets: None,
             by_name: false,
@@ -81,9 +89,17 @@ pub struct FileRef {
 /// A complete listing of a folder.
 struct Listing {
     at: Instant,
+    /// How long it is trusted (longer for a released dataset).
+    ttl: Duration,
     /// Stamp of when it started: names not confirmed since are gone.
     started: u64,
     stream: Arc<DirStream>,
+}
+
+impl Listing {
+    fn fresh(&self) -> bool {
+        self.at.elapsed() < self.ttl
+    }
 }
 
 /// What is known of a folder's contents as a whole.
@@ -144,7 +160,7 @@ impl Tree {
         let catalog = Arc::new(Catalog::new(
             registry,
             stores,
-            cfg.metadata_ttl,
+            cfg.registry_ttl,
             cfg.datasets.clone(),
             mounted_at,
         ));
@@ -162,8 +178,30 @@ impl Tree {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    /// How long the kernel may keep `ino`'s attributes and name: the
+    /// released TTL inside a released dataset, else the metadata TTL.
+    pub fn ttl(&self, ino: u64) -> Duration {
+        let st = self.state();
+        self.ttl_of(st.inodes.get(ino).map(|n| &n.kind))
+    }
+
+    /// How long the kernel may remember that a name does not exist.
+    pub fn negative_ttl(&self) -> Duration {
         self.cfg.metadata_ttl
+    }
+
+    pub(crate) fn ttl_of(&self, kind: Option<&Kind>) -> Duration {
+        let released = match kind {
+            Some(Kind::Dataset(ds))
+            | Some(Kind::Folder { ds, .. })
+            | Some(Kind::File { ds, .. }) => ds.released,
+            _ => false,
+        };
+        if released {
+            self.cfg.released_ttl.max(self.cfg.metadata_ttl)
+        } else {
+            self.cfg.metadata_ttl
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -181,15 +219,11 @@ impl Tree {
         Deadline::after(self.cfg.request_timeout)
     }
 
-    fn fresh(&self, at: Instant) -> bool {
-        at.elapsed() < self.cfg.metadata_ttl
-    }
-
     fn fresh_listing<'a>(&self, st: &'a State, dir: u64) -> Option<&'a Listing> {
         st.dirs
             .get(&dir)
             .and_then(|d| d.listing.as_ref())
-            .filter(|l| self.fresh(l.at))
+            .filter(|l| l.fresh())
     }
 
     /// Attributes of `ino`; ESTALE for an inode this mount does not know.
@@ -266,7 +300,9 @@ impl Tree {
                     }
                     other => other?,
                 };
-                self.prepare(&ds);
+                // No read credentials yet: a `stat` or `ls -l` of dataset
+                // folders needs none (the data store pays for each); the
+                // first listing or read inside asks for them.
                 let mut st = self.state();
                 let ino = st.inodes.install(parent, name, Kind::Dataset(ds), stamp);
                 Ok(Self::counted(&mut st, ino))
@@ -353,7 +389,6 @@ impl Tree {
                     return Err(FsError::NotFound);
                 }
                 if let Some(ds) = self.catalog.known(&handle) {
-                    self.prepare(&ds);
                     let stamp = self.stamp();
                     let ino = st.inodes.install(parent, name, Kind::Dataset(ds), stamp);
                     return Ok(Ok(Self::counted(st, ino)));
@@ -406,21 +441,6 @@ impl Tree {
         st.inodes
             .attr(ino)
             .unwrap_or_else(|| unreachable!("inode {ino} was just installed"))
-    }
-
-    /// Someone is about to look inside a dataset: fetch its read
-    /// credentials meanwhile (once; later ones come with the first request
-    /// that needs them).
-    fn prepare(&self, ds: &Arc<Dataset>) {
-        if !ds.prepared.swap(true, Ordering::Relaxed) {
-            let store = ds.store.clone();
-            let deadline = self.request_deadline();
-            tokio::spawn(async move {
-                if let Err(e) = store.prepare(deadline).await {
-                    debug!(error = %e, "read credentials not ready");
-                }
-            });
-        }
     }
 
     /// What `dir` + `name` is in S3: one LIST with the name as prefix
@@ -551,7 +571,7 @@ impl Tree {
             .filter(|(_, d)| {
                 d.listing
                     .as_ref()
-                    .is_some_and(|l| !self.fresh(l.at) && Arc::strong_count(&l.stream) == 1)
+                    .is_some_and(|l| !l.fresh() && Arc::strong_count(&l.stream) == 1)
             })
             .map(|(ino, _)| *ino)
             .collect();
