@@ -262,11 +262,7 @@ impl SimState {
                         "The authorization request is still pending",
                     );
                 }
-                let scope = id
-                    .devices
-                    .remove(code)
-                    .map(|d| d.scope)
-                    .unwrap_or_default();
+                let scope = id.devices.remove(code).map(|d| d.scope).unwrap_or_default();
                 drop(id);
                 let offline = self.new_offline_token(&scope);
                 self.issue_tokens(&offline, &scope)

@@ -477,17 +477,13 @@ fn s3_target(uri: &hyper::Uri) -> String {
 /// The region a SigV4 request was signed for: the third part of the
 /// credential scope (`AKID/DATE/REGION/s3/aws4_request`), from the
 /// `Authorization` header or a presigned URL's `X-Amz-Credential`.
-fn signed_region(req: &Request<Incoming>) -> Option<String> {
-    let scope = match req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-    {
+fn signed_region(headers: &hyper::HeaderMap, uri: &hyper::Uri) -> Option<String> {
+    let scope = match headers.get("authorization").and_then(|v| v.to_str().ok()) {
         Some(auth) => auth
             .split([' ', ','])
             .find_map(|p| p.trim().strip_prefix("Credential="))?
             .to_string(),
-        None => url::form_urlencoded::parse(req.uri().query()?.as_bytes())
+        None => url::form_urlencoded::parse(uri.query()?.as_bytes())
             .find(|(k, _)| k == "X-Amz-Credential")?
             .1
             .into_owned(),
@@ -500,7 +496,7 @@ fn signed_region(req: &Request<Incoming>) -> Option<String> {
 /// `x-amz-bucket-region`, and an XML body naming the bucket and endpoint.
 fn region_check(state: &SimState, req: &Request<Incoming>) -> Option<Response<Body>> {
     let home = state.faults.s3_region();
-    let signed = signed_region(req)?;
+    let signed = signed_region(req.headers(), req.uri())?;
     if home.is_empty() || signed == home {
         return None;
     }
@@ -796,4 +792,31 @@ async fn api_answer(
         _ => Reply::json(404, json!({"detail": "Not Found"})),
     };
     Ok(respond(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signed_region;
+
+    #[test]
+    fn the_signed_region_is_read_from_header_or_query() {
+        let mut h = hyper::HeaderMap::new();
+        let uri: hyper::Uri = "/b/k".parse().unwrap();
+        assert_eq!(signed_region(&h, &uri), None);
+        h.insert(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=ASIAX/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(signed_region(&h, &uri).as_deref(), Some("us-east-1"));
+        let presigned: hyper::Uri =
+            "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIAX%2F20260101%2Feu-west-1%2Fs3%2Faws4_request"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            signed_region(&hyper::HeaderMap::new(), &presigned).as_deref(),
+            Some("eu-west-1")
+        );
+    }
 }

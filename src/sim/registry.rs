@@ -253,7 +253,9 @@ impl SimState {
                 _ => after.clone(),
             };
             let mut k = match anchor {
-                Some((u, id)) => json!({"id": id, "universal_partition_key": "DATASET", "updated_timestamp": u}),
+                Some((u, id)) => {
+                    json!({"id": id, "universal_partition_key": "DATASET", "updated_timestamp": u})
+                }
                 None => json!({}),
             };
             if self.cfg.ragged_pages {
@@ -288,11 +290,15 @@ impl SimState {
         };
         if self.hidden(&ds.handle) {
             // The service fetches the record first, as the user.
-            self.stats.credentials_refused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .credentials_refused
+                .fetch_add(1, Ordering::Relaxed);
             return self.not_granted();
         }
         if self.denied(&ds.handle) {
-            self.stats.credentials_refused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .credentials_refused
+                .fetch_add(1, Ordering::Relaxed);
             return detail(
                 401,
                 "You do not have sufficient permissions to read from this dataset!",
@@ -319,7 +325,9 @@ impl SimState {
                 },
             );
         }
-        self.stats.credentials_issued.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .credentials_issued
+            .fetch_add(1, Ordering::Relaxed);
         Reply::json(
             200,
             json!({
@@ -333,5 +341,28 @@ impl SimState {
                 "console_session_url": null,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ragged_pages_are_full_half_and_empty_in_turn() {
+        let sizes: Vec<usize> = (0..6).map(|k| ragged(20, k)).collect();
+        assert_eq!(sizes, [20, 10, 0, 20, 10, 0]);
+        assert_eq!(
+            ragged(1, 2),
+            1,
+            "a page of one is never shortened to nothing"
+        );
+    }
+
+    #[test]
+    fn the_registry_order_is_newest_first_then_by_handle() {
+        let mut v = vec![(5, "b"), (9, "z"), (5, "a"), (1, "c")];
+        v.sort_by(|a, b| registry_order(*a, *b));
+        assert_eq!(v, [(9, "z"), (5, "a"), (5, "b"), (1, "c")]);
     }
 }
