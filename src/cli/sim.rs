@@ -20,7 +20,8 @@ pub struct SimArgs {
     pub env_file: Option<PathBuf>,
     #[arg(long, default_value_t = 300)]
     pub access_token_ttl: u64,
-    #[arg(long, default_value_t = 3600)]
+    /// Seconds read credentials last (the RRAP deployment's 8 hours).
+    #[arg(long, default_value_t = 28800)]
     pub credentials_ttl: u64,
     /// Largest page the registry list and ListObjectsV2 answer with.
     #[arg(long, default_value_t = 1000)]
@@ -28,6 +29,35 @@ pub struct SimArgs {
     /// Handles the user may see but not read (credentials answer 401).
     #[arg(long)]
     pub deny: Vec<String>,
+    /// Handles the user may not see: never listed; fetch-dataset and read
+    /// credentials answer 401 "Registry did not grant access to the dataset".
+    #[arg(long, value_name = "HANDLE")]
+    pub hidden: Vec<String>,
+    /// Registry pages come back short or empty (deterministically) while
+    /// `pagination_key` is non-null, as the real service's may.
+    #[arg(long)]
+    pub ragged_pages: bool,
+    /// The middle record of registry page N (pages of 20, newest first)
+    /// cannot be parsed: every list request reading it answers 400 (also
+    /// `POST /_sim/faults?fail_list_page=N`; 0 clears).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fail_list_page: u64,
+    /// Scopes of the printed offline token; without `roles` every data
+    /// store call with its access tokens answers 401 "Token had incorrect
+    /// structure.".
+    #[arg(long, value_name = "SCOPES", default_value = crate::sim::DEFAULT_OFFLINE_SCOPE)]
+    pub offline_token_scope: String,
+    /// Region the bucket lives in: S3 requests signed for another region
+    /// answer 301 PermanentRedirect with `x-amz-bucket-region` (also
+    /// `POST /_sim/faults?s3_region=R`; empty accepts any region).
+    #[arg(long, value_name = "REGION", default_value = crate::sim::DEFAULT_BUCKET_REGION)]
+    pub s3_bucket_region: String,
+    /// S3 requests whose key (or listing prefix or continuation token)
+    /// contains TEXT answer HTTP 400 with an empty body, as a wrong
+    /// endpoint or a proxy may (also `POST /_sim/faults?s3_bare_400=TEXT`;
+    /// empty clears).
+    #[arg(long, value_name = "TEXT")]
+    pub s3_bare_400: Option<String>,
     /// Approve device logins at once (no browser step).
     #[arg(long)]
     pub auto_approve: bool,
@@ -87,6 +117,12 @@ pub async fn run(a: SimArgs) -> Result<(), String> {
         page_size: a.page_size.max(1),
         s3_page_size: a.page_size.clamp(1, 1000),
         deny: a.deny,
+        hidden: a.hidden,
+        ragged_pages: a.ragged_pages,
+        fail_list_page: a.fail_list_page,
+        offline_token_scope: a.offline_token_scope,
+        s3_bucket_region: a.s3_bucket_region,
+        s3_bare_400: a.s3_bare_400,
         device_interval: a.device_interval,
         device_expires_in: a.device_expires_in,
         device_min_interval: a.device_min_interval,

@@ -6,6 +6,14 @@
 //! token contains TEXT are accepted and never answered until `s3_hang=`
 //! clears it), `api_hang=1|0` (the same for every identity and data store
 //! call) and `clock_skew=SECS` (the S3 side's clock runs SECS ahead).
+//!
+//! Also the real service's less common answers, settable the same way:
+//! `fail_list_page=N` (the registry page holding one unparseable record
+//! answers 400; 0 clears), `s3_region=R` (the bucket lives in region R:
+//! requests signed for another region answer 301 `PermanentRedirect`) and
+//! `s3_bare_400=TEXT` (S3 requests whose key, listing prefix or
+//! continuation token contains TEXT answer 400 with an empty body, as a
+//! misconfigured endpoint or proxy does; empty TEXT clears).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -47,6 +55,13 @@ pub struct Faults {
     hung_total: AtomicU64,
     /// Seconds the S3 side's clock is ahead of the real one (negative: behind).
     clock_skew: AtomicI64,
+    /// 1-based page (of 20 records, newest first) whose middle record
+    /// cannot be parsed; 0: none.
+    fail_list_page: AtomicU64,
+    /// The region the bucket lives in (empty: any region is accepted).
+    s3_region: Mutex<String>,
+    /// S3 requests whose target contains this answer a bare 400 (empty: none).
+    s3_bare_400: Mutex<String>,
 }
 
 /// Counts a request as hanging while it lives.
@@ -102,6 +117,38 @@ impl Faults {
 
     pub fn clock_skew(&self) -> i64 {
         self.clock_skew.load(Ordering::Relaxed)
+    }
+
+    /// Sets the registry page whose middle record is unparseable (0: none).
+    pub fn set_fail_list_page(&self, page: u64) {
+        self.fail_list_page.store(page, Ordering::Relaxed);
+    }
+
+    pub fn fail_list_page(&self) -> u64 {
+        self.fail_list_page.load(Ordering::Relaxed)
+    }
+
+    /// Sets the region the bucket lives in.
+    pub fn set_s3_region(&self, region: &str) {
+        *self.s3_region.lock().unwrap_or_else(|p| p.into_inner()) = region.to_string();
+    }
+
+    pub fn s3_region(&self) -> String {
+        self.s3_region
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets (or, with an empty text, clears) the bare-400 answer.
+    pub fn set_s3_bare_400(&self, text: &str) {
+        *self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+    }
+
+    /// Whether an S3 request for `target` answers a bare 400.
+    pub fn s3_bare_400(&self, target: &str) -> bool {
+        let t = self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner());
+        !t.is_empty() && target.contains(t.as_str())
     }
 
     fn s3_hangs(&self, target: &str) -> bool {
@@ -193,6 +240,9 @@ impl Faults {
             "hanging": g(&self.hanging),
             "hung_total": g(&self.hung_total),
             "clock_skew": self.clock_skew(),
+            "fail_list_page": self.fail_list_page(),
+            "s3_region": self.s3_region(),
+            "s3_bare_400": self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
 }

@@ -60,6 +60,9 @@ pub const SIM_SUBJECT: &str = "5b1e6c1e-0000-4000-8000-00000000c0de";
 
 pub struct Device {
     pub user_code: String,
+    /// The `scope` asked for at device authorisation: the offline token
+    /// made on approval carries exactly these.
+    pub scope: String,
     pub expires: Instant,
     pub approved: bool,
     pub denied: bool,
@@ -67,13 +70,40 @@ pub struct Device {
     pub interval: Duration,
 }
 
+/// An offline token: whether it is revoked, and the scopes it was made with.
+pub struct Offline {
+    pub revoked: bool,
+    pub scope: String,
+}
+
+/// An access token: when it expires, and whether it carries the user's
+/// roles (`realm_access`), which the data store API insists on.
+pub struct Access {
+    pub expires: Instant,
+    pub roles: bool,
+}
+
+/// What the data store API makes of a bearer token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bearer {
+    /// Known, unexpired, with roles.
+    Valid,
+    /// Known and unexpired, but made without the `roles` scope.
+    NoRoles,
+    /// Unknown or expired.
+    Invalid,
+}
+
 #[derive(Default)]
 pub struct Identity {
-    /// Offline tokens and whether they are revoked.
-    pub offline: HashMap<String, bool>,
-    /// Access tokens and their expiry.
-    pub access: HashMap<String, Instant>,
+    pub offline: HashMap<String, Offline>,
+    pub access: HashMap<String, Access>,
     pub devices: HashMap<String, Device>,
+}
+
+/// Whether a space-separated scope list names `roles`.
+fn has_roles(scope: &str) -> bool {
+    scope.split_whitespace().any(|s| s == "roles")
 }
 
 fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
@@ -86,9 +116,11 @@ fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
 impl SimState {
     /// An access token shaped as Keycloak's: a JWT whose payload holds the
     /// user's claims (what `provenafs whoami` shows); the signature is random.
-    fn access_jwt(&self, ttl: u64) -> String {
+    /// Without the `roles` scope there is no `realm_access` claim, as
+    /// Keycloak leaves it out.
+    fn access_jwt(&self, ttl: u64, scope: &str) -> String {
         let now = chrono::Utc::now().timestamp();
-        let claims = json!({
+        let mut claims = json!({
             "exp": now + ttl as i64,
             "iat": now,
             "jti": uuid_like(),
@@ -98,13 +130,15 @@ impl SimState {
             "typ": "Bearer",
             "azp": CLIENT_ID,
             "session_state": uuid_like(),
-            "realm_access": {"roles": ["offline_access", "uma_authorization"]},
-            "scope": "offline_access roles",
+            "scope": scope,
             "email_verified": true,
             "name": SIM_NAME,
             "preferred_username": SIM_USERNAME,
             "email": SIM_EMAIL,
         });
+        if has_roles(scope) {
+            claims["realm_access"] = json!({"roles": ["offline_access", "uma_authorization"]});
+        }
         let random = jwt_like("access");
         let signature = random.rsplit('.').next().unwrap_or_default();
         format!(
@@ -113,16 +147,23 @@ impl SimState {
         )
     }
 
-    /// A fresh access token for a valid offline token.
-    fn issue_tokens(&self, offline: &str) -> Reply {
-        let token = self.access_jwt(self.cfg.access_token_ttl);
+    /// A fresh access token for a valid offline token, with the scopes
+    /// that token was made with: Keycloak 16 ignores the `scope` a
+    /// refresh asks for.
+    fn issue_tokens(&self, offline: &str, scope: &str) -> Reply {
+        let token = self.access_jwt(self.cfg.access_token_ttl, scope);
         self.remember_secret(&token);
         let ttl = self.cfg.access_token_ttl;
         let mut id = self.identity();
         let now = Instant::now();
-        id.access.retain(|_, exp| *exp > now);
-        id.access
-            .insert(token.clone(), now + Duration::from_secs(ttl));
+        id.access.retain(|_, a| a.expires > now);
+        id.access.insert(
+            token.clone(),
+            Access {
+                expires: now + Duration::from_secs(ttl),
+                roles: has_roles(scope),
+            },
+        );
         Reply::json(
             200,
             json!({
@@ -133,23 +174,37 @@ impl SimState {
                 "token_type": "Bearer",
                 "not-before-policy": 0,
                 "session_state": uuid_like(),
-                "scope": "offline_access roles",
+                "scope": scope,
             }),
         )
     }
 
-    pub fn new_offline_token(&self) -> String {
+    /// A new offline token made with `scope` (space-separated).
+    pub fn new_offline_token(&self, scope: &str) -> String {
         let t = jwt_like("offline");
         self.remember_secret(&t);
-        self.identity().offline.insert(t.clone(), false);
+        self.identity().offline.insert(
+            t.clone(),
+            Offline {
+                revoked: false,
+                scope: scope.to_string(),
+            },
+        );
         t
     }
 
-    pub fn access_token_valid(&self, token: &str) -> bool {
-        self.identity()
-            .access
-            .get(token)
-            .is_some_and(|exp| *exp > Instant::now())
+    /// What the data store API makes of `token`.
+    pub fn bearer(&self, token: &str) -> Bearer {
+        match self.identity().access.get(token) {
+            Some(a) if a.expires > Instant::now() => {
+                if a.roles {
+                    Bearer::Valid
+                } else {
+                    Bearer::NoRoles
+                }
+            }
+            _ => Bearer::Invalid,
+        }
     }
 
     pub fn token(&self, form: &HashMap<String, String>) -> Reply {
@@ -165,11 +220,11 @@ impl SimState {
                 let Some(rt) = form.get("refresh_token") else {
                     return oauth_error(400, "invalid_request", "Missing parameter: refresh_token");
                 };
-                let valid = self.identity().offline.get(rt) == Some(&false);
-                if !valid {
-                    return oauth_error(400, "invalid_grant", "Invalid refresh token");
-                }
-                self.issue_tokens(rt)
+                let scope = match self.identity().offline.get(rt) {
+                    Some(o) if !o.revoked => o.scope.clone(),
+                    _ => return oauth_error(400, "invalid_grant", "Invalid refresh token"),
+                };
+                self.issue_tokens(rt, &scope)
             }
             Some(DEVICE_GRANT) => {
                 let Some(code) = form.get("device_code") else {
@@ -207,10 +262,10 @@ impl SimState {
                         "The authorization request is still pending",
                     );
                 }
-                id.devices.remove(code);
+                let scope = id.devices.remove(code).map(|d| d.scope).unwrap_or_default();
                 drop(id);
-                let offline = self.new_offline_token();
-                self.issue_tokens(&offline)
+                let offline = self.new_offline_token(&scope);
+                self.issue_tokens(&offline, &scope)
             }
             Some(_) => oauth_error(400, "unsupported_grant_type", "Unsupported grant_type"),
             None => oauth_error(400, "invalid_request", "Missing form parameter: grant_type"),
@@ -234,8 +289,8 @@ impl SimState {
             return oauth_error(400, "invalid_request", "No refresh token");
         };
         match self.identity().offline.get_mut(rt) {
-            Some(revoked) => {
-                *revoked = true;
+            Some(o) => {
+                o.revoked = true;
                 Reply::html(204, String::new())
             }
             None => oauth_error(400, "invalid_grant", "Invalid refresh token"),
@@ -266,6 +321,9 @@ impl SimState {
             device_code.clone(),
             Device {
                 user_code: user_code.clone(),
+                // Keycloak keeps the scopes asked for here; those sent
+                // with the polls do not count.
+                scope: form.get("scope").cloned().unwrap_or_default(),
                 expires: Instant::now() + Duration::from_secs(expires_in),
                 approved: self.cfg.auto_approve,
                 denied: false,
@@ -303,8 +361,8 @@ impl SimState {
 
     /// Revokes every offline token: the token endpoint answers `invalid_grant`.
     pub fn revoke_all(&self) {
-        for v in self.identity().offline.values_mut() {
-            *v = true;
+        for o in self.identity().offline.values_mut() {
+            o.revoked = true;
         }
     }
 }

@@ -34,12 +34,17 @@ use registry::Issued;
 use store::FolderStore;
 
 pub const REALM_PATH: &str = "/auth/realms/rrap";
+/// What `provenafs login` asks for, and what the printed token has.
+pub const DEFAULT_OFFLINE_SCOPE: &str = "offline_access roles";
+/// The RRAP deployment's region, which is also the client's default.
+pub const DEFAULT_BUCKET_REGION: &str = "ap-southeast-2";
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     pub root: PathBuf,
     pub addr: SocketAddr,
     pub access_token_ttl: u64,
+    /// Seconds read credentials last (8 hours in the RRAP deployment).
     pub credentials_ttl: u64,
     /// Largest registry page the API serves.
     pub page_size: u32,
@@ -47,6 +52,27 @@ pub struct SimConfig {
     pub s3_page_size: u32,
     /// Handles whose files the user may not read (metadata only).
     pub deny: Vec<String>,
+    /// Handles whose record the user may not see: never listed,
+    /// fetch-dataset and read credentials answer 401.
+    pub hidden: Vec<String>,
+    /// Registry pages are short or empty (deterministically) while
+    /// `pagination_key` stays non-null, as the real service's are when it
+    /// filters a page after reading it.
+    pub ragged_pages: bool,
+    /// 1-based registry page (of 20 records, newest first) whose middle
+    /// record cannot be parsed: every list request reading it answers 400.
+    /// 0: none. Also `POST /_sim/faults?fail_list_page=N`.
+    pub fail_list_page: u64,
+    /// Scopes of the offline token the emulator prints (space-separated).
+    /// Without `roles`, its access tokens carry no roles and the data store
+    /// API answers them 401.
+    pub offline_token_scope: String,
+    /// Region the bucket lives in: S3 requests signed for another region
+    /// answer 301 `PermanentRedirect` naming it. Empty: any region.
+    pub s3_bucket_region: String,
+    /// S3 requests whose key (or listing prefix, continuation token)
+    /// contains this answer HTTP 400 with an empty body.
+    pub s3_bare_400: Option<String>,
     pub device_interval: u64,
     /// Seconds a device login stays open.
     pub device_expires_in: u64,
@@ -79,10 +105,16 @@ impl Default for SimConfig {
             root: PathBuf::from("."),
             addr: ([127, 0, 0, 1], 0).into(),
             access_token_ttl: 300,
-            credentials_ttl: 3600,
+            credentials_ttl: 28800,
             page_size: 1000,
             s3_page_size: 1000,
             deny: Vec::new(),
+            hidden: Vec::new(),
+            ragged_pages: false,
+            fail_list_page: 0,
+            offline_token_scope: DEFAULT_OFFLINE_SCOPE.to_string(),
+            s3_bucket_region: DEFAULT_BUCKET_REGION.to_string(),
+            s3_bare_400: None,
             device_interval: 5,
             device_expires_in: 600,
             device_min_interval: 0,
@@ -105,8 +137,23 @@ pub struct Stats {
     pub get_bytes: AtomicU64,
     pub heads: AtomicU64,
     pub lists: AtomicU64,
+    /// Registry list requests (every page asked for, 400s included).
     pub api_lists: AtomicU64,
+    /// Registry pages refused with 400 (an unparseable record on them).
+    pub api_list_400: AtomicU64,
     pub api_fetches: AtomicU64,
+    /// fetch-dataset of an unknown handle (400).
+    pub api_fetch_400: AtomicU64,
+    /// fetch-dataset of a hidden record (401).
+    pub api_fetch_401: AtomicU64,
+    /// Calls to generate-read-access-credentials, however answered.
+    pub api_credentials: AtomicU64,
+    /// Data store calls refused because the token carries no roles.
+    pub api_no_roles: AtomicU64,
+    /// S3 requests answered 301 PermanentRedirect (wrong region).
+    pub s3_redirects: AtomicU64,
+    /// S3 requests answered 400 with an empty body.
+    pub s3_bare_400: AtomicU64,
     pub credentials_issued: AtomicU64,
     pub credentials_refused: AtomicU64,
     pub tokens_issued: AtomicU64,
@@ -120,7 +167,12 @@ impl Stats {
         json!({
             "s3_get": g(&self.gets), "s3_get_bytes": g(&self.get_bytes),
             "s3_head": g(&self.heads), "s3_list": g(&self.lists),
-            "api_list": g(&self.api_lists), "api_fetch": g(&self.api_fetches),
+            "api_list": g(&self.api_lists), "api_list_400": g(&self.api_list_400),
+            "api_fetch": g(&self.api_fetches),
+            "api_fetch_400": g(&self.api_fetch_400), "api_fetch_401": g(&self.api_fetch_401),
+            "api_credentials": g(&self.api_credentials),
+            "api_no_roles": g(&self.api_no_roles),
+            "s3_redirect": g(&self.s3_redirects), "s3_bare_400": g(&self.s3_bare_400),
             "credentials_issued": g(&self.credentials_issued),
             "credentials_refused": g(&self.credentials_refused),
             "tokens_issued": g(&self.tokens_issued),
@@ -265,13 +317,18 @@ impl Sim {
             auth_url: state.realm_url(),
             api_url: base.clone(),
             s3_endpoint: base,
-            offline_token: state.new_offline_token(),
+            offline_token: state.new_offline_token(&state.cfg.offline_token_scope),
         };
         state
             .faults
             .set_s3_hang(state.cfg.s3_hang.as_deref().unwrap_or(""));
         state.faults.set_api_hang(state.cfg.api_hang);
         state.faults.set_clock_skew(state.cfg.clock_skew);
+        state.faults.set_fail_list_page(state.cfg.fail_list_page);
+        state.faults.set_s3_region(&state.cfg.s3_bucket_region);
+        state
+            .faults
+            .set_s3_bare_400(state.cfg.s3_bare_400.as_deref().unwrap_or(""));
         let s3 = {
             let mut b = S3ServiceBuilder::new(s3::SimS3(state.clone()));
             b.set_auth(s3::SimAuth(state.clone()));
@@ -417,6 +474,75 @@ fn s3_target(uri: &hyper::Uri) -> String {
     t
 }
 
+/// The region a SigV4 request was signed for: the third part of the
+/// credential scope (`AKID/DATE/REGION/s3/aws4_request`), from the
+/// `Authorization` header or a presigned URL's `X-Amz-Credential`.
+fn signed_region(headers: &hyper::HeaderMap, uri: &hyper::Uri) -> Option<String> {
+    let scope = match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(auth) => auth
+            .split([' ', ','])
+            .find_map(|p| p.trim().strip_prefix("Credential="))?
+            .to_string(),
+        None => url::form_urlencoded::parse(uri.query()?.as_bytes())
+            .find(|(k, _)| k == "X-Amz-Credential")?
+            .1
+            .into_owned(),
+    };
+    scope.split('/').nth(2).map(str::to_string)
+}
+
+/// A request signed for another region than the bucket's answers what AWS
+/// answers: 301 `PermanentRedirect`, the bucket's region in
+/// `x-amz-bucket-region`, and an XML body naming the bucket and endpoint.
+fn region_check(state: &SimState, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let home = state.faults.s3_region();
+    let signed = signed_region(req.headers(), req.uri())?;
+    if home.is_empty() || signed == home {
+        return None;
+    }
+    // Path-style: the bucket is the first path segment.
+    let bucket = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // The endpoint to use is this one (a client re-signs for the region
+    // and keeps its endpoint); AWS would name its regional host here.
+    let endpoint = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>PermanentRedirect</Code>\
+         <Message>The bucket you are attempting to access must be addressed using the specified endpoint. \
+         Please send all future requests to this endpoint.</Message>\
+         <Endpoint>{}</Endpoint><Bucket>{}</Bucket><RequestId>sim</RequestId><HostId>sim</HostId></Error>",
+        esc(&endpoint),
+        esc(&bucket)
+    );
+    let body = if req.method() == hyper::Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(xml)
+    };
+    Response::builder()
+        .status(301)
+        .header("content-type", "application/xml")
+        .header("x-amz-bucket-region", home)
+        .body(full(body))
+        .ok()
+}
+
 /// S3's clock: the real one plus the configured skew.
 fn s3_now(state: &SimState) -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now() + chrono::Duration::seconds(state.faults.clock_skew())
@@ -471,7 +597,20 @@ async fn route(
         tokio::time::sleep(std::time::Duration::from_millis(latency)).await;
     }
     if !is_api {
-        state.faults.hang_s3(&s3_target(req.uri())).await;
+        let target = s3_target(req.uri());
+        state.faults.hang_s3(&target).await;
+        if state.faults.s3_bare_400(&target) {
+            // What a proxy or a wrong endpoint sends: no XML, no code.
+            state.stats.s3_bare_400.fetch_add(1, Ordering::Relaxed);
+            return Ok(Response::builder()
+                .status(400)
+                .body(full(Bytes::new()))
+                .unwrap_or_else(|_| Response::new(full(Bytes::new()))));
+        }
+        if let Some(moved) = region_check(&state, &req) {
+            state.stats.s3_redirects.fetch_add(1, Ordering::Relaxed);
+            return Ok(s3_dated(&state, moved));
+        }
         if let Some(refused) = clock_check(&state, &req) {
             return Ok(s3_dated(&state, refused));
         }
@@ -591,6 +730,15 @@ async fn api_answer(
             if let Some(v) = num("clock_skew") {
                 state.faults.set_clock_skew(v as i64);
             }
+            if let Some(v) = num("fail_list_page") {
+                state.faults.set_fail_list_page(v.max(0.0) as u64);
+            }
+            if let Some(r) = query.get("s3_region") {
+                state.faults.set_s3_region(r);
+            }
+            if let Some(t) = query.get("s3_bare_400") {
+                state.faults.set_s3_bare_400(t);
+            }
             Reply::json(200, state.faults.json())
         }
         ("POST", "/_sim/credentials") => {
@@ -620,11 +768,16 @@ async fn api_answer(
             Reply::json(if found { 200 } else { 404 }, json!({"found": found}))
         }
         (_, p) if p.starts_with("/registry/") => {
-            if !bearer
+            let known = bearer
                 .as_deref()
-                .is_some_and(|t| state.access_token_valid(t))
-            {
+                .map_or(identity::Bearer::Invalid, |t| state.bearer(t));
+            if known == identity::Bearer::Invalid {
                 Reply::json(401, json!({"detail": "Could not validate credentials"}))
+            } else if known == identity::Bearer::NoRoles {
+                // The service reads the user's roles from `realm_access`;
+                // a token without it fails its token model.
+                state.stats.api_no_roles.fetch_add(1, Ordering::Relaxed);
+                Reply::json(401, json!({"detail": "Token had incorrect structure."}))
             } else {
                 match (method.as_str(), p) {
                     ("GET", "/registry/items/fetch-dataset") => state.fetch_dataset(&query),
@@ -639,4 +792,31 @@ async fn api_answer(
         _ => Reply::json(404, json!({"detail": "Not Found"})),
     };
     Ok(respond(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signed_region;
+
+    #[test]
+    fn the_signed_region_is_read_from_header_or_query() {
+        let mut h = hyper::HeaderMap::new();
+        let uri: hyper::Uri = "/b/k".parse().unwrap();
+        assert_eq!(signed_region(&h, &uri), None);
+        h.insert(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=ASIAX/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(signed_region(&h, &uri).as_deref(), Some("us-east-1"));
+        let presigned: hyper::Uri =
+            "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIAX%2F20260101%2Feu-west-1%2Fs3%2Faws4_request"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            signed_region(&hyper::HeaderMap::new(), &presigned).as_deref(),
+            Some("eu-west-1")
+        );
+    }
 }

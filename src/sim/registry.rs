@@ -1,7 +1,16 @@
 //! The data store API endpoints the client uses: fetch-dataset, the
 //! paginated registry list and generate-read-access-credentials.
+//!
+//! The registry list works as the real one does: it reads `page_size`
+//! records of the whole table (newest `updated_timestamp` first), then
+//! drops those the user may not see, so a page may come back short or
+//! empty with a non-null `pagination_key`; `total_item_count` counts the
+//! page. `--ragged-pages` shortens pages on purpose; a record that cannot
+//! be parsed (`--fail-list-page`) makes every page that reads it a 400.
 
+use std::cmp::Ordering as Order;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::distributions::Alphanumeric;
@@ -11,6 +20,22 @@ use serde_json::json;
 use super::store::{SimDataset, BUCKET};
 use super::{Reply, SimState};
 use crate::wire::{CredentialsRequest, ListRequest};
+
+/// Provena's own clients ask for pages of 20: `--fail-list-page N`
+/// counts pages of this size.
+const PROVENA_PAGE: usize = 20;
+
+/// Registry order: newest `updated_timestamp` first, then by handle (a
+/// total order, so a pagination key always has one place).
+fn registry_order(a: (i64, &str), b: (i64, &str)) -> Order {
+    b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// Records a ragged page `k` (0-based) reads out of `size`: the full page,
+/// half of it, or (for every third page) none at all.
+fn ragged(size: usize, k: u64) -> usize {
+    size - (k % 3) as usize * (size / 2)
+}
 
 /// Read credentials the S3 side accepts until they expire.
 pub struct Issued {
@@ -47,7 +72,7 @@ fn record(ds: &SimDataset) -> serde_json::Value {
         "owner_username": "researcher@example.org",
         "created_timestamp": ds.created,
         "updated_timestamp": ds.updated,
-        "release_status": "NOT_RELEASED",
+        "release_status": ds.release_status,
         "release_history": [],
         "history": [],
         "workflow_links": {"create_activity_workflow_id": null, "version_activity_workflow_id": null},
@@ -107,6 +132,17 @@ impl SimState {
         self.cfg.deny.iter().any(|d| d == handle)
     }
 
+    /// A record the user may not even see.
+    fn hidden(&self, handle: &str) -> bool {
+        self.cfg.hidden.iter().any(|d| d == handle)
+    }
+
+    /// The 401 the data store answers for a record the registry will not
+    /// show this user.
+    fn not_granted(&self) -> Reply {
+        detail(401, "Registry did not grant access to the dataset")
+    }
+
     pub fn fetch_dataset(&self, query: &HashMap<String, String>) -> Reply {
         let Some(handle) = query.get("handle_id") else {
             return Reply::json(
@@ -114,10 +150,12 @@ impl SimState {
                 json!({"detail": [{"loc": ["query", "handle_id"], "msg": "field required", "type": "value_error.missing"}]}),
             );
         };
-        self.stats
-            .api_fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.api_fetches.fetch_add(1, Ordering::Relaxed);
         match self.store.dataset(handle) {
+            Some(_) if self.hidden(handle) => {
+                self.stats.api_fetch_401.fetch_add(1, Ordering::Relaxed);
+                self.not_granted()
+            }
             Some(ds) => {
                 let roles = if self.denied(handle) {
                     json!(["metadata-read"])
@@ -134,13 +172,18 @@ impl SimState {
                     }),
                 )
             }
-            None => Reply::json(
-                200,
-                json!({
-                    "status": {"success": false, "details": format!("Item with handle {handle} does not exist.")},
-                    "item": null, "roles": null, "locked": null,
-                }),
-            ),
+            None => {
+                // The registry answers 200 with success false; the data
+                // store turns that into a 400 with its text inside.
+                self.stats.api_fetch_400.fetch_add(1, Ordering::Relaxed);
+                detail(
+                    400,
+                    &format!(
+                        "The registry API responded with status success False during dataset fetching: \
+                         Item with handle {handle} does not exist."
+                    ),
+                )
+            }
         }
     }
 
@@ -149,37 +192,86 @@ impl SimState {
             Ok(r) => r,
             Err(e) => return detail(422, &format!("invalid body: {e}")),
         };
+        self.stats.api_lists.fetch_add(1, Ordering::Relaxed);
         let size = req.page_size.clamp(1, self.cfg.page_size) as usize;
-        let after = req
-            .pagination_key
-            .as_ref()
-            .and_then(|k| k.get("id"))
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        let all = self.store.datasets();
-        let total = all.len();
-        let rest: Vec<&SimDataset> = all
-            .iter()
-            .filter(|d| {
-                after
-                    .as_ref()
-                    .is_none_or(|a| d.handle.as_str() > a.as_str())
-            })
-            .collect();
-        let page: Vec<serde_json::Value> = rest.iter().take(size).map(|d| record(d)).collect();
-        let key = (rest.len() > size).then(|| {
-            json!({"id": rest[size - 1].handle, "universal_partition_key": "DATASET", "updated_timestamp": rest[size - 1].updated})
+        // The key names the last record read (its `updated_timestamp` and
+        // `id`); the next page starts after that place in the order, so a
+        // key stays good when that record changes or goes. `sim_page`
+        // counts pages, for `--ragged-pages`.
+        let key = req.pagination_key.as_ref();
+        let after = key.and_then(|k| {
+            Some((
+                k.get("updated_timestamp")?.as_i64()?,
+                k.get("id")?.as_str()?.to_string(),
+            ))
         });
-        self.stats
-            .api_lists
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let page_no = key
+            .and_then(|k| k.get("sim_page"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        // The whole table, hidden records included: access is filtered
+        // after the page is read.
+        let mut table: Vec<SimDataset> = self.store.datasets().as_ref().clone();
+        table.sort_by(|a, b| registry_order((a.updated, &a.handle), (b.updated, &b.handle)));
+        let start = match &after {
+            None => 0,
+            Some((u, id)) => table.partition_point(|d| {
+                registry_order((d.updated, &d.handle), (*u, id)) != Order::Greater
+            }),
+        };
+        let reads = if self.cfg.ragged_pages {
+            ragged(size, page_no)
+        } else {
+            size
+        };
+        let end = (start + reads).min(table.len());
+        let bad = self.faults.fail_list_page();
+        if bad > 0 {
+            let at = (bad as usize - 1) * PROVENA_PAGE + PROVENA_PAGE / 2;
+            if (start..end).contains(&at) {
+                self.stats.api_list_400.fetch_add(1, Ordering::Relaxed);
+                return detail(
+                    400,
+                    &format!(
+                        "Failed to parse an item of the registry list page: 1 validation error for \
+                         ItemDataset (record {})",
+                        table[at].handle
+                    ),
+                );
+            }
+        }
+        let page: Vec<serde_json::Value> = table[start..end]
+            .iter()
+            .filter(|d| !self.hidden(&d.handle))
+            .map(record)
+            .collect();
+        // Null only once the table's end was read: an empty ragged page
+        // still has a key, one page further on.
+        let next = if end < table.len() {
+            let anchor = match end.checked_sub(1) {
+                Some(i) if i >= start => Some((table[i].updated, table[i].handle.clone())),
+                _ => after.clone(),
+            };
+            let mut k = match anchor {
+                Some((u, id)) => {
+                    json!({"id": id, "universal_partition_key": "DATASET", "updated_timestamp": u})
+                }
+                None => json!({}),
+            };
+            if self.cfg.ragged_pages {
+                k["sim_page"] = json!(page_no + 1);
+            }
+            Some(k)
+        } else {
+            None
+        };
         Reply::json(
             200,
             json!({
                 "status": {"success": true, "details": "Successfully retrieved items"},
+                "total_item_count": page.len(),
                 "items": page,
-                "total_item_count": total,
-                "pagination_key": key,
+                "pagination_key": next,
             }),
         )
     }
@@ -189,16 +281,24 @@ impl SimState {
             Ok(r) => r,
             Err(e) => return detail(422, &format!("invalid body: {e}")),
         };
+        self.stats.api_credentials.fetch_add(1, Ordering::Relaxed);
         let Some(ds) = self.store.dataset(&req.dataset_id) else {
             return detail(
                 400,
                 &format!("Dataset with handle {} does not exist.", req.dataset_id),
             );
         };
+        if self.hidden(&ds.handle) {
+            // The service fetches the record first, as the user.
+            self.stats
+                .credentials_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return self.not_granted();
+        }
         if self.denied(&ds.handle) {
             self.stats
                 .credentials_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed);
             return detail(
                 401,
                 "You do not have sufficient permissions to read from this dataset!",
@@ -227,7 +327,7 @@ impl SimState {
         }
         self.stats
             .credentials_issued
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed);
         Reply::json(
             200,
             json!({
@@ -241,5 +341,28 @@ impl SimState {
                 "console_session_url": null,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ragged_pages_are_full_half_and_empty_in_turn() {
+        let sizes: Vec<usize> = (0..6).map(|k| ragged(20, k)).collect();
+        assert_eq!(sizes, [20, 10, 0, 20, 10, 0]);
+        assert_eq!(
+            ragged(1, 2),
+            1,
+            "a page of one is never shortened to nothing"
+        );
+    }
+
+    #[test]
+    fn the_registry_order_is_newest_first_then_by_handle() {
+        let mut v = vec![(5, "b"), (9, "z"), (5, "a"), (1, "c")];
+        v.sort_by(|a, b| registry_order(*a, *b));
+        assert_eq!(v, [(9, "z"), (5, "a"), (5, "b"), (1, "c")]);
     }
 }

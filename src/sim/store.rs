@@ -25,7 +25,11 @@ pub struct SimDataset {
     pub name: String,
     pub description: String,
     pub created: i64,
+    /// What orders the registry list (newest first): `updated_timestamp`
+    /// from metadata.json if it has one, else the folder's mtime.
     pub updated: i64,
+    /// `release_status` from metadata.json (`NOT_RELEASED` if absent).
+    pub release_status: String,
 }
 
 /// `10378.1/1687966` → `datasets/10378-1-1687966/`, as the service derives it.
@@ -262,19 +266,30 @@ impl FolderStore {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let text = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        // Timestamps in metadata.json win over the folder's times, so a
+        // test can fix the registry's order (folder mtimes move whenever a
+        // file is added).
+        let stamp = |k: &str| meta.get(k).and_then(|v| v.as_i64());
         SimDataset {
             handle: handle.to_string(),
             s3_prefix: s3_prefix_of(handle),
             name: text("name").unwrap_or_else(|| format!("Dataset {handle}")),
             description: text("description").unwrap_or_default(),
-            created: unix(
-                md.as_ref()
-                    .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.created().or(m.modified())),
-            ),
-            updated: unix(
-                md.as_ref()
-                    .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.modified()),
-            ),
+            created: stamp("created_timestamp").unwrap_or_else(|| {
+                unix(
+                    md.as_ref()
+                        .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.created().or(m.modified())),
+                )
+            }),
+            updated: stamp("updated_timestamp").unwrap_or_else(|| {
+                unix(
+                    md.as_ref()
+                        .map_or(Ok(SystemTime::UNIX_EPOCH), |m| m.modified()),
+                )
+            }),
+            // Passed through as written (any text), so a client can be
+            // tried on a status it does not know.
+            release_status: text("release_status").unwrap_or_else(|| "NOT_RELEASED".into()),
             dir,
         }
     }

@@ -645,3 +645,110 @@ impl Drop for Py {
         let _ = self.child.wait();
     }
 }
+
+/// One answer of the emulator, as [`Sim::request`] reads it.
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Sim {
+    /// One HTTP/1.1 request to the emulator with extra headers and a body,
+    /// read whole (the emulator's JSON answers carry a Content-Length).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpAnswer {
+        let mut s = TcpStream::connect(&self.addr).expect("emulator answers");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .expect("a status line");
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        HttpAnswer {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    /// A token-endpoint answer for the refresh grant with `offline`.
+    pub fn refresh(&self, offline: &str) -> HttpAnswer {
+        let realm = self.env["PROVENA_AUTH_URL"].clone();
+        let path = &realm[realm.find("/auth/").expect("realm path")..];
+        let form = format!(
+            "grant_type=refresh_token&client_id=automated-access&scope=roles&refresh_token={offline}"
+        );
+        self.request(
+            "POST",
+            &format!("{path}/protocol/openid-connect/token"),
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            form.as_bytes(),
+        )
+    }
+
+    /// An access token for `offline` (this emulator's printed token if `None`).
+    pub fn access_token(&self, offline: Option<&str>) -> String {
+        let a = self.refresh(offline.unwrap_or(self.token()));
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.json()["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// A data store API call with `Authorization: Bearer <access>`; a JSON
+    /// body makes it a POST, none a GET.
+    pub fn api(&self, path: &str, access: &str, body: Option<serde_json::Value>) -> HttpAnswer {
+        let auth = format!("Bearer {access}");
+        match body {
+            Some(b) => self.request(
+                "POST",
+                path,
+                &[
+                    ("Authorization", auth.as_str()),
+                    ("Content-Type", "application/json"),
+                ],
+                b.to_string().as_bytes(),
+            ),
+            None => self.request("GET", path, &[("Authorization", auth.as_str())], b""),
+        }
+    }
+}
