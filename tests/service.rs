@@ -200,3 +200,19 @@ fn a_token_without_roles_is_refused_in_one_line() {
     }
     assert!(!is_mounted(mnt.path()));
 }
+
+#[test]
+fn a_registry_page_that_times_out_is_asked_again_with_half_the_size() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(many(45), &[]);
+    // Pages of more than 5 records take past the API gateway's limit.
+    sim.post("/_sim/faults?list_max_page=5");
+    let (mut handles, err) = datasets(&sim, &[]);
+    handles.sort();
+    handles.dedup();
+    assert_eq!(handles.len(), 45, "{err}");
+    assert!(!err.contains("incomplete"), "{err}");
+    assert!(sim.stat("api_list_504") >= 1);
+}

@@ -58,6 +58,10 @@ pub struct Faults {
     /// 1-based page (of 20 records, newest first) whose middle record
     /// cannot be parsed; 0: none.
     fail_list_page: AtomicU64,
+    /// Registry pages asking for more records than this answer 504, as
+    /// the API gateway does when a page takes past its 29 s limit (0: no
+    /// limit).
+    list_max_page: AtomicU64,
     /// The region the bucket lives in (empty: any region is accepted).
     s3_region: Mutex<String>,
     /// S3 requests whose target contains this answer a bare 400 (empty: none).
@@ -126,6 +130,15 @@ impl Faults {
 
     pub fn fail_list_page(&self) -> u64 {
         self.fail_list_page.load(Ordering::Relaxed)
+    }
+
+    /// Sets the largest registry page answered (0: no limit).
+    pub fn set_list_max_page(&self, n: u64) {
+        self.list_max_page.store(n, Ordering::Relaxed);
+    }
+
+    pub fn list_max_page(&self) -> u64 {
+        self.list_max_page.load(Ordering::Relaxed)
     }
 
     /// Sets the region the bucket lives in.
@@ -241,6 +254,7 @@ impl Faults {
             "hung_total": g(&self.hung_total),
             "clock_skew": self.clock_skew(),
             "fail_list_page": self.fail_list_page(),
+            "list_max_page": self.list_max_page(),
             "s3_region": self.s3_region(),
             "s3_bare_400": self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })

@@ -141,6 +141,8 @@ pub struct Stats {
     pub api_lists: AtomicU64,
     /// Registry pages refused with 400 (an unparseable record on them).
     pub api_list_400: AtomicU64,
+    /// Registry pages answered 504 (`list_max_page`).
+    pub api_list_timeouts: AtomicU64,
     pub api_fetches: AtomicU64,
     /// fetch-dataset of an unknown handle (400).
     pub api_fetch_400: AtomicU64,
@@ -168,6 +170,7 @@ impl Stats {
             "s3_get": g(&self.gets), "s3_get_bytes": g(&self.get_bytes),
             "s3_head": g(&self.heads), "s3_list": g(&self.lists),
             "api_list": g(&self.api_lists), "api_list_400": g(&self.api_list_400),
+            "api_list_504": g(&self.api_list_timeouts),
             "api_fetch": g(&self.api_fetches),
             "api_fetch_400": g(&self.api_fetch_400), "api_fetch_401": g(&self.api_fetch_401),
             "api_credentials": g(&self.api_credentials),
@@ -732,6 +735,9 @@ async fn api_answer(
             }
             if let Some(v) = num("fail_list_page") {
                 state.faults.set_fail_list_page(v.max(0.0) as u64);
+            }
+            if let Some(v) = num("list_max_page") {
+                state.faults.set_list_max_page(v.max(0.0) as u64);
             }
             if let Some(r) = query.get("s3_region") {
                 state.faults.set_s3_region(r);

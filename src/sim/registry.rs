@@ -225,6 +225,15 @@ impl SimState {
             size
         };
         let end = (start + reads).min(table.len());
+        let max = self.faults.list_max_page();
+        if max > 0 && size as u64 > max {
+            self.stats.api_list_timeouts.fetch_add(1, Ordering::Relaxed);
+            // API Gateway's own words at its 29 s integration limit.
+            return crate::sim::Reply::json(
+                504,
+                serde_json::json!({"message": "Endpoint request timed out"}),
+            );
+        }
         let bad = self.faults.fail_list_page();
         if bad > 0 {
             let at = (bad as usize - 1) * PROVENA_PAGE + PROVENA_PAGE / 2;
