@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+# "Other tools" makes a venv and installs boto3, the AWS CLI, s3fs and
+# xarray from PyPI (Debian's python3 needs python3-venv for that): say so
+# now rather than after the build.
+python3 -c 'import ensurepip, venv' 2>/dev/null ||
+  { echo "check-readme: python3 -m venv does not work here (apt-get install python3-venv)" >&2; exit 1; }
 # The README's install steps build the binary every command uses:
 # scripts/static-build.sh here, then its `cargo install` (in the run below)
 # with the same settings, so both share one build. PROVENAFS_BIN=path skips
@@ -33,6 +38,7 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$work/bin" "$work/home"
+
 ln -s "$(realpath "$bin")" "$work/bin/provenafs"
 
 python3 - "$repo" "$work" <<'PY'
@@ -89,6 +95,9 @@ cd "$work/home"
 export CARGO_INSTALL_ROOT="$work/cargo" CARGO_TARGET_DIR="$repo/target" \
   CARGO_BUILD_TARGET="$host" RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
+# The venv of "Other tools" downloads from PyPI into the caller's pip
+# cache, not the scratch HOME's: a second run does not download again.
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}" PIP_DISABLE_PIP_VERSION_CHECK=1
 export HOME="$work/home" PATH="$work/cargo/bin:$work/bin:$PATH" REPO="$repo"
 setsid bash -euo pipefail -x "$work/run.sh" &
 run_pid=$!
