@@ -137,12 +137,12 @@ pub enum Command {
         #[arg(value_enum)]
         what: Generated,
     },
-    /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     /// Print a dataset's S3 read credentials for other tools (AWS
     /// `credential_process` JSON, or `--env` lines).
     Credentials(tools::CredentialsArgs),
     /// Print the s3:// URL of a dataset, folder or file: HANDLE[/PATH].
     Url(tools::UrlArgs),
+    /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     Sim(sim::SimArgs),
     /// Generate sample datasets, run the emulator and mount it in the foreground.
     Demo {
