@@ -16,7 +16,7 @@
 //! The HTTP client takes its proxies from the environment like reqwest
 //! does (see [`crate::http`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,8 +75,6 @@ pub struct S3Counters {
 struct BucketNotes {
     /// The region each redirected bucket lives in.
     regions: Mutex<HashMap<String, String>>,
-    /// Buckets whose bare 400 was already told at warn level.
-    told_bare_400: Mutex<HashSet<String>>,
 }
 
 impl BucketNotes {
@@ -96,14 +94,6 @@ impl BucketNotes {
             .insert(bucket.to_string(), region.to_string())
             .as_deref()
             != Some(region)
-    }
-
-    /// Whether a bare 400 from `bucket` is told for the first time.
-    fn first_bare_400(&self, bucket: &str) -> bool {
-        self.told_bare_400
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(bucket.to_string())
     }
 }
 
@@ -326,20 +316,11 @@ impl AwsObjectStore {
                     return Err(S3Error::WrongRegion(to));
                 }
                 Err(S3Error::BareBadRequest { .. }) => {
+                    // The error names the region and endpoint and says what
+                    // to check; whoever fails on it logs it (the file
+                    // system at warn), so one line per failure.
                     let endpoint = self.endpoint_for(&region);
-                    let line = format!(
-                        "S3 answered HTTP 400 without a reason for bucket {}, signed for region {region} \
-                         at {endpoint}: the region or endpoint is likely wrong; check --s3-region and \
-                         --s3-endpoint",
-                        self.bucket
-                    );
-                    // Every read of a wrongly set up mount fails alike: say
-                    // it once at warn, then at debug.
-                    if self.notes.first_bare_400(&self.bucket) {
-                        warn!(what, "{line}");
-                    } else {
-                        debug!(what, "{line}");
-                    }
+                    debug!(what, bucket = %self.bucket, %region, %endpoint, "S3 answered a bare 400");
                     return Err(S3Error::BareBadRequest { region, endpoint });
                 }
                 Err(e) if e.is_transient() && attempt < self.attempts => {
@@ -902,8 +883,6 @@ mod region_tests {
         assert!(!n.remember("b", "eu-west-1"));
         assert_eq!(n.region("b").as_deref(), Some("eu-west-1"));
         assert_eq!(n.region("other"), None);
-        assert!(n.first_bare_400("b"));
-        assert!(!n.first_bare_400("b"));
     }
 }
 
