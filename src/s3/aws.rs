@@ -177,13 +177,8 @@ impl StoreFactory for AwsFactory {
             .clone()
             .credentials_provider(SdkProvider(creds.clone()))
             .build();
-        let region = self.config.region.clone();
         Arc::new(AwsObjectStore {
-            client: Mutex::new((region.clone(), aws_sdk_s3::Client::from_conf(conf.clone()))),
-            conf,
-            region,
-            custom_endpoint: self.config.endpoint.clone(),
-            notes: self.notes.clone(),
+            s3: BucketClient::new(conf, &self.config, self.notes.clone(), bucket.to_string()),
             bucket: bucket.to_string(),
             creds,
             attempts: self.config.attempts.max(1),
@@ -193,10 +188,11 @@ impl StoreFactory for AwsFactory {
     }
 }
 
-pub struct AwsObjectStore {
-    /// The client in use and the region it signs for: `region`, or the one
-    /// S3 redirected this bucket to.
-    client: Mutex<(String, aws_sdk_s3::Client)>,
+/// The S3 client of one bucket, signing for its region: `--s3-region`, or
+/// the one S3 redirected the bucket to.
+struct BucketClient {
+    /// The client in use and the region it signs for.
+    current: Mutex<(String, aws_sdk_s3::Client)>,
     /// What a client for another region is built from.
     conf: aws_sdk_s3::Config,
     /// `--s3-region`.
@@ -205,14 +201,26 @@ pub struct AwsObjectStore {
     custom_endpoint: Option<String>,
     notes: Arc<BucketNotes>,
     bucket: String,
-    creds: Arc<DatasetCredentials>,
-    attempts: u32,
-    /// An attempt without progress for this long has stalled.
-    stall: Duration,
-    counters: Arc<S3Counters>,
 }
 
-impl AwsObjectStore {
+impl BucketClient {
+    fn new(
+        conf: aws_sdk_s3::Config,
+        config: &S3Config,
+        notes: Arc<BucketNotes>,
+        bucket: String,
+    ) -> Self {
+        let client = aws_sdk_s3::Client::from_conf(conf.clone());
+        Self {
+            current: Mutex::new((config.region.clone(), client)),
+            conf,
+            region: config.region.clone(),
+            custom_endpoint: config.endpoint.clone(),
+            notes,
+            bucket,
+        }
+    }
+
     /// The endpoint requests signed for `region` go to.
     fn endpoint_for(&self, region: &str) -> String {
         match &self.custom_endpoint {
@@ -223,12 +231,12 @@ impl AwsObjectStore {
 
     /// The client for this bucket's region (rebuilt when S3 redirected the
     /// bucket since), and that region.
-    fn client(&self) -> (String, aws_sdk_s3::Client) {
+    fn get(&self) -> (String, aws_sdk_s3::Client) {
         let want = self
             .notes
             .region(&self.bucket)
             .unwrap_or_else(|| self.region.clone());
-        let mut cur = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if cur.0 != want {
             // With AWS S3 the SDK derives the endpoint from the region;
             // a custom endpoint stays, only the signing region changes.
@@ -241,7 +249,19 @@ impl AwsObjectStore {
         }
         cur.clone()
     }
+}
 
+pub struct AwsObjectStore {
+    s3: BucketClient,
+    bucket: String,
+    creds: Arc<DatasetCredentials>,
+    attempts: u32,
+    /// An attempt without progress for this long has stalled.
+    stall: Duration,
+    counters: Arc<S3Counters>,
+}
+
+impl AwsObjectStore {
     /// Runs `op` (given the client and its stall timeout) with fresh
     /// credentials until `deadline`: transient failures are retried with
     /// backoff; an answer refusing the credentials renews them once and
@@ -268,7 +288,7 @@ impl AwsObjectStore {
             if stall.is_zero() {
                 return Err(S3Error::TimedOut);
             }
-            let (region, client) = self.client();
+            let (region, client) = self.s3.get();
             self.counters
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -287,8 +307,8 @@ impl AwsObjectStore {
                     renewed = true;
                 }
                 Err(S3Error::WrongRegion(to)) if !redirected && to != region => {
-                    let endpoint = self.endpoint_for(&to);
-                    if self.notes.remember(&self.bucket, &to) {
+                    let endpoint = self.s3.endpoint_for(&to);
+                    if self.s3.notes.remember(&self.bucket, &to) {
                         warn!(
                             bucket = %self.bucket,
                             from = %region,
@@ -303,7 +323,7 @@ impl AwsObjectStore {
                     redirected = true;
                 }
                 Err(S3Error::WrongRegion(to)) => {
-                    let endpoint = self.endpoint_for(&region);
+                    let endpoint = self.s3.endpoint_for(&region);
                     warn!(
                         what,
                         bucket = %self.bucket,
@@ -319,7 +339,7 @@ impl AwsObjectStore {
                     // The error names the region and endpoint and says what
                     // to check; whoever fails on it logs it (the file
                     // system at warn), so one line per failure.
-                    let endpoint = self.endpoint_for(&region);
+                    let endpoint = self.s3.endpoint_for(&region);
                     debug!(what, bucket = %self.bucket, %region, %endpoint, "S3 answered a bare 400");
                     return Err(S3Error::BareBadRequest { region, endpoint });
                 }
@@ -334,7 +354,7 @@ impl AwsObjectStore {
                 Err(S3Error::Network(m)) => {
                     return Err(S3Error::Network(format!(
                         "{m} (S3 at {})",
-                        self.endpoint_for(&region)
+                        self.s3.endpoint_for(&region)
                     )))
                 }
                 Err(e) => return Err(out_of_time(e)),
@@ -883,6 +903,121 @@ mod region_tests {
         assert!(!n.remember("b", "eu-west-1"));
         assert_eq!(n.region("b").as_deref(), Some("eu-west-1"));
         assert_eq!(n.region("other"), None);
+    }
+}
+
+/// What a client built for a redirected bucket sends: to which URL, signed
+/// for which region (the request is stopped before it leaves).
+#[cfg(test)]
+mod redirect_client_tests {
+    use std::sync::{Arc, Mutex};
+
+    use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+    use aws_sdk_s3::config::{
+        BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+    };
+    use aws_sdk_s3::error::BoxError;
+
+    use super::{http_client, BucketClient, BucketNotes, S3Config};
+
+    /// Takes down each request's URL and signing region, and stops it.
+    #[derive(Debug, Default, Clone)]
+    struct Seen(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl Intercept for Seen {
+        fn name(&self) -> &'static str {
+            "Seen"
+        }
+
+        fn read_before_transmit(
+            &self,
+            ctx: &BeforeTransmitInterceptorContextRef<'_>,
+            _rc: &RuntimeComponents,
+            _cfg: &mut ConfigBag,
+        ) -> Result<(), BoxError> {
+            let req = ctx.request();
+            // `Credential=KEY/DATE/REGION/s3/aws4_request`
+            let region = req
+                .headers()
+                .get("authorization")
+                .and_then(|a| a.split("Credential=").nth(1))
+                .and_then(|c| c.split('/').nth(2))
+                .unwrap_or_default()
+                .to_string();
+            self.0.lock().unwrap().push((req.uri().to_string(), region));
+            Err("stopped before sending".into())
+        }
+    }
+
+    /// The URL and signing region of a ListObjectsV2 sent with the client
+    /// of bucket `bkt`, once S3 has redirected it to ap-southeast-2.
+    async fn sent(endpoint: Option<&str>) -> Vec<(String, String)> {
+        let config = S3Config {
+            endpoint: endpoint.map(str::to_string),
+            region: "us-east-1".into(),
+            ..S3Config::default()
+        };
+        let seen = Seen::default();
+        let mut b = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .http_client(http_client())
+            .credentials_provider(Credentials::new(
+                "AKIDTEST",
+                "not-a-secret",
+                None,
+                None,
+                "t",
+            ))
+            .interceptor(seen.clone());
+        if let Some(e) = endpoint {
+            b = b.endpoint_url(e).force_path_style(true);
+        }
+        let notes = Arc::new(BucketNotes::default());
+        let bc = BucketClient::new(b.build(), &config, notes.clone(), "bkt".into());
+        let list = |c: aws_sdk_s3::Client| async move {
+            let _ = c.list_objects_v2().bucket("bkt").send().await;
+        };
+        let (region, client) = bc.get();
+        assert_eq!(region, "us-east-1");
+        list(client).await;
+        assert!(notes.remember("bkt", "ap-southeast-2"));
+        let (region, client) = bc.get();
+        assert_eq!(region, "ap-southeast-2");
+        list(client).await;
+        assert_eq!(
+            bc.endpoint_for(&region),
+            endpoint.map_or(
+                "https://s3.ap-southeast-2.amazonaws.com".into(),
+                str::to_string
+            )
+        );
+        let v = seen.0.lock().unwrap().clone();
+        v
+    }
+
+    #[tokio::test]
+    async fn aws_s3_moves_to_the_regions_endpoint() {
+        let v = sent(None).await;
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0].1, "us-east-1");
+        assert!(
+            v[1].0
+                .starts_with("https://bkt.s3.ap-southeast-2.amazonaws.com/"),
+            "{v:?}"
+        );
+        assert_eq!(v[1].1, "ap-southeast-2");
+    }
+
+    #[tokio::test]
+    async fn a_custom_endpoint_stays_and_only_the_signing_region_changes() {
+        let v = sent(Some("http://127.0.0.1:9")).await;
+        assert_eq!(v.len(), 2, "{v:?}");
+        for (url, _) in &v {
+            assert!(url.starts_with("http://127.0.0.1:9/bkt"), "{v:?}");
+        }
+        assert_eq!(v[0].1, "us-east-1");
+        assert_eq!(v[1].1, "ap-southeast-2");
     }
 }
 
