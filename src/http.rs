@@ -1,18 +1,85 @@
-//! The HTTP client of the identity service and the data store API, and
-//! reqwest errors in words.
+//! The HTTP client of the identity service and the data store API, proxy
+//! settings in words, and reqwest errors in words.
+//!
+//! Proxies: every client here (reqwest for the identity service and the
+//! data store API, the aws-sdk-s3 client in [`crate::s3::aws`]) takes
+//! `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (or their
+//! lower-case forms) from the environment, read by the same code: hyper-util's
+//! proxy matcher. So [`proxy_for`] says what each client does with a URL.
+//! `NO_PROXY` has no implicit entries: an endpoint on 127.0.0.1 goes through
+//! the proxy unless `NO_PROXY` names it.
 
 use std::time::Duration;
 
+use hyper_util::client::proxy::matcher::Matcher;
+use tracing::debug;
+
 /// The HTTP client for the identity service and the data store API. Each
 /// request sets its own timeout from its deadline; the client's own is a
-/// last resort.
+/// last resort. reqwest takes its proxies from the environment by itself.
 pub fn client() -> Result<reqwest::Client, String> {
+    debug!("{}", describe_proxies());
     reqwest::Client::builder()
         .user_agent(concat!("provenafs/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// The proxy (without its credentials) that requests to `url` go through,
+/// by the environment's settings; `None` when they go direct (no proxy set,
+/// `NO_PROXY` names the host, or `url` does not parse).
+pub fn proxy_for(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let hit = Matcher::from_env().intercept(&uri)?;
+    Some(redact(&hit.uri().to_string()))
+}
+
+/// The environment's proxy settings in one line (credentials in a proxy
+/// URL left out), for a debug log line.
+pub fn describe_proxies() -> String {
+    let first = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+    };
+    let https = first(&["HTTPS_PROXY", "https_proxy"]);
+    let http = first(&["HTTP_PROXY", "http_proxy"]);
+    let all = first(&["ALL_PROXY", "all_proxy"]);
+    let no = first(&["NO_PROXY", "no_proxy"]);
+    if https.is_none() && http.is_none() && all.is_none() {
+        return "no proxy in the environment: HTTP requests go direct".into();
+    }
+    let via = |p: Option<String>| {
+        p.or_else(|| all.clone())
+            .map_or("direct".into(), |p| redact(&p))
+    };
+    format!(
+        "proxies from the environment: https:// via {}, http:// via {}, NO_PROXY {}",
+        via(https),
+        via(http),
+        no.map_or("unset".into(), |n| format!("'{n}'"))
+    )
+}
+
+/// `url` without the user name and password a proxy URL may carry
+/// (`http://user:secret@proxy:3128` → `http://proxy:3128`), also when it
+/// does not parse as a URL.
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    // The authority ends at the first '/', '?' or '#'; userinfo is what
+    // comes before its last '@'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        Some(s) => format!("{s}://{host}{tail}"),
+        None => format!("{host}{tail}"),
+    }
 }
 
 /// A reqwest error in words, without the request body (where tokens live).
@@ -36,5 +103,26 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         kind.to_string()
     } else {
         format!("{kind} ({root})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn proxy_credentials_are_redacted() {
+        assert_eq!(
+            redact("http://user:s3cret@proxy.hpc:3128"),
+            "http://proxy.hpc:3128"
+        );
+        assert_eq!(
+            redact("http://us%40er:p@ss@proxy:3128/"),
+            "http://proxy:3128/"
+        );
+        assert_eq!(redact("user:pw@proxy:8080"), "proxy:8080");
+        assert_eq!(redact("http://proxy:3128"), "http://proxy:3128");
+        assert_eq!(redact("http://proxy/a@b"), "http://proxy/a@b");
+        assert_eq!(redact(""), "");
     }
 }

@@ -5,10 +5,21 @@
 //! answer refusing the credentials (renew them once, then retry) and
 //! throttling in one place. An attempt that makes no progress for the stall
 //! timeout (no answer, or no body bytes) is abandoned and retried.
+//!
+//! A bucket in another region than `--s3-region` answers a redirect naming
+//! its region (`301 PermanentRedirect`, `x-amz-bucket-region`): the request
+//! is signed again for that region, once, and every store of the factory
+//! remembers it for that bucket. A bare HTTP 400 (no error code: a HEAD, or
+//! an endpoint that is not the bucket's) is not taken for refused
+//! credentials: renewing them cannot help and costs the data store a call.
+//!
+//! The HTTP client takes its proxies from the environment like reqwest
+//! does (see [`crate::http`]).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -58,21 +69,74 @@ pub struct S3Counters {
     pub bytes: std::sync::atomic::AtomicU64,
 }
 
+/// What S3 told about buckets, shared by all stores of one factory (many
+/// datasets live in one bucket).
+#[derive(Debug, Default)]
+struct BucketNotes {
+    /// The region each redirected bucket lives in.
+    regions: Mutex<HashMap<String, String>>,
+}
+
+impl BucketNotes {
+    fn regions(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        // A panic elsewhere while holding it leaves a map still worth using.
+        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn region(&self, bucket: &str) -> Option<String> {
+        self.regions().get(bucket).cloned()
+    }
+
+    /// Remembers `region` for `bucket`; whether that changed anything (so
+    /// that many requests redirected at once say it once).
+    fn remember(&self, bucket: &str, region: &str) -> bool {
+        self.regions()
+            .insert(bucket.to_string(), region.to_string())
+            .as_deref()
+            != Some(region)
+    }
+}
+
 /// Builds per-dataset stores that share one HTTP connection pool.
 pub struct AwsFactory {
     config: S3Config,
     api: Arc<DataStoreClient>,
     base: aws_sdk_s3::config::Builder,
     counters: Arc<S3Counters>,
+    notes: Arc<BucketNotes>,
+}
+
+/// The HTTP client of all S3 stores: rustls with aws-lc, and the proxies
+/// of the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`,
+/// `NO_PROXY`, also lower-case), as aws-sdk-s3's own default client does
+/// for newer behavior versions. Its `Builder::build_https` knows no proxy,
+/// hence the connector function (the SDK's own default client is built
+/// the same way); connectors are cached per connector settings, so all
+/// stores share one pool.
+fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::{proxy::ProxyConfig, tls, Builder, Connector};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut conn = Connector::builder()
+            .proxy_config(ProxyConfig::from_env())
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ));
+        conn.set_connector_settings(settings.cloned());
+        if let Some(c) = components {
+            conn.set_sleep_impl(c.sleep_impl());
+        }
+        conn.build()
+    })
 }
 
 impl AwsFactory {
     pub fn new(config: S3Config, api: Arc<DataStoreClient>) -> Self {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
-            ))
-            .build_https();
+        let http = http_client();
+        let endpoint = endpoint_url(&config);
+        match crate::http::proxy_for(&endpoint) {
+            Some(proxy) => debug!(%endpoint, %proxy, "S3 requests go through a proxy"),
+            None => debug!(%endpoint, "S3 requests go direct (no proxy for it)"),
+        }
         let stall = stall_timeout(config.request_timeout);
         let mut base = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
@@ -90,6 +154,7 @@ impl AwsFactory {
             api,
             base,
             counters: Arc::default(),
+            notes: Arc::default(),
         }
     }
 
@@ -113,33 +178,94 @@ impl StoreFactory for AwsFactory {
             .credentials_provider(SdkProvider(creds.clone()))
             .build();
         Arc::new(AwsObjectStore {
-            client: aws_sdk_s3::Client::from_conf(conf),
+            s3: BucketClient::new(conf, &self.config, self.notes.clone(), bucket.to_string()),
             bucket: bucket.to_string(),
             creds,
             attempts: self.config.attempts.max(1),
             stall: stall_timeout(self.config.request_timeout),
             counters: self.counters.clone(),
-            endpoint: endpoint_url(&self.config),
         })
     }
 }
 
+/// The S3 client of one bucket, signing for its region: `--s3-region`, or
+/// the one S3 redirected the bucket to.
+struct BucketClient {
+    /// The client in use and the region it signs for.
+    current: Mutex<(String, aws_sdk_s3::Client)>,
+    /// What a client for another region is built from.
+    conf: aws_sdk_s3::Config,
+    /// `--s3-region`.
+    region: String,
+    /// `--s3-endpoint`; `None` for AWS S3, whose endpoint follows the region.
+    custom_endpoint: Option<String>,
+    notes: Arc<BucketNotes>,
+    bucket: String,
+}
+
+impl BucketClient {
+    fn new(
+        conf: aws_sdk_s3::Config,
+        config: &S3Config,
+        notes: Arc<BucketNotes>,
+        bucket: String,
+    ) -> Self {
+        let client = aws_sdk_s3::Client::from_conf(conf.clone());
+        Self {
+            current: Mutex::new((config.region.clone(), client)),
+            conf,
+            region: config.region.clone(),
+            custom_endpoint: config.endpoint.clone(),
+            notes,
+            bucket,
+        }
+    }
+
+    /// The endpoint requests signed for `region` go to.
+    fn endpoint_for(&self, region: &str) -> String {
+        match &self.custom_endpoint {
+            Some(e) => e.clone(),
+            None => format!("https://s3.{region}.amazonaws.com"),
+        }
+    }
+
+    /// The client for this bucket's region (rebuilt when S3 redirected the
+    /// bucket since), and that region.
+    fn get(&self) -> (String, aws_sdk_s3::Client) {
+        let want = self
+            .notes
+            .region(&self.bucket)
+            .unwrap_or_else(|| self.region.clone());
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.0 != want {
+            // With AWS S3 the SDK derives the endpoint from the region;
+            // a custom endpoint stays, only the signing region changes.
+            let conf = self
+                .conf
+                .to_builder()
+                .region(Region::new(want.clone()))
+                .build();
+            *cur = (want, aws_sdk_s3::Client::from_conf(conf));
+        }
+        cur.clone()
+    }
+}
+
 pub struct AwsObjectStore {
-    client: aws_sdk_s3::Client,
+    s3: BucketClient,
     bucket: String,
     creds: Arc<DatasetCredentials>,
     attempts: u32,
     /// An attempt without progress for this long has stalled.
     stall: Duration,
     counters: Arc<S3Counters>,
-    /// Named in network errors: which S3 could not be reached.
-    endpoint: String,
 }
 
 impl AwsObjectStore {
-    /// Runs `op` (given its stall timeout) with fresh credentials until
-    /// `deadline`: transient failures are retried with backoff; an answer
-    /// refusing the credentials renews them once and retries once.
+    /// Runs `op` (given the client and its stall timeout) with fresh
+    /// credentials until `deadline`: transient failures are retried with
+    /// backoff; an answer refusing the credentials renews them once and
+    /// retries once; a redirect to the bucket's region is followed once.
     async fn with_retries<T, F, Fut>(
         &self,
         what: &str,
@@ -147,11 +273,12 @@ impl AwsObjectStore {
         op: F,
     ) -> Result<T, S3Error>
     where
-        F: Fn(Duration) -> Fut,
+        F: Fn(aws_sdk_s3::Client, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, S3Error>>,
     {
         let mut attempt = 0;
         let mut renewed = false;
+        let mut redirected = false;
         loop {
             attempt += 1;
             // Fetch (or reuse) credentials first so a refusal surfaces as an
@@ -161,10 +288,11 @@ impl AwsObjectStore {
             if stall.is_zero() {
                 return Err(S3Error::TimedOut);
             }
+            let (region, client) = self.s3.get();
             self.counters
                 .requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let result = match deadline.run(op(stall)).await {
+            let result = match deadline.run(op(client, stall)).await {
                 Some(r) => r,
                 None => Err(S3Error::TimedOut),
             };
@@ -178,6 +306,43 @@ impl AwsObjectStore {
                     self.creds.invalidate(&key_id);
                     renewed = true;
                 }
+                Err(S3Error::WrongRegion(to)) if !redirected && to != region => {
+                    let endpoint = self.s3.endpoint_for(&to);
+                    if self.s3.notes.remember(&self.bucket, &to) {
+                        warn!(
+                            bucket = %self.bucket,
+                            from = %region,
+                            to = %to,
+                            %endpoint,
+                            "S3 bucket {} is in region {to}, not {region}: following S3's redirect, \
+                             its requests now go to {endpoint} signed for {to} \
+                             (--s3-region {to} saves the detour)",
+                            self.bucket
+                        );
+                    }
+                    redirected = true;
+                }
+                Err(S3Error::WrongRegion(to)) => {
+                    let endpoint = self.s3.endpoint_for(&region);
+                    warn!(
+                        what,
+                        bucket = %self.bucket,
+                        region = %region,
+                        %endpoint,
+                        "S3 redirected bucket {} to region {to} again, after the request was signed \
+                         for {region}; giving up (check --s3-region and --s3-endpoint)",
+                        self.bucket
+                    );
+                    return Err(S3Error::WrongRegion(to));
+                }
+                Err(S3Error::BareBadRequest { .. }) => {
+                    // The error names the region and endpoint and says what
+                    // to check; whoever fails on it logs it (the file
+                    // system at warn), so one line per failure.
+                    let endpoint = self.s3.endpoint_for(&region);
+                    debug!(what, bucket = %self.bucket, %region, %endpoint, "S3 answered a bare 400");
+                    return Err(S3Error::BareBadRequest { region, endpoint });
+                }
                 Err(e) if e.is_transient() && attempt < self.attempts => {
                     let wait = crate::retry::backoff(attempt);
                     if !deadline.allows(wait) {
@@ -187,7 +352,10 @@ impl AwsObjectStore {
                     tokio::time::sleep(wait).await;
                 }
                 Err(S3Error::Network(m)) => {
-                    return Err(S3Error::Network(format!("{m} (S3 at {})", self.endpoint)))
+                    return Err(S3Error::Network(format!(
+                        "{m} (S3 at {})",
+                        self.s3.endpoint_for(&region)
+                    )))
                 }
                 Err(e) => return Err(out_of_time(e)),
             }
@@ -249,10 +417,19 @@ async fn answered<T, E: ProvideErrorMetadata + std::error::Error + 'static>(
 fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(e: SdkError<E>) -> S3Error {
     match &e {
         SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
+            let raw = se.raw();
+            let status = raw.status().as_u16();
             let code = se.err().code().unwrap_or_default();
             if code == "RequestTimeTooSkewed" {
-                report_skew(se.raw().headers().get("date"));
+                report_skew(raw.headers().get("date"));
+            }
+            if let Some(region) = bucket_region(
+                status,
+                code,
+                raw.headers().get("x-amz-bucket-region"),
+                raw.body().bytes(),
+            ) {
+                return S3Error::WrongRegion(region);
             }
             classify(status, code)
         }
@@ -322,6 +499,44 @@ fn words(secs: u64) -> String {
     }
 }
 
+/// The region an error answer says the bucket lives in, when it is a
+/// wrong-region answer: a redirect (`301 PermanentRedirect`, `307`), or a
+/// 400 (`AuthorizationHeaderMalformed`, or a HEAD's bare 400) naming the
+/// region in `x-amz-bucket-region` or in the body's `<Region>`.
+fn bucket_region(
+    status: u16,
+    code: &str,
+    header: Option<&str>,
+    body: Option<&[u8]>,
+) -> Option<String> {
+    let redirect = matches!(status, 301 | 307) || code == "PermanentRedirect";
+    let bad_region = status == 400
+        && matches!(
+            code,
+            "" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException"
+        );
+    if !redirect && !bad_region {
+        return None;
+    }
+    let from_body = || {
+        let text = std::str::from_utf8(body?).ok()?;
+        let start = text.find("<Region>")? + "<Region>".len();
+        let len = text[start..].find("</Region>")?;
+        Some(text[start..start + len].to_string())
+    };
+    header
+        .map(str::to_string)
+        .or_else(from_body)
+        .map(|r| r.trim().to_string())
+        // A region is a short name of letters, digits and dashes; anything
+        // else is not one to sign for.
+        .filter(|r| {
+            !r.is_empty()
+                && r.len() <= 64
+                && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 fn classify(status: u16, code: &str) -> S3Error {
     match (status, code) {
         (
@@ -336,9 +551,13 @@ fn classify(status: u16, code: &str) -> S3Error {
         (_, "NoSuchKey") | (404, _) => S3Error::NotFound,
         (412, _) | (_, "PreconditionFailed") => S3Error::Stale,
         (_, "SlowDown") | (503, _) | (429, _) => S3Error::Throttled,
-        // A HEAD answer has no body, so a refused credential shows only as
-        // a bare 400 or 403.
-        (400, "") => S3Error::CredentialsRejected("HTTP 400".into()),
+        // No code at all (a HEAD answer has no body): most likely a wrong
+        // region or endpoint. Not refused credentials: renewing them would
+        // not help and costs the data store a call per request.
+        (400, "") => S3Error::BareBadRequest {
+            region: String::new(),
+            endpoint: String::new(),
+        },
         (403, _) | (_, "AccessDenied") => S3Error::AccessDenied,
         (s, _) => S3Error::Server(s),
     }
@@ -372,9 +591,8 @@ impl ObjectStore for AwsObjectStore {
     ) -> Result<ListPage, S3Error> {
         let span = info_span!("s3_list", bucket = %self.bucket, prefix);
         let continuation = &continuation;
-        self.with_retries("ListObjectsV2", deadline, |stall| async move {
-            let send = self
-                .client
+        self.with_retries("ListObjectsV2", deadline, |client, stall| async move {
+            let send = client
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(prefix)
@@ -425,13 +643,8 @@ impl ObjectStore for AwsObjectStore {
 
     async fn head(&self, key: &str, deadline: Deadline) -> Result<ObjectMeta, S3Error> {
         let span = info_span!("s3_head", bucket = %self.bucket, key);
-        self.with_retries("HeadObject", deadline, |stall| async move {
-            let send = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send();
+        self.with_retries("HeadObject", deadline, |client, stall| async move {
+            let send = client.head_object().bucket(&self.bucket).key(key).send();
             let out = answered(stall, send).await?;
             Ok(meta(
                 key,
@@ -474,9 +687,8 @@ impl ObjectStore for AwsObjectStore {
         let piece = piece.max(1);
         let span = info_span!("s3_get", bucket = %self.bucket, key, start = range.start, len = range.end - range.start);
         let range = &range;
-        self.with_retries("GetObject", deadline, |stall| async move {
-            let send = self
-                .client
+        self.with_retries("GetObject", deadline, |client, stall| async move {
+            let send = client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -601,6 +813,211 @@ fn url_decode(s: &str) -> Option<String> {
             warn!(key = %s, "listing returned a key that is not UTF-8; skipped");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod region_tests {
+    use super::{bucket_region, classify, BucketNotes, S3Error};
+
+    #[test]
+    fn a_redirect_names_the_bucket_region() {
+        // GET or LIST: 301 with a body and the header.
+        let body = b"<Error><Code>PermanentRedirect</Code><Endpoint>b.s3.ap-southeast-2.amazonaws.com</Endpoint></Error>";
+        assert_eq!(
+            bucket_region(301, "PermanentRedirect", Some("ap-southeast-2"), Some(body)).as_deref(),
+            Some("ap-southeast-2")
+        );
+        // HEAD: no body, only the header; also as a bare 400.
+        assert_eq!(
+            bucket_region(301, "", Some("eu-west-1"), None).as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            bucket_region(400, "", Some("eu-west-1"), Some(b"")).as_deref(),
+            Some("eu-west-1")
+        );
+        // A signature for the wrong region: the region in the body.
+        let body = b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>the region 'us-east-1' is wrong; expecting 'ap-southeast-2'</Message><Region>ap-southeast-2</Region></Error>";
+        assert_eq!(
+            bucket_region(400, "AuthorizationHeaderMalformed", None, Some(body)).as_deref(),
+            Some("ap-southeast-2")
+        );
+    }
+
+    #[test]
+    fn other_answers_name_no_region() {
+        // Any answer may carry the header; only redirects and region
+        // errors mean "sign for another region".
+        assert_eq!(
+            bucket_region(403, "AccessDenied", Some("eu-west-1"), None),
+            None
+        );
+        assert_eq!(
+            bucket_region(404, "NoSuchKey", Some("eu-west-1"), None),
+            None
+        );
+        assert_eq!(bucket_region(400, "", None, None), None);
+        assert_eq!(
+            bucket_region(400, "InvalidArgument", Some("eu-west-1"), None),
+            None
+        );
+        // Not a region: never signed for.
+        assert_eq!(bucket_region(301, "", Some("a b"), None), None);
+        assert_eq!(bucket_region(301, "", Some(""), None), None);
+        assert_eq!(
+            bucket_region(301, "", None, Some(b"<Region>x\n</Region")),
+            None
+        );
+    }
+
+    #[test]
+    fn a_bare_400_is_not_refused_credentials() {
+        assert!(matches!(classify(400, ""), S3Error::BareBadRequest { .. }));
+        assert!(!classify(400, "").is_transient());
+        assert!(matches!(
+            classify(400, "InvalidArgument"),
+            S3Error::Server(400)
+        ));
+        let e = S3Error::BareBadRequest {
+            region: "us-east-1".into(),
+            endpoint: "https://s3.us-east-1.amazonaws.com".into(),
+        };
+        let text = e.to_string();
+        for part in [
+            "us-east-1",
+            "https://s3.us-east-1.amazonaws.com",
+            "--s3-region",
+            "--s3-endpoint",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+        assert!(!S3Error::WrongRegion("eu-west-1".into()).is_transient());
+    }
+
+    #[test]
+    fn a_region_is_remembered_once_per_bucket() {
+        let n = BucketNotes::default();
+        assert_eq!(n.region("b"), None);
+        assert!(n.remember("b", "eu-west-1"));
+        assert!(!n.remember("b", "eu-west-1"));
+        assert_eq!(n.region("b").as_deref(), Some("eu-west-1"));
+        assert_eq!(n.region("other"), None);
+    }
+}
+
+/// What a client built for a redirected bucket sends: to which URL, signed
+/// for which region (the request is stopped before it leaves).
+#[cfg(test)]
+mod redirect_client_tests {
+    use std::sync::{Arc, Mutex};
+
+    use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+    use aws_sdk_s3::config::{
+        BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+    };
+    use aws_sdk_s3::error::BoxError;
+
+    use super::{http_client, BucketClient, BucketNotes, S3Config};
+
+    /// Takes down each request's URL and signing region, and stops it.
+    #[derive(Debug, Default, Clone)]
+    struct Seen(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl Intercept for Seen {
+        fn name(&self) -> &'static str {
+            "Seen"
+        }
+
+        fn read_before_transmit(
+            &self,
+            ctx: &BeforeTransmitInterceptorContextRef<'_>,
+            _rc: &RuntimeComponents,
+            _cfg: &mut ConfigBag,
+        ) -> Result<(), BoxError> {
+            let req = ctx.request();
+            // `Credential=KEY/DATE/REGION/s3/aws4_request`
+            let region = req
+                .headers()
+                .get("authorization")
+                .and_then(|a| a.split("Credential=").nth(1))
+                .and_then(|c| c.split('/').nth(2))
+                .unwrap_or_default()
+                .to_string();
+            self.0.lock().unwrap().push((req.uri().to_string(), region));
+            Err("stopped before sending".into())
+        }
+    }
+
+    /// The URL and signing region of a ListObjectsV2 sent with the client
+    /// of bucket `bkt`, once S3 has redirected it to ap-southeast-2.
+    async fn sent(endpoint: Option<&str>) -> Vec<(String, String)> {
+        let config = S3Config {
+            endpoint: endpoint.map(str::to_string),
+            region: "us-east-1".into(),
+            ..S3Config::default()
+        };
+        let seen = Seen::default();
+        let mut b = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .http_client(http_client())
+            .credentials_provider(Credentials::new(
+                "AKIDTEST",
+                "not-a-secret",
+                None,
+                None,
+                "t",
+            ))
+            .interceptor(seen.clone());
+        if let Some(e) = endpoint {
+            b = b.endpoint_url(e).force_path_style(true);
+        }
+        let notes = Arc::new(BucketNotes::default());
+        let bc = BucketClient::new(b.build(), &config, notes.clone(), "bkt".into());
+        let list = |c: aws_sdk_s3::Client| async move {
+            let _ = c.list_objects_v2().bucket("bkt").send().await;
+        };
+        let (region, client) = bc.get();
+        assert_eq!(region, "us-east-1");
+        list(client).await;
+        assert!(notes.remember("bkt", "ap-southeast-2"));
+        let (region, client) = bc.get();
+        assert_eq!(region, "ap-southeast-2");
+        list(client).await;
+        assert_eq!(
+            bc.endpoint_for(&region),
+            endpoint.map_or(
+                "https://s3.ap-southeast-2.amazonaws.com".into(),
+                str::to_string
+            )
+        );
+        let v = seen.0.lock().unwrap().clone();
+        v
+    }
+
+    #[tokio::test]
+    async fn aws_s3_moves_to_the_regions_endpoint() {
+        let v = sent(None).await;
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0].1, "us-east-1");
+        assert!(
+            v[1].0
+                .starts_with("https://bkt.s3.ap-southeast-2.amazonaws.com/"),
+            "{v:?}"
+        );
+        assert_eq!(v[1].1, "ap-southeast-2");
+    }
+
+    #[tokio::test]
+    async fn a_custom_endpoint_stays_and_only_the_signing_region_changes() {
+        let v = sent(Some("http://127.0.0.1:9")).await;
+        assert_eq!(v.len(), 2, "{v:?}");
+        for (url, _) in &v {
+            assert!(url.starts_with("http://127.0.0.1:9/bkt"), "{v:?}");
+        }
+        assert_eq!(v[0].1, "us-east-1");
+        assert_eq!(v[1].1, "ap-southeast-2");
     }
 }
 

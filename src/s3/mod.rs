@@ -65,6 +65,17 @@ pub enum S3Error {
     Stalled,
     #[error("S3 did not answer within --request-timeout")]
     TimedOut,
+    /// S3 says the bucket lives in this other region (a `301
+    /// PermanentRedirect` or `x-amz-bucket-region`): sign for it instead.
+    #[error("the bucket is in S3 region {0} (check --s3-region)")]
+    WrongRegion(String),
+    /// HTTP 400 with no error code: not refused credentials (renewing them
+    /// would not help) but most likely a wrong region or endpoint.
+    #[error(
+        "S3 answered HTTP 400 without a reason (signed for region {region} at {endpoint}; \
+         check --s3-region and --s3-endpoint)"
+    )]
+    BareBadRequest { region: String, endpoint: String },
     #[error("S3 error: {0}")]
     Other(String),
 }

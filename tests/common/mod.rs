@@ -752,3 +752,49 @@ impl Sim {
         }
     }
 }
+
+/// Every proxy variable a client reads, both cases.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// Like [`Sim::mount`], with exactly the proxy settings in `env` (every
+/// proxy variable of the test's own environment removed first) and any
+/// other variables `env` names.
+pub fn mount_with_env(sim: &Sim, flags: &[&str], env: &[(&str, &str)]) -> Mount {
+    let dir = tempfile::Builder::new()
+        .prefix("provenafs-mnt-")
+        .tempdir()
+        .unwrap();
+    let log = log_file("mount");
+    sim.scan_log(&log);
+    let mut args = vec!["mount", dir.path().to_str().unwrap()];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--log-file", log.to_str().unwrap()]);
+    let mut cmd = sim.command(&args);
+    for k in PROXY_VARS {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = sim.run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Mount { dir, log }
+}
+
+/// The mount's log so far.
+pub fn log_text(m: &Mount) -> String {
+    std::fs::read_to_string(&m.log).unwrap_or_default()
+}
