@@ -263,11 +263,11 @@ fn a_killed_daemon_takes_its_mount_with_it() {
     let entries = std::fs::read_dir(m.path()).map(|d| d.count());
     assert_eq!(entries.unwrap(), 0);
     eprintln!("mountpoint usable {:?} after SIGKILL", t.elapsed());
-    let log = std::fs::read_to_string(&m.log).unwrap();
-    assert!(
-        log.contains("ended without unmounting; unmounted it"),
-        "{log}"
-    );
+    // The watchdog writes its line just after it unmounts.
+    wait_until("the watchdog's log line", 5, || {
+        std::fs::read_to_string(&m.log)
+            .is_ok_and(|l| l.contains("ended without unmounting; unmounted it"))
+    });
     // The same folder mounts again.
     let mp = m.path().to_str().unwrap();
     let out = sim.run(&mut sim.command(&["mount", mp, "--log-file", m.log.to_str().unwrap()]));
