@@ -127,6 +127,12 @@ fn is_bad_page(e: &ApiError) -> bool {
     matches!(e, ApiError::Http { status: 400, .. })
 }
 
+/// A registry page the server could not produce in time: a smaller one may.
+fn slow_page(e: &ApiError) -> bool {
+    matches!(e, ApiError::Http { status, .. } if *status >= 500)
+        || matches!(e, ApiError::TimedOut(_) | ApiError::Stalled(_))
+}
+
 /// Read credentials as issued, with the service's clock at that moment
 /// (its `Date` header), so their lifetime can be told on a wrong local clock.
 pub struct IssuedCredentials {
@@ -139,6 +145,8 @@ pub struct DataStoreClient {
     http: reqwest::Client,
     config: ApiConfig,
     tokens: Arc<TokenSource>,
+    /// An incomplete registry listing was logged (once is enough).
+    incomplete_told: std::sync::atomic::AtomicBool,
 }
 
 enum Method<'a> {
@@ -152,6 +160,7 @@ impl DataStoreClient {
             http,
             config,
             tokens,
+            incomplete_told: Default::default(),
         }
     }
 
@@ -233,19 +242,33 @@ impl DataStoreClient {
                     .call("/registry/items/list", Method::Post(body), "", deadline)
                     .await;
                 let r = match answer {
-                    Ok((r, _)) => r,
-                    Err(e) if size > 1 && (e.is_transient() || e.is_timeout() || is_bad_page(&e)) => {
+                    // Grown back towards the full size after each page that
+                    // answers: one slow page does not make the rest small.
+                    Ok((r, _)) => {
+                        size = (size * 2).min(full);
+                        r
+                    }
+                    // Only what a smaller page can cure: a page the server
+                    // took too long over (5xx, the gateway's 504, a call
+                    // that ran out of time), or one holding a bad record.
+                    // An unreachable service or a refused token fails now.
+                    Err(e) if size > 1 && (slow_page(&e) || is_bad_page(&e)) => {
                         size = (size / 2).max(1);
                         info!(error = %e, page_size = size, "registry page failed; asking again with half the page size");
                         continue;
                     }
                     Err(e) if is_bad_page(&e) => {
+                        // The size that isolated it stays: growing would
+                        // only read the bad record again.
                         let why = format!(
                             "a registry record after the first {} datasets cannot be read by the data store ({e}); \
                              the datasets past it are not listed (each still opens by its handle)",
                             out.len()
                         );
-                        warn!("{why}");
+                        // Once per mount: the next listing meets it again.
+                        if !self.incomplete_told.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            warn!("{why}");
+                        }
                         incomplete = Some(why);
                         break;
                     }
@@ -301,9 +324,15 @@ impl DataStoreClient {
                 },
                 None => {
                     let body = serde_json::json!({"page_size": 1, "pagination_key": null, "sort_by": null});
-                    self.call::<ListResponse>("/registry/items/list", Method::Post(body), "", deadline)
+                    match self
+                        .call::<ListResponse>("/registry/items/list", Method::Post(body), "", deadline)
                         .await
-                        .map(|_| ())
+                    {
+                        // The newest record cannot be parsed (a record in a
+                        // newer format, most likely): the API is there.
+                        Err(e) if is_bad_page(&e) => Ok(()),
+                        r => r.map(|_| ()),
+                    }
                 }
             }
         }

@@ -124,7 +124,8 @@ pub fn check_token_shape(token: &str) -> Result<(), String> {
 }
 
 /// The claims of a JWT's payload, not verified: for showing who a token
-/// belongs to, never for deciding anything.
+/// belongs to, and for refusing early what the service would refuse anyway
+/// (a token without roles); never for granting anything.
 pub fn token_claims(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64url_decode(payload)?;

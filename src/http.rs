@@ -71,11 +71,22 @@ pub fn redact(url: &str) -> String {
         Some((s, r)) => (Some(s), r),
         None => (None, url),
     };
-    // The authority ends at the first '/', '?' or '#'; userinfo is what
-    // comes before its last '@'.
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // Userinfo is everything before the last '@' (a password may hold
+    // '/', '?', '#' or '@' itself, written as typed in a proxy variable);
+    // the host ends at the first '/', '?' or '#' after it.
+    // An '@' in a path with no password before it (`proxy/a@b`) is not
+    // userinfo; with a ':' before it, it is taken as one, to be safe.
+    let after_user = rest
+        .rfind('@')
+        .filter(|&at| {
+            let before = &rest[..at];
+            before.contains(':') || !before.contains(['/', '?', '#'])
+        })
+        .map_or(0, |at| at + 1);
+    let end = rest[after_user..]
+        .find(['/', '?', '#'])
+        .map_or(rest.len(), |e| after_user + e);
+    let (host, tail) = (&rest[after_user..end], &rest[end..]);
     match scheme {
         Some(s) => format!("{s}://{host}{tail}"),
         None => format!("{host}{tail}"),
@@ -123,6 +134,11 @@ mod tests {
         assert_eq!(redact("user:pw@proxy:8080"), "proxy:8080");
         assert_eq!(redact("http://proxy:3128"), "http://proxy:3128");
         assert_eq!(redact("http://proxy/a@b"), "http://proxy/a@b");
+        // Passwords holding what ends a host elsewhere.
+        for pw in ["p#ss", "p?ss", "p/ss", "p@ss"] {
+            let r = redact(&format!("http://user:{pw}@proxy:3128"));
+            assert_eq!(r, "http://proxy:3128", "{pw}");
+        }
         assert_eq!(redact(""), "");
     }
 }

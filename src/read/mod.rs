@@ -893,7 +893,7 @@ mod tests {
             prefix: "".into(),
             updated: std::time::UNIX_EPOCH,
             name: None,
-            released: false,
+            release: Default::default(),
             store,
         });
         FileRef { dataset: ds, meta }

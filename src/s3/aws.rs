@@ -322,18 +322,24 @@ impl AwsObjectStore {
                     }
                     redirected = true;
                 }
+                // Redirected again, or to the region already signed for
+                // (an --s3-endpoint that is not this bucket's): give up.
+                // Said by whoever fails on it (the file system logs each
+                // cause once a minute), not here on every request.
                 Err(S3Error::WrongRegion(to)) => {
                     let endpoint = self.s3.endpoint_for(&region);
-                    warn!(
+                    debug!(
                         what,
                         bucket = %self.bucket,
                         region = %region,
                         %endpoint,
-                        "S3 redirected bucket {} to region {to} again, after the request was signed \
-                         for {region}; giving up (check --s3-region and --s3-endpoint)",
+                        "S3 redirects bucket {} to region {to} although signed for {region}",
                         self.bucket
                     );
-                    return Err(S3Error::WrongRegion(to));
+                    return Err(S3Error::WrongRegion(format!(
+                        "{to}, but S3 at {endpoint} still redirects requests signed for it; \
+                         check --s3-endpoint"
+                    )));
                 }
                 Err(S3Error::BareBadRequest { .. }) => {
                     // The error names the region and endpoint and says what

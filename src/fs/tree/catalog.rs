@@ -1,7 +1,7 @@
 //! The catalog of datasets: which handles exist for this user, where each
 //! dataset's objects live, and the registry listing behind the root folder.
 //!
-//! The registry is listed at most once per metadata TTL, however many
+//! The registry is listed at most once per registry TTL, however many
 //! `ls` run, by one task whose result every caller shares (a caller that
 //! gives up at its own deadline does not cancel it). A handle that is not
 //! listed is fetched by itself (`fetch-dataset`), never by listing the
@@ -52,10 +52,41 @@ pub struct Dataset {
     pub updated: SystemTime,
     /// Human-readable name from the registry, for `by-name/`.
     pub name: Option<String>,
-    /// `RELEASED` or `PENDING` (release requested): its data no longer
-    /// changes, so what is known of it is trusted for `--released-ttl`.
-    pub released: bool,
+    /// Its release status as the registry said it last (see [`Release`]):
+    /// updated by every listing or fetch that sees the record, since a
+    /// `PENDING` release may still be denied.
+    pub release: Release,
     pub store: Arc<dyn ObjectStore>,
+}
+
+/// A dataset's release status (`release_status` in the registry record,
+/// source: `../shared/docs/provena-api.md`): `RELEASED` data no longer
+/// changes; `PENDING` waits for a reviewer, who may still deny it (and the
+/// owner then change it again); anything else may change at any time.
+#[derive(Default)]
+pub struct Release(std::sync::atomic::AtomicU8);
+
+impl Release {
+    const OPEN: u8 = 0;
+    const PENDING: u8 = 1;
+    const RELEASED: u8 = 2;
+
+    fn set(&self, status: Option<&str>) {
+        let v = match status {
+            Some("RELEASED") => Self::RELEASED,
+            Some("PENDING") => Self::PENDING,
+            _ => Self::OPEN,
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == Self::RELEASED
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == Self::PENDING
+    }
 }
 
 type Listed = Result<Arc<BTreeSet<String>>, FsError>;
@@ -147,6 +178,7 @@ impl Catalog {
 
     fn remember(&self, st: &mut State, item: &ItemDataset) -> Arc<Dataset> {
         if let Some(ds) = st.datasets.get(&item.id) {
+            ds.release.set(item.release_status.as_deref());
             return ds.clone();
         }
         let mut prefix = item.s3.path.trim_start_matches('/').to_string();
@@ -159,10 +191,7 @@ impl Catalog {
             store: self.stores.open(&item.id, &item.s3.bucket_name),
             prefix,
             name: item.name().map(str::to_string),
-            released: matches!(
-                item.release_status.as_deref(),
-                Some("RELEASED") | Some("PENDING")
-            ),
+            release: Release::default(),
             updated: item
                 .updated_timestamp
                 .or(item.created_timestamp)
@@ -170,6 +199,7 @@ impl Catalog {
                 .map(|t| UNIX_EPOCH + Duration::from_secs(t as u64))
                 .unwrap_or(self.mounted_at),
         });
+        ds.release.set(item.release_status.as_deref());
         st.datasets.insert(item.id.clone(), ds.clone());
         ds
     }
@@ -272,7 +302,7 @@ pub(crate) mod tests {
             prefix: format!("datasets/{}/", handle.replace(['.', '/'], "-")),
             updated: UNIX_EPOCH,
             name: None,
-            released: false,
+            release: Release::default(),
             store: Arc::new(MemoryStore::new()),
         })
     }

@@ -79,11 +79,9 @@ impl Tree {
                         }
                     }
                 }
-                let ttl = self.ttl_of(st.inodes.get(ino).map(|n| &n.kind));
                 if let Some(d) = st.dirs.get_mut(&ino) {
                     d.listing = Some(Listing {
                         at: Instant::now(),
-                        ttl,
                         started,
                         stream: stream.clone(),
                     });

@@ -89,17 +89,9 @@ pub struct FileRef {
 /// A complete listing of a folder.
 struct Listing {
     at: Instant,
-    /// How long it is trusted (longer for a released dataset).
-    ttl: Duration,
     /// Stamp of when it started: names not confirmed since are gone.
     started: u64,
     stream: Arc<DirStream>,
-}
-
-impl Listing {
-    fn fresh(&self) -> bool {
-        self.at.elapsed() < self.ttl
-    }
 }
 
 /// What is known of a folder's contents as a whole.
@@ -160,7 +152,9 @@ impl Tree {
         let catalog = Arc::new(Catalog::new(
             registry,
             stores,
-            cfg.registry_ttl,
+            // Never shorter than the metadata TTL: what the root shows is
+            // metadata too.
+            cfg.registry_ttl.max(cfg.metadata_ttl),
             cfg.datasets.clone(),
             mounted_at,
         ));
@@ -190,17 +184,26 @@ impl Tree {
         self.cfg.metadata_ttl
     }
 
+    /// Trust in what is known of a `kind`: a released dataset's never
+    /// changes; a pending one's does not change unless its release is
+    /// denied, which the registry tells within its TTL; anything else only
+    /// for the metadata TTL.
     pub(crate) fn ttl_of(&self, kind: Option<&Kind>) -> Duration {
-        let released = match kind {
+        let ds = match kind {
             Some(Kind::Dataset(ds))
             | Some(Kind::Folder { ds, .. })
-            | Some(Kind::File { ds, .. }) => ds.released,
-            _ => false,
+            | Some(Kind::File { ds, .. }) => Some(ds),
+            _ => None,
         };
-        if released {
-            self.cfg.released_ttl.max(self.cfg.metadata_ttl)
-        } else {
-            self.cfg.metadata_ttl
+        let metadata = self.cfg.metadata_ttl;
+        match ds {
+            Some(ds) if ds.release.is_released() => self.cfg.released_ttl.max(metadata),
+            Some(ds) if ds.release.is_pending() => self
+                .cfg
+                .released_ttl
+                .min(self.cfg.registry_ttl)
+                .max(metadata),
+            _ => metadata,
         }
     }
 
@@ -223,7 +226,14 @@ impl Tree {
         st.dirs
             .get(&dir)
             .and_then(|d| d.listing.as_ref())
-            .filter(|l| l.fresh())
+            .filter(|l| self.listing_fresh(st, dir, l))
+    }
+
+    /// Whether `l`, the listing of `dir`, is still trusted: by the TTL of
+    /// its dataset's release status now (a release denied since shortens
+    /// it at once).
+    fn listing_fresh(&self, st: &State, dir: u64, l: &Listing) -> bool {
+        l.at.elapsed() < self.ttl_of(st.inodes.get(dir).map(|n| &n.kind))
     }
 
     /// Attributes of `ino`; ESTALE for an inode this mount does not know.
@@ -568,10 +578,10 @@ impl Tree {
         let expired: Vec<u64> = st
             .dirs
             .iter()
-            .filter(|(_, d)| {
-                d.listing
-                    .as_ref()
-                    .is_some_and(|l| !l.fresh() && Arc::strong_count(&l.stream) == 1)
+            .filter(|(ino, d)| {
+                d.listing.as_ref().is_some_and(|l| {
+                    !self.listing_fresh(&st, **ino, l) && Arc::strong_count(&l.stream) == 1
+                })
             })
             .map(|(ino, _)| *ino)
             .collect();
