@@ -329,8 +329,14 @@ impl DataStoreClient {
                         .await
                     {
                         // The newest record cannot be parsed (a record in a
-                        // newer format, most likely): the API is there.
-                        Err(e) if is_bad_page(&e) => Ok(()),
+                        // newer format, most likely): the API is there. Its
+                        // 400 says so in JSON; anything else answering 400
+                        // (S3's XML, a web page) is not the API.
+                        Err(ApiError::Http { status: 400, detail })
+                            if !detail.trim_start().starts_with('<') =>
+                        {
+                            Ok(())
+                        }
                         r => r.map(|_| ()),
                     }
                 }

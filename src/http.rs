@@ -110,10 +110,16 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
         root = s.to_string();
         src = s.source();
     }
+    // Through a proxy, the failure is most likely the proxy's: say so.
+    let via = e
+        .url()
+        .and_then(|u| proxy_for(u.as_str()))
+        .map(|p| format!(" via proxy {p}"))
+        .unwrap_or_default();
     if root.is_empty() {
-        kind.to_string()
+        format!("{kind}{via}")
     } else {
-        format!("{kind} ({root})")
+        format!("{kind}{via} ({root})")
     }
 }
 

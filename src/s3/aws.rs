@@ -358,10 +358,12 @@ impl AwsObjectStore {
                     tokio::time::sleep(wait).await;
                 }
                 Err(S3Error::Network(m)) => {
-                    return Err(S3Error::Network(format!(
-                        "{m} (S3 at {})",
-                        self.s3.endpoint_for(&region)
-                    )))
+                    let endpoint = self.s3.endpoint_for(&region);
+                    // Through a proxy, the failure is most likely the proxy's.
+                    let via = crate::http::proxy_for(&endpoint)
+                        .map(|p| format!(" via proxy {p}"))
+                        .unwrap_or_default();
+                    return Err(S3Error::Network(format!("{m} (S3 at {endpoint}{via})")));
                 }
                 Err(e) => return Err(out_of_time(e)),
             }

@@ -166,7 +166,17 @@ impl Catalog {
         if let Some(ds) = self.known(handle) {
             return Ok(ds);
         }
-        let item = self.registry.fetch(handle, deadline).await?;
+        let item = self
+            .registry
+            .fetch(handle, deadline)
+            .await
+            .map_err(|e| match e {
+                // The service's words do not name the dataset.
+                ApiError::PermissionDenied(d) => {
+                    ApiError::PermissionDenied(format!("dataset {handle}: {d}"))
+                }
+                e => e,
+            })?;
         if item.id != handle {
             warn!(asked = %handle, got = %item.id, "fetch-dataset returned another handle");
             return Err(FsError::NotFound);
