@@ -9,12 +9,13 @@
 //! see [`DiskCache`].
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, AtFlags, OFlag, AT_FDCWD as CWD};
@@ -161,6 +162,101 @@ fn open_dir_at<P: ?Sized + nix::NixPath>(dir: impl AsFd, name: &P) -> nix::Resul
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
+}
+
+/// What [`DiskCache::claim`] found.
+pub enum Claim {
+    /// This process fetches the block; dropping the guard ends the claim
+    /// (after the block is written, or the fetch failed).
+    Mine(ClaimGuard),
+    /// Another live process fetches it, until at most `until`: wait for
+    /// the block file.
+    Theirs { until: SystemTime },
+    /// The folder cannot hold a claim: fetch without one.
+    Unavailable,
+}
+
+/// An open claim on one block (see [`DiskCache::claim`]).
+pub struct ClaimGuard {
+    cache: Arc<DiskCache>,
+    name: String,
+    shard: String,
+    /// What the claim file holds: removed only while it is still ours (a
+    /// process that took it over after our deadline owns it now).
+    token: String,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let Ok(dir) = open_dir_at(&self.cache.root, self.shard.as_str()) else {
+            return;
+        };
+        if read_claim_text(&dir, &self.name).as_deref() == Some(self.token.as_str()) {
+            let _ = unlinkat(&dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+/// A claim as its file says.
+struct ClaimFile {
+    host: String,
+    pid: i32,
+    until: SystemTime,
+}
+
+impl ClaimFile {
+    /// Whether its owner may still be fetching: before its deadline, and
+    /// (on this host, where we can tell) still running.
+    fn live(&self) -> bool {
+        if SystemTime::now() >= self.until {
+            return false;
+        }
+        if self.host == host() {
+            // ESRCH: no such process. EPERM: someone else's, alive.
+            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), None)
+                != Err(Errno::ESRCH);
+        }
+        true
+    }
+}
+
+fn read_claim_text(dir: impl AsFd, name: &str) -> Option<String> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::io::Read::take(std::fs::File::from(fd), 512)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+fn read_claim(dir: impl AsFd, name: &str) -> Option<ClaimFile> {
+    let text = read_claim_text(dir, name)?;
+    let mut f = text.split_whitespace();
+    let host = f.next()?.to_string();
+    let pid = f.next()?.parse().ok()?;
+    let until_ms: u64 = f.next()?.parse().ok()?;
+    Some(ClaimFile {
+        host,
+        pid,
+        until: UNIX_EPOCH + std::time::Duration::from_millis(until_ms),
+    })
+}
+
+/// This host's name, as claims record it.
+fn host() -> String {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().replace(char::is_whitespace, "_"))
+            .unwrap_or_else(|_| "unknown".into())
+    })
+    .clone()
 }
 
 /// Bytes of the header of block `k`.
@@ -355,6 +451,74 @@ impl DiskCache {
         let _ = unlinkat(shard, name, UnlinkatFlags::NoRemoveDir);
     }
 
+    /// Claims the fetching of block `k` for this process until `until`, so
+    /// that other processes sharing the folder (other mounts, other nodes)
+    /// wait for the block instead of fetching it too.
+    ///
+    /// The claim is a file beside the block, created exclusively (what NFS,
+    /// Lustre and GPFS all honour; no `flock` across nodes), holding this
+    /// host's name, PID and the deadline. A claim whose deadline has passed,
+    /// or whose owner on this host is gone, is taken over. Returns
+    /// [`Claim::Unavailable`] when the folder cannot hold a claim: the
+    /// caller then simply fetches.
+    pub fn claim(self: &Arc<Self>, k: &BlockKey, until: SystemTime) -> Claim {
+        let block = Self::name(k);
+        let Some(shard) = self.shard(&block) else {
+            return Claim::Unavailable;
+        };
+        let name = format!(".claim-{block}");
+        let until_ms = until
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let me = format!(
+            "{} {} {until_ms} {:x}\n",
+            host(),
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        for _ in 0..2 {
+            match openat(
+                shard,
+                name.as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(self.file_mode),
+            ) {
+                Ok(fd) => {
+                    let mut f = std::fs::File::from(fd);
+                    if f.write_all(me.as_bytes()).is_err() {
+                        let _ = unlinkat(shard, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                        return Claim::Unavailable;
+                    }
+                    return Claim::Mine(ClaimGuard {
+                        cache: self.clone(),
+                        name,
+                        shard: block[..2].to_string(),
+                        token: me,
+                    });
+                }
+                Err(Errno::EEXIST) => match read_claim(shard, &name) {
+                    Some(c) if c.live() => return Claim::Theirs { until: c.until },
+                    // Its owner died or missed its deadline (or it is not
+                    // a claim at all): take it over.
+                    _ => {
+                        debug!(block = %block, "taking over a stale claim");
+                        let _ = unlinkat(shard, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                    }
+                },
+                Err(_) => return Claim::Unavailable,
+            }
+        }
+        // Lost a race with another taker: it holds the claim now.
+        match read_claim(shard, &name) {
+            Some(c) if c.live() => Claim::Theirs { until: c.until },
+            _ => Claim::Unavailable,
+        }
+    }
+
     pub fn put(&self, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
         let name = Self::name(k);
         let shard = self
@@ -416,7 +580,7 @@ impl DiskCache {
                     continue;
                 }
                 let mtime = st.st_mtime;
-                if name.starts_with(".tmp-") {
+                if name.starts_with(".tmp-") || name.starts_with(".claim-") {
                     // A writer that died mid-block (on any node) left this.
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

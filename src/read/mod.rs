@@ -46,7 +46,7 @@ use crate::fs::tree::FileRef;
 use crate::fs::FsError;
 use crate::retry::Deadline;
 use crate::s3::S3Error;
-use cache::{BlockKey, CacheStats, DiskCache, MemoryCache, ObjectId};
+use cache::{BlockKey, CacheStats, Claim, ClaimGuard, DiskCache, MemoryCache, ObjectId};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -756,14 +756,132 @@ impl Reader {
                 }
             }
         }
-        // What is left may have gaps (blocks another reader was already
-        // fetching are not ours to fetch): one GET per contiguous run, each
-        // piece handed to the block of its own index.
         let left: Vec<_> = senders.into_iter().flatten().collect();
-        let mut runs: Vec<Vec<(BlockKey, u64, Sender)>> = Vec::new();
-        for s in left {
+        match &self.disk {
+            // A folder shared with other processes (other nodes): claim
+            // each block first; what another process is fetching is waited
+            // for on disk instead of fetched again.
+            Some(disk) if self.shared_disk() => {
+                let (mine, theirs) = self.claim_blocks(disk, left, deadline).await;
+                futures::future::join(
+                    self.fetch_runs(file, mine, deadline),
+                    self.await_others(file, disk, theirs, deadline),
+                )
+                .await;
+            }
+            _ => {
+                let mine = left.into_iter().map(|(k, l, t)| (k, l, t, None)).collect();
+                self.fetch_runs(file, mine, deadline).await;
+            }
+        }
+        drop(permit);
+    }
+
+    fn shared_disk(&self) -> bool {
+        self.cfg.disk.as_ref().is_some_and(|d| d.shared)
+    }
+
+    /// Claims `blocks` in the shared folder (on the blocking pool): those
+    /// claimed (or unclaimable) are this process's to fetch, the rest
+    /// another's.
+    async fn claim_blocks(
+        &self,
+        disk: &Arc<DiskCache>,
+        blocks: Vec<(BlockKey, u64, Sender)>,
+        deadline: Deadline,
+    ) -> (Vec<ToFetch>, Vec<(BlockKey, u64, Sender)>) {
+        let until = std::time::SystemTime::now() + deadline.remaining();
+        let keys: Vec<BlockKey> = blocks.iter().map(|(k, _, _)| k.clone()).collect();
+        let d = disk.clone();
+        let claims = tokio::task::spawn_blocking(move || {
+            keys.iter().map(|k| d.claim(k, until)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut claims = claims.into_iter();
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for (k, len, tx) in blocks {
+            match claims.next() {
+                Some(Claim::Theirs { .. }) => theirs.push((k, len, tx)),
+                Some(Claim::Mine(g)) => mine.push((k, len, tx, Some(g))),
+                Some(Claim::Unavailable) | None => mine.push((k, len, tx, None)),
+            }
+        }
+        (mine, theirs)
+    }
+
+    /// Waits for blocks other processes claimed: polls the shared folder
+    /// (backing off from 10 ms to 200 ms; no inotify, which no cluster file
+    /// system carries across nodes) until each block is there, or its claim
+    /// is gone or stale (then this process claims and fetches it), or too
+    /// little of `deadline` is left to go on waiting (then it fetches it
+    /// anyway). Never past the request bound, never on a dead node's word.
+    async fn await_others(
+        &self,
+        file: &FileRef,
+        disk: &Arc<DiskCache>,
+        mut pending: Vec<(BlockKey, u64, Sender)>,
+        deadline: Deadline,
+    ) {
+        let give_up = deadline.sooner_by(self.cfg.request_timeout / 2);
+        let mut wait = Duration::from_millis(10);
+        while !pending.is_empty() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+            if give_up.expired() {
+                let rest = pending
+                    .into_iter()
+                    .map(|(k, l, t)| (k, l, t, None))
+                    .collect();
+                self.fetch_runs(file, rest, deadline).await;
+                return;
+            }
+            let until = std::time::SystemTime::now() + deadline.remaining();
+            let asks: Vec<(BlockKey, u64)> =
+                pending.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
+            let d = disk.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                asks.iter()
+                    .map(|(k, len)| match d.get(k, *len) {
+                        Some(b) => (Some(b), None),
+                        None => (None, Some(d.claim(k, until))),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut found = found.into_iter();
+            let (mut ours, mut still) = (Vec::new(), Vec::new());
+            for (k, len, tx) in pending {
+                match found.next() {
+                    Some((Some(b), _)) => {
+                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                        self.deliver(&k, Ok(b), tx);
+                    }
+                    Some((None, Some(Claim::Theirs { .. }))) => still.push((k, len, tx)),
+                    Some((None, Some(Claim::Mine(g)))) => ours.push((k, len, tx, Some(g))),
+                    _ => ours.push((k, len, tx, None)),
+                }
+            }
+            if !ours.is_empty() {
+                self.fetch_runs(file, ours, deadline).await;
+            }
+            pending = still;
+        }
+    }
+
+    /// One GET per contiguous run of `blocks` (they may have gaps: blocks
+    /// another reader was already fetching are not ours), each piece
+    /// handed to the block of its own index.
+    async fn fetch_runs(&self, file: &FileRef, blocks: Vec<ToFetch>, deadline: Deadline) {
+        let mut runs: Vec<Vec<ToFetch>> = Vec::new();
+        for s in blocks {
             match runs.last_mut() {
-                Some(run) if run.last().is_some_and(|(k, _, _)| k.index + 1 == s.0.index) => {
+                Some(run)
+                    if run
+                        .last()
+                        .is_some_and(|(k, _, _, _)| k.index + 1 == s.0.index) =>
+                {
                     run.push(s)
                 }
                 _ => runs.push(vec![s]),
@@ -774,16 +892,10 @@ impl Reader {
                 .map(|run| self.fetch_run(file, run, deadline)),
         )
         .await;
-        drop(permit);
     }
 
     /// One ranged GET for blocks with consecutive indices.
-    async fn fetch_run(
-        &self,
-        file: &FileRef,
-        run: Vec<(BlockKey, u64, Sender)>,
-        deadline: Deadline,
-    ) {
+    async fn fetch_run(&self, file: &FileRef, run: Vec<ToFetch>, deadline: Deadline) {
         let bs = self.cfg.block_size;
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
@@ -809,7 +921,7 @@ impl Reader {
                 Err(FetchError::from(e))
             }
         };
-        for (key, len, tx) in run {
+        for (key, len, tx, claim) in run {
             let r = match pieces.as_mut().map(|p| p.next()) {
                 Ok(Some(b)) if b.len() as u64 == len => {
                     if let Some(disk) = &self.disk {
@@ -823,6 +935,9 @@ impl Reader {
                                     if let Err(e) = d.put(&k, &data) {
                                         warn!(error = %e, "cannot write disk cache block");
                                     }
+                                    // Only once the block is there (or
+                                    // will not be): waiters then find it.
+                                    drop(claim);
                                 });
                                 self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
                             }
@@ -855,6 +970,10 @@ impl Reader {
         let _ = tx.send(r);
     }
 }
+
+/// A block this process fetches: its key, length, waiter, and its claim in
+/// a shared cache folder (dropped once the block is written).
+type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
 
 /// Removes a fetch's blocks from the in-flight table when the fetch ends,
 /// whichever way: those it did not answer, and only while the entry is
