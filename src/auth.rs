@@ -25,6 +25,9 @@ pub struct AuthConfig {
     pub realm_url: String,
     /// Bound of one exchange, retries included (`--request-timeout`).
     pub request_timeout: Duration,
+    /// Access tokens shared with this user's other processes through a
+    /// shared cache folder (`--cache-shared`), see [`crate::shared_lease`].
+    pub shared: Option<crate::shared_lease::SharedLeases>,
 }
 
 impl Default for AuthConfig {
@@ -32,6 +35,7 @@ impl Default for AuthConfig {
         Self {
             realm_url: "https://auth.mds.gbrrestoration.org/auth/realms/rrap".into(),
             request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
+            shared: None,
         }
     }
 }
@@ -255,7 +259,7 @@ impl TokenSource {
             || AuthError::Malformed("the token exchange was interrupted".into()),
             Box::new(move |deadline| {
                 let ex = ex.clone();
-                Box::pin(async move { ex.exchange_with_retries(deadline).await })
+                Box::pin(async move { ex.exchange_shared(deadline).await })
             }),
         );
         Self {
@@ -294,11 +298,37 @@ impl TokenSource {
     /// call exchanges again. A token already replaced is left alone, so many
     /// callers failing on the same old token cause one refresh, not many.
     pub fn invalidate(&self, token: &Secret) {
+        if let Some(shared) = &self.exchange.config.shared {
+            // The others would hand the same refused token back.
+            shared.forget(&self.exchange.lease_name());
+        }
         self.tokens.invalidate(|t| t == token);
     }
 }
 
 impl Exchange {
+    /// The shared file of this offline token's access tokens (a hash of
+    /// the realm and the token: neither shows in the folder).
+    fn lease_name(&self) -> String {
+        crate::shared_lease::lease_name("token", &[&self.config.realm_url, self.offline.expose()])
+    }
+
+    /// An access token: from the shared folder when another process has
+    /// a usable one (or is getting it now), else exchanged here and shared.
+    async fn exchange_shared(&self, deadline: Deadline) -> Result<Lease<Secret>, AuthError> {
+        let Some(shared) = &self.config.shared else {
+            return self.exchange_with_retries(deadline).await;
+        };
+        let (token, life) =
+            crate::shared_lease::get_or_fetch(shared, &self.lease_name(), deadline, || async {
+                self.exchange_with_retries(deadline)
+                    .await
+                    .map(|l| (l.value.expose().to_string(), l.lifetime()))
+            })
+            .await?;
+        Ok(Lease::new(Secret::new(token), life))
+    }
+
     /// One access token, retrying transient failures while `deadline` allows.
     async fn exchange_with_retries(&self, deadline: Deadline) -> Result<Lease<Secret>, AuthError> {
         let mut attempt = 0;

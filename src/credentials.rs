@@ -46,6 +46,8 @@ impl Issued {
 
 pub struct DatasetCredentials {
     handle: String,
+    /// The shared folder and this dataset's file in it, if shared.
+    shared: Option<(crate::shared_lease::SharedLeases, String)>,
     renewer: Arc<Renewer<Issued, ApiError>>,
     /// The data store refused them (the user may see, not read, the
     /// dataset): when, and its words. Answered from memory for `refusal_ttl`.
@@ -65,24 +67,41 @@ impl std::fmt::Debug for DatasetCredentials {
 impl DatasetCredentials {
     /// Credentials of `handle`; each renewal is bounded by
     /// `request_timeout`, and a refusal is remembered for `refusal_ttl`.
+    ///
+    /// With `shared` (a shared cache folder, and a name for the user and
+    /// deployment), the set is shared with this user's other processes
+    /// there: about one credentials call per dataset per lifetime for a
+    /// whole job array.
     pub fn new(
         handle: &str,
         api: Arc<DataStoreClient>,
         request_timeout: Duration,
         refusal_ttl: Duration,
+        shared: Option<(crate::shared_lease::SharedLeases, &str)>,
     ) -> Self {
+        let shared = shared.map(|(s, who)| {
+            let name = crate::shared_lease::lease_name("creds", &[who, handle]);
+            (s, name)
+        });
         let h = handle.to_string();
+        let sh = shared.clone();
         let renewer = Renewer::new(
             "read credentials",
             request_timeout,
             || ApiError::Malformed("the credentials request was interrupted".into()),
             Box::new(move |deadline| {
-                let (api, h) = (api.clone(), h.clone());
-                Box::pin(async move { issue(&api, &h, deadline).await })
+                let (api, h, sh) = (api.clone(), h.clone(), sh.clone());
+                Box::pin(async move {
+                    match sh {
+                        Some((s, name)) => issue_shared(&s, &name, &api, &h, deadline).await,
+                        None => issue(&api, &h, deadline).await,
+                    }
+                })
             }),
         );
         Self {
             handle: handle.to_string(),
+            shared,
             renewer: Arc::new(renewer),
             refused: Mutex::new(None),
             refusal_ttl,
@@ -126,6 +145,10 @@ impl DatasetCredentials {
     /// Forgets the set with `access_key_id` after S3 refused it (expired,
     /// revoked, re-keyed), unless it was already replaced.
     pub fn invalidate(&self, access_key_id: &str) {
+        if let Some((s, name)) = &self.shared {
+            // The others would hand the same refused set back.
+            s.forget(name);
+        }
         self.renewer.invalidate(|c| c.key_id == access_key_id);
     }
 }
@@ -156,6 +179,49 @@ async fn issue(
             expiry,
         },
         lifetime,
+    ))
+}
+
+/// A set as the shared folder keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedSet {
+    key_id: String,
+    secret: String,
+    session: String,
+    expiry_ms: u64,
+}
+
+/// [`issue`], through the shared folder (see [`crate::shared_lease`]).
+async fn issue_shared(
+    shared: &crate::shared_lease::SharedLeases,
+    name: &str,
+    api: &DataStoreClient,
+    handle: &str,
+    deadline: Deadline,
+) -> Result<Lease<Issued>, ApiError> {
+    let (set, life) = crate::shared_lease::get_or_fetch(shared, name, deadline, || async {
+        let lease = issue(api, handle, deadline).await?;
+        let c = &lease.value;
+        let set = SharedSet {
+            key_id: c.key_id.clone(),
+            secret: c.secret.expose().to_string(),
+            session: c.session.expose().to_string(),
+            expiry_ms: c
+                .expiry
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        Ok::<_, ApiError>((set, lease.lifetime()))
+    })
+    .await?;
+    Ok(Lease::new(
+        Issued {
+            key_id: set.key_id,
+            secret: Secret::new(set.secret),
+            session: Secret::new(set.session),
+            expiry: std::time::UNIX_EPOCH + Duration::from_millis(set.expiry_ms),
+        },
+        life,
     ))
 }
 

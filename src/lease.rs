@@ -38,6 +38,8 @@ pub struct Lease<T> {
     renew_at: Instant,
     /// Use no longer than this.
     use_until: Instant,
+    /// As given (for sharing it with other processes).
+    lifetime: Duration,
 }
 
 impl<T> Lease<T> {
@@ -50,7 +52,13 @@ impl<T> Lease<T> {
             value,
             renew_at: now + lifetime.saturating_sub(early),
             use_until: now + lifetime.saturating_sub(margin),
+            lifetime,
         }
+    }
+
+    /// The lifetime it was given.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
     }
 
     fn usable(&self, now: Instant) -> bool {

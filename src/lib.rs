@@ -28,6 +28,7 @@ pub mod retry;
 pub mod s3;
 pub mod secret;
 pub mod session;
+pub mod shared_lease;
 pub mod sim;
 pub mod status;
 pub mod wire;

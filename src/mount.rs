@@ -306,6 +306,20 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
     cfg.mountpoint = std::path::absolute(&cfg.mountpoint)
         .map_err(|e| MountError::Mountpoint(cfg.mountpoint.display().to_string(), e))?;
     check_mountpoint(&cfg.mountpoint)?;
+    let reader = Reader::new(cfg.read.clone())
+        .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
+    // A cache folder shared with other processes (a job array's nodes)
+    // shares this user's access token and read credentials too.
+    if let Some(disk) = cfg.read.disk.as_ref().filter(|d| d.shared) {
+        if let Some(leases) = crate::shared_lease::SharedLeases::open(&disk.dir) {
+            let who = crate::shared_lease::lease_name(
+                "user",
+                &[&cfg.auth.realm_url, &cfg.api.base_url, cfg.token.expose()],
+            );
+            cfg.auth.shared = Some(leases.clone());
+            cfg.s3.shared = Some((leases, who));
+        }
+    }
     // Exchange now: a bad token or an unreachable service fails here,
     // before anything is mounted.
     let session = rt
@@ -347,8 +361,6 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
                 .map_err(|e| MountError::Other(format!("dataset {h}: {}", e)))?;
         }
     }
-    let reader = Reader::new(cfg.read.clone())
-        .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
     if cfg.allow_other && !cfg.explicit_modes {
         let said = format!(
             "--allow-other without --file-mode/--dir-mode: every user of this machine can read \

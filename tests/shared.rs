@@ -26,6 +26,7 @@ fn mounts_reading_one_file_at_once_fetch_it_about_once() {
     let cache = cache_parent.path().join("shared");
     let c = cache.to_str().unwrap();
     let flags = ["--cache-dir", c, "--cache-shared", "--cache-size", "1GiB"];
+    let (tokens0, creds0) = (sim.stat("tokens_issued"), sim.stat("api_credentials"));
     let mounts: Vec<Mount> = (0..4).map(|_| sim.mount(&flags)).collect();
     let want = sha256(&sim.root().join("10378.1/9/big.bin"));
     let bytes0 = sim.stat("s3_get_bytes");
@@ -49,6 +50,25 @@ fn mounts_reading_one_file_at_once_fetch_it_about_once() {
         fetched as f64 <= 1.25 * size as f64,
         "S3 bytes {fetched} for a {size}-byte file read by 4 mounts"
     );
+    // The access token and the dataset's read credentials are shared
+    // through the folder: about one of each for all four.
+    let tokens = sim.stat("tokens_issued") - tokens0;
+    let creds = sim.stat("api_credentials") - creds0;
+    eprintln!("4 mounts: {tokens} token exchanges, {creds} credential calls");
+    assert!(creds <= 2, "{creds} credential calls");
+    assert!(tokens <= 2, "{tokens} token exchanges");
+    // Kept private, whatever the cache's settings.
+    use std::os::unix::fs::PermissionsExt;
+    let leases = cache.join(format!("creds-{}", unsafe { libc::getuid() }));
+    assert_eq!(
+        std::fs::metadata(&leases).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for e in std::fs::read_dir(&leases).unwrap() {
+        let e = e.unwrap();
+        let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", e.path().display());
+    }
 }
 
 #[test]

@@ -169,6 +169,7 @@ pub(super) fn whoami(a: WhoamiArgs) -> Result<(), Exit> {
     let auth = AuthConfig {
         realm_url: e.auth_url.clone(),
         request_timeout: timeout,
+        shared: None,
     };
     let rt = runtime()?;
     let http = crate::http::client()?;

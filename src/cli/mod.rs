@@ -506,6 +506,7 @@ fn client_configs(e: Endpoints, request_timeout: Duration) -> (AuthConfig, ApiCo
         AuthConfig {
             realm_url: e.auth_url,
             request_timeout,
+            shared: None,
         },
         ApiConfig {
             base_url: e.api_url,

@@ -46,6 +46,10 @@ pub struct S3Config {
     /// How long a dataset whose files the user may not read is refused
     /// from memory (the metadata TTL).
     pub refusal_ttl: Duration,
+    /// Read credentials shared with this user's other processes through a
+    /// shared cache folder, with a name for the user and deployment (see
+    /// [`crate::credentials::DatasetCredentials::new`]).
+    pub shared: Option<(crate::shared_lease::SharedLeases, String)>,
 }
 
 impl Default for S3Config {
@@ -56,6 +60,7 @@ impl Default for S3Config {
             attempts: 6,
             request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
             refusal_ttl: Duration::from_secs(60),
+            shared: None,
         }
     }
 }
@@ -171,6 +176,10 @@ impl StoreFactory for AwsFactory {
             self.api.clone(),
             self.config.request_timeout,
             self.config.refusal_ttl,
+            self.config
+                .shared
+                .as_ref()
+                .map(|(s, who)| (s.clone(), who.as_str())),
         ));
         let conf = self
             .base
