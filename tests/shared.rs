@@ -136,3 +136,63 @@ fn a_claim_whose_owner_stopped_is_taken_over_after_its_deadline() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_shared_folder_is_never_walked_whole() {
+    if !fuse_available() {
+        return;
+    }
+    // 96 files of 4 MiB (384 MiB) through a 64 MiB shared cache.
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..96 {
+        write(
+            d.path(),
+            &format!("10378.1/8/f{i:02}.bin"),
+            &bytes(i, 4 * MIB),
+        );
+    }
+    let sim = Sim::start(d, &[]);
+    let cache_parent = tempfile::tempdir().unwrap();
+    let cache = cache_parent.path().join("shared");
+    let c = cache.to_str().unwrap();
+    let limit = 64 * MIB as u64;
+    let m = sim.mount(&["--cache-dir", c, "--cache-shared", "--cache-size", "64MiB"]);
+    for i in 0..96 {
+        let p = m.join(&format!("10378.1/8/f{i:02}.bin"));
+        assert_eq!(
+            sha256(&p),
+            sha256(&sim.root().join(format!("10378.1/8/f{i:02}.bin")))
+        );
+    }
+    let stats = m.stats();
+    let written_gib = (stats["disk_writes"] as f64) / 1024.0;
+    let per_gib = stats["disk_meta_ops"] as f64 / written_gib;
+    // Folder size on disk now.
+    let used: u64 = walk(&cache.join("v1"));
+    eprintln!(
+        "shared cache: {} blocks written, {} entries read ({per_gib:.0} per GiB written), folder {:.0} MiB of a {} MiB bound",
+        stats["disk_writes"],
+        stats["disk_meta_ops"],
+        used as f64 / MIB as f64,
+        limit / MIB as u64
+    );
+    // About 2.5 entries read per block written (a full walk per pass
+    // would be about 10), and bounded.
+    assert!(
+        per_gib < 4.0 * 1024.0,
+        "{per_gib} entries read per GiB written"
+    );
+    assert!(
+        used < limit * 3 / 2,
+        "folder {used} bytes for a {limit}-byte bound"
+    );
+}
+
+fn walk(p: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() { walk(&e.path()) } else { m.len() };
+    }
+    total
+}

@@ -159,7 +159,7 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        let fields: [(&str, u64); 20] = [
+        let fields: [(&str, u64); 21] = [
             ("inodes", t.inodes as u64),
             ("listings", t.listings as u64),
             ("negative", t.negative as u64),
@@ -169,6 +169,7 @@ impl MountStats {
             ("disk_hits", n(&s.disk_hits)),
             ("misses", n(&s.misses)),
             ("disk_writes", n(&s.disk_writes)),
+            ("disk_meta_ops", self.reader.disk_meta_ops()),
             ("lookups", n(&o.lookup)),
             ("forgets", n(&o.forget)),
             ("getattrs", n(&o.getattr)),

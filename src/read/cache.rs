@@ -152,7 +152,18 @@ pub struct DiskCache {
     dir_mode: u32,
     file_mode: u32,
     evicting: Mutex<()>,
+    /// Next shard a sampled pass starts at (shared folders; see
+    /// [`DiskCache::evict_if_needed`]).
+    cursor: AtomicU64,
+    /// Folder entries read and stat'ed so far: the metadata cost of size
+    /// accounting and eviction, for stats and tests.
+    pub meta_ops: AtomicU64,
 }
+
+/// Shards (of 256) a shared folder's size is estimated from at start-up…
+const START_SHARDS: usize = 8;
+/// …and each eviction pass of a shared folder reads.
+const PASS_SHARDS: usize = 32;
 
 /// Opens folder `name` in `dir` without following a symlink there.
 fn open_dir_at<P: ?Sized + nix::NixPath>(dir: impl AsFd, name: &P) -> nix::Result<OwnedFd> {
@@ -296,6 +307,8 @@ impl DiskCache {
             dir_mode,
             file_mode,
             evicting: Mutex::new(()),
+            cursor: AtomicU64::new(rand::random::<u64>() % 256),
+            meta_ops: AtomicU64::new(0),
         });
         // Fail now, not at the first block, on a folder we cannot write.
         let probe = format!(".probe-{}-{}", std::process::id(), rand::random::<u64>());
@@ -310,7 +323,21 @@ impl DiskCache {
         let _ = unlinkat(&cache.root, probe.as_str(), UnlinkatFlags::NoRemoveDir);
         let c = cache.clone();
         std::thread::spawn(move || {
-            let total: u64 = c.entries().iter().map(|e| e.size).sum();
+            // A shared folder (a cluster file system, millions of blocks,
+            // hundreds of mounts starting at once) is never walked whole:
+            // block names are SHA-256 hashes, spread evenly over the 256
+            // shards, so a few shards tell the size of the whole.
+            let total: u64 = if c.shared {
+                let first = c.cursor.fetch_add(START_SHARDS as u64, Ordering::Relaxed) as usize;
+                let sample: u64 = c
+                    .entries_in((0..START_SHARDS).map(|i| (first + i) % 256))
+                    .iter()
+                    .map(|e| e.size)
+                    .sum();
+                sample * 256 / START_SHARDS as u64
+            } else {
+                c.entries().iter().map(|e| e.size).sum()
+            };
             c.used.fetch_add(total, Ordering::Relaxed);
             c.evict_if_needed();
         });
@@ -556,8 +583,13 @@ impl DiskCache {
     /// Every block file: regular files only, found without following
     /// symlinks (a planted link never makes eviction delete elsewhere).
     fn entries(&self) -> Vec<Entry> {
+        self.entries_in(0..256)
+    }
+
+    /// The block files of `shards`.
+    fn entries_in(&self, shards: impl Iterator<Item = usize>) -> Vec<Entry> {
         let mut out = Vec::new();
-        for idx in 0..256usize {
+        for idx in shards {
             let sub = format!("{idx:02x}");
             let Ok(dir_fd) = open_dir_at(&self.root, sub.as_str()) else {
                 continue;
@@ -573,6 +605,7 @@ impl DiskCache {
                 if name == "." || name == ".." {
                     continue;
                 }
+                self.meta_ops.fetch_add(1, Ordering::Relaxed);
                 let Ok(st) = fstatat(&dir_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
                     continue;
                 };
@@ -614,6 +647,9 @@ impl DiskCache {
         };
         let _lock = EvictLock::take(&self.root, &self.dir, self.file_mode);
         self.since_scan.store(0, Ordering::Relaxed);
+        if self.shared {
+            return self.evict_sampled();
+        }
         let mut entries = self.entries();
         let mut total: u64 = entries.iter().map(|e| e.size).sum();
         entries.sort_by_key(|e| e.mtime);
@@ -639,6 +675,49 @@ impl DiskCache {
 }
 
 /// One block file found by [`DiskCache::entries`].
+impl DiskCache {
+    /// One eviction pass of a shared folder, over an eighth of it (the
+    /// next [`PASS_SHARDS`] shards; each process starts at a random one):
+    /// the folder's size is estimated from that slice, and if it is over
+    /// the bound, the slice gives up the oldest of its blocks in
+    /// proportion (the whole excess, taken from the slice), an
+    /// approximate LRU by sampling. Cost: a slice is read once per tenth
+    /// of the bound written, so about 2.5 entries read per block written
+    /// however big the folder is; no pass ever reads the whole folder.
+    fn evict_sampled(&self) {
+        let first = self.cursor.fetch_add(PASS_SHARDS as u64, Ordering::Relaxed) as usize;
+        let mut entries = self.entries_in((0..PASS_SHARDS).map(|i| (first + i) % 256));
+        let slice: u64 = entries.iter().map(|e| e.size).sum();
+        let estimate = slice * 256 / PASS_SHARDS as u64;
+        let target = self.limit / 10 * 9;
+        if estimate <= self.limit {
+            self.used.store(estimate, Ordering::Relaxed);
+            return;
+        }
+        // The excess of the whole, freed from this slice (at most all of it).
+        let free = (estimate - target).min(slice);
+        entries.sort_by_key(|e| e.mtime);
+        let (mut freed, mut evicted) = (0u64, 0u64);
+        for e in entries {
+            if freed >= free {
+                break;
+            }
+            let Ok(dir_fd) = open_dir_at(&self.root, format!("{:02x}", e.shard).as_str()) else {
+                continue;
+            };
+            if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                freed += e.size;
+                evicted += 1;
+            }
+        }
+        self.used
+            .store(estimate.saturating_sub(freed), Ordering::Relaxed);
+        if evicted > 0 {
+            debug!(evicted, estimate, "shared disk cache evicted");
+        }
+    }
+}
+
 struct Entry {
     shard: usize,
     name: String,

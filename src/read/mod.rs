@@ -285,6 +285,13 @@ impl Reader {
         f.size().saturating_sub(index * bs).min(bs)
     }
 
+    /// Disk cache folder entries read for size accounting and eviction.
+    pub fn disk_meta_ops(&self) -> u64 {
+        self.disk
+            .as_ref()
+            .map_or(0, |d| d.meta_ops.load(Ordering::Relaxed))
+    }
+
     /// Blocks being fetched right now (for stats and tests).
     pub fn fetches_in_flight(&self) -> usize {
         lock(&self.inflight).len()
