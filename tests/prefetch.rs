@@ -206,3 +206,101 @@ fn a_folder_and_a_file_as_targets_stage_just_those() {
     // What was not named was not staged.
     assert!(read_all(&sim, &m, &["10378.1/1/big.bin"]) > 0);
 }
+
+/// `scripts/slurm-job.sh` with the emulator's endpoints, a token file and
+/// `provenafs` on PATH, as Slurm would start it.
+fn slurm_job(sim: &Sim, tmp: &Path, env: &[(&str, &str)], args: &[&str]) -> std::process::Command {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tmp.join("bin");
+    if !bin.exists() {
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(BIN, bin.join("provenafs")).unwrap();
+    }
+    let tf = tmp.join("token");
+    std::fs::write(&tf, sim.token()).unwrap();
+    std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut c = std::process::Command::new("bash");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-job.sh"))
+        .args(args)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("TMPDIR", tmp)
+        .env("PROVENA_TOKEN_FILE", &tf)
+        .env("PROVENA_DATASETS", "10378.1/1")
+        .env("RUST_LOG", "warn")
+        .env_remove("RRAP_OFFLINE_TOKEN");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    sim.endpoints(&mut c);
+    c
+}
+
+#[test]
+fn a_job_array_stages_in_once_and_every_task_reads_the_shared_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("shared-cache");
+    let cache_s = cache.to_str().unwrap();
+    // The stage-in job: prefetches, mounts nothing, runs nothing.
+    let gets = sim.stat("s3_get");
+    let out = sim.run(&mut slurm_job(
+        &sim,
+        tmp.path(),
+        &[
+            ("SLURM_JOB_ID", "500"),
+            ("PROVENA_PREFETCH", "only"),
+            ("PROVENA_CACHE", cache_s),
+        ],
+        &[],
+    ));
+    assert!(summary(&out).contains("prefetched 4 files"), "{out:?}");
+    assert_eq!(sim.stat("s3_get") - gets, 4);
+    assert!(!tmp.path().join("provena-500").exists(), "no mount folder");
+
+    // The array's tasks, the first one included (its prefetch finds
+    // everything cached): every file read, no GET.
+    let gets = sim.stat("s3_get");
+    let read = "cd \"$PROVENA_MNT\"/10378.1/1 && sha256sum big.bin data/a.csv data/sub/b.bin";
+    for (job, task) in [("501", "0"), ("502", "1")] {
+        let out = sim.run(&mut slurm_job(
+            &sim,
+            tmp.path(),
+            &[
+                ("SLURM_JOB_ID", job),
+                ("SLURM_ARRAY_TASK_ID", task),
+                ("SLURM_ARRAY_TASK_MIN", "0"),
+                ("PROVENA_PREFETCH", "1"),
+                ("PROVENA_CACHE", cache_s),
+            ],
+            &["sh", "-c", read],
+        ));
+        let text = ok(&out);
+        for rel in ["big.bin", "data/a.csv", "data/sub/b.bin"] {
+            let want = sha256(&sim.root().join("10378.1/1").join(rel));
+            assert!(text.contains(&format!("{want}  {rel}")), "{rel}: {text}");
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("already cached"),
+            task == "0",
+            "only the first task prefetches: {err}"
+        );
+    }
+    assert_eq!(sim.stat("s3_get"), gets, "a task sent a GET");
+
+    // Without a shared folder, a stage-in job would stage for nobody.
+    let out = sim.run(&mut slurm_job(
+        &sim,
+        tmp.path(),
+        &[("SLURM_JOB_ID", "503"), ("PROVENA_PREFETCH", "only")],
+        &[],
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs PROVENA_CACHE"));
+}
