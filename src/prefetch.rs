@@ -383,10 +383,8 @@ pub async fn run(
         },
     });
     // Empty files have no blocks: nothing to fetch, already done.
-    for (i, s) in states.iter().enumerate() {
-        if items[i].meta.size == 0 {
-            shared.file_done(s, true);
-        }
+    for _ in items.iter().filter(|i| i.meta.size == 0) {
+        shared.file_done(true);
     }
     let states = Arc::new(states);
     futures::stream::iter(parts)
@@ -403,7 +401,7 @@ pub async fn run(
                 if state.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
                     let whole = !state.fetched.load(Ordering::Acquire)
                         && !lock(&shared.failed).contains_key(&part.file);
-                    shared.file_done(state, whole);
+                    shared.file_done(whole);
                 }
             }
         })
@@ -442,7 +440,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn file_done(&self, _state: &FileState, already_cached: bool) {
+    fn file_done(&self, already_cached: bool) {
         let done = self.files_done.fetch_add(1, Ordering::Relaxed) + 1;
         if already_cached {
             self.files_cached.fetch_add(1, Ordering::Relaxed);
