@@ -8,6 +8,22 @@
 # job ends: normal exit, error, scancel or time limit (Slurm sends SIGTERM).
 # The command sees the mount in $PROVENA_MNT.
 #
+# Job arrays: give every task one cache folder on the cluster file system
+# (PROVENA_CACHE=/scratch/$USER/provena-cache) and stage the datasets into
+# it once, before the array starts, with a stage-in job:
+#
+#   export PROVENA_CACHE=/scratch/$USER/provena-cache PROVENA_DATASETS=10378.1/1687966
+#   stage=$(PROVENA_PREFETCH=only sbatch --parsable scripts/slurm-job.sh)
+#   sbatch --dependency=afterok:$stage --array=0-499 scripts/slurm-job.sh python3 analysis.py
+#
+# PROVENA_PREFETCH=only  prefetch the datasets into PROVENA_CACHE, then end
+#                        (no mount, no command): the stage-in job.
+# PROVENA_PREFETCH=1     prefetch before mounting (one job that reads its
+#                        data many times); in a job array only the first
+#                        task does, and the others do not wait for it: for
+#                        arrays, the stage-in job above.
+# PROVENA_CACHE_SIZE     the cache budget of both (default 10GiB).
+#
 #SBATCH --job-name=provena-analysis
 #SBATCH --time=12:00:00
 #SBATCH --cpus-per-task=4
@@ -25,6 +41,35 @@ DATASETS=${PROVENA_DATASETS:-10378.1/1687966}
 NODE_TMP=${TMPDIR:-/tmp}
 CACHE=${PROVENA_CACHE:-$NODE_TMP/provena-cache-${SLURM_JOB_ID:-$$}}
 
+# Bash 4.2 (RHEL 7) takes an empty array for an unset variable under set -u:
+# hence ${sizes[@]+...}.
+sizes=()
+if [ -n "${PROVENA_CACHE_SIZE:-}" ]; then sizes=(--cache-size "$PROVENA_CACHE_SIZE"); fi
+case ${PROVENA_PREFETCH:-0} in
+  only)
+    if [ -z "${PROVENA_CACHE:-}" ]; then
+      echo "slurm-job.sh: PROVENA_PREFETCH=only needs PROVENA_CACHE (a folder the array's tasks share)" >&2
+      exit 2
+    fi
+    # shellcheck disable=SC2086 # DATASETS is a list of handles
+    exec provenafs prefetch $DATASETS --token-file "$TOKEN_FILE" \
+      --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"}
+    ;;
+  1 | yes | true)
+    # Resumable: what an earlier job staged is not fetched again.
+    if [ "${SLURM_ARRAY_TASK_ID:-0}" = "${SLURM_ARRAY_TASK_MIN:-0}" ]; then
+      # shellcheck disable=SC2086
+      provenafs prefetch $DATASETS --token-file "$TOKEN_FILE" \
+        --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"}
+    fi
+    ;;
+  0 | no | false | "") ;;
+  *)
+    echo "slurm-job.sh: PROVENA_PREFETCH must be 1, only or 0, not ${PROVENA_PREFETCH}" >&2
+    exit 2
+    ;;
+esac
+
 export PROVENA_MNT=$NODE_TMP/provena-${SLURM_JOB_ID:-$$}
 mkdir -p "$PROVENA_MNT"
 cleanup() {
@@ -37,7 +82,7 @@ trap 'exit 143' TERM INT
 pins=()
 for d in $DATASETS; do pins+=(--dataset "$d"); done
 provenafs mount "$PROVENA_MNT" --token-file "$TOKEN_FILE" "${pins[@]}" \
-  --cache-dir "$CACHE" --cache-shared --log-file "$PROVENA_MNT.log"
+  --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"} --log-file "$PROVENA_MNT.log"
 
 if [ $# -eq 0 ]; then
   set -- ls -l "$PROVENA_MNT"

@@ -6,8 +6,9 @@
 //! (per-dataset STS) → [`api`] (data store client) → [`auth`] (tokens).
 //! [`sim`] is the emulator; it shares only [`wire`] with the rest.
 //! Beside the mount: [`login`] (device flow), [`browse`] (`datasets`,
-//! `ls`), [`session`] (a signed-in connection), [`config`] (settings
-//! file, endpoints, token lookup).
+//! `ls`), [`prefetch`] (stage-in to a cache folder), [`session`] (a
+//! signed-in connection), [`config`] (settings file, endpoints, token
+//! lookup).
 
 pub mod api;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod logfile;
 pub mod login;
 pub mod mount;
 pub mod mountinfo;
+pub mod prefetch;
 pub mod read;
 pub mod retry;
 pub mod s3;

@@ -21,6 +21,7 @@ use crate::session::{AuthErrorOr, Session};
 
 mod account;
 mod options;
+mod prefetch;
 mod sim;
 mod tools;
 
@@ -142,6 +143,10 @@ pub enum Command {
     Credentials(tools::CredentialsArgs),
     /// Print the s3:// URL of a dataset, folder or file: HANDLE[/PATH].
     Url(tools::UrlArgs),
+    /// Download datasets, folders or files (HANDLE[/PATH]...) into a cache
+    /// folder ahead of a job, so that `mount --cache-dir` on it reads them
+    /// without a GET. Resumable: what is cached already is skipped.
+    Prefetch(Box<prefetch::PrefetchArgs>),
     /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     Sim(sim::SimArgs),
     /// Generate sample datasets, run the emulator and mount it in the foreground.
@@ -834,6 +839,7 @@ fn run(command: Command) -> Result<(), Exit> {
         Command::Generate { what } => generate(what),
         Command::Credentials(a) => tools::credentials(a),
         Command::Url(a) => tools::url(a),
+        Command::Prefetch(a) => prefetch::prefetch(*a),
         Command::Sim(a) => {
             init_logging(a.log.level().as_deref(), a.log.log_file.as_deref(), "info")?;
             runtime().and_then(|rt| rt.block_on(sim::run(a)))?;

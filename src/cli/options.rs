@@ -27,6 +27,7 @@ const SUBCOMMANDS: &[&str] = &[
     "generate",
     "credentials",
     "url",
+    "prefetch",
     "sim",
     "demo",
     "help",
