@@ -310,15 +310,14 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
         .map_err(|e| MountError::Other(format!("cannot open the cache folder: {e}")))?;
     // A cache folder shared with other processes (a job array's nodes)
     // shares this user's access token and read credentials too.
-    if let Some(disk) = cfg.read.disk.as_ref().filter(|d| d.shared) {
-        if let Some(leases) = crate::shared_lease::SharedLeases::open(&disk.dir) {
-            let who = crate::shared_lease::lease_name(
-                "user",
-                &[&cfg.auth.realm_url, &cfg.api.base_url, cfg.token.expose()],
-            );
-            cfg.auth.shared = Some(leases.clone());
-            cfg.s3.shared = Some((leases, who));
-        }
+    if let Some(dir) = cfg
+        .read
+        .disk
+        .as_ref()
+        .filter(|d| d.shared)
+        .map(|d| d.dir.clone())
+    {
+        crate::session::share_leases(&dir, &cfg.token, &mut cfg.auth, &cfg.api, &mut cfg.s3);
     }
     // Exchange now: a bad token or an unreachable service fails here,
     // before anything is mounted.

@@ -30,7 +30,7 @@ use serde::Serialize;
 use tracing::{debug, info_span, Instrument};
 
 use crate::api::DataStoreClient;
-use crate::read::cache::{BlockKey, DiskCache, ObjectId};
+use crate::read::cache::{BlockKey, Claim, DiskCache, ObjectId};
 use crate::read::ReadConfig;
 use crate::retry::Deadline;
 use crate::s3::{ObjectMeta, ObjectStore, S3Error, StoreFactory};
@@ -324,6 +324,8 @@ struct Shared {
     files: u64,
     /// First failure of each file, by item index.
     failed: Mutex<HashMap<usize, String>>,
+    /// The folder is shared with other processes: claim blocks first.
+    shared_folder: bool,
     /// A write to the cache folder failed (full, gone): stop fetching what
     /// could not be kept.
     disk_broken: Mutex<Option<String>>,
@@ -367,6 +369,7 @@ pub async fn run(
         }
     }
     let shared = Arc::new(Shared {
+        shared_folder: disk.is_shared(),
         disk,
         progress,
         fetched: AtomicU64::new(0),
@@ -482,13 +485,54 @@ impl Shared {
         })
         .await
         .map_err(|e| format!("cache check failed: {e}"))?;
-        let mut runs: Vec<Vec<(BlockKey, u64)>> = Vec::new();
-        for ((key, len), here) in keys.into_iter().zip(present) {
-            if here {
-                self.cached.fetch_add(len, Ordering::Relaxed);
-                self.progress.inc(len);
-                continue;
+        let missing: Vec<(BlockKey, u64)> = keys
+            .into_iter()
+            .zip(present)
+            .filter_map(|((key, len), here)| {
+                if here {
+                    self.cached.fetch_add(len, Ordering::Relaxed);
+                    self.progress.inc(len);
+                }
+                (!here).then_some((key, len))
+            })
+            .collect();
+        // In a shared folder, claim each block as a mount does (see
+        // `DiskCache::claim`): one a mount or another prefetch is fetching
+        // right now is theirs to write, not fetched twice. The claims are
+        // held until this part's blocks are written.
+        let (missing, _claims) = if self.shared_folder {
+            let disk = self.disk.clone();
+            let until = std::time::SystemTime::now() + self.cfg.request_timeout;
+            let asks = missing.clone();
+            let claims = tokio::task::spawn_blocking(move || {
+                asks.iter()
+                    .map(|(k, _)| disk.claim(k, until))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| format!("cache claim failed: {e}"))?;
+            let mut mine = Vec::new();
+            let mut held = Vec::new();
+            for ((key, len), claim) in missing.into_iter().zip(claims) {
+                match claim {
+                    // Counted as cached: it will be, by its claimant.
+                    Claim::Theirs { .. } => {
+                        self.cached.fetch_add(len, Ordering::Relaxed);
+                        self.progress.inc(len);
+                    }
+                    Claim::Mine(g) => {
+                        held.push(g);
+                        mine.push((key, len));
+                    }
+                    Claim::Unavailable => mine.push((key, len)),
+                }
             }
+            (mine, held)
+        } else {
+            (missing, Vec::new())
+        };
+        let mut runs: Vec<Vec<(BlockKey, u64)>> = Vec::new();
+        for (key, len) in missing {
             match runs.last_mut() {
                 Some(run) if run.last().is_some_and(|(k, _)| k.index + 1 == key.index) => {
                     run.push((key, len))

@@ -14,6 +14,28 @@ pub struct Session {
     pub stores: Arc<AwsFactory>,
 }
 
+/// Shares this user's access token and read credentials with the user's
+/// other processes through the shared cache folder `cache_dir` (see
+/// [`crate::shared_lease`]): sets `auth.shared` and `s3.shared`. Nothing is
+/// shared when the folder is not private to this user.
+pub fn share_leases(
+    cache_dir: &std::path::Path,
+    token: &Secret,
+    auth: &mut AuthConfig,
+    api: &ApiConfig,
+    s3: &mut S3Config,
+) {
+    if let Some(leases) = crate::shared_lease::SharedLeases::open(cache_dir) {
+        // One name per user and deployment: a hash of the token and URLs.
+        let who = crate::shared_lease::lease_name(
+            "user",
+            &[&auth.realm_url, &api.base_url, token.expose()],
+        );
+        auth.shared = Some(leases.clone());
+        s3.shared = Some((leases, who));
+    }
+}
+
 impl Session {
     /// A deadline for one call made on behalf of a command (`datasets`, `ls`).
     pub fn deadline(&self) -> Deadline {

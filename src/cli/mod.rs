@@ -1026,10 +1026,25 @@ async fn connect(
     api: &ApiArgs,
     s3: Option<&S3Args>,
 ) -> Result<Session, String> {
+    connect_sharing(id, token, api, s3, None).await
+}
+
+/// [`connect`], sharing the access token and read credentials through a
+/// shared cache folder when given one (see [`crate::session::share_leases`]).
+async fn connect_sharing(
+    id: &IdentityArgs,
+    token: &TokenArgs,
+    api: &ApiArgs,
+    s3: Option<&S3Args>,
+    shared_cache: Option<&Path>,
+) -> Result<Session, String> {
     let file = config::load(id.config.as_deref())?;
     let s = connect_settings(id, token, api, s3, &file)?;
-    let (auth, mut api, s3) = client_configs(s.endpoints, s.request_timeout);
+    let (mut auth, mut api, mut s3) = client_configs(s.endpoints, s.request_timeout);
     api.page_size = s.registry_page_size;
+    if let Some(dir) = shared_cache {
+        crate::session::share_leases(dir, &s.token, &mut auth, &api, &mut s3);
+    }
     Session::connect(s.token, auth, api, s3)
         .await
         .map_err(|e| session_error(e, &s.origin))

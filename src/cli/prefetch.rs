@@ -72,7 +72,17 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
         group: a.cache_group || file.cache_group.unwrap_or(false),
     };
     let rt = super::runtime()?;
-    let session = rt.block_on(super::connect(&a.identity, &a.token, &a.api, Some(&a.s3)))?;
+    // A shared folder others already use shares tokens and credentials
+    // with them; one not made yet has no one to share with (and is made
+    // only once the set is known to fit).
+    let shared_dir = (disk_cfg.shared && disk_cfg.dir.is_dir()).then(|| disk_cfg.dir.clone());
+    let session = rt.block_on(super::connect_sharing(
+        &a.identity,
+        &a.token,
+        &a.api,
+        Some(&a.s3),
+        shared_dir.as_deref(),
+    ))?;
     let request_timeout = session.api.request_timeout();
     let cfg = PrefetchConfig {
         parts_in_flight: a.parallel.map_or(16, |n| n as usize),

@@ -348,6 +348,11 @@ impl DiskCache {
         block_file_name(&k.object.bucket, &k.object.key, &k.object.etag, k.index)
     }
 
+    /// Whether other processes (other nodes) use the folder too.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// Where block `k` lives (for messages and tests).
     pub fn path(&self, k: &BlockKey) -> PathBuf {
         let name = Self::name(k);
