@@ -5,6 +5,10 @@
 # ListObjectsV2 calls they need and with rclone mount (when installed).
 #   BENCH_LATENCY_MS=20   added to every emulator request (S3 from a cluster)
 #   BENCH_SCALE=10        sizes divided by 10 (a quick look)
+#   BENCH_ONLY=job_array  only the job-array table (issue 13): 8 mounts on one
+#                         shared folder reading one 1 GiB file together, and
+#                         prefetch against the direct GET; replaces that
+#                         section of bench/SCALE.md
 # Needs root (mounts) and fuse3. Writes bench/SCALE.md
 # (or $BENCH_OUT) and prints the table.
 set -euo pipefail
