@@ -90,14 +90,17 @@ class Tool:
     """One way of reading dataset files: mount() returns the dataset's folder."""
     def __init__(self, name, sim):
         self.name, self.sim, self.mounts, self.pids = name, sim, [], []
+        # Scratch folders (rclone's caches) removed with the mounts: left
+        # behind, each run leaked up to a GiB into /tmp.
+        self.scratch = []
 
     def umount_all(self):
         for m in self.mounts:
             sh(f"fusermount3 -u '{m}' || umount -l '{m}'", check=False)
         time.sleep(0.3)
-        for m in self.mounts:
+        for m in self.mounts + self.scratch:
             shutil.rmtree(m, ignore_errors=True)
-        self.mounts, self.pids = [], []
+        self.mounts, self.pids, self.scratch = [], [], []
 
     def new_mountpoint(self):
         m = tempfile.mkdtemp(prefix=f"bench-{self.name.replace(' ', '-')}-")
@@ -122,6 +125,7 @@ class Rclone(Tool):
         m = self.new_mountpoint()
         c = self.sim.creds(handle)
         cache = tempfile.mkdtemp(prefix="bench-rclone-cache-")
+        self.scratch.append(cache)
         env = dict(os.environ, RCLONE_CONFIG_P_TYPE="s3", RCLONE_CONFIG_P_PROVIDER="Other",
                    RCLONE_CONFIG_P_ENDPOINT=self.sim.env["PROVENA_S3_ENDPOINT"],
                    RCLONE_CONFIG_P_ACCESS_KEY_ID=c["aws_access_key_id"],
