@@ -78,27 +78,9 @@ pub struct Item {
     pub store: Arc<dyn ObjectStore>,
 }
 
-/// The cache identity of one object version, exactly as the mount's
-/// `Reader::open` computes it: the listing's ETag, or, for a store that
-/// gives none, its size and modification time.
-// Kept in step with `crate::read::Reader::open` by the unit test
-// `blocks_are_the_ones_the_mount_reads`.
+/// The cache identity of one object version, as the mount keys it.
 pub fn object_id(bucket: &str, meta: &ObjectMeta) -> ObjectId {
-    let version = match meta.etag.as_str() {
-        "" => {
-            let t = meta
-                .last_modified
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            format!("~{}-{t}", meta.size)
-        }
-        e => e.to_string(),
-    };
-    ObjectId {
-        bucket: bucket.to_string(),
-        key: meta.key.clone(),
-        etag: version,
-    }
+    ObjectId::of(bucket, meta)
 }
 
 /// Every object named by `targets` (`HANDLE`, `HANDLE/FOLDER` or

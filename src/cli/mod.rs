@@ -659,25 +659,30 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
 
 /// A user: a number, or a name looked up in the user database.
 fn user_id(s: &str) -> Result<u32, String> {
-    if let Ok(n) = s.parse() {
-        return Ok(n);
-    }
-    match nix::unistd::User::from_name(s) {
-        Ok(Some(u)) => Ok(u.uid.as_raw()),
-        Ok(None) => Err(format!("no user named {s:?}")),
-        Err(e) => Err(format!("cannot look up user {s:?}: {e}")),
-    }
+    id_of("user", s, |n| {
+        nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw()))
+    })
 }
 
 /// A group: a number, or a name looked up in the group database.
 fn group_id(s: &str) -> Result<u32, String> {
+    id_of("group", s, |n| {
+        nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw()))
+    })
+}
+
+fn id_of(
+    what: &str,
+    s: &str,
+    by_name: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
     if let Ok(n) = s.parse() {
         return Ok(n);
     }
-    match nix::unistd::Group::from_name(s) {
-        Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(format!("no group named {s:?}")),
-        Err(e) => Err(format!("cannot look up group {s:?}: {e}")),
+    match by_name(s) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(format!("no {what} named {s:?}")),
+        Err(e) => Err(format!("cannot look up {what} {s:?}: {e}")),
     }
 }
 

@@ -41,6 +41,30 @@ pub struct ObjectId {
     pub etag: String,
 }
 
+impl ObjectId {
+    /// The cache identity of one object version in `bucket`: its ETag,
+    /// or, for a store that gives none (some S3-compatible ones), its size
+    /// and modification time (such a version is never sent to S3). The
+    /// mount and `prefetch` both key blocks by it, so they meet.
+    pub fn of(bucket: &str, meta: &crate::s3::ObjectMeta) -> ObjectId {
+        let etag = match meta.etag.as_str() {
+            "" => {
+                let t = meta
+                    .last_modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                format!("~{}-{t}", meta.size)
+            }
+            e => e.to_string(),
+        };
+        ObjectId {
+            bucket: bucket.to_string(),
+            key: meta.key.clone(),
+            etag,
+        }
+    }
+}
+
 /// Hit and miss counters, for stats and tests.
 #[derive(Default, Debug)]
 pub struct CacheStats {

@@ -245,25 +245,7 @@ impl Reader {
     }
 
     pub fn open(&self, file: FileRef) -> OpenFile {
-        // Cached blocks are keyed by version. A store that gives no ETag
-        // (some S3-compatible ones) still tells versions apart by size and
-        // time; such a key is never sent to S3.
-        let version = match file.meta.etag.as_str() {
-            "" => {
-                let t = file
-                    .meta
-                    .last_modified
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
-                format!("~{}-{t}", file.meta.size)
-            }
-            e => e.to_string(),
-        };
-        let id = Arc::new(ObjectId {
-            bucket: file.dataset.bucket.clone(),
-            key: file.meta.key.clone(),
-            etag: version,
-        });
+        let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
         OpenFile {
             file,
             id,
