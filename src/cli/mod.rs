@@ -75,6 +75,34 @@ pub struct ApiArgs {
     pub registry_page_size: Option<u32>,
 }
 
+/// Everything a command that reads datasets' files needs: the identity
+/// service, the token, the data store API and S3.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+impl ConnectArgs {
+    /// A signed-in session (see [`connect_sharing`]).
+    async fn session(&self, shared_cache: Option<&Path>) -> Result<Session, String> {
+        connect_sharing(
+            &self.identity,
+            &self.token,
+            &self.api,
+            Some(&self.s3),
+            shared_cache,
+        )
+        .await
+    }
+}
+
 /// How to reach S3.
 #[derive(Args, Clone, Debug, Default)]
 pub struct S3Args {
@@ -245,13 +273,7 @@ pub struct LsArgs {
     /// https://hdl.handle.net/10378.1/1687966/data).
     pub target: String,
     #[command(flatten)]
-    pub identity: IdentityArgs,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    #[command(flatten)]
-    pub api: ApiArgs,
-    #[command(flatten)]
-    pub s3: S3Args,
+    pub connect: ConnectArgs,
     /// Everything below, not one level.
     #[arg(short, long)]
     pub recursive: bool,
@@ -264,13 +286,7 @@ pub struct LsArgs {
 pub struct MountArgs {
     pub mountpoint: PathBuf,
     #[command(flatten)]
-    pub identity: IdentityArgs,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    #[command(flatten)]
-    pub api: ApiArgs,
-    #[command(flatten)]
-    pub s3: S3Args,
+    pub connect: ConnectArgs,
     /// mount(8)-style options, comma-separated: each long flag without its
     /// `--`, `_` or `-` alike (allow_other,uid=1000,cache_dir=/scratch/c).
     /// mount(8)'s generic options (ro, rw, defaults, _netdev, nofail,
@@ -556,7 +572,13 @@ fn mode_setting(flag: Option<u16>, file: &FileSettings, key: &str) -> Result<Opt
 }
 
 fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, TokenOrigin), String> {
-    let c = connect_settings(&a.identity, &a.token, &a.api, Some(&a.s3), file)?;
+    let c = connect_settings(
+        &a.connect.identity,
+        &a.connect.token,
+        &a.connect.api,
+        Some(&a.connect.s3),
+        file,
+    )?;
     let request_timeout = c.request_timeout;
     let metadata_ttl = Duration::from_secs(a.metadata_ttl.or(file.metadata_ttl).unwrap_or(60));
     let (auth, mut api, mut s3) = client_configs(c.endpoints, request_timeout);
@@ -829,7 +851,7 @@ fn run(command: Command) -> Result<(), Exit> {
         Command::Ls(a) => {
             init_logging(None, None, "error")?;
             let rt = runtime()?;
-            let session = rt.block_on(connect(&a.identity, &a.token, &a.api, Some(&a.s3)))?;
+            let session = rt.block_on(a.connect.session(None))?;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             rt.block_on(crate::browse::ls(
@@ -891,7 +913,7 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 }
 
 fn mount(a: MountArgs) -> Result<(), Exit> {
-    let file = config::load(a.identity.config.as_deref())?;
+    let file = config::load(a.connect.identity.config.as_deref())?;
     let (mut cfg, origin) = mount_config(&a, &file)?;
     let level = a.log.level().or(file.log_level.clone());
     let explicit_log = a

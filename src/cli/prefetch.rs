@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{ApiArgs, Exit, IdentityArgs, LogArgs, S3Args, TokenArgs};
+use super::{ConnectArgs, Exit, LogArgs};
 use crate::prefetch::{self, PrefetchConfig};
 use crate::read::cache::DiskCache;
 use crate::read::DiskConfig;
@@ -24,13 +24,7 @@ pub struct PrefetchArgs {
     #[arg(required = true, value_name = "HANDLE[/PATH]")]
     pub targets: Vec<String>,
     #[command(flatten)]
-    pub identity: IdentityArgs,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    #[command(flatten)]
-    pub api: ApiArgs,
-    #[command(flatten)]
-    pub s3: S3Args,
+    pub connect: ConnectArgs,
     /// The cache folder the mount will use (`mount --cache-dir`), created 0700.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -58,7 +52,7 @@ pub struct PrefetchArgs {
 
 /// `provenafs prefetch`.
 pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
-    let file = crate::config::load(a.identity.config.as_deref())?;
+    let file = crate::config::load(a.connect.identity.config.as_deref())?;
     super::init_logging(a.log.level().as_deref(), a.log.log_file.as_deref(), "warn")?;
     let dir = a
         .cache_dir
@@ -76,13 +70,7 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
     // with them; one not made yet has no one to share with (and is made
     // only once the set is known to fit).
     let shared_dir = (disk_cfg.shared && disk_cfg.dir.is_dir()).then(|| disk_cfg.dir.clone());
-    let session = rt.block_on(super::connect_sharing(
-        &a.identity,
-        &a.token,
-        &a.api,
-        Some(&a.s3),
-        shared_dir.as_deref(),
-    ))?;
+    let session = rt.block_on(a.connect.session(shared_dir.as_deref()))?;
     let request_timeout = session.api.request_timeout();
     let cfg = PrefetchConfig {
         parts_in_flight: a.parallel.map_or(16, |n| n as usize),

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use serde::Serialize;
 
-use super::{ApiArgs, Exit, IdentityArgs, S3Args, TokenArgs};
+use super::{ConnectArgs, Exit};
 use crate::api::IssuedCredentials;
 use crate::s3::{S3Error, StoreFactory};
 use crate::session::Session;
@@ -25,13 +25,7 @@ pub struct CredentialsArgs {
     #[arg(value_parser = crate::wire::normalize_handle)]
     pub handle: String,
     #[command(flatten)]
-    pub identity: IdentityArgs,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    #[command(flatten)]
-    pub api: ApiArgs,
-    #[command(flatten)]
-    pub s3: S3Args,
+    pub connect: ConnectArgs,
     /// `export AWS_...=` lines for a shell instead of credential_process
     /// JSON: the keys, the region, and the S3 endpoint when --s3-endpoint
     /// (PROVENA_S3_ENDPOINT) names one.
@@ -44,15 +38,9 @@ pub struct UrlArgs {
     /// HANDLE or HANDLE/PATH, e.g. 10378.1/1687966/data/sst.csv (also as
     /// https://hdl.handle.net/10378.1/1687966/data/sst.csv).
     pub target: String,
+    // S3 is asked whether a PATH exists: every group.
     #[command(flatten)]
-    pub identity: IdentityArgs,
-    #[command(flatten)]
-    pub token: TokenArgs,
-    #[command(flatten)]
-    pub api: ApiArgs,
-    // S3 is asked whether a PATH exists.
-    #[command(flatten)]
-    pub s3: S3Args,
+    pub connect: ConnectArgs,
 }
 
 /// The JSON an AWS `credential_process` prints (version 1 of the format,
@@ -73,12 +61,17 @@ pub fn credentials(a: CredentialsArgs) -> Result<(), Exit> {
     // shown to the user by the SDK when it fails, and should say why in
     // one line.
     super::init_logging(None, None, "error")?;
-    let file = crate::config::load(a.identity.config.as_deref())?;
+    let file = crate::config::load(a.connect.identity.config.as_deref())?;
     // The same endpoints `connect` will use; --env names S3's.
-    let (endpoints, _) = super::endpoints(&a.identity, Some(&a.api), Some(&a.s3), &file);
+    let (endpoints, _) = super::endpoints(
+        &a.connect.identity,
+        Some(&a.connect.api),
+        Some(&a.connect.s3),
+        &file,
+    );
     let rt = super::runtime()?;
     let issued = rt.block_on(async {
-        let session = super::connect(&a.identity, &a.token, &a.api, Some(&a.s3)).await?;
+        let session = a.connect.session(None).await?;
         session
             .api
             .read_credentials(&a.handle, session.deadline())
@@ -182,7 +175,7 @@ pub fn url(a: UrlArgs) -> Result<(), Exit> {
     let (handle, path) = split_target(&a.target)?;
     let rt = super::runtime()?;
     let url = rt.block_on(async {
-        let session = super::connect(&a.identity, &a.token, &a.api, Some(&a.s3)).await?;
+        let session = a.connect.session(None).await?;
         locate(&session, &handle, &path).await
     })?;
     super::print_out(&format!("{url}\n"))
