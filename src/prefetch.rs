@@ -30,7 +30,7 @@ use serde::Serialize;
 use tracing::{debug, info_span, Instrument};
 
 use crate::api::DataStoreClient;
-use crate::read::cache::{BlockKey, Claim, DiskCache, ObjectId};
+use crate::read::cache::{BlockKey, Claim, ClaimGuard, DiskCache, ObjectId};
 use crate::read::ReadConfig;
 use crate::retry::Deadline;
 use crate::s3::{ObjectMeta, ObjectStore, S3Error, StoreFactory};
@@ -482,19 +482,18 @@ impl Shared {
         // `DiskCache::claim`): one a mount or another prefetch is fetching
         // right now is theirs to write, not fetched twice. The claims are
         // held until this part's blocks are written.
-        let (missing, _claims) = if self.shared_folder {
+        let missing: Vec<(BlockKey, u64, Option<ClaimGuard>)> = if self.shared_folder {
             let disk = self.disk.clone();
             let until = std::time::SystemTime::now() + self.cfg.request_timeout;
             let asks = missing.clone();
             let claims = tokio::task::spawn_blocking(move || {
                 asks.iter()
-                    .map(|(k, _)| disk.claim(k, until))
+                    .map(|(k, len)| disk.claim(k, *len, until))
                     .collect::<Vec<_>>()
             })
             .await
             .map_err(|e| format!("cache claim failed: {e}"))?;
             let mut mine = Vec::new();
-            let mut held = Vec::new();
             for ((key, len), claim) in missing.into_iter().zip(claims) {
                 match claim {
                     // Counted as cached: it will be, by its claimant.
@@ -502,24 +501,21 @@ impl Shared {
                         self.cached.fetch_add(len, Ordering::Relaxed);
                         self.progress.inc(len);
                     }
-                    Claim::Mine(g) => {
-                        held.push(g);
-                        mine.push((key, len));
-                    }
-                    Claim::Unavailable => mine.push((key, len)),
+                    Claim::Mine(g) => mine.push((key, len, Some(g))),
+                    Claim::Unavailable => mine.push((key, len, None)),
                 }
             }
-            (mine, held)
+            mine
         } else {
-            (missing, Vec::new())
+            missing.into_iter().map(|(k, l)| (k, l, None)).collect()
         };
-        let mut runs: Vec<Vec<(BlockKey, u64)>> = Vec::new();
-        for (key, len) in missing {
+        let mut runs: Vec<Vec<(BlockKey, u64, Option<ClaimGuard>)>> = Vec::new();
+        for (key, len, claim) in missing {
             match runs.last_mut() {
-                Some(run) if run.last().is_some_and(|(k, _)| k.index + 1 == key.index) => {
-                    run.push((key, len))
+                Some(run) if run.last().is_some_and(|(k, _, _)| k.index + 1 == key.index) => {
+                    run.push((key, len, claim))
                 }
-                _ => runs.push(vec![(key, len)]),
+                _ => runs.push(vec![(key, len, claim)]),
             }
         }
         for run in runs {
@@ -530,8 +526,12 @@ impl Shared {
     }
 
     /// One ranged GET for consecutive blocks, each written to the cache.
-    async fn fetch_run(&self, item: &Item, run: Vec<(BlockKey, u64)>) -> Result<(), String> {
-        let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else {
+    async fn fetch_run(
+        &self,
+        item: &Item,
+        run: Vec<(BlockKey, u64, Option<ClaimGuard>)>,
+    ) -> Result<(), String> {
+        let (Some((first, _, _)), Some((last, _, _))) = (run.first(), run.last()) else {
             return Ok(());
         };
         let bs = self.cfg.block_size;
@@ -565,21 +565,23 @@ impl Shared {
             ));
         }
         let mut blocks = Vec::with_capacity(run.len());
-        for ((key, len), data) in run.into_iter().zip(pieces) {
+        for ((key, len, claim), data) in run.into_iter().zip(pieces) {
             if data.len() as u64 != len {
                 return Err(format!(
                     "S3 answered a block of {} bytes where {len} were due",
                     data.len()
                 ));
             }
-            blocks.push((key, data));
+            blocks.push((key, data, claim));
         }
-        let n: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+        let n: u64 = blocks.iter().map(|(_, d, _)| d.len() as u64).sum();
         let disk = self.disk.clone();
         let written = tokio::task::spawn_blocking(move || {
             blocks
-                .iter()
-                .try_for_each(|(key, data)| disk.put(key, data))
+                .into_iter()
+                .try_for_each(|(key, data, claim): (BlockKey, bytes::Bytes, _)| {
+                    disk.put_claimed(&key, &data, claim)
+                })
         })
         .await
         .map_err(|e| format!("cache write failed: {e}"))

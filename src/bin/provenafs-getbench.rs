@@ -4,7 +4,9 @@
 //!
 //! Usage: provenafs-getbench HANDLE KEY-RELATIVE-TO-DATASET [PARALLEL] [PART-MIB]
 //! Endpoints and token from PROVENA_* / RRAP_OFFLINE_TOKEN (as `sim` prints).
-//! Prints one line: `bytes seconds MiB/s`.
+//! Prints one line: `bytes seconds MiB/s`. With `--out FILE` the parts are
+//! also written into FILE at their offsets (the "download the whole file
+//! first" baseline: what `aws s3 cp` does at best).
 //!
 //! `provenafs-getbench --walk HANDLE [PARALLEL]` instead times the raw
 //! ListObjectsV2 calls a walk of the whole dataset needs (one delimited
@@ -35,8 +37,20 @@ async fn main() -> Result<(), String> {
     if walk {
         args.remove(1);
     }
+    let out = match args.iter().position(|a| a == "--out") {
+        Some(i) if i + 1 < args.len() => {
+            let path = args.remove(i + 1);
+            args.remove(i);
+            let f = std::fs::File::create(&path).map_err(|e| format!("{path}: {e}"))?;
+            Some(Arc::new(f))
+        }
+        Some(_) => return Err("--out needs a file".into()),
+        None => None,
+    };
     if args.len() < 3 && !(walk && args.len() >= 2) {
-        return Err("usage: provenafs-getbench HANDLE KEY [PARALLEL] [PART-MIB]".into());
+        return Err(
+            "usage: provenafs-getbench HANDLE KEY [PARALLEL] [PART-MIB] [--out FILE]".into(),
+        );
     }
     let parallel: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
     let part: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(8) << 20;
@@ -83,6 +97,7 @@ async fn main() -> Result<(), String> {
     let mut tasks = Vec::new();
     for _ in 0..parallel {
         let (store, key, next, meta) = (store.clone(), key.clone(), next.clone(), meta.clone());
+        let out = out.clone();
         let size = meta.size;
         tasks.push(tokio::spawn(async move {
             let mut got = 0u64;
@@ -101,6 +116,14 @@ async fn main() -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 got += b.len() as u64;
+                if let Some(f) = out.clone() {
+                    tokio::task::spawn_blocking(move || {
+                        std::os::unix::fs::FileExt::write_all_at(&*f, &b, off)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                }
             }
         }));
     }
@@ -108,6 +131,7 @@ async fn main() -> Result<(), String> {
     for t in tasks {
         total += t.await.map_err(|e| e.to_string())??;
     }
+    drop(out);
     let secs = started.elapsed().as_secs_f64();
     println!("{total} {secs:.3} {:.1}", total as f64 / secs / 1048576.0);
     Ok(())

@@ -4,8 +4,9 @@
 //! Keying by ETag means a block of an old object version can never be
 //! served for a new one. Disk blocks carry a header naming what they hold
 //! and a CRC32C of the data; any mismatch is a miss, never wrong bytes.
-//! Disk blocks are written to a temporary name and renamed into place, so a
-//! reader never sees half a block. The cache folder is treated as input:
+//! Disk blocks are written to a temporary name (in a shared folder, the
+//! block's claim file) and renamed into place, so a reader never sees half
+//! a block. The cache folder is treated as input:
 //! see [`DiskCache`].
 
 use std::fs;
@@ -216,18 +217,26 @@ pub struct ClaimGuard {
     cache: Arc<DiskCache>,
     name: String,
     shard: String,
-    /// What the claim file holds: removed only while it is still ours (a
-    /// process that took it over after our deadline owns it now).
+    /// The first line of the claim file: removed only while it is still
+    /// ours (a process that took it over after our deadline owns it now).
     token: String,
+    /// Renamed into place as the block itself (see [`DiskCache::publish`]):
+    /// nothing left to remove.
+    published: bool,
 }
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
+        if self.published {
+            return;
+        }
         let Ok(dir) = open_dir_at(&self.cache.root, self.shard.as_str()) else {
             return;
         };
-        if read_claim_text(&dir, &self.name).as_deref() == Some(self.token.as_str()) {
-            let _ = unlinkat(&dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+        if let Some(ClaimHead::Line(line)) = read_claim_head(&dir, &self.name) {
+            if line == self.token {
+                let _ = unlinkat(&dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+            }
         }
     }
 }
@@ -255,7 +264,17 @@ impl ClaimFile {
     }
 }
 
-fn read_claim_text(dir: impl AsFd, name: &str) -> Option<String> {
+/// What a claim file starts with.
+enum ClaimHead {
+    /// Its first line, `\n` included: "HOST PID DEADLINE_MS TOKEN\n". The
+    /// block's data may already follow it (written before its header).
+    Line(String),
+    /// A block header: its claimant has written the whole block and is
+    /// about to rename the file into place (see [`DiskCache::publish`]).
+    Block,
+}
+
+fn read_claim_head(dir: impl AsFd, name: &str) -> Option<ClaimHead> {
     let fd = openat(
         dir,
         name,
@@ -263,15 +282,35 @@ fn read_claim_text(dir: impl AsFd, name: &str) -> Option<String> {
         Mode::empty(),
     )
     .ok()?;
-    let mut text = String::new();
-    std::io::Read::take(std::fs::File::from(fd), 512)
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text)
+    claim_head(&fs::File::from(fd))
+}
+
+/// The head of an open claim file (its first 512 bytes at most).
+fn claim_head(file: &fs::File) -> Option<ClaimHead> {
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let head = &head[..got];
+    if head.starts_with(MAGIC) {
+        return Some(ClaimHead::Block);
+    }
+    let end = head.iter().position(|&b| b == b'\n')? + 1;
+    Some(ClaimHead::Line(
+        std::str::from_utf8(&head[..end]).ok()?.to_string(),
+    ))
 }
 
 fn read_claim(dir: impl AsFd, name: &str) -> Option<ClaimFile> {
-    let text = read_claim_text(dir, name)?;
+    let Some(ClaimHead::Line(text)) = read_claim_head(dir, name) else {
+        return None;
+    };
     let mut f = text.split_whitespace();
     let host = f.next()?.to_string();
     let pid = f.next()?.parse().ok()?;
@@ -437,10 +476,45 @@ impl DiskCache {
     pub fn get(&self, k: &BlockKey, len: u64) -> Option<Bytes> {
         let name = Self::name(k);
         let shard = self.shard(&name)?;
+        match Self::load(shard, &name, k, len) {
+            Ok((data, file, mtime)) => {
+                // Touch for LRU: the modification time orders eviction
+                // (atime is often off or relaxed on cluster file systems).
+                // A minute's precision is plenty, and saves a metadata
+                // write per hit.
+                let now = std::time::SystemTime::now();
+                let modified =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.max(0) as u64);
+                if now
+                    .duration_since(modified)
+                    .is_ok_and(|age| age.as_secs() >= 60)
+                {
+                    let _ = file.set_modified(now);
+                }
+                Some(data)
+            }
+            Err(Some(why)) => {
+                self.reject(shard, &name, why);
+                None
+            }
+            Err(None) => None,
+        }
+    }
+
+    /// Reads and checks the file `name` in `shard` as block `k` of `len`
+    /// data bytes: the data, the open file and its mtime (seconds), or why
+    /// the entry is unusable (`None`: missing or unreadable right now, so
+    /// it stays).
+    fn load(
+        shard: &OwnedFd,
+        name: &str,
+        k: &BlockKey,
+        len: u64,
+    ) -> Result<(Bytes, fs::File, i64), Option<&'static str>> {
         // Never follows a symlink; never blocks on a FIFO.
         let fd = match openat(
             shard,
-            name.as_str(),
+            name,
             OFlag::O_RDONLY
                 | OFlag::O_NOFOLLOW
                 | OFlag::O_NONBLOCK
@@ -449,56 +523,32 @@ impl DiskCache {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::ELOOP) => {
-                self.reject(shard, &name, "a symlink");
-                return None;
-            }
+            Err(Errno::ELOOP) => return Err(Some("a symlink")),
             // Missing, or not openable right now (out of descriptors, a
             // cluster file system's hiccup): a miss, and the entry stays.
-            Err(_) => return None,
+            Err(_) => return Err(None),
         };
-        let st = fstat(&fd).ok()?;
+        let st = fstat(&fd).map_err(|_| None)?;
         let hlen = header_len(k);
         let want = hlen as u64 + len;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-                self.reject(shard, &name, "not a regular file");
+                return Err(Some("not a regular file"));
             }
-            return None;
+            return Err(None);
         }
         if st.st_size as u64 != want {
-            self.reject(shard, &name, "wrong length");
-            return None;
+            return Err(Some("wrong length"));
         }
-        // Read exactly `want` bytes: never more, whatever the file claims.
+        // Read exactly `want` bytes: never more, whatever the file claims
+        // (into spare capacity: no zeroing of a buffer about to be filled).
         let file = std::fs::File::from(fd);
-        let mut raw = vec![0u8; want as usize];
-        let mut got = 0usize;
-        while got < raw.len() {
-            match file.read_at(&mut raw[got..], got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
-            }
+        let mut raw = Vec::with_capacity(want as usize);
+        (&file).take(want).read_to_end(&mut raw).map_err(|_| None)?;
+        if raw.len() as u64 != want || Self::header(k, &raw[hlen..]) != raw[..hlen] {
+            return Err(Some("failed its check"));
         }
-        if got != raw.len() || Self::header(k, &raw[hlen..]) != raw[..hlen] {
-            self.reject(shard, &name, "failed its check");
-            return None;
-        }
-        // Touch for LRU: the modification time orders eviction (atime is
-        // often off or relaxed on cluster file systems). A minute's
-        // precision is plenty, and saves a metadata write per hit.
-        let now = std::time::SystemTime::now();
-        let modified =
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
-        if now
-            .duration_since(modified)
-            .is_ok_and(|age| age.as_secs() >= 60)
-        {
-            let _ = file.set_modified(now);
-        }
-        Some(Bytes::from(raw).slice(hlen..))
+        Ok((Bytes::from(raw).slice(hlen..), file, st.st_mtime))
     }
 
     /// Removes an unusable entry (only a name in our own folder: safe).
@@ -507,17 +557,21 @@ impl DiskCache {
         let _ = unlinkat(shard, name, UnlinkatFlags::NoRemoveDir);
     }
 
-    /// Claims the fetching of block `k` for this process until `until`, so
-    /// that other processes sharing the folder (other mounts, other nodes)
-    /// wait for the block instead of fetching it too.
+    /// Claims the fetching of block `k` (`len` data bytes) for this process
+    /// until `until`, so that other processes sharing the folder (other
+    /// mounts, other nodes) wait for the block instead of fetching it too.
     ///
     /// The claim is a file beside the block, created exclusively (what NFS,
-    /// Lustre and GPFS all honour; no `flock` across nodes), holding this
-    /// host's name, PID and the deadline. A claim whose deadline has passed,
-    /// or whose owner on this host is gone, is taken over. Returns
-    /// [`Claim::Unavailable`] when the folder cannot hold a claim: the
-    /// caller then simply fetches.
-    pub fn claim(self: &Arc<Self>, k: &BlockKey, until: SystemTime) -> Claim {
+    /// Lustre and GPFS all honour; no `flock` across nodes), whose first
+    /// line holds this host's name, PID, the deadline and a random token.
+    /// A claim whose deadline has passed, or whose owner on this host is
+    /// gone, is taken over. The claim file later becomes the block itself
+    /// ([`DiskCache::publish`]): one file created per block, none deleted,
+    /// which matters on file systems where creating files after many
+    /// deletions is slow (ext4 without a journal skips inodes freed in the
+    /// last minutes). Returns [`Claim::Unavailable`] when the folder cannot
+    /// hold a claim: the caller then simply fetches.
+    pub fn claim(self: &Arc<Self>, k: &BlockKey, len: u64, until: SystemTime) -> Claim {
         let block = Self::name(k);
         let Some(shard) = self.shard(&block) else {
             return Claim::Unavailable;
@@ -554,17 +608,29 @@ impl DiskCache {
                         name,
                         shard: block[..2].to_string(),
                         token: me,
+                        published: false,
                     });
                 }
-                Err(Errno::EEXIST) => match read_claim(shard, &name) {
-                    Some(c) if c.live() => return Claim::Theirs { until: c.until },
+                Err(Errno::EEXIST) => {
+                    if let Some(c) = read_claim(shard, &name) {
+                        if c.live() {
+                            return Claim::Theirs { until: c.until };
+                        }
+                    } else if matches!(read_claim_head(shard, &name), Some(ClaimHead::Block))
+                        && Self::load(shard, &name, k, len).is_ok()
+                    {
+                        // A whole block its claimant was renaming into
+                        // place (or died before it could): finish that.
+                        let _ = renameat(shard, name.as_str(), shard, block.as_str());
+                        return Claim::Theirs {
+                            until: SystemTime::now(),
+                        };
+                    }
                     // Its owner died or missed its deadline (or it is not
                     // a claim at all): take it over.
-                    _ => {
-                        debug!(block = %block, "taking over a stale claim");
-                        let _ = unlinkat(shard, name.as_str(), UnlinkatFlags::NoRemoveDir);
-                    }
-                },
+                    debug!(block = %block, "taking over a stale claim");
+                    let _ = unlinkat(shard, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                }
                 Err(_) => return Claim::Unavailable,
             }
         }
@@ -573,6 +639,84 @@ impl DiskCache {
             Some(c) if c.live() => Claim::Theirs { until: c.until },
             _ => Claim::Unavailable,
         }
+    }
+
+    /// Writes block `k` as [`DiskCache::put`] does, through `claim` when
+    /// there is one: the claim file itself is filled (data first, then
+    /// the header over the claim's line) and renamed into place, which
+    /// ends the claim and shows the block in one step. Falls back to
+    /// [`DiskCache::put`] when the claim is no longer ours.
+    pub fn put_claimed(
+        &self,
+        k: &BlockKey,
+        data: &[u8],
+        claim: Option<ClaimGuard>,
+    ) -> std::io::Result<()> {
+        match claim {
+            Some(mut claim) => match self.publish(&mut claim, k, data) {
+                Ok(true) => Ok(()),
+                Ok(false) => self.put(k, data),
+                Err(e) => Err(e),
+            },
+            None => self.put(k, data),
+        }
+    }
+
+    /// `Ok(false)`: not done, the claim is not (or no longer) ours.
+    fn publish(&self, claim: &mut ClaimGuard, k: &BlockKey, data: &[u8]) -> std::io::Result<bool> {
+        let block = Self::name(k);
+        let Some(shard) = self.shard(&block) else {
+            return Ok(false);
+        };
+        let header = Self::header(k, data);
+        // The header must cover the whole claim line, so that the file is
+        // never a claim and a block at once.
+        if claim.token.len() > header.len() || claim.name != format!(".claim-{block}") {
+            return Ok(false);
+        }
+        let Ok(fd) = openat(
+            shard,
+            claim.name.as_str(),
+            OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return Ok(false);
+        };
+        let file = fs::File::from(fd);
+        match claim_head(&file) {
+            Some(ClaimHead::Line(line)) if line == claim.token => {}
+            _ => return Ok(false),
+        }
+        if self.file_mode & 0o040 != 0 {
+            // The umask may have taken the group bit away.
+            fchmod(&file, Mode::from_bits_truncate(self.file_mode))?;
+        }
+        // Data first, header last: until the header lands the file is
+        // still a claim to anyone who reads it. Closed before the rename,
+        // so an NFS client has sent every byte before the name appears.
+        let written = file
+            .write_all_at(data, header.len() as u64)
+            .and_then(|_| file.write_all_at(&header, 0));
+        drop(file);
+        let installed = written.and_then(|_| {
+            renameat(shard, claim.name.as_str(), shard, block.as_str())
+                .map_err(std::io::Error::from)
+        });
+        // The block now, or removed here: nothing for the guard to do.
+        claim.published = true;
+        if let Err(e) = installed {
+            let _ = unlinkat(shard, claim.name.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        self.added((header.len() + data.len()) as u64);
+        Ok(true)
+    }
+
+    /// Counts `n` bytes newly written, evicting if the folder is over.
+    fn added(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.since_scan.fetch_add(n, Ordering::Relaxed);
+        self.evict_if_needed();
     }
 
     pub fn put(&self, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
@@ -602,10 +746,7 @@ impl DiskCache {
             let _ = unlinkat(shard, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             return Err(e);
         }
-        let n = (header.len() + data.len()) as u64;
-        self.used.fetch_add(n, Ordering::Relaxed);
-        self.since_scan.fetch_add(n, Ordering::Relaxed);
-        self.evict_if_needed();
+        self.added((header.len() + data.len()) as u64);
         Ok(())
     }
 
@@ -995,5 +1136,134 @@ mod tests {
         let total: u64 = c.entries().iter().map(|e| e.size).sum();
         assert!(total <= 10_000, "{total}");
         assert!(c.get(&key(19), 1000).is_some());
+    }
+
+    /// A block whose header is longer than any claim line, as real keys
+    /// (`datasets/10378-1-.../file`) make them.
+    fn long_key(i: u64) -> BlockKey {
+        BlockKey {
+            object: Arc::new(ObjectId {
+                bucket: "rrap-storage".into(),
+                key: "datasets/10378-1-1687966/some/folder/data.nc".into(),
+                etag: "0123456789abcdef0123456789abcdef".into(),
+            }),
+            index: i,
+        }
+    }
+
+    fn shared_cache(dir: &Path) -> Arc<DiskCache> {
+        DiskCache::open(&crate::read::DiskConfig {
+            shared: true,
+            ..disk(dir, 1 << 30)
+        })
+        .unwrap()
+    }
+
+    fn claim_files(c: &DiskCache, k: &BlockKey) -> Vec<String> {
+        fs::read_dir(c.path(k).parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".claim-") || n.starts_with(".tmp-"))
+            .collect()
+    }
+
+    fn later() -> SystemTime {
+        SystemTime::now() + std::time::Duration::from_secs(30)
+    }
+
+    #[test]
+    fn a_claim_becomes_its_block_in_one_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(0);
+        let data = vec![5u8; 4096];
+        let Claim::Mine(g) = c.claim(&k, 4096, later()) else {
+            panic!("a fresh block is ours to claim");
+        };
+        let ino = fs::metadata(c.path(&k).with_file_name(&g.name)).unwrap();
+        c.put_claimed(&k, &data, Some(g)).unwrap();
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(data));
+        // The claim file itself is the block now: nothing left, nothing
+        // deleted.
+        assert!(claim_files(&c, &k).is_empty());
+        let block = fs::metadata(c.path(&k)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&block),
+            std::os::unix::fs::MetadataExt::ino(&ino)
+        );
+    }
+
+    #[test]
+    fn a_claim_being_filled_is_still_a_claim() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(1);
+        let Claim::Mine(g) = c.claim(&k, 4096, later()) else {
+            panic!("ours");
+        };
+        // Data written after the claim line, header not yet: another
+        // process still sees a live claim and waits.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(c.path(&k).with_file_name(&g.name))
+            .unwrap();
+        f.write_all_at(&[9u8; 4096], header_len(&k) as u64).unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
+        // Dropped unpublished (the fetch failed): the claim goes.
+        drop(g);
+        assert!(claim_files(&c, &k).is_empty());
+    }
+
+    #[test]
+    fn a_whole_block_left_under_its_claim_name_is_put_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(2);
+        let data = vec![3u8; 4096];
+        // Its writer died between the header and the rename.
+        c.put(&k, &data).unwrap();
+        let claim = c
+            .path(&k)
+            .with_file_name(format!(".claim-{}", DiskCache::name(&k)));
+        fs::rename(c.path(&k), &claim).unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(data));
+        assert!(claim_files(&c, &k).is_empty());
+        // A damaged one is a stale claim: taken over, never served.
+        let k = long_key(3);
+        c.put(&k, &[1u8; 4096]).unwrap();
+        let claim = c
+            .path(&k)
+            .with_file_name(format!(".claim-{}", DiskCache::name(&k)));
+        fs::rename(c.path(&k), &claim).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&claim).unwrap();
+        f.write_all_at(b"x", 200).unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Mine(_)));
+        assert!(c.get(&k, 4096).is_none());
+    }
+
+    #[test]
+    fn a_claim_taken_over_is_never_published_by_its_first_owner() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(4);
+        let past = SystemTime::now() - std::time::Duration::from_secs(1);
+        let Claim::Mine(first) = c.claim(&k, 4096, past) else {
+            panic!("ours");
+        };
+        // Past its deadline: another takes it over.
+        let Claim::Mine(second) = c.claim(&k, 4096, later()) else {
+            panic!("a stale claim is taken over");
+        };
+        let second_name = c.path(&k).with_file_name(&second.name);
+        let second_line = fs::read_to_string(&second_name).unwrap();
+        // The first owner's block still lands (its bytes are right), by
+        // the ordinary path: the second claim stays the second's.
+        c.put_claimed(&k, &[7u8; 4096], Some(first)).unwrap();
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(vec![7u8; 4096]));
+        assert_eq!(fs::read_to_string(&second_name).unwrap(), second_line);
+        c.put_claimed(&k, &[7u8; 4096], Some(second)).unwrap();
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(vec![7u8; 4096]));
+        assert!(claim_files(&c, &k).is_empty());
     }
 }

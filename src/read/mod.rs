@@ -780,10 +780,12 @@ impl Reader {
         deadline: Deadline,
     ) -> (Vec<ToFetch>, Vec<(BlockKey, u64, Sender)>) {
         let until = std::time::SystemTime::now() + deadline.remaining();
-        let keys: Vec<BlockKey> = blocks.iter().map(|(k, _, _)| k.clone()).collect();
+        let keys: Vec<(BlockKey, u64)> = blocks.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
         let d = disk.clone();
         let claims = tokio::task::spawn_blocking(move || {
-            keys.iter().map(|k| d.claim(k, until)).collect::<Vec<_>>()
+            keys.iter()
+                .map(|(k, len)| d.claim(k, *len, until))
+                .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
@@ -836,7 +838,7 @@ impl Reader {
                 asks.iter()
                     .map(|(k, len)| match d.get(k, *len) {
                         Some(b) => (Some(b), None),
-                        None => (None, Some(d.claim(k, until))),
+                        None => (None, Some(d.claim(k, *len, until))),
                     })
                     .collect::<Vec<_>>()
             })
@@ -924,12 +926,12 @@ impl Reader {
                                 let (d, k, data) = (disk.clone(), key.clone(), b.clone());
                                 tokio::task::spawn_blocking(move || {
                                     let _slot = slot;
-                                    if let Err(e) = d.put(&k, &data) {
+                                    // The claim ends as the block appears
+                                    // (or once it will not): waiters then
+                                    // find it.
+                                    if let Err(e) = d.put_claimed(&k, &data, claim) {
                                         warn!(error = %e, "cannot write disk cache block");
                                     }
-                                    // Only once the block is there (or
-                                    // will not be): waiters then find it.
-                                    drop(claim);
                                 });
                                 self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
                             }

@@ -100,9 +100,14 @@ fn version(md: &fs::Metadata) -> Version {
 
 /// ETags as S3 computes them for single-part uploads: the MD5 of the
 /// content (peers such as rclone verify downloads against it). Computed
-/// once per file version and remembered.
+/// once per file version and remembered; concurrent first requests (a
+/// job array's mounts listing at once) wait for one hash instead of each
+/// hashing the file.
 #[derive(Default)]
-struct Etags(std::sync::Mutex<std::collections::HashMap<PathBuf, (Version, String)>>);
+struct Etags(
+    std::sync::Mutex<std::collections::HashMap<PathBuf, (Version, String)>>,
+    std::sync::Mutex<()>,
+);
 
 impl Etags {
     /// The ETag of the version `md` describes, if already known.
@@ -116,6 +121,10 @@ impl Etags {
     /// The ETag of open file `f`, whose metadata is `md` (from `f` itself,
     /// so the hash and the metadata describe the same version).
     fn of(&self, path: &Path, f: &fs::File, md: &fs::Metadata) -> String {
+        if let Some(e) = self.known(path, md) {
+            return e;
+        }
+        let _hashing = self.1.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = self.known(path, md) {
             return e;
         }
