@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, OFlag, AT_FDCWD as CWD};
+use nix::fcntl::{openat, renameat, renameat2, AtFlags, OFlag, RenameFlags, AT_FDCWD as CWD};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
@@ -187,6 +187,10 @@ pub struct DiskCache {
 
 /// Shards (of 256) a shared folder's size is estimated from at start-up…
 const START_SHARDS: usize = 8;
+
+/// A claim this close to its deadline is not filled in place (another may
+/// take it over meanwhile): its block is written the ordinary way.
+const PUBLISH_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 /// …and each eviction pass of a shared folder reads.
 const PASS_SHARDS: usize = 32;
 
@@ -220,8 +224,10 @@ pub struct ClaimGuard {
     /// The first line of the claim file: removed only while it is still
     /// ours (a process that took it over after our deadline owns it now).
     token: String,
-    /// Renamed into place as the block itself (see [`DiskCache::publish`]):
-    /// nothing left to remove.
+    /// The claim's deadline: past it, another may take the claim over.
+    until: SystemTime,
+    /// Renamed into place as the block itself, or no longer ours to
+    /// remove (see [`DiskCache::publish`]).
     published: bool,
 }
 
@@ -308,9 +314,14 @@ fn claim_head(file: &fs::File) -> Option<ClaimHead> {
 }
 
 fn read_claim(dir: impl AsFd, name: &str) -> Option<ClaimFile> {
-    let Some(ClaimHead::Line(text)) = read_claim_head(dir, name) else {
-        return None;
-    };
+    match read_claim_head(dir, name)? {
+        ClaimHead::Line(line) => parse_claim(&line),
+        ClaimHead::Block => None,
+    }
+}
+
+/// A claim's line: "HOST PID DEADLINE_MS TOKEN".
+fn parse_claim(text: &str) -> Option<ClaimFile> {
     let mut f = text.split_whitespace();
     let host = f.next()?.to_string();
     let pid = f.next()?.parse().ok()?;
@@ -320,6 +331,23 @@ fn read_claim(dir: impl AsFd, name: &str) -> Option<ClaimFile> {
         pid,
         until: UNIX_EPOCH + std::time::Duration::from_millis(until_ms),
     })
+}
+
+/// Whether `name` changed in the last 30 s (by this host's clock, against
+/// the file system's: a generous bound for clocks apart).
+fn recently_modified(dir: impl AsFd, name: &str) -> bool {
+    let Ok(st) = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        return false;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    (now - st.st_mtime).abs() < 30
+}
+
+/// Whether the file at `name` in `dir` is still the inode `ino`.
+fn still(dir: impl AsFd, name: &str, ino: u64) -> bool {
+    fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_ino == ino)
 }
 
 /// This host's name, as claims record it.
@@ -608,23 +636,34 @@ impl DiskCache {
                         name,
                         shard: block[..2].to_string(),
                         token: me,
+                        until,
                         published: false,
                     });
                 }
                 Err(Errno::EEXIST) => {
-                    if let Some(c) = read_claim(shard, &name) {
-                        if c.live() {
-                            return Claim::Theirs { until: c.until };
+                    match read_claim_head(shard, &name) {
+                        Some(ClaimHead::Line(line)) => {
+                            if let Some(c) = parse_claim(&line) {
+                                if c.live() {
+                                    return Claim::Theirs { until: c.until };
+                                }
+                            }
                         }
-                    } else if matches!(read_claim_head(shard, &name), Some(ClaimHead::Block))
-                        && Self::load(shard, &name, k, len).is_ok()
-                    {
-                        // A whole block its claimant was renaming into
-                        // place (or died before it could): finish that.
-                        let _ = renameat(shard, name.as_str(), shard, block.as_str());
-                        return Claim::Theirs {
-                            until: SystemTime::now(),
-                        };
+                        Some(ClaimHead::Block) if Self::adopt(shard, &name, &block, k, len) => {
+                            return Claim::Theirs {
+                                until: SystemTime::now(),
+                            };
+                        }
+                        // Being written: a claim's line not there yet, or
+                        // (on NFS, whose writes reach other nodes in any
+                        // order until closed) a block's header before its
+                        // data. Give it a moment, not a takeover.
+                        _ if recently_modified(shard, &name) => {
+                            return Claim::Theirs {
+                                until: SystemTime::now() + std::time::Duration::from_secs(1),
+                            };
+                        }
+                        _ => {}
                     }
                     // Its owner died or missed its deadline (or it is not
                     // a claim at all): take it over.
@@ -670,8 +709,12 @@ impl DiskCache {
         };
         let header = Self::header(k, data);
         // The header must cover the whole claim line, so that the file is
-        // never a claim and a block at once.
-        if claim.token.len() > header.len() || claim.name != format!(".claim-{block}") {
+        // never a claim and a block at once; and the claim must not be
+        // about to expire, or another may take it over while we write.
+        if claim.token.len() > header.len()
+            || claim.name != format!(".claim-{block}")
+            || SystemTime::now() + PUBLISH_MARGIN >= claim.until
+        {
             return Ok(false);
         }
         let Ok(fd) = openat(
@@ -687,6 +730,7 @@ impl DiskCache {
             Some(ClaimHead::Line(line)) if line == claim.token => {}
             _ => return Ok(false),
         }
+        let ino = fstat(&file)?.st_ino;
         if self.file_mode & 0o040 != 0 {
             // The umask may have taken the group bit away.
             fchmod(&file, Mode::from_bits_truncate(self.file_mode))?;
@@ -694,22 +738,60 @@ impl DiskCache {
         // Data first, header last: until the header lands the file is
         // still a claim to anyone who reads it. Closed before the rename,
         // so an NFS client has sent every byte before the name appears.
-        let written = file
-            .write_all_at(data, header.len() as u64)
-            .and_then(|_| file.write_all_at(&header, 0));
+        // A failed write leaves the claim to its guard, which removes it
+        // while it is still ours.
+        file.write_all_at(data, header.len() as u64)?;
+        file.write_all_at(&header, 0)?;
         drop(file);
-        let installed = written.and_then(|_| {
-            renameat(shard, claim.name.as_str(), shard, block.as_str())
-                .map_err(std::io::Error::from)
-        });
-        // The block now, or removed here: nothing for the guard to do.
+        // From here the name is not the guard's to remove: the file is
+        // either the block, or someone else's.
         claim.published = true;
-        if let Err(e) = installed {
-            let _ = unlinkat(shard, claim.name.as_str(), UnlinkatFlags::NoRemoveDir);
-            return Err(e);
+        // Taken over while we wrote (our file unlinked, a new claim in its
+        // place): the ordinary way, leaving their claim alone.
+        if !still(shard, &claim.name, ino) {
+            return Ok(false);
         }
-        self.added((header.len() + data.len()) as u64);
-        Ok(true)
+        match renameat(shard, claim.name.as_str(), shard, block.as_str()) {
+            Ok(()) => {
+                self.added((header.len() + data.len()) as u64);
+                Ok(true)
+            }
+            // Another process found it finished and put it in place first
+            // (see `adopt`), or took it over: done if the block is there.
+            Err(_) => Ok(Self::load(shard, &block, k, data.len() as u64).is_ok()),
+        }
+    }
+
+    /// Puts a finished block left under its claim's name (its writer died
+    /// between its last write and its rename, or is about to rename it)
+    /// into place: `true` if the block is in place now. Never replaces a
+    /// block already there.
+    fn adopt(shard: &OwnedFd, claim: &str, block: &str, k: &BlockKey, len: u64) -> bool {
+        let Ok((_, file, _)) = Self::load(shard, claim, k, len) else {
+            return false;
+        };
+        let Ok(ino) = fstat(&file).map(|st| st.st_ino) else {
+            return false;
+        };
+        drop(file);
+        if !still(shard, claim, ino) {
+            return false;
+        }
+        match renameat2(shard, claim, shard, block, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => true,
+            // Already in place: this copy is a spare.
+            Err(Errno::EEXIST) => {
+                if still(shard, claim, ino) {
+                    let _ = unlinkat(shard, claim, UnlinkatFlags::NoRemoveDir);
+                }
+                true
+            }
+            // A file system without RENAME_NOREPLACE (NFS).
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                renameat(shard, claim, shard, block).is_ok()
+            }
+            Err(_) => false,
+        }
     }
 
     /// Counts `n` bytes newly written, evicting if the folder is over.
@@ -788,7 +870,15 @@ impl DiskCache {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs() as i64);
-                    if now - mtime > 3600 {
+                    // A claim may hold a whole block's data (its owner
+                    // died while filling it): gone sooner than a
+                    // temporary file, yet long after any claim's deadline.
+                    let max_age = if name.starts_with(".claim-") {
+                        600
+                    } else {
+                        3600
+                    };
+                    if now - mtime > max_age {
                         let _ = unlinkat(&dir_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
                     }
                     continue;
@@ -1238,8 +1328,66 @@ mod tests {
         fs::rename(c.path(&k), &claim).unwrap();
         let f = fs::OpenOptions::new().write(true).open(&claim).unwrap();
         f.write_all_at(b"x", 200).unwrap();
+        // Just written: maybe a block whose data has not all reached this
+        // node yet (NFS). A moment's wait, not a takeover.
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
         assert!(matches!(c.claim(&k, 4096, later()), Claim::Mine(_)));
         assert!(c.get(&k, 4096).is_none());
+    }
+
+    #[test]
+    fn an_empty_claim_is_waited_on_briefly_then_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(5);
+        c.get(&k, 1); // creates the shard folder
+        let claim = c
+            .path(&k)
+            .with_file_name(format!(".claim-{}", DiskCache::name(&k)));
+        // Created, its line not written yet.
+        let f = fs::File::create(&claim).unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Mine(_)));
+    }
+
+    #[test]
+    fn a_claim_near_its_deadline_is_written_the_ordinary_way() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(6);
+        let soon = SystemTime::now() + std::time::Duration::from_millis(500);
+        let Claim::Mine(g) = c.claim(&k, 4096, soon) else {
+            panic!("ours");
+        };
+        let claim_ino = std::os::unix::fs::MetadataExt::ino(
+            &fs::metadata(c.path(&k).with_file_name(&g.name)).unwrap(),
+        );
+        c.put_claimed(&k, &[4u8; 4096], Some(g)).unwrap();
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(vec![4u8; 4096]));
+        let block_ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(c.path(&k)).unwrap());
+        assert_ne!(block_ino, claim_ino);
+        assert!(claim_files(&c, &k).is_empty());
+    }
+
+    #[test]
+    fn a_block_put_in_place_by_another_still_counts_as_published() {
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(7);
+        let data = vec![8u8; 4096];
+        let Claim::Mine(g) = c.claim(&k, 4096, later()) else {
+            panic!("ours");
+        };
+        // The block lands by another way first (another node's fallback
+        // write): the owner's rename then replaces it with the same bytes.
+        c.put(&k, &data).unwrap();
+        c.put_claimed(&k, &data, Some(g)).unwrap();
+        assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(data));
+        assert!(claim_files(&c, &k).is_empty());
     }
 
     #[test]
