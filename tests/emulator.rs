@@ -607,3 +607,95 @@ async fn a_bare_400_has_no_body() {
         .expect_err("bare 400");
     assert_eq!(raw_error(&e).0, 400);
 }
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wan_profile_paces_s3_and_delays_the_api() {
+    let d = data(&scrambled(1));
+    write(d.path(), "10378.1/0/data/big.bin", &vec![7u8; 64 << 20]);
+    let sim = Sim::start(
+        d,
+        &[
+            "--first-byte-ms",
+            "100",
+            "--stream-mib-per-s",
+            "50",
+            "--api-latency-ms",
+            "150",
+        ],
+    );
+    let bucket = "provena-bucket";
+    let key = "datasets/10378-1-0/data/big.bin";
+    // The emulator hashes a file for its ETag on first sight: not timed.
+    let s3 = s3_client(&sim, "10378.1/0", "ap-southeast-2");
+    s3.head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+
+    // Every identity and data store call takes the API latency.
+    let t = std::time::Instant::now();
+    sim.access_token(None);
+    let api = t.elapsed();
+    assert!(api >= Duration::from_millis(150), "{api:?}");
+
+    // A 64 MiB GET at 50 MiB/s: 1.28 s of body ± 5%, after the first byte
+    // waited 100 ms; cheap for the emulator.
+    let cpu = cpu_seconds(sim.child.id());
+    let t = std::time::Instant::now();
+    let got = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let first = t.elapsed();
+    let body = got.body.collect().await.unwrap().into_bytes();
+    let all = t.elapsed();
+    let cpu = cpu_seconds(sim.child.id()) - cpu;
+    assert_eq!(body.len(), 64 << 20);
+    assert!(first >= Duration::from_millis(100), "first byte {first:?}");
+    let paced = (all - first).as_secs_f64();
+    assert!((1.216..1.344).contains(&paced), "64 MiB in {paced} s");
+    assert!(cpu < 0.4, "{cpu} CPU seconds to pace 64 MiB");
+
+    // Set at run time: two streams of 200 MiB/s share a 100 MiB/s link, so
+    // two 16 MiB GETs together take 0.32 s (each alone would take 0.08).
+    let faults = sim.post("/_sim/faults?first_byte_ms=0&stream_mib_per_s=200&link_mib_per_s=100");
+    assert!(faults.contains("\"link_mib_per_s\":100"), "{faults}");
+    let range = format!("bytes=0-{}", (16 << 20) - 1);
+    let t = std::time::Instant::now();
+    let two = futures::future::join_all((0..2).map(|_| async {
+        let got = s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .range(&range)
+            .send()
+            .await
+            .unwrap();
+        got.body.collect().await.unwrap().into_bytes().len()
+    }))
+    .await;
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(two, vec![16 << 20, 16 << 20]);
+    assert!(
+        (0.30..0.40).contains(&secs),
+        "32 MiB over a 100 MiB/s link in {secs} s"
+    );
+}

@@ -96,6 +96,39 @@ pub struct SimArgs {
     /// minutes requests answer RequestTimeTooSkewed.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub clock_skew: i64,
+    /// WAN profile: milliseconds every S3 answer waits before its first
+    /// byte (on top of --latency-ms).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "MS",
+        help_heading = "WAN profile"
+    )]
+    pub first_byte_ms: u64,
+    /// WAN profile: each S3 response body is paced to this many MiB/s (0: unpaced).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "MIB_S",
+        help_heading = "WAN profile"
+    )]
+    pub stream_mib_per_s: f64,
+    /// WAN profile: all S3 response bodies together are paced to this many MiB/s (0: unpaced).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "MIB_S",
+        help_heading = "WAN profile"
+    )]
+    pub link_mib_per_s: f64,
+    /// WAN profile: milliseconds every identity and data store call takes.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "MS",
+        help_heading = "WAN profile"
+    )]
+    pub api_latency_ms: u64,
     /// First write the demo's sample datasets into --root.
     #[arg(long)]
     pub sample_data: bool,
@@ -134,6 +167,12 @@ pub async fn run(a: SimArgs) -> Result<(), String> {
         s3_hang: a.s3_hang,
         api_hang: a.api_hang,
         clock_skew: a.clock_skew,
+        wan: crate::sim::wan::WanProfile {
+            first_byte_ms: a.first_byte_ms,
+            stream_mib_per_s: a.stream_mib_per_s,
+            link_mib_per_s: a.link_mib_per_s,
+            api_latency_ms: a.api_latency_ms,
+        },
     };
     let sim = crate::sim::Sim::start(cfg)
         .await

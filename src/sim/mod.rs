@@ -12,6 +12,7 @@ pub mod identity;
 pub mod registry;
 pub mod s3;
 pub mod store;
+pub mod wan;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -97,6 +98,9 @@ pub struct SimConfig {
     /// behind); more than 15 minutes off the client's and every request
     /// answers `RequestTimeTooSkewed`, as AWS does.
     pub clock_skew: i64,
+    /// The WAN profile: S3 first-byte wait, per-stream and link pacing, API
+    /// call latency (see [`wan`]).
+    pub wan: wan::WanProfile,
 }
 
 impl Default for SimConfig {
@@ -126,6 +130,7 @@ impl Default for SimConfig {
             s3_hang: None,
             api_hang: false,
             clock_skew: 0,
+            wan: wan::WanProfile::default(),
         }
     }
 }
@@ -190,6 +195,7 @@ pub struct SimState {
     pub store: Arc<FolderStore>,
     pub stats: Stats,
     pub faults: faults::Faults,
+    pub wan: Arc<wan::Wan>,
     identity: Mutex<Identity>,
     creds: Mutex<HashMap<String, Issued>>,
     base_url: Mutex<String>,
@@ -308,6 +314,7 @@ impl Sim {
         }
         let state = Arc::new(SimState {
             faults: faults::Faults::new(cfg.s3_fault_rate, cfg.api_fault_rate, cfg.latency_ms),
+            wan: Arc::new(wan::Wan::new(cfg.wan)),
             store: Arc::new(store),
             cfg,
             stats: Stats::default(),
@@ -618,12 +625,24 @@ async fn route(
             return Ok(s3_dated(&state, refused));
         }
         let resp = s3_answer(&state, s3, req).await?;
+        state.wan.first_byte().await;
+        let resp = resp.map(|b| state.wan.pace(b));
         return Ok(s3_dated(&state, resp));
     }
     if !path.starts_with("/_sim/") {
         state.faults.hang_api().await;
+        state.wan.api_call().await;
     }
     api_answer(state, path, req).await
+}
+
+/// The faults and the WAN profile in force, as `/_sim/faults` shows them.
+fn faults_json(state: &SimState) -> serde_json::Value {
+    let mut j = state.faults.json();
+    if let (Some(o), serde_json::Value::Object(w)) = (j.as_object_mut(), state.wan.json()) {
+        o.extend(w);
+    }
+    j
 }
 
 /// An S3 request, with the injected faults.
@@ -711,10 +730,10 @@ async fn api_answer(
         }
         ("GET", "/_sim/stats") => {
             let mut j = state.stats.json();
-            j["faults"] = state.faults.json();
+            j["faults"] = faults_json(&state);
             Reply::json(200, j)
         }
-        ("GET", "/_sim/faults") => Reply::json(200, state.faults.json()),
+        ("GET", "/_sim/faults") => Reply::json(200, faults_json(&state)),
         ("POST", "/_sim/faults") => {
             let num = |k: &str| query.get(k).and_then(|v| v.parse::<f64>().ok());
             state.faults.set(
@@ -745,7 +764,13 @@ async fn api_answer(
             if let Some(t) = query.get("s3_bare_400") {
                 state.faults.set_s3_bare_400(t);
             }
-            Reply::json(200, state.faults.json())
+            state.wan.set(
+                num("first_byte_ms").map(|v| v.max(0.0) as u64),
+                num("stream_mib_per_s"),
+                num("link_mib_per_s"),
+                num("api_latency_ms").map(|v| v.max(0.0) as u64),
+            );
+            Reply::json(200, faults_json(&state))
         }
         ("POST", "/_sim/credentials") => {
             // What happens to S3 credentials in the field: revoked
