@@ -670,8 +670,10 @@ async fn the_wan_profile_paces_s3_and_delays_the_api() {
     let cpu = cpu_seconds(sim.child.id()) - cpu;
     assert_eq!(body.len(), 64 << 20);
     assert!(first >= Duration::from_millis(100), "first byte {first:?}");
+    // Never faster than the rate (-5%); a loaded CI machine's debug-built
+    // client may take a little longer to drain it (+10%).
     let paced = (all - first).as_secs_f64();
-    assert!((1.216..1.344).contains(&paced), "64 MiB in {paced} s");
+    assert!((1.216..1.408).contains(&paced), "64 MiB in {paced} s");
     assert!(cpu < 0.4, "{cpu} CPU seconds to pace 64 MiB");
 
     // Set at run time: two streams of 200 MiB/s share a 100 MiB/s link, so

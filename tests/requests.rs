@@ -54,7 +54,9 @@ fn sequential_read_uses_few_large_gets_and_rereads_none() {
     assert_eq!(sha256(&f), sha256(&sim.root().join("10378.1/1/big.bin")));
     let (gets, bytes) = (d.get("s3_get"), d.get("s3_get_bytes"));
     eprintln!("64 MiB sequential: {gets} GETs, {bytes} bytes");
-    assert!(gets <= 24, "{gets} GETs for 64 MiB");
+    // The run's first 16 MiB as read (a block a GET: a short run is not
+    // worth read-ahead), the rest in 4 MiB parts.
+    assert!(gets <= 32, "{gets} GETs for 64 MiB");
     assert!(
         bytes <= (64 * MIB) as u64 * 11 / 10,
         "{bytes} bytes fetched"

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use aws_sdk_s3::config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{ListPage, ObjectMeta, ObjectStore, S3Error, StoreFactory};
@@ -109,6 +109,9 @@ pub struct AwsFactory {
     base: aws_sdk_s3::config::Builder,
     counters: Arc<S3Counters>,
     notes: Arc<BucketNotes>,
+    /// Credentials [`StoreFactory::warm`] started fetching, by handle, for
+    /// `open` to take.
+    warmed: std::sync::Mutex<std::collections::HashMap<String, Arc<DatasetCredentials>>>,
 }
 
 /// The HTTP client of all S3 stores: rustls with aws-lc, and the proxies
@@ -160,7 +163,21 @@ impl AwsFactory {
             base,
             counters: Arc::default(),
             notes: Arc::default(),
+            warmed: Default::default(),
         }
+    }
+
+    fn credentials(&self, handle: &str) -> Arc<DatasetCredentials> {
+        Arc::new(DatasetCredentials::new(
+            handle,
+            self.api.clone(),
+            self.config.request_timeout,
+            self.config.refusal_ttl,
+            self.config
+                .shared
+                .as_ref()
+                .map(|(s, who)| (s.clone(), who.as_str())),
+        ))
     }
 
     /// What the stores of this factory sent and received.
@@ -170,17 +187,32 @@ impl AwsFactory {
 }
 
 impl StoreFactory for AwsFactory {
+    fn warm(&self, handle: &str, deadline: Deadline) {
+        let creds = self.credentials(handle);
+        {
+            let mut warmed = self.warmed.lock().unwrap_or_else(|p| p.into_inner());
+            if warmed.len() > 1000 {
+                // Warmed and never opened (their records were refused).
+                warmed.clear();
+            }
+            warmed.insert(handle.to_string(), creds.clone());
+        }
+        // A refusal is remembered by the credentials themselves and
+        // answered to the first S3 call; nothing to do with it here.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = creds.get(deadline).await;
+            });
+        }
+    }
+
     fn open(&self, handle: &str, bucket: &str) -> Arc<dyn ObjectStore> {
-        let creds = Arc::new(DatasetCredentials::new(
-            handle,
-            self.api.clone(),
-            self.config.request_timeout,
-            self.config.refusal_ttl,
-            self.config
-                .shared
-                .as_ref()
-                .map(|(s, who)| (s.clone(), who.as_str())),
-        ));
+        let warmed = self
+            .warmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle);
+        let creds = warmed.unwrap_or_else(|| self.credentials(handle));
         let conf = self
             .base
             .clone()
@@ -694,8 +726,25 @@ impl ObjectStore for AwsObjectStore {
         piece: u64,
         deadline: Deadline,
     ) -> Result<Vec<Bytes>, S3Error> {
+        let pieces = std::sync::Mutex::new(Vec::new());
+        self.get_pieces_each(key, range, version, piece, deadline, &|p| {
+            pieces.lock().unwrap_or_else(|e| e.into_inner()).push(p)
+        })
+        .await?;
+        Ok(pieces.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    async fn get_pieces_each(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        version: Option<&ObjectMeta>,
+        piece: u64,
+        deadline: Deadline,
+        sink: &(dyn Fn(Bytes) + Send + Sync),
+    ) -> Result<(), S3Error> {
         if range.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // The version to read: its ETag, or (a store without ETags) its
         // time and length, checked below.
@@ -704,12 +753,17 @@ impl ObjectStore for AwsObjectStore {
         let piece = piece.max(1);
         let span = info_span!("s3_get", bucket = %self.bucket, key, start = range.start, len = range.end - range.start);
         let range = &range;
+        // Pieces handed out by earlier attempts: a retry asks only for the
+        // rest (the version is pinned, so the rest matches).
+        let handed = std::sync::atomic::AtomicU64::new(0);
+        let handed = &handed;
         self.with_retries("GetObject", deadline, |client, stall| async move {
+            let from = range.start + handed.load(std::sync::atomic::Ordering::Relaxed) * piece;
             let send = client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .range(format!("bytes={}-{}", from, range.end - 1))
                 .set_if_match(etag.map(|e| format!("\"{e}\"")))
                 .set_if_unmodified_since(
                     by_time.map(|v| aws_smithy_types::DateTime::from(v.last_modified)),
@@ -722,12 +776,13 @@ impl ObjectStore for AwsObjectStore {
                 }
             }
             // Copy each chunk into its piece as it arrives: one copy, one
-            // allocation per piece, and a body of the wrong length is an
-            // error, never data.
-            let expected = range.end - range.start;
-            let mut pieces: Vec<Bytes> = Vec::with_capacity(expected.div_ceil(piece) as usize);
-            let new_piece =
-                |done: u64| BytesMut::with_capacity(piece.min(expected - done) as usize);
+            // allocation per piece (only the piece being filled is held
+            // here), and a body of the wrong length is an error, never
+            // data.
+            let expected = range.end - from;
+            let new_piece = |done: u64| {
+                super::pieces::Piece::with_capacity(piece.min(expected - done) as usize)
+            };
             let mut cur = new_piece(0);
             let mut done = 0u64;
             let mut body = out.body;
@@ -756,13 +811,13 @@ impl ObjectStore for AwsObjectStore {
                     .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut rest = &chunk[..];
                 while !rest.is_empty() {
-                    let room = cur.capacity() - cur.len();
-                    let n = room.min(rest.len());
+                    let n = cur.room().min(rest.len());
                     cur.extend_from_slice(&rest[..n]);
                     rest = &rest[n..];
                     done += n as u64;
-                    if cur.len() == cur.capacity() && done < expected {
-                        pieces.push(std::mem::replace(&mut cur, new_piece(done)).freeze());
+                    if cur.room() == 0 && done < expected {
+                        sink(std::mem::replace(&mut cur, new_piece(done)).freeze());
+                        handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
@@ -772,8 +827,9 @@ impl ObjectStore for AwsObjectStore {
                     got: done,
                 });
             }
-            pieces.push(cur.freeze());
-            Ok(pieces)
+            sink(cur.freeze());
+            handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })
         .instrument(span)
         .await

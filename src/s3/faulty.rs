@@ -119,4 +119,19 @@ impl ObjectStore for FaultyStore {
             .get_pieces(key, range, version, piece, deadline)
             .await
     }
+
+    async fn get_pieces_each(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        version: Option<&ObjectMeta>,
+        piece: u64,
+        deadline: Deadline,
+        sink: &(dyn Fn(Bytes) + Send + Sync),
+    ) -> Result<(), S3Error> {
+        self.gate(key, deadline).await?;
+        self.inner
+            .get_pieces_each(key, range, version, piece, deadline, sink)
+            .await
+    }
 }

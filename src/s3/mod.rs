@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod faulty;
 pub mod memory;
+pub mod pieces;
 
 use std::ops::Range;
 use std::time::SystemTime;
@@ -156,9 +157,38 @@ pub trait ObjectStore: Send + Sync {
             .map(Bytes::copy_from_slice)
             .collect())
     }
+
+    /// Like [`get_pieces`](Self::get_pieces), handing each piece to `sink`
+    /// as soon as it is whole, in order, so a reader can use the start of a
+    /// long GET before its end. On an error the pieces handed out so far
+    /// are right (each whole, from the version asked for); no more come.
+    async fn get_pieces_each(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        version: Option<&ObjectMeta>,
+        piece: u64,
+        deadline: Deadline,
+        sink: &(dyn Fn(Bytes) + Send + Sync),
+    ) -> Result<(), S3Error> {
+        for p in self
+            .get_pieces(key, range, version, piece, deadline)
+            .await?
+        {
+            sink(p);
+        }
+        Ok(())
+    }
 }
 
 /// Opens the [`ObjectStore`] of a dataset, given its handle and bucket.
 pub trait StoreFactory: Send + Sync {
     fn open(&self, handle: &str, bucket: &str) -> std::sync::Arc<dyn ObjectStore>;
+
+    /// Starts getting ready for dataset `handle` (its read credentials)
+    /// before its record, and so its bucket, is known: the data store
+    /// answers both from the handle alone, so the two calls overlap and a
+    /// dataset's first file waits for one API round trip, not two. The
+    /// store [`open`](Self::open) then makes uses what this started.
+    fn warm(&self, _handle: &str, _deadline: Deadline) {}
 }

@@ -166,6 +166,9 @@ impl Catalog {
         if let Some(ds) = self.known(handle) {
             return Ok(ds);
         }
+        // A dataset reached by its path is about to be read: its
+        // credentials come alongside its record, not after it.
+        self.stores.warm(handle, deadline);
         let item = self
             .registry
             .fetch(handle, deadline)
