@@ -1,6 +1,24 @@
 #!/usr/bin/env python3
-"""Benchmark driver behind scripts/bench.sh. See that file for usage."""
-import json, os, platform, shutil, statistics, subprocess, sys, tempfile, time, datetime, math
+"""Benchmark driver behind scripts/bench.sh. See that file for usage.
+
+    python3 scripts/bench.py [--profile loopback|wan]
+
+--profile wan starts the emulator with WAN_FLAGS (real S3 and an API
+gateway as seen from a cloud VM) and writes bench/RESULTS-wan.md; the
+default, loopback, writes bench/RESULTS.md. Environment:
+    BENCH_SCALE=N     sizes divided by N (science fixtures: their outermost
+                      dimension), BENCH_REPS (3), BENCH_OUT (the .md file)
+    BENCH_ONLY=core|science   run one group of rows only
+    Only a full run (both groups, every tool, BENCH_SCALE=1) writes
+    bench/RESULTS[-wan].md; a partial, scaled or BENCH_TOOLS run writes
+    bench/out/RESULTS[-wan][-GROUP][-scaleN][-some-tools].md (git ignores
+    bench/out/), and refuses a BENCH_OUT naming the kept files
+    BENCH_RAND_SECS   seconds of each random 4 KiB run (15)
+    BENCH_VENV        venv of the science readers (/tmp/provenafs-bench-venv),
+                      made from scripts/bench-requirements.txt when missing
+    BENCH_TOOLS="provenafs,rclone full"   only these tools (a quick look)
+"""
+import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time, datetime, math
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINDIR = os.environ.get("PROVENAFS_BINDIR", os.path.join(ROOT, "target/release"))
@@ -8,7 +26,24 @@ BIN = os.path.join(BINDIR, "provenafs")
 GETBENCH = os.path.join(BINDIR, "provenafs-getbench")
 SCALE = int(os.environ.get("BENCH_SCALE", "1"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
-OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench/RESULTS.md"))
+OUT = os.environ.get("BENCH_OUT")  # default chosen in main() by profile and BENCH_ONLY
+GROUPS = ("core", "science")
+ONLY = [g for g in os.environ.get("BENCH_ONLY", ",".join(GROUPS)).split(",") if g]
+VENV = os.environ.get("BENCH_VENV", "/tmp/provenafs-bench-venv")
+REQS = os.path.join(ROOT, "scripts/bench-requirements.txt")
+SCIENCE = os.path.join(ROOT, "scripts/science.py")
+SCI_HANDLE = "10378.1/5"
+# The direct GET column: best of these parallel 8 MiB parts.
+DIRECT_PARALLEL = (8, 16, 32)
+# Real S3 seen from a cloud VM, and the data store API behind its gateway
+# (issue 14). Needs a provenafs whose `sim` has these flags.
+WAN_FLAGS = ["--first-byte-ms", "20", "--stream-mib-per-s", "50", "--link-mib-per-s", "500",
+             "--api-latency-ms", "150"]
+PROFILES = {
+    "loopback": ([], "on loopback"),
+    "wan": (WAN_FLAGS, "under the WAN profile (`sim " + " ".join(WAN_FLAGS) + "`: 20 ms to the first byte, "
+            "50 MiB/s per S3 response, 500 MiB/s for all of them, 150 ms per identity or API call)"),
+}
 MIB = 1 << 20
 BIG = (1024 * MIB) // SCALE
 PAR_N, PAR_SIZE = 8, (64 * MIB) // SCALE
@@ -33,8 +68,14 @@ def drop_caches(data):
     # mounts (rclone's cache folder is new each time). What this does is
     # the opposite: the emulator's own reads come from memory, as a fast
     # server's would.
-    sh(f"cat {data}/10378.1/1/big.bin {data}/10378.1/2/* > /dev/null")
-    sh(f"find {data}/10378.1/3 -type f -exec cat {{}} + > /dev/null")
+    if os.path.exists(f"{data}/10378.1/1/big.bin"):
+        sh(f"cat {data}/10378.1/1/big.bin {data}/10378.1/2/* > /dev/null")
+        sh(f"find {data}/10378.1/3 -type f -exec cat {{}} + > /dev/null")
+
+def warm_science(data, fname):
+    # As drop_caches, for the one science fixture about to be read
+    # (re-reading everything before each read would only cost CPU).
+    sh(f"cat '{data}/{SCI_HANDLE}/{fname}' > /dev/null")
 
 def gen(data):
     def rnd(path, size):
@@ -51,16 +92,23 @@ def gen(data):
             with open(f"{many}/f{i:05d}.txt", "w") as f:
                 f.write(f"file {i}\n" * 8)
 
+def sim_has_flags(flags):
+    """Whether this provenafs's `sim` knows every --flag in flags."""
+    help_text = sh(f"'{BIN}' sim --help", check=False).stdout
+    return all(f in help_text for f in flags if f.startswith("--"))
+
 class Sim:
-    def __init__(self, data):
+    def __init__(self, data, extra=()):
         self.envfile = tempfile.mktemp(suffix=".env")
         self.p = subprocess.Popen([BIN, "sim", "--root", data, "--env-file", self.envfile,
                                    "--credentials-ttl", "86400", "--access-token-ttl", "3600",
-                                   "--log-level", "error"], stdout=subprocess.DEVNULL)
+                                   "--log-level", "error", *extra], stdout=subprocess.DEVNULL)
         for _ in range(200):
-            if os.path.exists(self.envfile):
+            if os.path.exists(self.envfile) or self.p.poll() is not None:
                 break
             time.sleep(0.05)
+        if not os.path.exists(self.envfile):
+            sys.exit(f"bench: `provenafs sim {' '.join(extra)}` did not start")
         # NAME=value lines; the closing `export NAME...` line is for shells.
         self.env = dict(l.split("=", 1) for l in open(self.envfile).read().splitlines()
                         if "=" in l and not l.startswith("export "))
@@ -82,6 +130,25 @@ class Sim:
     def stop(self):
         self.p.terminate()
         self.p.wait()
+
+def pids_of(*words):
+    """Processes whose command line holds every word, found in /proc (a
+    `pgrep -f` run through sh also finds that sh, whose command line holds
+    the pattern: s3fs's peak RSS read 0 as the sh's pid was taken for
+    s3fs's, s3fs having rewritten its own arguments)."""
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            argv = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in argv if a]
+        names = set(argv) | {os.path.basename(a) for a in argv}
+        if argv and os.path.basename(argv[0]) not in ("sh", "bash") and all(w in names for w in words):
+            found.append(int(p))
+    return sorted(found)
 
 def dashed(h):
     return "datasets/" + h.replace(".", "-").replace("/", "-")
@@ -112,8 +179,7 @@ class Provenafs(Tool):
         m = self.new_mountpoint()
         env = dict(os.environ, **self.sim.env)
         subprocess.run([BIN, "mount", m], env=env, check=True)
-        pid = sh(f"pgrep -f 'provenafs mount {m} --foreground'").stdout.split()[0]
-        self.pids.append(int(pid))
+        self.pids += pids_of("provenafs", "mount", m, "--foreground")[:1]
         return f"{m}/{handle}"
 
 class Rclone(Tool):
@@ -136,8 +202,7 @@ class Rclone(Tool):
         subprocess.run(["rclone", "mount", f"p:provena-bucket/{dashed(handle)}", m, "--read-only",
                         "--vfs-cache-mode", self.mode, "--cache-dir", cache, "--daemon",
                         "--daemon-wait", "30s"], env=env, check=True)
-        pid = sh(f"pgrep -f 'rclone mount .* {m}'").stdout.split()
-        self.pids += [int(p) for p in pid[:1]]
+        self.pids += pids_of("rclone", "mount", m)[:1]
         return m
 
 class S3fs(Tool):
@@ -153,17 +218,19 @@ class S3fs(Tool):
             if os.path.ismount(m):
                 break
             time.sleep(0.1)
-        pid = sh(f"pgrep -f 's3fs provena-bucket:/{dashed(handle)} {m}'", check=False).stdout.split()
-        self.pids += [int(p) for p in pid[:1]]
+        # s3fs rewrites its arguments ("provena-bucket:/x" reads
+        # "provena-bucket /x"): found by its mountpoint.
+        self.pids += pids_of("s3fs", m)[:1]
         return m
 
 def peak_rss_mib(pids):
-    best = 0
+    """Largest VmHWM of pids (MiB); None when none could be read."""
+    best = None
     for p in pids:
         try:
             for l in open(f"/proc/{p}/status"):
                 if l.startswith("VmHWM:"):
-                    best = max(best, int(l.split()[1]) // 1024)
+                    best = max(best or 0, int(l.split()[1]) // 1024)
         except OSError:
             pass
     return best
@@ -172,22 +239,64 @@ def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
+# What a first byte costs: the emulator's counters read around it.
+TTFB_KEYS = ("s3_get", "s3_list", "s3_head", "api_fetch", "api_credentials", "tokens_issued")
+# (key, file) of the two time-to-first-byte figures, on one fresh mount of
+# dataset 10378.1/2: "first" is the dataset's first file, nothing of the
+# dataset touched before (provenafs: its API calls, then S3); "listed" is
+# another file of the same folder after an untimed `ls` of it (S3 alone).
+TTFB_CASES = (("ttfb_first", "part-0.bin"), ("ttfb_listed", "part-1.bin"))
+
+def ttfb_probe(t, sim, data):
+    """One fresh mount, both time-to-first-byte cases: {case: {ms,
+    s3_get, ..., tokens_issued, s3_get_bytes, first_get_bytes}}.
+    first_get_bytes: bytes per GET asked by the time the first byte was
+    there (the first request's size, for the WAN target's transfer time);
+    the counts are taken SETTLE later, with the read-ahead the read set
+    off."""
+    drop_caches(data)
+    d = t.mount("10378.1/2")
+    out = {}
+    try:
+        for case, fname in TTFB_CASES:
+            if case == "ttfb_listed":
+                sh(f"ls '{d}' > /dev/null")
+                time.sleep(SETTLE)
+            s0 = sim.stats()
+            ms = timed(f"head -c1 '{d}/{fname}' > /dev/null") * 1000
+            s1 = sim.stats()
+            time.sleep(SETTLE)
+            s2 = sim.stats()
+            r = {k: s2.get(k, 0) - s0.get(k, 0) for k in TTFB_KEYS + ("s3_get_bytes",)}
+            gets = s1.get("s3_get", 0) - s0.get("s3_get", 0)
+            r["first_get_bytes"] = (s1.get("s3_get_bytes", 0) - s0.get("s3_get_bytes", 0)) / gets if gets else None
+            r["ms"] = ms
+            out[case] = r
+    finally:
+        t.umount_all()
+    return out
+
 def bench_tool(t, data, sim):
     r = {}
     mbps = lambda b, s: b / s / MIB
-    cold, warm, rss2, ttfb = [], [], [], []
+    probes = []
     for _ in range(REPS):
-        drop_caches(data)
-        d = t.mount("10378.1/2")
-        ttfb.append(timed(f"head -c1 '{d}/part-0.bin' > /dev/null") * 1000)
-        t.umount_all()
+        probes.append(ttfb_probe(t, sim, data))
+    for case, _ in TTFB_CASES:
+        runs = [p[case] for p in probes]
+        r[case] = med([x["ms"] for x in runs])
+        r[case + "_req"] = {k: med([x[k] for x in runs]) for k in runs[0] if k != "ms"}
+        r[case + "_runs"] = runs
+    cold, warm, rss2 = [], [], []
+    for _ in range(REPS):
         drop_caches(data)
         d = t.mount("10378.1/1")
         cold.append(mbps(BIG, timed(f"dd if='{d}/big.bin' of=/dev/null bs=1M status=none")))
-        warm.append(mbps(BIG, timed(f"dd if='{d}/big.bin' of=/dev/null bs=1M status=none")))
+        # The peak of the mount's life so far: mount, then the cold read.
         rss2.append(peak_rss_mib(t.pids))
+        warm.append(mbps(BIG, timed(f"dd if='{d}/big.bin' of=/dev/null bs=1M status=none")))
         t.umount_all()
-    r["cold"], r["warm"], r["rss_seq"], r["ttfb"] = med(cold), med(warm), med(rss2), med(ttfb)
+    r["cold"], r["warm"], r["rss_seq"] = med(cold), med(warm), med(rss2)
     # Random 4 KiB reads.
     iops, fetched = [], []
     for _ in range(REPS):
@@ -227,15 +336,49 @@ def bench_tool(t, data, sim):
     r["ls"], r["readall"], r["ls_lists"], r["ls_heads"] = med(ls), med(readall), med(lists), med(heads)
     return r
 
+def getbench(sim, handle, key, parallel, out=None):
+    """provenafs-getbench: `bytes seconds MiB/s` of parallel 8 MiB ranged
+    GETs of one object (and the object written into `out`)."""
+    cmd = [GETBENCH, handle, key, str(parallel), "8"] + (["--out", out] if out else [])
+    r = subprocess.run(cmd, env=dict(os.environ, **sim.env), check=True, capture_output=True, text=True)
+    b, secs, mibs = r.stdout.split()[:3]
+    return int(b), float(secs), float(mibs)
+
 def direct_get(sim, data):
+    """The direct GET column: the best of DIRECT_PARALLEL parallel 8 MiB
+    parts, each the median of REPS."""
+    by = {}
+    for p in DIRECT_PARALLEL:
+        xs = []
+        for _ in range(REPS):
+            drop_caches(data)
+            xs.append(getbench(sim, "10378.1/1", "big.bin", p)[2])
+        by[p] = med(xs)
+    best = max(by, key=by.get)
+    r = {"cold": by[best], "parallel": best, "by_parallel": by}
+    r.update(direct_random(sim, data))
+    return r
+
+def direct_random(sim, data):
+    """The direct column of the random 4 KiB row: `provenafs-getbench
+    --random RAND_SECS`, one 4 KiB ranged GET at a time at random offsets
+    of the same file (queue depth 1, as fio's psync), median of REPS.
+    {"iops"} or, with a getbench that has no --random yet, {"iops": None,
+    "random_error"}."""
     xs = []
-    env = dict(os.environ, **sim.env)
     for _ in range(REPS):
         drop_caches(data)
-        out = subprocess.run([GETBENCH, "10378.1/1", "big.bin", "8", "8"], env=env, check=True,
-                             capture_output=True, text=True).stdout.split()
-        xs.append(float(out[2]))
-    return med(xs)
+        cmd = [GETBENCH, "--random", str(RAND_SECS), "10378.1/1", "big.bin"]
+        r = subprocess.run(cmd, env=dict(os.environ, **sim.env), capture_output=True, text=True)
+        try:
+            xs.append(float(r.stdout.split()[2]))
+        except (IndexError, ValueError):
+            why = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-1]
+            if "--random" in why:  # e.g. "no dataset with handle --random"
+                why = f"this provenafs-getbench has no --random yet ({why})"
+            log(f"direct random 4 KiB reads: {' '.join(cmd[:3])} failed: {why}")
+            return {"iops": None, "random_error": why[-300:]}
+    return {"iops": med(xs)}
 
 def local_page_cache(data):
     p = f"{data}/10378.1/1/big.bin"
@@ -249,16 +392,194 @@ def cpu_times(pid):
     except OSError:
         return None
 
+# ---- science reads (scripts/science.py) ----
+
+def venv_python():
+    """The venv's python, made or brought up to date from REQS."""
+    py = os.path.join(VENV, "bin/python")
+    stamp = os.path.join(VENV, ".bench-requirements.txt")
+    want = open(REQS).read()
+    if os.path.exists(py) and os.path.exists(stamp) and open(stamp).read() == want:
+        return py
+    if not os.path.exists(py):
+        log(f"creating the science readers' venv {VENV}")
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    log(f"installing {os.path.relpath(REQS, ROOT)} into {VENV}")
+    subprocess.run([py, "-m", "pip", "install", "-q", "-r", REQS], check=True)
+    open(stamp, "w").write(want)
+    return py
+
+def sci_module():
+    # science.py imports numpy & co. only inside its functions: its tables
+    # are readable from this python.
+    sys.path.insert(0, os.path.dirname(SCIENCE))
+    import science
+    return science
+
+def sci_read(py, reader, path):
+    """One reader in a fresh python: {seconds, result, rchar}."""
+    r = subprocess.run([py, SCIENCE, "read", reader, path], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        raise RuntimeError(f"{reader} on {path}: {why}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+SIM_KEYS = ("s3_get", "s3_get_bytes", "s3_head", "s3_list", "api_fetch", "api_credentials")
+
+def sim_delta(s0, s1):
+    return {k: s1.get(k, 0) - s0.get(k, 0) for k in SIM_KEYS}
+
+# Untimed wait after a read before the emulator's counters are read again:
+# read-ahead the read set off is counted too (the emulator counts a GET's
+# whole range when it is asked).
+SETTLE = float(os.environ.get("BENCH_SETTLE_SECS", "0.5"))
+
+def science(tools, sim, data, py, dl_parallel):
+    """For each reader: a fresh mount of each tool per read (cold), the
+    whole file downloaded first, and the local file (page cache warm).
+    Returns {reader: {way: {seconds, s3_get_bytes, s3_get, ..., rchar,
+    ok, runs}}}."""
+    sci = sci_module()
+    fixtures = f"{data}/{SCI_HANDLE}"
+    out = {}
+    for reader, (fname, _) in sci.READERS.items():
+        log(f"science: {reader} ({fname})")
+        row = out[reader] = {}
+        local = f"{fixtures}/{fname}"
+
+        def record(way, runs):
+            agg = {"runs": runs, "seconds": med([r["seconds"] for r in runs])}
+            for k in SIM_KEYS + ("rchar", "download_seconds", "download_wall_seconds", "peak_rss_mib"):
+                if any(k in r for r in runs):
+                    agg[k] = med([r.get(k) for r in runs])
+            agg["result"] = runs[0]["result"]
+            row[way] = agg
+
+        # Local disk first: its result is the reference, its rchar what the
+        # reader asks for.
+        runs = []
+        for _ in range(REPS):
+            sh(f"cat '{local}' > /dev/null")
+            runs.append(sci_read(py, reader, local))
+        record("local disk", runs)
+        ref = row["local disk"]["result"]
+
+        for t in tools:
+            runs = []
+            try:
+                for _ in range(REPS):
+                    warm_science(data, fname)
+                    d = t.mount(SCI_HANDLE)
+                    # The dataset's folder listed first, untimed: the read is
+                    # timed with the dataset's API calls (provenafs: token,
+                    # fetch-dataset, credentials) and the listing done, as
+                    # the peers get their credentials before they mount. A
+                    # dataset's first file is issue 14's time-to-first-byte
+                    # row.
+                    sh(f"ls -l '{d}' > /dev/null")
+                    s0 = sim.stats()
+                    r = sci_read(py, reader, f"{d}/{fname}")
+                    time.sleep(SETTLE)
+                    r.update(sim_delta(s0, sim.stats()))
+                    r["peak_rss_mib"] = peak_rss_mib(t.pids)
+                    t.umount_all()
+                    runs.append(r)
+                record(t.name, runs)
+            except Exception as e:  # a peer failing must not lose the others' figures
+                log(f"science: {reader} on {t.name} failed: {e}")
+                row[t.name] = {"error": str(e)[-300:]}
+            finally:
+                t.umount_all()
+
+        # Download the whole file (parallel ranged GETs into a local file),
+        # then read it there: time = getbench's own transfer time (from its
+        # first GET to the file written; its token, API calls and HEAD
+        # before that are left out, as they are for the mounts) + the
+        # reader. The whole process's time is kept in the JSON.
+        runs = []
+        tmp = tempfile.mkdtemp(prefix="bench-download-")
+        try:
+            for _ in range(REPS):
+                warm_science(data, fname)
+                dst = f"{tmp}/{fname}"
+                s0 = sim.stats()
+                t0 = time.perf_counter()
+                _, dl, _ = getbench(sim, SCI_HANDLE, fname, dl_parallel, out=dst)
+                wall = time.perf_counter() - t0
+                r = sci_read(py, reader, dst)
+                time.sleep(SETTLE)
+                r.update(sim_delta(s0, sim.stats()))
+                r["download_seconds"], r["download_wall_seconds"] = dl, wall
+                r["seconds"] += dl
+                os.remove(dst)
+                runs.append(r)
+            record("download first", runs)
+            row["download first"]["parallel"] = dl_parallel
+        except Exception as e:
+            log(f"science: {reader} download first failed: {e}")
+            row["download first"] = {"error": str(e)[-300:]}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        for way, v in row.items():
+            if "runs" in v:
+                v["ok"] = all(r["result"] == ref for r in v["runs"])
+                if not v["ok"]:
+                    log(f"science: {reader} on {way} read something else than the local file: "
+                        f"{[r['result'] for r in v['runs']]} != {ref}")
+    return out
+
 def main():
+    ap = argparse.ArgumentParser(description="Benchmark provenafs against rclone mount and s3fs "
+                                 "on the same emulator (see scripts/bench.sh).")
+    ap.add_argument("--profile", choices=list(PROFILES), default="loopback",
+                    help="loopback: the emulator as fast as it goes; wan: " + " ".join(WAN_FLAGS))
+    args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (mounts)")
+    bad = [g for g in ONLY if g not in GROUPS]
+    if bad:
+        sys.exit(f"bench: BENCH_ONLY: unknown group(s) {bad}; known: {', '.join(GROUPS)}")
+    flags, _ = PROFILES[args.profile]
+    if flags and not sim_has_flags(flags):
+        sys.exit(f"bench: --profile {args.profile} needs `provenafs sim {' '.join(flags)}`, "
+                 f"which {BIN} does not know yet (rebuild: cargo build --release --bins)")
+    global OUT
+    suffix = "" if args.profile == "loopback" else f"-{args.profile}"
+    partial = set(ONLY) != set(GROUPS)
+    # Only a full run (every group, every tool, full sizes) writes the
+    # results kept in git; anything smaller goes to bench/out/.
+    reduced = partial or SCALE != 1 or bool(os.environ.get("BENCH_TOOLS"))
+    kept = {os.path.realpath(os.path.join(ROOT, f"bench/RESULTS{x}.md")) for x in ("",) + tuple(
+        f"-{p}" for p in PROFILES if p != "loopback")}
+    if OUT is None:
+        OUT = (os.path.join(ROOT, "bench/out/RESULTS" + suffix + "".join(
+                   [f"-{'-'.join(ONLY)}"] * partial + [f"-scale{SCALE}"] * (SCALE != 1)
+                   + ["-some-tools"] * bool(os.environ.get("BENCH_TOOLS"))) + ".md") if reduced
+               else os.path.join(ROOT, f"bench/RESULTS{suffix}.md"))
+    elif reduced and os.path.realpath(OUT) in kept:
+        sys.exit(f"bench: BENCH_OUT={OUT}: a partial, scaled or some-tools run does not write the results "
+                 "kept in git (leave BENCH_OUT unset: it goes to bench/out/)")
     data = os.environ.get("BENCH_DATA", f"/tmp/provenafs-bench-data-{SCALE}")
-    log(f"generating data in {data} (scale 1/{SCALE})")
-    gen(data)
-    sim = Sim(data)
+    log(f"generating data in {data} (scale 1/{SCALE}; rows: {', '.join(ONLY)}; profile {args.profile})")
+    py = None
+    if "core" in ONLY:
+        gen(data)
+    if "science" in ONLY:
+        try:
+            py = venv_python()
+            subprocess.run([py, SCIENCE, "gen", f"{data}/{SCI_HANDLE}", str(SCALE)], check=True,
+                           stdout=subprocess.DEVNULL)
+        except Exception as e:
+            if ONLY != ["science"]:  # a full run keeps its other rows
+                log(f"science rows skipped: {e}")
+                py = None
+            else:
+                raise
+    sim = Sim(data, flags)
     # Let the emulator hash every file (S3 ETags) before anything is timed.
     warm = Provenafs("warm-up", sim)
-    sh(f"find '{warm.mount('10378.1/1')}/..' -type f > /dev/null")
+    sh(f"find '{warm.mount('10378.1/1' if 'core' in ONLY else SCI_HANDLE)}/..' -type f > /dev/null")
     warm.umount_all()
     time.sleep(float(os.environ.get("BENCH_WARM_SECS", str(max(2, 8 // SCALE)))))
     tools = [Provenafs("provenafs", sim)]
@@ -266,42 +587,57 @@ def main():
         tools += [Rclone("rclone full", sim, "full"), Rclone("rclone off", sim, "off")]
     if shutil.which("s3fs"):
         tools.append(S3fs("s3fs", sim))
-    results = {}
+    only_tools = os.environ.get("BENCH_TOOLS")  # e.g. "provenafs,rclone full": a quick look
+    if only_tools:
+        tools = [t for t in tools if t.name in only_tools.split(",")]
+    results = {"profile": args.profile, "sim_flags": flags, "groups": ONLY}
     try:
-        results["direct GET"] = {"cold": direct_get(sim, data)}
-        results["local file"] = {"warm": local_page_cache(data)}
-        for t in tools:
-            log(f"benchmarking {t.name}")
-            cpu0 = cpu_times(sim.pid)
-            try:
-                results[t.name] = bench_tool(t, data, sim)
-            except Exception as e:  # a peer failing must not lose the others' figures
-                log(f"{t.name} failed: {e}")
-                results[t.name] = {}
-            finally:
-                t.umount_all()
-            cpu1 = cpu_times(sim.pid)
-            if cpu0 is not None and cpu1 is not None:
-                results[t.name]["server_cpu_s"] = cpu1 - cpu0
+        if "core" in ONLY:
+            results["direct GET"] = direct_get(sim, data)
+            results["local file"] = {"warm": local_page_cache(data)}
+            for t in tools:
+                log(f"benchmarking {t.name}")
+                cpu0 = cpu_times(sim.pid)
+                try:
+                    results[t.name] = bench_tool(t, data, sim)
+                except Exception as e:  # a peer failing must not lose the others' figures
+                    log(f"{t.name} failed: {e}")
+                    results[t.name] = {}
+                finally:
+                    t.umount_all()
+                cpu1 = cpu_times(sim.pid)
+                if cpu0 is not None and cpu1 is not None:
+                    results[t.name]["server_cpu_s"] = cpu1 - cpu0
+        if py:
+            # "Download first" at the direct GET column's best parallelism
+            # when this run measured it.
+            dl_parallel = results.get("direct GET", {}).get("parallel", 16)
+            results["science"] = science(tools, sim, data, py, dl_parallel)
+            results["science_files"] = json.load(open(f"{data}/{SCI_HANDLE}/fixtures.json"))["sizes"]
     finally:
         sim.stop()
-    write(results, [t.name for t in tools])
+    write(results, [t.name for t in tools], args.profile)
 
 ROWS = [
     ("cold", "1. direct / cold sequential read of {big} (MiB/s)", True),
     ("warm", "2. warm re-read (MiB/s; local page cache: {local})", True),
-    ("iops", "3. random 4 KiB reads (IOPS)", True),
+    ("iops", "3. random 4 KiB reads at queue depth 1 (IOPS; direct: ranged GETs one at a time)", True),
     ("rand_fetch_ratio", "3b. bytes fetched from S3 ÷ bytes read, random", False),
     ("par", "4. 8 parallel readers of 8 × {par} (MiB/s)", True),
     ("ls", "5. `ls -l` of {n} files (s)", False),
     ("ls_lists", "5b. LIST requests for that `ls -l`", False),
     ("ls_heads", "5c. HEAD requests for that `ls -l`", False),
     ("readall", "5d. read all {n} files (s)", False),
-    ("ttfb", "6. time to first byte (ms)", False),
-    ("rss_seq", "7. peak RSS during 2 (MiB)", False),
-    ("rss_par", "7b. peak RSS during 4 (MiB)", False),
+    ("ttfb_first", "6. time to first byte, a dataset's first file: API calls + S3 (ms)", False),
+    ("ttfb_first_req", "6b. requests for 6", None),
+    ("ttfb_listed", "6c. time to first byte, an unread file in an already-listed folder: S3 alone (ms)", False),
+    ("ttfb_listed_req", "6d. requests for 6c", None),
+    ("rss_seq", "7. peak RSS during 1, the cold {big} read (MiB)", False),
+    ("rss_par", "7b. peak RSS during 4, 8 parallel readers (MiB)", False),
     ("server_cpu_s", "emulator CPU seconds during the tool's run", False),
 ]
+# Rows with a direct GET figure (the column and the ratio to it).
+DIRECT_KEYS = ("cold", "iops")
 
 def fmt(x):
     if x is None:
@@ -310,7 +646,18 @@ def fmt(x):
         return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
     return str(x)
 
-def write(res, names):
+def fmt_req(d):
+    """The requests of a time-to-first-byte row, zeros left out."""
+    if not isinstance(d, dict):
+        return "n/a"
+    names = [("s3_get", "GET"), ("s3_list", "LIST"), ("s3_head", "HEAD"), ("api_fetch", "fetch-dataset"),
+             ("api_credentials", "credentials"), ("tokens_issued", "token")]
+    parts = [f"{fmt(d[k])} {n}" for k, n in names if d.get(k)]
+    if d.get("s3_get") and d.get("s3_get_bytes") is not None:
+        parts[0] += f" ({fmt(d['s3_get_bytes'] / MIB)} MiB)"
+    return ", ".join(parts) or "none"
+
+def core_table(res, names):
     peers = [n for n in names if n != "provenafs"]
     cols = names + ["direct GET"]
     local = res.get("local file", {}).get("warm")
@@ -319,7 +666,10 @@ def write(res, names):
     for key, label, higher in ROWS:
         label = label.format(big=f"{BIG // MIB} MiB", local=fmt(local), par=f"{PAR_SIZE // MIB} MiB", n=NFILES)
         vals = [res.get(n, {}).get(key) for n in names]
-        direct = res["direct GET"].get(key) if key == "cold" else None
+        if higher is None:  # requests: no ratios
+            lines.append(f"| {label} | " + " | ".join(fmt_req(v) for v in vals) + " |  |  |  |")
+            continue
+        direct = res["direct GET"].get(key) if key in DIRECT_KEYS else None
         pv = res.get("provenafs", {}).get(key)
         pvals = [res.get(n, {}).get(key) for n in peers]
         pvals = [v for v in pvals if v is not None]
@@ -327,15 +677,219 @@ def write(res, names):
         r1 = f"{pv / best:.2f}" if pv is not None and best else "n/a"
         r2 = f"{pv / direct:.2f}" if pv is not None and direct else ("" if key != "warm" or not local else f"{pv / local:.2f} (÷ local)")
         lines.append(f"| {label} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(direct)} | {r1} | {r2} |")
+    by = res["direct GET"].get("by_parallel", {})
+    api_ms = sim_flag(res, "--api-latency-ms")
+    lines += [""]
+    if by:
+        lines += ["- Direct GET (1): `provenafs-getbench` at the best of " + ", ".join(
+            f"{p} ({fmt(v)} MiB/s)" for p, v in by.items()) + " parallel 8 MiB parts."]
+    rnd = (f"`provenafs-getbench --random {RAND_SECS}`: one 4 KiB ranged GET at a time at random 4 KiB-aligned "
+           f"offsets of the same file for {RAND_SECS} s, through the client provenafs uses")
+    if res["direct GET"].get("random_error"):
+        rnd += f" (not measured: {res['direct GET']['random_error']})"
+    lines += [f"- Random 4 KiB reads (3): fio `--rw=randread --bs=4k --ioengine=psync` (queue depth 1) for "
+              f"{RAND_SECS} s on the {BIG // MIB} MiB file of 1; the direct column is {rnd}."]
+    lines += ["- Time to first byte (6, 6c): one fresh mount of dataset 10378.1/2 per repetition. 6 is `head -c1` of "
+              "`part-0.bin` with nothing of the dataset touched before: for provenafs it includes the identity and "
+              "data store API calls that open a dataset (access token, fetch-dataset, read credentials"
+              + (f"; {fmt(api_ms)} ms each in this profile" if api_ms else "") + "), while the peers were handed "
+              "their credentials before they mounted (those calls are neither timed nor counted), so the peers' 6 is "
+              "S3 alone. 6c is `head -c1` of `part-1.bin` on the same mount after an untimed `ls` of the folder. "
+              "Requests (6b, 6d): the emulator's counters (`/_sim/stats`) from before the read to "
+              f"{SETTLE:g} s after it (read-ahead it set off included): S3 GETs (MiB asked), LISTs, HEADs, "
+              "fetch-dataset and credentials calls, access tokens issued."]
+    lines += ["- Peak RSS (7, 7b): the largest VmHWM of the tool's process (default settings), read right after the "
+              "cold read of 1 on its fresh mount (so: mount, then that read) and after the 8 readers of 4."]
+    return lines
+
+def sim_flag(res, flag):
+    """A numeric `sim` flag of this run's profile, or None."""
+    f = res.get("sim_flags") or []
+    try:
+        return float(f[f.index(flag) + 1])
+    except (ValueError, IndexError):
+        return None
+
+def targets_section(res, names):
+    """Issue 14's targets, each with this run's measured ratio: WAN profile."""
+    p = res.get("provenafs", {})
+    peers = [n for n in names if n != "provenafs"]
+    fb, stream, api = (sim_flag(res, k) for k in ("--first-byte-ms", "--stream-mib-per-s", "--api-latency-ms"))
+    rows = []
+    def row(target, measured, ratio, ok):
+        verdict = "n/a" if ok is None else ("met" if ok else "**missed**")
+        rows.append(f"| {target} | {measured} | {ratio} | {verdict} |")
+    def r2(x):
+        return "n/a" if x is None else f"{x:.2f}"
+    # Cold sequential.
+    direct = res.get("direct GET", {})
+    pv, dv = p.get("cold"), direct.get("cold")
+    ratio = pv / dv if pv and dv else None
+    row("1. cold sequential read of " + f"{BIG // MIB} MiB ≥ 0.85 × the best direct GET "
+        f"(best of {'/'.join(map(str, DIRECT_PARALLEL))} parallel)",
+        f"{fmt(pv)} MiB/s vs {fmt(dv)} MiB/s ({direct.get('parallel', '?')} parallel)",
+        r2(ratio), None if ratio is None else ratio >= 0.85)
+    # Time to first byte.
+    def transfer_ms(case):
+        b = (p.get(case + "_req") or {}).get("first_get_bytes")
+        return b / MIB / stream * 1000 if b is not None and stream else None
+    tb = transfer_ms("ttfb_listed")
+    mb = p.get("ttfb_listed")
+    if fb is not None and tb is not None and mb is not None:
+        goal = 1.3 * fb + tb
+        b_req = p["ttfb_listed_req"]
+        row(f"6c. unread file in a listed folder ≤ 1.3 × first byte ({fmt(fb)} ms) + the first request's transfer "
+            f"({fmt(b_req['first_get_bytes'] / MIB)} MiB at {fmt(stream)} MiB/s: {fmt(tb)} ms) = {fmt(goal)} ms",
+            f"{fmt(mb)} ms; {fmt_req(b_req)}", r2(mb / goal), mb <= goal)
+    else:
+        row("6c. unread file in a listed folder ≤ 1.3 × first byte + the first request's transfer",
+            f"{fmt(mb)} ms", "n/a", None)
+    ta = transfer_ms("ttfb_first")
+    ma = p.get("ttfb_first")
+    if fb is not None and api is not None and ta is not None and ma is not None:
+        goal = api + 1.3 * fb + ta
+        a_req = p["ttfb_first_req"]
+        row(f"6. a dataset's first file ≤ its API calls in parallel ({fmt(api)} ms) + one S3 round trip "
+            f"(1.3 × {fmt(fb)} ms + {fmt(ta)} ms transfer) = {fmt(goal)} ms",
+            f"{fmt(ma)} ms; {fmt_req(a_req)}", r2(ma / goal), ma <= goal)
+    else:
+        row("6. a dataset's first file ≤ its API calls in parallel + one S3 round trip", f"{fmt(ma)} ms", "n/a", None)
+    # Science reads.
+    sci = res.get("science") or {}
+    if not sci:
+        row("science reads ≥ 2× faster than every peer and than download-first; fetched ≤ 4× asked",
+            "not measured in this run", "n/a", None)
+    for reader, ways in sci.items():
+        def get(way, key):
+            v = ways.get(way, {})
+            return v.get(key) if v.get("ok", True) and "error" not in v else None
+        ps = get("provenafs", "seconds")
+        others = {w: get(w, "seconds") for w in peers + ["download first"]}
+        missing = [w for w, v in others.items() if v is None]
+        others = {w: v for w, v in others.items() if v is not None}
+        asked = get("local disk", "rchar")
+        fetched = get("provenafs", "s3_get_bytes")
+        if ps is None or not others:
+            row(f"science, {reader}: ≥ 2× faster than every peer and download-first", f"provenafs {fmt(ps)} s",
+                "n/a", None)
+        else:
+            fastest_w, fastest = min(others.items(), key=lambda kv: kv[1])
+            speed = fastest / ps
+            note = f"; {', '.join(missing)}: no figure" if missing else ""
+            row(f"science, {reader}: ≥ 2× faster than every peer and download-first",
+                f"{fmt(ps)} s vs {fmt(fastest)} s ({fastest_w}, the fastest of them){note}",
+                f"{speed:.2f}×", speed >= 2)
+        if fetched is None or not asked:
+            row(f"science, {reader}: fetched ≤ 4× asked", "n/a", "n/a", None)
+        else:
+            ratio = fetched / asked
+            row(f"science, {reader}: fetched ≤ 4× asked", f"{fmt(fetched / MIB)} MiB fetched, "
+                f"{fmt(asked / MIB)} MiB asked", f"{ratio:.2f}", ratio <= 4)
+    # Random 4 KiB at QD1.
+    pv, dv = p.get("iops"), direct.get("iops")
+    ratio = pv / dv if pv and dv else None
+    why = f" ({direct['random_error']})" if direct.get("random_error") else ""
+    row("3. random 4 KiB reads at queue depth 1 ≥ 0.9 × direct ranged GETs",
+        f"{fmt(pv)} IOPS vs {fmt(dv)} IOPS{why}", r2(ratio), None if ratio is None else ratio >= 0.9)
+    # Memory.
+    for key, what in (("rss_seq", "7. peak RSS during the cold read"), ("rss_par", "7b. peak RSS, 8 parallel readers")):
+        v = p.get(key)
+        row(f"{what} ≤ 128 MiB (default settings)", f"{fmt(v)} MiB", r2(v / 128) if v else "n/a",
+            None if v is None else v <= 128)
+    return ["", "## Targets of issue 14 (this run)", "",
+            "Each target with the figure measured in this run (ratio: provenafs's figure over the target's "
+            "reference, or for the science reads the fastest other way's time over provenafs's). "
+            "A \"one S3 round trip\" is, as the issue puts it, 1.3 × the first-byte delay plus the transfer of "
+            "the first request: the bytes per GET the emulator had been asked for by the time the first byte "
+            "arrived (the request's size) at the per-stream pace.", "",
+            "| target | measured | ratio | |", "|---|---|---|---|"] + rows
+
+SCI_LABELS = {
+    "xarray": "xarray: one time step, a 50° × 90° lat/lon box (400 × 720 float32) of `ocean.nc`",
+    "h5py": "h5py: a 600 × 600 slice of one layer of `grid.h5`",
+    "pyarrow": "pyarrow: column `value` (float32, every row group) of `table.parquet`",
+    "rasterio": "rasterio: an 800 × 600 window of `dem.tif` (COG)",
+    "sqlite3": "sqlite3: `WHERE station = ?` through the index of `index.sqlite`",
+}
+
+def science_section(res, names):
+    sci, sizes = res["science"], res.get("science_files", {})
+    peers = [n for n in names if n != "provenafs"]
+    files = {reader: f for reader, (f, _) in sci_module().READERS.items()}
+    def label(reader):
+        f = files.get(reader)
+        size = f" ({sizes[f] / 1e6:.0f} MB)" if f in sizes else ""
+        return SCI_LABELS.get(reader, reader) + size
+    def get(reader, way, key):
+        v = sci.get(reader, {}).get(way, {})
+        return v.get(key) if v.get("ok", True) else None
+    def mark(reader, way):
+        v = sci.get(reader, {}).get(way, {})
+        return "" if v.get("ok", True) and "error" not in v else (" (failed)" if "error" in v else " (wrong result)")
+    ways = names + ["download first", "local disk"]
+    dl_par = next((v.get("parallel") for r in sci.values() for w, v in r.items() if w == "download first" and v.get("parallel")), None)
+    lines = [
+        "", "## Science reads", "",
+        "One read a researcher does, in a fresh python process, timed from open to result (imports, and a first "
+        "open of a tiny local file of the same format, come before the timer). Every mount is new for each read, "
+        "its file's data cold; the dataset's folder is listed first, untimed, so the API calls that open a dataset "
+        "(provenafs) are not in these times (the peers are handed their credentials before they mount). "
+        f"\"Download first\" is `provenafs-getbench --out` ({dl_par or '?'} parallel 8 MiB GETs, timed from its "
+        "first GET to the file written) into a local file, then the same read there; \"local disk\" reads the "
+        "fixture in the emulator's folder with its pages in memory. Files: `scripts/science.py`; "
+        f"median of {REPS}.", "",
+        "Seconds (lower is better):", "",
+        "| read | " + " | ".join(ways) + " | provenafs ÷ fastest peer | provenafs ÷ download first |",
+        "|" + "---|" * (len(ways) + 3),
+    ]
+    for reader in sci:
+        vals = [get(reader, w, "seconds") for w in ways]
+        pv = get(reader, "provenafs", "seconds")
+        pvals = [v for v in (get(reader, n, "seconds") for n in peers) if v is not None]
+        dl = get(reader, "download first", "seconds")
+        r1 = f"{pv / min(pvals):.2f}" if pv is not None and pvals else "n/a"
+        r2 = f"{pv / dl:.2f}" if pv is not None and dl else "n/a"
+        lines.append(f"| {label(reader)} | " + " | ".join(fmt(v) + mark(reader, w) for w, v in zip(ways, vals))
+                     + f" | {r1} | {r2} |")
+    mib = lambda b: None if b is None else b / MIB
+    fetch_ways = names + ["download first"]
+    lines += [
+        "", "Bytes asked of S3 for that read (MiB in GET ranges / GET requests; the emulator counts a GET's "
+        "whole range when it is asked, so a tool that asks for more than it then reads is counted in full), "
+        "and what the reader asked the file system for (`rchar` of `/proc/self/io` in the reader, local disk run):", "",
+        "| read | reader asked (MiB) | " + " | ".join(fetch_ways) + " | provenafs ÷ asked | best peer ÷ asked |",
+        "|" + "---|" * (len(fetch_ways) + 4),
+    ]
+    for reader in sci:
+        asked = mib(get(reader, "local disk", "rchar"))
+        cells = []
+        for w in fetch_ways:
+            b, n = get(reader, w, "s3_get_bytes"), get(reader, w, "s3_get")
+            cells.append("n/a" + mark(reader, w) if b is None else f"{fmt(mib(b))} / {fmt(n)}")
+        pb = mib(get(reader, "provenafs", "s3_get_bytes"))
+        peer_b = [mib(get(reader, n, "s3_get_bytes")) for n in peers]
+        peer_b = [b for b in peer_b if b is not None]
+        r1 = f"{pb / asked:.2f}" if pb is not None and asked else "n/a"
+        r2 = f"{min(peer_b) / asked:.2f}" if peer_b and asked else "n/a"
+        lines.append(f"| {label(reader)} | {fmt(asked)} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+    return lines
+
+def write(res, names, profile="loopback"):
     cpu = platform.processor() or platform.machine()
+    where = PROFILES[profile][1]
+    body = core_table(res, names) if "direct GET" in res else []
+    if res.get("science"):
+        body += science_section(res, names)
+    if profile == "wan":
+        body += targets_section(res, names)
     text = "\n".join([
-        "# Benchmark results", "",
+        "# Benchmark results" + ("" if profile == "loopback" else f" ({profile} profile)"), "",
         f"Run {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
         f"({os.cpu_count()} cores, {cpu}, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
         f"kernel {platform.release()}), scale 1/{SCALE}, median of {REPS}.",
-        "Every tool reads from the same emulator (`provenafs sim`) on loopback; the emulator competes for the same 2 cores.",
+        f"Every tool reads from the same emulator (`provenafs sim`) {where}; the emulator competes for the same {os.cpu_count()} cores.",
         "Higher is better for MiB/s and IOPS; lower is better for seconds, ms, MiB and request counts.", "",
-    ] + lines + [""])
+    ] + body + [""])
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     prev = open(OUT).read() if os.path.exists(OUT) else ""
     marker = "\n## Notes"

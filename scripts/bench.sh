@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Benchmark provenafs against rclone mount and s3fs on the same emulator.
-#   scripts/bench.sh                 full sizes (1 GiB file, 8 x 64 MiB, 10,000 files)
-#   BENCH_SCALE=16 scripts/bench.sh  sizes divided by 16
+#   scripts/bench.sh                 full sizes (1 GiB file, 8 x 64 MiB, 10,000
+#                                    files, science reads), loopback profile
+#   scripts/bench.sh --profile wan   the same under the emulator's WAN profile
+#                                    (20 ms first byte, 50 MiB/s a stream,
+#                                    500 MiB/s link, 150 ms per API call):
+#                                    bench/RESULTS-wan.md
+#   BENCH_SCALE=16 scripts/bench.sh  sizes divided by 16 (written to bench/out/)
 #   BENCH_REPS=3                     repetitions per figure (median reported)
+#   BENCH_ONLY=science|core          only the science reads, or only the rest
+# The science reads (xarray, h5py, pyarrow, rasterio, sqlite3) run in a venv
+# of their own (BENCH_VENV, default /tmp/provenafs-bench-venv) made from
+# scripts/bench-requirements.txt.
 # Needs root (mounts), fuse3, fio; rclone and s3fs are used
 # when installed (apt-get install -y rclone s3fs fio).
 # Writes bench/RESULTS.md (or $BENCH_OUT).

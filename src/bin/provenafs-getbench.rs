@@ -8,6 +8,10 @@
 //! also written into FILE at their offsets (the "download the whole file
 //! first" baseline: what `aws s3 cp` does at best).
 //!
+//! `provenafs-getbench --random SECONDS HANDLE KEY` instead makes one 4 KiB
+//! ranged GET at a time at random 4 KiB-aligned offsets for SECONDS, as a
+//! reader at queue depth 1 would, and prints `reads seconds IOPS`.
+//!
 //! `provenafs-getbench --walk HANDLE [PARALLEL]` instead times the raw
 //! ListObjectsV2 calls a walk of the whole dataset needs (one delimited
 //! listing per folder, PARALLEL folders at once, as `find` on the mount
@@ -37,6 +41,16 @@ async fn main() -> Result<(), String> {
     if walk {
         args.remove(1);
     }
+    let random: Option<f64> = if args.get(1).is_some_and(|a| a == "--random") {
+        args.remove(1);
+        let secs = args.remove(1);
+        Some(
+            secs.parse()
+                .map_err(|_| format!("--random needs seconds, not {secs}"))?,
+        )
+    } else {
+        None
+    };
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) if i + 1 < args.len() => {
             let path = args.remove(i + 1);
@@ -92,6 +106,27 @@ async fn main() -> Result<(), String> {
         .head(&key, Deadline::after(TIMEOUT))
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(secs) = random {
+        let pages = (meta.size / 4096).max(1);
+        let started = Instant::now();
+        let mut reads = 0u64;
+        while started.elapsed().as_secs_f64() < secs {
+            let off = rand::random::<u64>() % pages * 4096;
+            store
+                .get_range(
+                    &key,
+                    off..(off + 4096).min(meta.size),
+                    Some(&meta),
+                    Deadline::after(TIMEOUT),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            reads += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!("{reads} {secs:.3} {:.1}", reads as f64 / secs);
+        return Ok(());
+    }
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
