@@ -483,16 +483,8 @@ impl Shared {
         // right now is theirs to write, not fetched twice. The claims are
         // held until this part's blocks are written.
         let missing: Vec<(BlockKey, u64, Option<ClaimGuard>)> = if self.shared_folder {
-            let disk = self.disk.clone();
             let until = std::time::SystemTime::now() + self.cfg.request_timeout;
-            let asks = missing.clone();
-            let claims = tokio::task::spawn_blocking(move || {
-                asks.iter()
-                    .map(|(k, len)| disk.claim(k, *len, until))
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| format!("cache claim failed: {e}"))?;
+            let claims = self.disk.claim_all(missing.clone(), until).await;
             let mut mine = Vec::new();
             for ((key, len), claim) in missing.into_iter().zip(claims) {
                 match claim {

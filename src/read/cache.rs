@@ -680,6 +680,27 @@ impl DiskCache {
         }
     }
 
+    /// [`DiskCache::claim`] of each of `blocks` (key, data bytes), on the
+    /// blocking pool (claims are file system calls, on a cluster file
+    /// system possibly slow ones). A pool that failed the task claims
+    /// nothing: every answer [`Claim::Unavailable`], so callers just fetch.
+    pub async fn claim_all(
+        self: &Arc<Self>,
+        blocks: Vec<(BlockKey, u64)>,
+        until: SystemTime,
+    ) -> Vec<Claim> {
+        let n = blocks.len();
+        let disk = self.clone();
+        tokio::task::spawn_blocking(move || {
+            blocks
+                .iter()
+                .map(|(k, len)| disk.claim(k, *len, until))
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| (0..n).map(|_| Claim::Unavailable).collect())
+    }
+
     /// Writes block `k` as [`DiskCache::put`] does, through `claim` when
     /// there is one: the claim file itself is filled (data first, then
     /// the header over the claim's line) and renamed into place, which

@@ -826,15 +826,7 @@ impl Reader {
     ) -> (Vec<ToFetch>, Vec<(BlockKey, u64, Sender)>) {
         let until = std::time::SystemTime::now() + deadline.remaining();
         let keys: Vec<(BlockKey, u64)> = blocks.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
-        let d = disk.clone();
-        let claims = tokio::task::spawn_blocking(move || {
-            keys.iter()
-                .map(|(k, len)| d.claim(k, *len, until))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        let mut claims = claims.into_iter();
+        let mut claims = disk.claim_all(keys, until).await.into_iter();
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for (k, len, tx) in blocks {
             match claims.next() {
