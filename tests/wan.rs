@@ -173,3 +173,43 @@ fn a_first_byte_costs_one_get_and_a_datasets_first_file_its_api_calls_once() {
     eprintln!("unread file in a listed folder: {d:?}");
     assert_eq!(d, vec![1, 0, 0, 0, 0]);
 }
+
+#[test]
+fn reading_every_file_of_a_large_folder_past_the_ttl_lists_it_again_not_per_name() {
+    if !fuse_available() {
+        return;
+    }
+    // 2,500 files: a listing is 3 LIST pages. No WAN pacing: the count is
+    // what matters, and every name must be looked up after the TTL.
+    let d = tempfile::tempdir().unwrap();
+    let n = 2500;
+    for i in 0..n {
+        write(d.path(), &format!("10378.1/1/f{i:04}"), b"x");
+    }
+    let sim = Sim::start(d, &[]);
+    let m = sim.mount(&["--metadata-ttl", "1"]);
+    let dir = m.join("10378.1/1");
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), n);
+    // The listing (and the kernel's entries) expire before the reads.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let lists0 = sim.stat("s3_list");
+    let t = std::time::Instant::now();
+    for name in &names {
+        let got = std::fs::read(dir.join(name));
+        assert_eq!(got.as_deref().ok(), Some(&b"x"[..]), "{name:?}: {got:?}");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let lists = sim.stat("s3_list") - lists0;
+    eprintln!("{n} files read past the TTL in {secs:.1} s: {lists} LISTs");
+    // Per TTL window at most as many probes as a listing's pages, then the
+    // listing (3 + 3); one probe per name made 2,500.
+    let windows = secs.ceil() as u64 + 1;
+    assert!(
+        lists <= 6 * windows,
+        "{lists} LISTs in {windows} TTL windows"
+    );
+}

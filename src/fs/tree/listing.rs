@@ -242,7 +242,7 @@ impl Tree {
         // stamp of the page that told us about it.
         let mut held: BTreeMap<String, (ObjectMeta, u64)> = BTreeMap::new();
         let mut token = None;
-        let mut pages = 0;
+        let mut pages = 0u32;
         loop {
             let stamp = self.stamp();
             let page = ds
@@ -346,6 +346,10 @@ impl Tree {
             }
         }
         debug!(handle = %ds.handle, prefix, pages, entries = given.len(), "listed");
+        if let Some(d) = self.state().dirs.get_mut(&ino) {
+            d.pages = pages;
+            d.probes = 0;
+        }
         Ok(())
     }
 }

@@ -100,6 +100,11 @@ struct DirState {
     listing: Option<Listing>,
     /// A listing being fetched now, shared by everyone who opens the folder.
     pending: Option<Arc<DirStream>>,
+    /// ListObjectsV2 pages the last complete listing of this folder took
+    /// (0: never listed).
+    pages: u32,
+    /// Lookups that probed S3 since the last listing expired.
+    probes: u32,
 }
 
 struct State {
@@ -139,6 +144,9 @@ pub struct Tree {
 enum Ask {
     Dataset(String),
     Object(Arc<Dataset>, String),
+    /// List the folder again (or wait for the listing on its way), then
+    /// answer from it; the object's probe if that gives no answer.
+    Relist(Arc<Dataset>, String),
     ByName,
 }
 
@@ -295,6 +303,21 @@ impl Tree {
         ask: Ask,
         deadline: Deadline,
     ) -> Result<Attr, FsError> {
+        let ask = match ask {
+            Ask::Relist(ds, dir) => {
+                self.readdir(parent, deadline).await?;
+                let again = {
+                    let mut st = self.state();
+                    self.lookup_local(&mut st, parent, name)?
+                };
+                match again {
+                    Ok(attr) => return Ok(attr),
+                    // A TTL of zero (or a listing expired already): ask S3.
+                    Err(_) => Ask::Object(ds, dir),
+                }
+            }
+            other => other,
+        };
         let stamp = self.stamp();
         match ask {
             Ask::Dataset(handle) => {
@@ -355,6 +378,7 @@ impl Tree {
                 }
                 unreachable!("the second attempt always answers")
             }
+            Ask::Relist(..) => unreachable!("turned into a probe above"),
             Ask::ByName => {
                 // Names come only from the registry: list it (once per TTL).
                 self.readdir(parent, deadline).await?;
@@ -433,7 +457,8 @@ impl Tree {
                 if st.negative.contains(parent, name) {
                     return Err(FsError::NotFound);
                 }
-                Ok(Err(ask))
+                let (ds, dir) = (ds.clone(), dir.to_string());
+                Ok(Err(Self::probe_or_relist(st, parent, ds, dir)))
             }
             Kind::ByName => match self.fresh_listing(st, parent) {
                 Some(_) => match st.inodes.child(parent, name) {
@@ -442,6 +467,34 @@ impl Tree {
                 },
                 None => Ok(Err(Ask::ByName)),
             },
+        }
+    }
+
+    /// How to look a name up in folder `parent`, whose listing has expired
+    /// (or never was): probe the name, until the probes since the last listing cost as many
+    /// requests as listing the folder again did, then list it again. A
+    /// `cat *` in a large folder past the TTL thus costs at most two
+    /// listings' worth of LISTs per TTL (one per lookup before), and a
+    /// lone lookup in a huge folder stays one LIST.
+    fn probe_or_relist(st: &mut State, parent: u64, ds: Arc<Dataset>, dir: String) -> Ask {
+        // A listing already on its way is not waited for: it may have
+        // started before a change a read found, and a probe is one request.
+        let relist = match st.dirs.get_mut(&parent) {
+            Some(d) if d.pages > 0 => {
+                d.probes += 1;
+                if d.probes > d.pages {
+                    d.probes = 0;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        if relist {
+            Ask::Relist(ds, dir)
+        } else {
+            Ask::Object(ds, dir)
         }
     }
 
@@ -549,15 +602,14 @@ impl Tree {
                 return;
             }
             // Still named by its folder's listing (within the TTL, or read
-            // by an open directory handle).
+            // by an open directory handle), or by one on its way: the end of
+            // that listing decides (it may just have confirmed this name; a
+            // lookup waiting for it answers from the table).
             let parent = node.parent;
-            let listed = st
-                .dirs
-                .get(&parent)
-                .and_then(|d| d.listing.as_ref())
-                .is_some_and(|l| {
-                    node.stamp >= l.started && st.inodes.child(parent, &node.name) == Some(ino)
-                });
+            let named = st.inodes.child(parent, &node.name) == Some(ino);
+            let listed = st.dirs.get(&parent).is_some_and(|d| {
+                d.pending.is_some() || d.listing.as_ref().is_some_and(|l| node.stamp >= l.started)
+            }) && named;
             if listed {
                 return;
             }
@@ -595,8 +647,11 @@ impl Tree {
             self.collect(&mut st, *dir);
         }
         let State { dirs, inodes, .. } = &mut *st;
+        // A folder's listing cost (`pages`) is kept while its inode lives:
+        // lookups past the TTL weigh probing against listing again by it.
         dirs.retain(|ino, d| {
-            inodes.get(*ino).is_some() && (d.listing.is_some() || d.pending.is_some())
+            inodes.get(*ino).is_some()
+                && (d.listing.is_some() || d.pending.is_some() || d.pages > 0)
         });
     }
 

@@ -643,3 +643,107 @@ proptest::proptest! {
         proptest::prop_assert_eq!(got, model(&keys));
     }
 }
+
+#[tokio::test]
+async fn lookups_past_the_ttl_list_a_large_folder_again_instead_of_probing_each_name() {
+    // 50 files in pages of 10: a listing costs 5 LISTs.
+    let store = Arc::new(MemoryStore::with_page_size(10));
+    for i in 0..50 {
+        store.put(&format!("datasets/1-2-3/f{i:02}"), "x");
+    }
+    let t = tree_over(
+        store.clone(),
+        registry(&["1.2/3"]),
+        Duration::from_millis(200),
+    );
+    let d = dataset(&t, "1.2/3").await;
+    assert_eq!(t.readdir(d, soon()).await.unwrap().len(), 50);
+    let lists = || store.lists.load(Ordering::Relaxed);
+    assert_eq!(lists(), 5);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    t.sweep();
+    // Changed while the listing was expired: the answers must say so.
+    store.delete("datasets/1-2-3/f49");
+    store.put("datasets/1-2-3/f50", "new");
+    let before = lists();
+    // `cat *` after the TTL: a lookup of every name the shell globbed.
+    for i in 0..50 {
+        let r = t.lookup(d, &format!("f{i:02}"), soon()).await;
+        if i == 49 {
+            assert!(matches!(r, Err(FsError::NotFound)), "f49 is gone: {r:?}");
+        } else {
+            assert!(r.is_ok(), "f{i:02}: {r:?}");
+        }
+    }
+    assert!(t.lookup(d, "f50", soon()).await.is_ok(), "f50 is new");
+    // 5 probes, then one listing (5 pages) answers the rest; a probe per
+    // name made 51 LISTs.
+    assert_eq!(lists() - before, 5 + 5, "LISTs for 51 lookups past the TTL");
+
+    // A lone lookup in a folder never listed stays one LIST.
+    let t = tree_over(
+        store.clone(),
+        registry(&["1.2/3"]),
+        Duration::from_millis(200),
+    );
+    let d = dataset(&t, "1.2/3").await;
+    let before = lists();
+    assert!(t.lookup(d, "f07", soon()).await.is_ok());
+    assert_eq!(lists() - before, 1);
+}
+
+#[tokio::test]
+async fn a_name_forgotten_while_its_folder_is_listed_stays_listed() {
+    let mem = Arc::new(MemoryStore::with_page_size(1));
+    for k in ["a", "b", "c"] {
+        mem.put(&format!("datasets/1-2-3/{k}"), "v");
+    }
+    // The folder's third page is read at once but answered when let go:
+    // by then the second has confirmed `a` (page 1's file waits for it).
+    let gate = Gate::new();
+    let (g, pages) = (gate.clone(), Arc::new(AtomicU64::new(0)));
+    let t = hooked_tree(
+        mem.clone(),
+        Box::new(move |prefix, _| {
+            let hold = prefix.ends_with("1-2-3/") && pages.fetch_add(1, Ordering::SeqCst) == 2;
+            let g = g.clone();
+            Box::pin(async move {
+                if hold {
+                    g.pass().await;
+                }
+                Ok(())
+            })
+        }),
+    );
+    let d = dataset(&t, "1.2/3").await;
+    let a = t.lookup(d, "a", soon()).await.unwrap();
+    let (stream, _) = t.open_dir(d).unwrap();
+    let driver = {
+        let (t, s) = (t.clone(), stream.clone());
+        tokio::spawn(async move { t.drive(d, &s).await })
+    };
+    gate.waiting.notified().await;
+    // Page 1 confirmed `a`; then the kernel lets go of it.
+    t.forget(a.ino, 1);
+    gate.open.add_permits(100);
+    driver.await.unwrap();
+    let got = listed(&t, d, &stream.all().await.unwrap());
+    assert_eq!(
+        names_of(&got),
+        ["a", "b", "c"],
+        "every name listed is there"
+    );
+    let lists = mem.lists.load(Ordering::Relaxed);
+    assert!(t.lookup(d, "a", soon()).await.is_ok());
+    assert_eq!(
+        mem.lists.load(Ordering::Relaxed),
+        lists,
+        "answered by the listing"
+    );
+}
+
+fn names_of(v: &[(String, Attr)]) -> Vec<&str> {
+    let mut n: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
+    n.sort();
+    n
+}
