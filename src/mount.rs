@@ -351,6 +351,8 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
         session.api.clone(),
         session.stores,
     ));
+    // A lookup's guess at a file's first bytes goes to the read path.
+    tree.set_first_bytes(reader.clone());
     rt.block_on(async { tree.start_sweeper() });
     if let Some(pinned) = &cfg.tree.datasets {
         // An HPC job that names its datasets learns at once of a typo or a

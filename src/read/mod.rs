@@ -33,7 +33,7 @@
 
 pub mod cache;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,7 +44,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::fs::tree::FileRef;
+use crate::fs::tree::{FileRef, FirstBytes};
 use crate::fs::FsError;
 use crate::retry::Deadline;
 use crate::s3::S3Error;
@@ -169,7 +169,35 @@ pub struct Reader {
     disk_reads: Arc<Semaphore>,
     disk_writes: Arc<Semaphore>,
     sequential: Arc<AtomicUsize>,
+    /// First bytes of files that lookups fetched beside their LIST, for
+    /// each file's first read (see [`FirstBytes`]); the oldest go first.
+    heads: Mutex<VecDeque<(Arc<ObjectId>, Bytes)>>,
     pub stats: CacheStats,
+}
+
+/// Most first-bytes pieces kept for reads to come (128 KiB each at most).
+const HEADS_KEPT: usize = 32;
+
+impl FirstBytes for Reader {
+    fn offer(&self, file: &FileRef, head: Bytes) {
+        let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
+        let block0 = file.meta.size.min(self.cfg.block_size);
+        if head.len() as u64 >= block0 {
+            // The whole first block (a small file): a block like any other.
+            let key = BlockKey {
+                object: id,
+                index: 0,
+            };
+            self.mem.insert(key, head.slice(..block0 as usize));
+            return;
+        }
+        let mut heads = lock(&self.heads);
+        heads.retain(|(i, _)| *i != id);
+        if heads.len() >= HEADS_KEPT {
+            heads.pop_front();
+        }
+        heads.push_back((id, head));
+    }
 }
 
 /// One open file handle and what its reads look like so far.
@@ -247,6 +275,7 @@ impl Reader {
             disk_reads: Arc::new(Semaphore::new(DISK_SLOTS)),
             disk_writes: Arc::new(Semaphore::new(DISK_SLOTS)),
             sequential: Arc::new(AtomicUsize::new(0)),
+            heads: Mutex::new(VecDeque::new()),
             stats: CacheStats::default(),
             cfg,
         }))
@@ -401,7 +430,21 @@ impl Reader {
         }
         let bs = self.cfg.block_size;
         let (b0, b1) = (offset / bs, (end - 1) / bs);
+        let first = lock(&f.pattern).reads == 0;
         let plan = self.plan(f, offset, end);
+        if first {
+            if let Some(head) = self.take_head(f) {
+                if end <= head.len() as u64 {
+                    // Its block still comes, for the reads after this one.
+                    if !self.mem.contains(&self.key(f, 0)) {
+                        let deadline = Deadline::after(self.cfg.request_timeout);
+                        drop(self.demand(f, 0, 0, deadline));
+                    }
+                    self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(head.slice(offset as usize..end as usize));
+                }
+            }
+        }
         // Served from memory whatever the plan, when every block is there.
         let cached: Option<Vec<Bytes>> = (b0..=b1).map(|i| self.mem.get(&self.key(f, i))).collect();
         if let Some(blocks) = cached {
@@ -450,6 +493,24 @@ impl Reader {
                 })
             }
             Plan::Blocks { ahead } => {
+                // A file's first read, small and in one block nobody is
+                // fetching: the block is fetched for the reads after it,
+                // and the bytes asked come by a GET of their own, so the
+                // first byte costs one round trip, not a whole block's
+                // transfer too (1 MiB is 20 ms at 50 MiB/s a stream).
+                // Not worth a request where the block is little more than
+                // the read (a small file).
+                let quick = first
+                    && b0 == b1
+                    && self.block_len(f, b0) >= (end - offset).saturating_mul(4).max(bs / 4)
+                    && self.known(&self.key(f, b0)).is_none();
+                if quick {
+                    let block = self.demand(f, b0, b0, deadline).remove(0);
+                    if ahead > end {
+                        self.read_ahead(f, b1 + 1, ahead);
+                    }
+                    return self.first_read(f, block, offset, end, deadline).await;
+                }
                 let mut waits = self.demand(f, b0, b1, deadline);
                 if ahead > end {
                     self.read_ahead(f, b1 + 1, ahead);
@@ -479,6 +540,71 @@ impl Reader {
                 }
                 Ok(self.assemble(f, &blocks, b0, offset, end))
             }
+        }
+    }
+
+    /// The first bytes a lookup fetched of `f`'s version, if any (taken:
+    /// only a first read uses them).
+    fn take_head(&self, f: &OpenFile) -> Option<Bytes> {
+        let mut heads = lock(&self.heads);
+        let i = heads.iter().position(|(id, _)| *id == f.id)?;
+        heads.remove(i).map(|(_, b)| b)
+    }
+
+    /// A file's first read (`offset..end`, within one block): whichever
+    /// answers first of `block` (its block's fetch) and a ranged GET of
+    /// just those bytes. With a disk cache the GET waits a moment, so a
+    /// block already on disk (a remount's, another node's) costs no request.
+    async fn first_read(
+        &self,
+        f: &OpenFile,
+        block: Pending,
+        offset: u64,
+        end: u64,
+        deadline: Deadline,
+    ) -> Result<Bytes, FsError> {
+        let bs = self.cfg.block_size;
+        let b0 = offset / bs;
+        let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
+        let pause = if self.disk.is_some() {
+            Duration::from_millis(5)
+        } else {
+            Duration::ZERO
+        };
+        // On a task of its own: a store that panics fails this GET, not
+        // the read (which then waits for the block).
+        let (store, meta) = (f.file.dataset.store.clone(), f.file.meta.clone());
+        let exact = tokio::spawn(async move {
+            // (No timer at all without a pause: its tick is a millisecond.)
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            store
+                .get_range(&meta.key, offset..end, Some(&meta), fetch_deadline)
+                .await
+        });
+        let abort = exact.abort_handle();
+        let _stop = scopeguard_abort(abort);
+        let from_block = |r: Result<Bytes, FetchError>| match r {
+            Ok(b) => Ok(self.assemble(f, &[b], b0, offset, end)),
+            Err(e) => {
+                self.remember_failure(f, b0..=b0, &e);
+                Err(FsError::from(e))
+            }
+        };
+        let wait_block = |block: Pending| async move {
+            deadline
+                .run(block)
+                .await
+                .unwrap_or(Err(FetchError::TimedOut))
+        };
+        tokio::select! {
+            r = wait_block(block.clone()) => from_block(r),
+            r = exact => match r {
+                Ok(Ok(b)) if b.len() as u64 == end - offset => Ok(b),
+                // The block's fetch says what went wrong (or still comes).
+                _ => from_block(wait_block(block).await),
+            },
         }
     }
 
@@ -1039,6 +1165,18 @@ impl Reader {
     }
 }
 
+/// Aborts a task when dropped (a read that has its answer, or was given
+/// up, needs its helper GET no more).
+fn scopeguard_abort(h: tokio::task::AbortHandle) -> impl Drop {
+    struct Abort(tokio::task::AbortHandle);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    Abort(h)
+}
+
 /// A block this process fetches: its key, length, waiter, and its claim in
 /// a shared cache folder (dropped once the block is written).
 type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
@@ -1178,7 +1316,50 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+        // The block's GET, and the first reader's own GET of its 4 KiB
+        // (a first read does not wait for a whole block).
+        assert!(store.gets.load(Relaxed) <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_lookups_first_bytes_answer_the_first_read_and_its_block_still_comes() {
+        let (r, store, f, data) = setup(4 * MIB as usize).await;
+        r.offer(&f, Bytes::copy_from_slice(&data[..128 * 1024]));
+        let h = r.open(f.clone());
+        let b = r.read(&h, 100, 16 * 1024, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[100..100 + 16 * 1024]);
+        assert_eq!(store.gets.load(Relaxed), 0, "answered from the first bytes");
+        // The block was asked for all the same: the next reads wait for no GET.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(store.gets.load(Relaxed), 1);
+        let b = r.read(&h, 200 * 1024, 4096, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[200 * 1024..204 * 1024]);
+        assert_eq!(store.gets.load(Relaxed), 1);
+        // A second open finds no first bytes (taken) but the block.
+        let h2 = r.open(f);
+        r.read(&h2, 0, 4096, soon()).await.unwrap();
+        assert_eq!(store.gets.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_small_files_first_bytes_are_its_block() {
+        let (r, store, f, data) = setup(100_000).await;
+        r.offer(&f, Bytes::from(data.clone()));
+        let h = r.open(f);
+        let b = r.read(&h, 0, 128 * 1024, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[..]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(store.gets.load(Relaxed), 0, "no GET at all");
+    }
+
+    #[tokio::test]
+    async fn a_first_read_beyond_its_first_bytes_reads_as_ever() {
+        let (r, _store, f, data) = setup(4 * MIB as usize).await;
+        r.offer(&f, Bytes::copy_from_slice(&data[..128 * 1024]));
+        let h = r.open(f);
+        let off = 100 * 1024;
+        let b = r.read(&h, off, 64 * 1024, soon()).await.unwrap();
+        assert_eq!(&b[..], &data[off as usize..off as usize + 64 * 1024]);
     }
 
     #[tokio::test]

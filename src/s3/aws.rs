@@ -718,6 +718,76 @@ impl ObjectStore for AwsObjectStore {
         Ok(pieces.pop().unwrap_or_default())
     }
 
+    async fn get_first(
+        &self,
+        key: &str,
+        len: u64,
+        deadline: Deadline,
+    ) -> Result<Option<(Bytes, ObjectMeta)>, S3Error> {
+        let span = info_span!("s3_get_first", bucket = %self.bucket, key, len);
+        async {
+            self.creds.get(deadline).await?;
+            let stall = deadline.attempt(self.stall);
+            if stall.is_zero() || len == 0 {
+                return Err(S3Error::TimedOut);
+            }
+            let (_, client) = self.s3.get();
+            self.counters
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let send = client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes=0-{}", len - 1))
+                .send();
+            let out = match deadline.run(answered(stall, send)).await {
+                Some(r) => r?,
+                None => return Err(S3Error::TimedOut),
+            };
+            // The object's length is after the `/` of `Content-Range`.
+            let size = out
+                .content_range()
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|t| t.parse::<i64>().ok());
+            let etag = out.e_tag().filter(|e| !e.is_empty());
+            let (Some(size), Some(etag)) = (size, etag) else {
+                return Ok(None);
+            };
+            let m = meta(key, Some(size), Some(etag), out.last_modified());
+            let want = len.min(m.size);
+            let mut buf = bytes::BytesMut::with_capacity(want as usize);
+            let mut body = out.body;
+            loop {
+                match deadline
+                    .run(tokio::time::timeout(stall, body.try_next()))
+                    .await
+                {
+                    Some(Ok(Ok(Some(c)))) => {
+                        if buf.len() + c.len() > want as usize {
+                            return Err(S3Error::Other("S3 sent more bytes than the range".into()));
+                        }
+                        self.counters
+                            .bytes
+                            .fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        buf.extend_from_slice(&c);
+                    }
+                    Some(Ok(Ok(None))) => break,
+                    Some(Ok(Err(_))) | Some(Err(_)) | None => return Err(S3Error::Stalled),
+                }
+            }
+            if buf.len() as u64 != want {
+                return Err(S3Error::ShortBody {
+                    expected: want,
+                    got: buf.len() as u64,
+                });
+            }
+            Ok(Some((buf.freeze(), m)))
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn get_pieces(
         &self,
         key: &str,

@@ -95,6 +95,16 @@ impl ObjectStore for FaultyStore {
         self.inner.head(key, deadline).await
     }
 
+    async fn get_first(
+        &self,
+        key: &str,
+        len: u64,
+        deadline: Deadline,
+    ) -> Result<Option<(Bytes, ObjectMeta)>, S3Error> {
+        self.gate(key, deadline).await?;
+        self.inner.get_first(key, len, deadline).await
+    }
+
     async fn get_range(
         &self,
         key: &str,

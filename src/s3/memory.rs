@@ -138,6 +138,28 @@ impl ObjectStore for MemoryStore {
             .ok_or(S3Error::NotFound)
     }
 
+    async fn get_first(
+        &self,
+        key: &str,
+        len: u64,
+        _deadline: Deadline,
+    ) -> Result<Option<(Bytes, ObjectMeta)>, S3Error> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        let objects = self
+            .objects
+            .lock()
+            .map_err(|_| S3Error::Other("poisoned".into()))?;
+        let (data, e) = objects.get(key).ok_or(S3Error::NotFound)?;
+        let meta = ObjectMeta {
+            key: key.to_string(),
+            size: data.len() as u64,
+            etag: e.clone(),
+            last_modified: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let end = (len as usize).min(data.len());
+        Ok(Some((data.slice(..end), meta)))
+    }
+
     async fn get_range(
         &self,
         key: &str,

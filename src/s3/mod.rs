@@ -140,6 +140,21 @@ pub trait ObjectStore: Send + Sync {
         deadline: Deadline,
     ) -> Result<Bytes, S3Error>;
 
+    /// The first `len` bytes of `key` (all of it if shorter), whatever its
+    /// version, with the version they come from (its size, ETag and
+    /// `Last-Modified`, from the answer's headers): a lookup asks for them
+    /// beside its LIST, so a file's first read costs no request of its
+    /// own. One attempt, no retries: it is a guess. `Ok(None)` where the
+    /// store cannot tell the version (then nothing is guessed).
+    async fn get_first(
+        &self,
+        _key: &str,
+        _len: u64,
+        _deadline: Deadline,
+    ) -> Result<Option<(Bytes, ObjectMeta)>, S3Error> {
+        Ok(None)
+    }
+
     /// Like [`get_range`](Self::get_range), split into pieces of `piece`
     /// bytes (the last may be shorter), each in its own allocation, so a
     /// cache can drop one piece and really free its memory.

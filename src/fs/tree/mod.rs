@@ -26,9 +26,10 @@ pub mod negative;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use tracing::warn;
 
 use super::names;
@@ -78,6 +79,21 @@ impl Default for TreeConfig {
         }
     }
 }
+
+/// Where a lookup hands the first bytes of a file it fetched beside its
+/// probe (the read path, which serves the file's first read from them).
+pub trait FirstBytes: Send + Sync {
+    /// `head`: bytes `0..head.len()` of `file`'s version.
+    fn offer(&self, file: &FileRef, head: Bytes);
+}
+
+/// How much of a file a lookup in an unlisted folder fetches beside its
+/// LIST: `cat`'s first read (128 KiB), 2.5 ms more at 50 MiB/s a stream.
+pub const FIRST_BYTES: u64 = 128 * 1024;
+
+/// How long a lookup waits, once its LIST has answered, for the first
+/// bytes asked beside it (they come a transfer of FIRST_BYTES later).
+const FIRST_BYTES_WAIT: Duration = Duration::from_millis(10);
 
 /// What `open` needs of a file: where to read it and which version.
 #[derive(Clone)]
@@ -138,6 +154,8 @@ pub struct Tree {
     state: Mutex<State>,
     /// Orders requests by when they started (see [`inode`]).
     ticks: AtomicU64,
+    /// Takes the first bytes lookups fetch; none fetched until set.
+    first_bytes: OnceLock<Arc<dyn FirstBytes>>,
 }
 
 /// What a lookup must ask the network.
@@ -177,7 +195,17 @@ impl Tree {
             cfg,
             catalog,
             ticks: AtomicU64::new(1),
+            first_bytes: OnceLock::new(),
         }
+    }
+
+    /// From now on, a lookup that probes S3 for a name in a folder never
+    /// listed also fetches the name's first [`FIRST_BYTES`] beside its
+    /// LIST, and hands them to `sink` when they are of the version it
+    /// found: the file's first read then needs no request of its own (a
+    /// dataset's first file costs its API calls and one S3 round trip).
+    pub fn set_first_bytes(&self, sink: Arc<dyn FirstBytes>) {
+        let _ = self.first_bytes.set(sink);
     }
 
     /// How long the kernel may keep `ino`'s attributes and name: the
@@ -346,7 +374,19 @@ impl Tree {
                 // a new ETag) makes its answer out of date: ask once more,
                 // so the kernel's re-lookup after ESTALE gets what is there.
                 for attempt in 0..2 {
+                    let head = (attempt == 0)
+                        .then(|| self.guess_first_bytes(&ds, parent, &format!("{dir}{name}")))
+                        .flatten();
                     let found = self.probe(&ds, &dir, name, deadline).await?;
+                    let is_file = matches!(found, Some(Kind::File { .. }));
+                    let head = match head {
+                        Some(h) if is_file => tokio::time::timeout(FIRST_BYTES_WAIT, h)
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .flatten(),
+                        _ => None,
+                    };
                     let mut st = self.state();
                     // What a later request said of the name wins over this
                     // answer, either way.
@@ -371,7 +411,12 @@ impl Tree {
                     };
                     let stale = st.inodes.get(ino).is_some_and(|n| n.stale);
                     if !stale || attempt == 1 {
-                        return Ok(Self::counted(&mut st, ino));
+                        let attr = Self::counted(&mut st, ino);
+                        drop(st);
+                        if let Some((bytes, meta)) = head {
+                            self.offer_first_bytes(ino, bytes, &meta);
+                        }
+                        return Ok(attr);
                     }
                     drop(st);
                     stamp = self.stamp();
@@ -504,6 +549,46 @@ impl Tree {
         st.inodes
             .attr(ino)
             .unwrap_or_else(|| unreachable!("inode {ino} was just installed"))
+    }
+
+    /// Starts fetching the first bytes of `key`, if a sink takes them and
+    /// folder `parent` was never listed (in a listed one, the lookup of a
+    /// name that lists no longer is a `stat` as often as an `open`).
+    fn guess_first_bytes(
+        &self,
+        ds: &Arc<Dataset>,
+        parent: u64,
+        key: &str,
+    ) -> Option<tokio::task::JoinHandle<Option<(Bytes, ObjectMeta)>>> {
+        self.first_bytes.get()?;
+        if self.state().dirs.get(&parent).is_some_and(|d| d.pages > 0) {
+            return None;
+        }
+        let (store, key) = (ds.store.clone(), key.to_string());
+        let deadline = self.request_deadline();
+        Some(tokio::spawn(async move {
+            // A folder or a missing name is a 404: no guess, no harm.
+            store
+                .get_first(&key, FIRST_BYTES, deadline)
+                .await
+                .ok()
+                .flatten()
+        }))
+    }
+
+    /// Hands `bytes` (the start of `meta`'s version) to the sink if file
+    /// `ino` is that version, by ETag and size.
+    fn offer_first_bytes(&self, ino: u64, bytes: Bytes, meta: &ObjectMeta) {
+        let (Some(sink), Ok(file)) = (self.first_bytes.get(), self.open_file(ino)) else {
+            return;
+        };
+        let same = !meta.etag.is_empty()
+            && file.meta.etag == meta.etag
+            && file.meta.size == meta.size
+            && file.meta.key == meta.key;
+        if same && bytes.len() as u64 == meta.size.min(FIRST_BYTES) {
+            sink.offer(&file, bytes);
+        }
     }
 
     /// What `dir` + `name` is in S3: one LIST with the name as prefix

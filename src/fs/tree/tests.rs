@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::*;
 use crate::api::ApiError;
@@ -746,4 +747,56 @@ fn names_of(v: &[(String, Attr)]) -> Vec<&str> {
     let mut n: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
     n.sort();
     n
+}
+
+#[derive(Default)]
+struct Offers(std::sync::Mutex<Vec<(String, Bytes)>>);
+
+impl FirstBytes for Offers {
+    fn offer(&self, file: &FileRef, head: Bytes) {
+        self.0.lock().unwrap().push((file.meta.key.clone(), head));
+    }
+}
+
+#[tokio::test]
+async fn a_lookup_in_an_unlisted_folder_fetches_the_files_first_bytes_beside_its_list() {
+    let store = Arc::new(MemoryStore::new());
+    let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+    store.put("datasets/1-2-3/big", big.clone());
+    store.put("datasets/1-2-3/small", "tiny");
+    store.put("datasets/1-2-3/dir/x", "x");
+    store.put("datasets/1-2-3/later", "x");
+    let t = tree_over(store.clone(), registry(&["1.2/3"]), Duration::from_secs(60));
+    let offers = Arc::new(Offers::default());
+    t.set_first_bytes(offers.clone());
+    let d = dataset(&t, "1.2/3").await;
+    let gets = || store.gets.load(Ordering::Relaxed);
+    t.lookup(d, "big", soon()).await.unwrap();
+    t.lookup(d, "small", soon()).await.unwrap();
+    let got = offers.0.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0, "datasets/1-2-3/big");
+    assert_eq!(&got[0].1[..], &big[..FIRST_BYTES as usize]);
+    assert_eq!(
+        (got[1].0.as_str(), &got[1].1[..]),
+        ("datasets/1-2-3/small", &b"tiny"[..])
+    );
+    // A folder's name: a GET that finds nothing, no offer.
+    t.lookup(d, "dir", soon()).await.unwrap();
+    assert_eq!(offers.0.lock().unwrap().len(), 2);
+    // Once the folder is listed, lookups past its TTL guess no more.
+    t.readdir(d, soon()).await.unwrap();
+    let t2 = tree_over(
+        store.clone(),
+        registry(&["1.2/3"]),
+        Duration::from_millis(1),
+    );
+    t2.set_first_bytes(offers.clone());
+    let d2 = dataset(&t2, "1.2/3").await;
+    t2.readdir(d2, soon()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let before = gets();
+    t2.lookup(d2, "later", soon()).await.unwrap();
+    assert_eq!(gets(), before, "a LIST, no GET");
+    assert_eq!(offers.0.lock().unwrap().len(), 2);
 }
