@@ -291,6 +291,10 @@ def bench_tool(t, data, sim):
     for _ in range(REPS):
         drop_caches(data)
         d = t.mount("10378.1/1")
+        # The folder listed first, untimed: the direct GET and the peers
+        # are handed their credentials before they start, so provenafs's
+        # opening of the dataset (API calls, row 6) is not in this row.
+        sh(f"ls '{d}' > /dev/null")
         cold.append(mbps(BIG, timed(f"dd if='{d}/big.bin' of=/dev/null bs=1M status=none")))
         # The peak of the mount's life so far: mount, then the cold read.
         rss2.append(peak_rss_mib(t.pids))
@@ -316,6 +320,7 @@ def bench_tool(t, data, sim):
     for _ in range(REPS):
         drop_caches(data)
         d = t.mount("10378.1/2")
+        sh(f"ls '{d}' > /dev/null")  # as in row 1
         cmd = " & ".join(f"dd if='{d}/part-{i}.bin' of=/dev/null bs=1M status=none" for i in range(PAR_N)) + " & wait"
         par.append(mbps(PAR_N * PAR_SIZE, timed(cmd)))
         rss4.append(peak_rss_mib(t.pids))
@@ -682,7 +687,10 @@ def core_table(res, names):
     lines += [""]
     if by:
         lines += ["- Direct GET (1): `provenafs-getbench` at the best of " + ", ".join(
-            f"{p} ({fmt(v)} MiB/s)" for p, v in by.items()) + " parallel 8 MiB parts."]
+            f"{p} ({fmt(v)} MiB/s)" for p, v in by.items()) + " parallel 8 MiB parts, timed from its first GET "
+            "(its credentials obtained before). Every tool's cold read (1) and parallel readers (4) come after an "
+            "untimed `ls` of the dataset's folder on the fresh mount, so provenafs's opening of the dataset (its "
+            "API calls: row 6) is in neither, as the peers' credentials are not."]
     rnd = (f"`provenafs-getbench --random {RAND_SECS}`: one 4 KiB ranged GET at a time at random 4 KiB-aligned "
            f"offsets of the same file for {RAND_SECS} s, through the client provenafs uses")
     if res["direct GET"].get("random_error"):
