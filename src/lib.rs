@@ -33,4 +33,5 @@ pub mod session;
 pub mod shared_lease;
 pub mod sim;
 pub mod status;
+pub mod task;
 pub mod wire;

@@ -556,7 +556,7 @@ impl Reader {
     /// just those bytes. With a disk cache the GET waits a moment, so a
     /// block already on disk (a remount's, another node's) costs no request.
     async fn first_read(
-        &self,
+        self: &Arc<Self>,
         f: &OpenFile,
         block: Pending,
         offset: u64,
@@ -574,7 +574,7 @@ impl Reader {
         // On a task of its own: a store that panics fails this GET, not
         // the read (which then waits for the block).
         let (store, meta) = (f.file.dataset.store.clone(), f.file.meta.clone());
-        let exact = tokio::spawn(async move {
+        let mut exact = tokio::spawn(async move {
             // (No timer at all without a pause: its tick is a millisecond.)
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
@@ -583,28 +583,52 @@ impl Reader {
                 .get_range(&meta.key, offset..end, Some(&meta), fetch_deadline)
                 .await
         });
-        let abort = exact.abort_handle();
-        let _stop = scopeguard_abort(abort);
-        let from_block = |r: Result<Bytes, FetchError>| match r {
+        let _stop = crate::task::AbortOnDrop(exact.abort_handle());
+        let want = end - offset;
+        let exact_ok = |r: Result<Result<Bytes, S3Error>, tokio::task::JoinError>| match r {
+            Ok(Ok(b)) if b.len() as u64 == want => Some(b),
+            _ => None,
+        };
+        let first = tokio::select! {
+            r = wait_for(block, deadline) => match r {
+                Ok(b) => return Ok(self.assemble(f, &[b], b0, offset, end)),
+                Err(e) => Err(e),
+            },
+            r = &mut exact => match exact_ok(r) {
+                Some(b) => return Ok(b),
+                None => Ok(()),
+            },
+        };
+        let r = match first {
+            // The block failed: the exact GET may still answer.
+            Err(e) => match deadline.run(&mut exact).await.and_then(exact_ok) {
+                Some(b) => return Ok(b),
+                None => Err(e),
+            },
+            // The exact GET failed: the block says what went wrong (or
+            // still comes).
+            Ok(()) => {
+                wait_for(
+                    self.known(&self.key(f, b0))
+                        .unwrap_or_else(|| self.demand(f, b0, b0, deadline).remove(0)),
+                    deadline,
+                )
+                .await
+            }
+        };
+        let r = match r {
+            // A fetch that died: once more, afresh (as any read does).
+            Err(FetchError::Abandoned) => {
+                wait_for(self.demand(f, b0, b0, deadline).remove(0), deadline).await
+            }
+            other => other,
+        };
+        match r {
             Ok(b) => Ok(self.assemble(f, &[b], b0, offset, end)),
             Err(e) => {
                 self.remember_failure(f, b0..=b0, &e);
                 Err(FsError::from(e))
             }
-        };
-        let wait_block = |block: Pending| async move {
-            deadline
-                .run(block)
-                .await
-                .unwrap_or(Err(FetchError::TimedOut))
-        };
-        tokio::select! {
-            r = wait_block(block.clone()) => from_block(r),
-            r = exact => match r {
-                Ok(Ok(b)) if b.len() as u64 == end - offset => Ok(b),
-                // The block's fetch says what went wrong (or still comes).
-                _ => from_block(wait_block(block).await),
-            },
         }
     }
 
@@ -1165,16 +1189,12 @@ impl Reader {
     }
 }
 
-/// Aborts a task when dropped (a read that has its answer, or was given
-/// up, needs its helper GET no more).
-fn scopeguard_abort(h: tokio::task::AbortHandle) -> impl Drop {
-    struct Abort(tokio::task::AbortHandle);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    Abort(h)
+/// A block's fetch, waited for until `deadline` (then `TimedOut`).
+async fn wait_for(block: Pending, deadline: Deadline) -> Result<Bytes, FetchError> {
+    deadline
+        .run(block)
+        .await
+        .unwrap_or(Err(FetchError::TimedOut))
 }
 
 /// A block this process fetches: its key, length, waiter, and its claim in

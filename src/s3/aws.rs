@@ -745,9 +745,10 @@ impl ObjectStore for AwsObjectStore {
                 Some(r) => r?,
                 None => return Err(S3Error::TimedOut),
             };
-            // The object's length is after the `/` of `Content-Range`.
+            // `bytes 0-N/LENGTH`: bytes from 0, and the object's length.
             let size = out
                 .content_range()
+                .filter(|r| r.starts_with("bytes 0-"))
                 .and_then(|r| r.rsplit('/').next())
                 .and_then(|t| t.parse::<i64>().ok());
             let etag = out.e_tag().filter(|e| !e.is_empty());

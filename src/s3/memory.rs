@@ -150,6 +150,10 @@ impl ObjectStore for MemoryStore {
             .lock()
             .map_err(|_| S3Error::Other("poisoned".into()))?;
         let (data, e) = objects.get(key).ok_or(S3Error::NotFound)?;
+        if data.is_empty() {
+            // As S3: a range of an empty object is unsatisfiable (416).
+            return Err(S3Error::Server(416));
+        }
         let meta = ObjectMeta {
             key: key.to_string(),
             size: data.len() as u64,

@@ -124,6 +124,22 @@ impl DirStream {
         }
     }
 
+    /// Waits until the listing has ended; its error if it ended in one.
+    pub async fn finished(&self) -> Result<(), FsError> {
+        loop {
+            let grew = self.grew.notified();
+            tokio::pin!(grew);
+            grew.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.done {
+                    return st.error.clone().map_or(Ok(()), Err);
+                }
+            }
+            grew.await;
+        }
+    }
+
     /// Waits until the listing has its first entries or has ended; the
     /// error if it ended in one before any entry.
     pub async fn wait_started(&self) -> Result<(), FsError> {

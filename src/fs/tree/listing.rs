@@ -129,6 +129,17 @@ impl Tree {
         }
     }
 
+    /// Starts a listing of directory `ino` on its own task, unless one is
+    /// fresh or on its way already; returns it (None: `ino` is gone).
+    pub(super) fn start_listing(self: &Arc<Self>, ino: u64) -> Option<Arc<DirStream>> {
+        let (stream, drive) = self.open_dir(ino).ok()?;
+        if drive {
+            let (me, s) = (self.clone(), stream.clone());
+            tokio::spawn(async move { me.drive(ino, &s).await });
+        }
+        Some(stream)
+    }
+
     /// Every entry of directory `ino`, from a listing no older than the
     /// TTL. A listing this starts runs on its own task: a caller that gives
     /// up (its deadline, an interrupt) does not end it for the others

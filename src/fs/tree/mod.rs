@@ -135,6 +135,15 @@ struct State {
     failed: HashMap<(u64, Box<str>), (Instant, FsError)>,
 }
 
+/// A folder listed again by lookups past its TTL (see
+/// `Tree::probe_or_relist`) whose last listing took at most this many
+/// pages is waited for by the lookup that starts it (a few round trips:
+/// the lookups after it then need none); a longer one is not.
+const RELIST_WAIT_PAGES: u32 = 10;
+
+/// The most a lookup waits for such a listing before probing its name.
+const RELIST_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a failed lookup is remembered.
 const LOOKUP_FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
@@ -162,9 +171,13 @@ pub struct Tree {
 enum Ask {
     Dataset(String),
     Object(Arc<Dataset>, String),
-    /// List the folder again (or wait for the listing on its way), then
-    /// answer from it; the object's probe if that gives no answer.
-    Relist(Arc<Dataset>, String),
+    /// List the folder again (or join the listing on its way), and if
+    /// `wait`, answer from it; else, or if that gives no answer, probe.
+    Relist {
+        ds: Arc<Dataset>,
+        dir: String,
+        wait: bool,
+    },
     ByName,
 }
 
@@ -332,17 +345,23 @@ impl Tree {
         deadline: Deadline,
     ) -> Result<Attr, FsError> {
         let ask = match ask {
-            Ask::Relist(ds, dir) => {
-                self.readdir(parent, deadline).await?;
-                let again = {
-                    let mut st = self.state();
-                    self.lookup_local(&mut st, parent, name)?
-                };
-                match again {
-                    Ok(attr) => return Ok(attr),
-                    // A TTL of zero (or a listing expired already): ask S3.
-                    Err(_) => Ask::Object(ds, dir),
+            Ask::Relist { ds, dir, wait } => {
+                // The folder's listing starts (or is joined) on its own
+                // task. A short one (a few pages) is waited for, within a
+                // bound, and answers this lookup; a long one is not (a
+                // listing of a hundred thousand names outlasts a lookup),
+                // and neither its failure nor its slowness fails this
+                // lookup: the name is probed as ever.
+                if let Some(listing) = self.start_listing(parent).filter(|_| wait) {
+                    let within = deadline.min(Deadline::after(RELIST_WAIT));
+                    if let Some(Ok(())) = within.run(listing.finished()).await {
+                        let mut st = self.state();
+                        if let Ok(attr) = self.lookup_local(&mut st, parent, name)? {
+                            return Ok(attr);
+                        }
+                    }
                 }
+                Ask::Object(ds, dir)
             }
             other => other,
         };
@@ -375,8 +394,14 @@ impl Tree {
                 // so the kernel's re-lookup after ESTALE gets what is there.
                 for attempt in 0..2 {
                     let head = (attempt == 0)
-                        .then(|| self.guess_first_bytes(&ds, parent, &format!("{dir}{name}")))
+                        .then(|| {
+                            self.guess_first_bytes(&ds, parent, &format!("{dir}{name}"), deadline)
+                        })
                         .flatten();
+                    // However this lookup ends, the guess ends with it.
+                    let _stop = head
+                        .as_ref()
+                        .map(|h| crate::task::AbortOnDrop(h.abort_handle()));
                     let found = self.probe(&ds, &dir, name, deadline).await?;
                     let is_file = matches!(found, Some(Kind::File { .. }));
                     let head = match head {
@@ -423,7 +448,7 @@ impl Tree {
                 }
                 unreachable!("the second attempt always answers")
             }
-            Ask::Relist(..) => unreachable!("turned into a probe above"),
+            Ask::Relist { .. } => unreachable!("turned into a probe above"),
             Ask::ByName => {
                 // Names come only from the registry: list it (once per TTL).
                 self.readdir(parent, deadline).await?;
@@ -503,7 +528,7 @@ impl Tree {
                     return Err(FsError::NotFound);
                 }
                 let (ds, dir) = (ds.clone(), dir.to_string());
-                Ok(Err(Self::probe_or_relist(st, parent, ds, dir)))
+                Ok(Err(self.probe_or_relist(st, parent, ds, dir)))
             }
             Kind::ByName => match self.fresh_listing(st, parent) {
                 Some(_) => match st.inodes.child(parent, name) {
@@ -517,29 +542,29 @@ impl Tree {
 
     /// How to look a name up in folder `parent`, whose listing has expired
     /// (or never was): probe the name, until the probes since the last listing cost as many
-    /// requests as listing the folder again did, then list it again. A
+    /// requests as listing the folder again did, then list it again (on
+    /// its own task; the name is still probed). A
     /// `cat *` in a large folder past the TTL thus costs at most two
     /// listings' worth of LISTs per TTL (one per lookup before), and a
     /// lone lookup in a huge folder stays one LIST.
-    fn probe_or_relist(st: &mut State, parent: u64, ds: Arc<Dataset>, dir: String) -> Ask {
-        // A listing already on its way is not waited for: it may have
-        // started before a change a read found, and a probe is one request.
+    fn probe_or_relist(&self, st: &mut State, parent: u64, ds: Arc<Dataset>, dir: String) -> Ask {
+        // A TTL of zero keeps no listing: listing again would be waste.
         let relist = match st.dirs.get_mut(&parent) {
+            _ if self.cfg.metadata_ttl.is_zero() => None,
             Some(d) if d.pages > 0 => {
                 d.probes += 1;
                 if d.probes > d.pages {
                     d.probes = 0;
-                    true
+                    Some(d.pages <= RELIST_WAIT_PAGES)
                 } else {
-                    false
+                    None
                 }
             }
-            _ => false,
+            _ => None,
         };
-        if relist {
-            Ask::Relist(ds, dir)
-        } else {
-            Ask::Object(ds, dir)
+        match relist {
+            Some(wait) => Ask::Relist { ds, dir, wait },
+            None => Ask::Object(ds, dir),
         }
     }
 
@@ -559,13 +584,13 @@ impl Tree {
         ds: &Arc<Dataset>,
         parent: u64,
         key: &str,
+        deadline: Deadline,
     ) -> Option<tokio::task::JoinHandle<Option<(Bytes, ObjectMeta)>>> {
         self.first_bytes.get()?;
         if self.state().dirs.get(&parent).is_some_and(|d| d.pages > 0) {
             return None;
         }
         let (store, key) = (ds.store.clone(), key.to_string());
-        let deadline = self.request_deadline();
         Some(tokio::spawn(async move {
             // A folder or a missing name is a 404: no guess, no harm.
             store

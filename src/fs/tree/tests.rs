@@ -677,8 +677,9 @@ async fn lookups_past_the_ttl_list_a_large_folder_again_instead_of_probing_each_
         }
     }
     assert!(t.lookup(d, "f50", soon()).await.is_ok(), "f50 is new");
-    // 5 probes, then one listing (5 pages) answers the rest; a probe per
-    // name made 51 LISTs.
+    // 5 probes; the 6th lookup starts the listing (5 pages) and waits for
+    // it (a short one), which answers it and the rest; a probe per name
+    // made 51 LISTs.
     assert_eq!(lists() - before, 5 + 5, "LISTs for 51 lookups past the TTL");
 
     // A lone lookup in a folder never listed stays one LIST.
