@@ -23,6 +23,9 @@
 #                        task does, and the others do not wait for it: for
 #                        arrays, the stage-in job above.
 # PROVENA_CACHE_SIZE     the cache budget of both (default 10GiB).
+# PROVENA_PROVENANCE     where the job's read manifest goes (default:
+#                        provenance-$SLURM_JOB_ID.json in the job's working
+#                        folder; empty: not kept).
 #
 #SBATCH --job-name=provena-analysis
 #SBATCH --time=12:00:00
@@ -71,8 +74,18 @@ case ${PROVENA_PREFETCH:-0} in
 esac
 
 export PROVENA_MNT=$NODE_TMP/provena-${SLURM_JOB_ID:-$$}
+# What this job read (datasets, files, the versions read, by which of its
+# processes), kept with its outputs however it ends: `provenafs provenance
+# --from FILE --model-run` makes a Provena model run record of it later.
+PROVENANCE=${PROVENA_PROVENANCE-$PWD/provenance-${SLURM_JOB_ID:-$$}.json}
 mkdir -p "$PROVENA_MNT"
 cleanup() {
+  if [ -n "$PROVENANCE" ] && mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
+    job=()
+    if [ -n "${SLURM_JOB_ID:-}" ]; then job=(--job "$SLURM_JOB_ID"); fi
+    provenafs provenance "$PROVENA_MNT" --json ${job[@]+"${job[@]}"} >"$PROVENANCE.tmp" &&
+      mv "$PROVENANCE.tmp" "$PROVENANCE" || rm -f "$PROVENANCE.tmp"
+  fi
   provenafs unmount "$PROVENA_MNT" 2>/dev/null || true
   rmdir "$PROVENA_MNT" 2>/dev/null || true
 }

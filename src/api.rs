@@ -164,6 +164,8 @@ impl DataStoreClient {
         }
     }
 
+    /// The token source its calls use (also for calls to Provena's other
+    /// APIs, such as the provenance API, with the same access token).
     pub fn tokens(&self) -> &Arc<TokenSource> {
         &self.tokens
     }

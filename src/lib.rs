@@ -25,6 +25,7 @@ pub mod login;
 pub mod mount;
 pub mod mountinfo;
 pub mod prefetch;
+pub mod provenance;
 pub mod read;
 pub mod retry;
 pub mod s3;

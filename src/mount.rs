@@ -382,9 +382,19 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
     if let Err(e) = std::env::set_current_dir("/") {
         warn!(error = %e, "cannot change to /");
     }
-    let fs = ProvenaFs::new(tree, reader, cfg.fuse.clone(), rt.handle().clone());
+    let manifest = Arc::new(crate::provenance::Manifest::new(
+        &cfg.mountpoint.to_string_lossy(),
+    ));
+    let fs = ProvenaFs::new(
+        tree,
+        reader,
+        manifest.clone(),
+        cfg.fuse.clone(),
+        rt.handle().clone(),
+    );
     let stats = fs.stats();
     let served = serve(fs, &stats, s3_counters, &cfg, rt);
+    write_manifest(&manifest, &cfg);
     // One line for the operator: what the mount held and did.
     info!("stats: {}", stats.line());
     served
@@ -724,6 +734,25 @@ fn serve(
     Ok(())
 }
 
+/// Writes what the mount's readers read beside its log (see
+/// [`crate::provenance::manifest_path`]), so a batch job can keep it with
+/// its outputs. Nothing read, nothing written.
+fn write_manifest(manifest: &crate::provenance::Manifest, cfg: &MountConfig) {
+    let snap = manifest.snapshot(&crate::provenance::Filter::default());
+    if snap.datasets.is_empty() {
+        return;
+    }
+    let Some(path) = crate::provenance::manifest_path(cfg.log_file.as_deref(), &cfg.mountpoint)
+    else {
+        warn!("no state folder (set HOME or XDG_STATE_HOME): the read manifest is not written");
+        return;
+    };
+    match crate::provenance::write_snapshot(&path, &snap) {
+        Ok(()) => info!(path = %path.display(), "read manifest written"),
+        Err(e) => warn!(path = %path.display(), error = %e, "cannot write the read manifest"),
+    }
+}
+
 /// Whether SIGHUP was ignored when this process started (`nohup`).
 fn sighup_ignored() -> bool {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -762,6 +791,7 @@ fn status_server(
             return None;
         }
     };
+    let manifest = stats.manifest().clone();
     let stats = stats.clone();
     let started = std::time::Instant::now();
     let mountpoint = cfg.mountpoint.clone();
@@ -790,7 +820,8 @@ fn status_server(
             uptime_s: Some(started.elapsed().as_secs()),
         }
     };
-    match crate::status::serve(path, figures, rt.handle()) {
+    let provenance = move |f: &crate::provenance::Filter| manifest.snapshot(f);
+    match crate::status::serve(path, figures, provenance, rt.handle()) {
         Ok(s) => Some(s),
         Err(e) => {
             warn!("`provenafs status` will not see this mount: {e}");

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::mountinfo::{self, MountEntry};
+use crate::provenance::{Filter, Snapshot};
 
 /// One mount as `status --json` prints it. The figures are `null` for a
 /// mount whose daemon did not answer (another user's, or a dead one).
@@ -72,14 +73,31 @@ impl Drop for Server {
     }
 }
 
+/// What a client asks a daemon: one JSON line, then it reads the answer
+/// (one JSON object) to the end. A client that sends nothing (an older
+/// `provenafs status`) gets the figures after [`ASK_WAIT`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Ask {
+    /// The [`Figures`].
+    Status,
+    /// The read manifest ([`crate::provenance::Snapshot`]) of the readers
+    /// the filter keeps.
+    Provenance(Filter),
+}
+
+/// How long a daemon waits for a client's question.
+const ASK_WAIT: Duration = Duration::from_millis(300);
+
 /// Listens at `path` (see the module doc) on `rt`, answering with
-/// `figures()`. A socket already there belongs to an earlier mount at the
-/// same mountpoint (one that died, or one just unmounted whose daemon is
-/// still ending: only one mount can be there at a time) and is replaced.
-/// Errors: the socket cannot be made.
+/// `figures()` or `provenance(filter)`. A socket already there belongs to
+/// an earlier mount at the same mountpoint (one that died, or one just
+/// unmounted whose daemon is still ending: only one mount can be there at
+/// a time) and is replaced. Errors: the socket cannot be made.
 pub fn serve(
     path: PathBuf,
     figures: impl Fn() -> Figures + Send + Sync + 'static,
+    provenance: impl Fn(&Filter) -> Snapshot + Send + Sync + 'static,
     rt: &tokio::runtime::Handle,
 ) -> Result<Server, String> {
     use std::os::unix::fs::PermissionsExt;
@@ -96,21 +114,43 @@ pub fn serve(
         .map_err(|e| e.to_string())?;
     let _guard = rt.enter();
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| e.to_string())?;
+    let answer = std::sync::Arc::new(move |ask: Ask| -> Vec<u8> {
+        let mut body = match ask {
+            Ask::Status => serde_json::to_vec(&figures()),
+            Ask::Provenance(f) => serde_json::to_vec(&provenance(&f)),
+        }
+        .unwrap_or_default();
+        body.push(b'\n');
+        body
+    });
     rt.spawn(async move {
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         loop {
-            let mut stream = match listener.accept().await {
+            let stream = match listener.accept().await {
                 Ok((s, _)) => s,
                 Err(e) => {
                     warn!(error = %e, "status socket failed; `provenafs status` will not see this mount");
                     return;
                 }
             };
-            let mut body = serde_json::to_vec(&figures()).unwrap_or_default();
-            body.push(b'\n');
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let sent = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&body)).await;
-                debug!(ok = matches!(sent, Ok(Ok(()))), "status answered");
+                let (read, mut write) = stream.into_split();
+                // One line of at most 64 KiB.
+                let mut line = String::new();
+                let mut read = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024));
+                let asked = tokio::time::timeout(ASK_WAIT, read.read_line(&mut line)).await;
+                let ask = match asked {
+                    Ok(Ok(n)) if n > 0 => serde_json::from_str(line.trim()).unwrap_or(Ask::Status),
+                    _ => Ask::Status,
+                };
+                let provenance = matches!(ask, Ask::Provenance(_));
+                // Off the runtime's threads: a large manifest takes a while.
+                let body = tokio::task::spawn_blocking(move || answer(ask))
+                    .await
+                    .unwrap_or_default();
+                let sent = tokio::time::timeout(Duration::from_secs(30), write.write_all(&body)).await;
+                debug!(ok = matches!(sent, Ok(Ok(()))), provenance, "status socket answered");
             });
         }
     });
@@ -144,7 +184,7 @@ fn ask_blocking(entry: &MountEntry) -> Asked {
     let Some(path) = crate::logfile::socket_path(&entry.mountpoint) else {
         return Asked::NoSocket;
     };
-    let s = match std::os::unix::net::UnixStream::connect(&path) {
+    let mut s = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
         Err(_) if !path.exists() => return Asked::NoSocket,
         Err(_) => return Asked::Silent,
@@ -152,6 +192,8 @@ fn ask_blocking(entry: &MountEntry) -> Asked {
     let mut text = String::new();
     let read = s
         .set_read_timeout(Some(Duration::from_secs(2)))
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(2))))
+        .and_then(|()| send(&mut s, &Ask::Status))
         .and_then(|()| s.take(1 << 20).read_to_string(&mut text));
     // Figures of another mount that was at this path (one lazily
     // detached, still serving its last readers) are not this one's.
@@ -163,6 +205,67 @@ fn ask_blocking(entry: &MountEntry) -> Asked {
         (Ok(_), Ok(_)) => Asked::NoSocket,
         _ => Asked::Silent,
     }
+}
+
+/// Writes `ask` as one line.
+fn send(s: &mut std::os::unix::net::UnixStream, ask: &Ask) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(ask).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// The read manifest of the mount at `mountpoint`, from its daemon, of the
+/// readers `filter` keeps.
+///
+/// Errors: not a provenafs mount; not one of this user's (its daemon
+/// answers its owner only); a daemon that does not answer in 30 s or
+/// answers something else (an older provenafs).
+pub fn ask_provenance(mountpoint: &Path, filter: &Filter) -> Result<Snapshot, String> {
+    let entry = mountinfo::at(mountpoint)
+        .filter(MountEntry::is_provenafs)
+        .ok_or_else(|| format!("{} is not a provenafs mount", mountpoint.display()))?;
+    let path = crate::logfile::socket_path(&entry.mountpoint)
+        .ok_or("no state folder (set HOME or XDG_STATE_HOME)")?;
+    let not_yours = || {
+        // SAFETY: getuid cannot fail.
+        let me = unsafe { libc::getuid() };
+        entry.user_id().is_some_and(|u| u != me)
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        if not_yours() {
+            format!(
+                "{} is another user's mount: only its owner can ask what was read",
+                entry.mountpoint.display()
+            )
+        } else {
+            format!(
+                "the daemon of {} does not answer ({e})",
+                entry.mountpoint.display()
+            )
+        }
+    })?;
+    let mut text = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
+        .and_then(|()| send(&mut s, &Ask::Provenance(filter.clone())))
+        .and_then(|()| s.read_to_string(&mut text))
+        .map_err(|e| {
+            format!(
+                "the daemon of {} did not answer: {e}",
+                entry.mountpoint.display()
+            )
+        })?;
+    let snap: Snapshot = serde_json::from_str(&text).map_err(|_| {
+        format!(
+            "the daemon of {} does not keep a read manifest (started by an older provenafs?)",
+            entry.mountpoint.display()
+        )
+    })?;
+    if snap.mountpoint != entry.mountpoint.to_string_lossy() {
+        return Err(format!("{} is another mount's socket", path.display()));
+    }
+    Ok(snap)
 }
 
 /// Runs `provenafs status [MOUNTPOINT] [--json]`; returns what to print.

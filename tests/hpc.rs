@@ -48,7 +48,10 @@ fn slurm_job(sim: &Sim, tmp: &Path, bin: &Path, job: &str, args: &[&str]) -> Com
         .env("PROVENA_TOKEN_FILE", token_file(sim, tmp))
         .env("PROVENA_DATASETS", "10378.1/1")
         .env("RUST_LOG", "trace")
-        .env_remove("RRAP_OFFLINE_TOKEN");
+        .env_remove("RRAP_OFFLINE_TOKEN")
+        .env_remove("PROVENA_PROVENANCE")
+        // The job's working folder: its read manifest lands there.
+        .current_dir(tmp);
     sim.endpoints(&mut c);
     c
 }
@@ -82,6 +85,22 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
     // Only the pinned dataset exists on the node.
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\nx,y\n1,2\n");
     assert!(!mnt.exists(), "mount folder removed");
+    // What the job read is kept in its working folder: the file, the
+    // version read (the emulator's ETag), by the job's processes.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("provenance-77.json")).expect("the job's read manifest"),
+    )
+    .unwrap();
+    let ds = &manifest["datasets"][0];
+    assert_eq!(ds["handle"], "10378.1/1");
+    let f = &ds["files"][0];
+    assert!(
+        f["key"].as_str().unwrap().ends_with("data/values.csv"),
+        "{f}"
+    );
+    assert!(!f["etag"].as_str().unwrap().is_empty());
+    assert_eq!(f["readers"][0]["job"], "77");
+    assert_eq!(f["readers"][0]["command"], "cat");
 
     // A failing analysis still unmounts, and its status is the job's.
     let out = sim.run(&mut slurm_job(

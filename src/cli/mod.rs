@@ -22,6 +22,7 @@ use crate::session::{AuthErrorOr, Session};
 mod account;
 mod options;
 mod prefetch;
+mod provenance;
 mod sim;
 mod tools;
 
@@ -175,6 +176,10 @@ pub enum Command {
     /// folder ahead of a job, so that `mount --cache-dir` on it reads them
     /// without a GET. Resumable: what is cached already is skipped.
     Prefetch(Box<prefetch::PrefetchArgs>),
+    /// What a mount's readers read (datasets, files, versions, by whom):
+    /// a table, the manifest's JSON, or a Provena model run record to
+    /// fill in and `register`.
+    Provenance(Box<provenance::ProvenanceArgs>),
     /// Run the local Provena emulator (identity, data store API, S3) over a folder.
     Sim(sim::SimArgs),
     /// Generate sample datasets, run the emulator and mount it in the foreground.
@@ -834,6 +839,7 @@ fn run(command: Command) -> Result<(), Exit> {
             let out = crate::status::run(mountpoint.as_deref(), json)?;
             print_out(&out)
         }
+        Command::Provenance(a) => provenance::run(*a),
         Command::Login(a) => account::login(a),
         Command::Logout(a) => account::logout(a),
         Command::Whoami(a) => account::whoami(a),

@@ -35,6 +35,7 @@ use tracing::{debug, info_span, Instrument, Span};
 
 use super::tree::{Attr, Chunk, DirStream, FileKind, Tree};
 use super::FsError;
+use crate::provenance::{Manifest, Opened, Tally, WhoCache};
 use crate::read::{OpenFile, Reader};
 use crate::retry::Deadline;
 
@@ -125,11 +126,20 @@ pub struct OpCounts {
 pub struct MountStats {
     tree: Arc<Tree>,
     reader: Arc<Reader>,
-    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    files: Arc<Mutex<HashMap<u64, OpenHandle>>>,
     ops: Arc<OpCounts>,
+    manifest: Arc<Manifest>,
 }
 
+/// An open file and what its reads add to in the read manifest.
+type OpenHandle = (Arc<OpenFile>, Arc<Tally>);
+
 impl MountStats {
+    /// What the mount's readers read.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
     /// Bytes returned to readers.
     pub fn bytes_read(&self) -> u64 {
         self.ops.bytes_read.load(Ordering::Relaxed)
@@ -266,7 +276,10 @@ pub struct ProvenaFs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     cfg: FuseConfig,
     rt: Handle,
-    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    files: Arc<Mutex<HashMap<u64, OpenHandle>>>,
+    /// What was read, by whom (`provenafs provenance`).
+    manifest: Arc<Manifest>,
+    who: WhoCache,
     dirs: Arc<Mutex<HashMap<u64, Arc<DirStream>>>>,
     next_fh: AtomicU64,
     /// Operations in flight on tasks, by request id: how to interrupt each.
@@ -275,10 +288,18 @@ pub struct ProvenaFs {
 }
 
 impl ProvenaFs {
-    pub fn new(tree: Arc<Tree>, reader: Arc<Reader>, cfg: FuseConfig, rt: Handle) -> Self {
+    pub fn new(
+        tree: Arc<Tree>,
+        reader: Arc<Reader>,
+        manifest: Arc<Manifest>,
+        cfg: FuseConfig,
+        rt: Handle,
+    ) -> Self {
         Self {
             tree,
             reader,
+            manifest,
+            who: WhoCache::default(),
             notifier: Default::default(),
             cfg,
             rt,
@@ -301,6 +322,7 @@ impl ProvenaFs {
             reader: self.reader.clone(),
             files: self.files.clone(),
             ops: self.ops.clone(),
+            manifest: self.manifest.clone(),
         }
     }
 
@@ -543,7 +565,7 @@ impl Filesystem for ProvenaFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.ops.open.fetch_add(1, Ordering::Relaxed);
         let _s = info_span!("open", ino = ino.0).entered();
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
@@ -556,7 +578,19 @@ impl Filesystem for ProvenaFs {
         match self.tree.open_file(ino.0) {
             Ok(f) => {
                 let fh = self.fh();
-                lock(&self.files).insert(fh, Arc::new(self.reader.open(f)));
+                // Every open reaches us (reads of cached pages do not):
+                // who opened which version is recorded here.
+                let tally = self.manifest.opened(
+                    &Opened {
+                        handle: &f.dataset.handle,
+                        name: f.dataset.name.as_deref(),
+                        key: &f.meta.key,
+                        etag: &f.meta.etag,
+                        size: f.meta.size,
+                    },
+                    self.who.get(req.uid(), req.pid()),
+                );
+                lock(&self.files).insert(fh, (Arc::new(self.reader.open(f)), tally));
                 // Its content never changes: whatever the kernel cached of
                 // this inode stays valid across opens.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
@@ -580,7 +614,7 @@ impl Filesystem for ProvenaFs {
         reply: ReplyData,
     ) {
         self.ops.read.fetch_add(1, Ordering::Relaxed);
-        let Some(file) = lock(&self.files).get(&fh.0).cloned() else {
+        let Some((file, tally)) = lock(&self.files).get(&fh.0).cloned() else {
             reply.error(Errno::EBADF);
             return;
         };
@@ -603,6 +637,7 @@ impl Filesystem for ProvenaFs {
             },
             move |reply, b| {
                 ops.bytes_read.fetch_add(b.len() as u64, Ordering::Relaxed);
+                tally.read(b.len() as u64);
                 reply.data(&b)
             },
         );

@@ -4,11 +4,13 @@
 //! Used by `provenafs sim`, the demo, the tests and the benchmarks. It
 //! shares only the wire formats ([`crate::wire`]) with the client side,
 //! never its logic. Paths: `/auth/realms/rrap/...` (identity),
-//! `/registry/...` (data store API), `/_sim/...` (test control: stats,
+//! `/registry/...` (data store API), `/model_run/...` (provenance API) and
+//! `/jobs/...` (job API) (see [`prov`]), `/_sim/...` (test control: stats,
 //! revocation, device approval), everything else S3 (path-style).
 
 pub mod faults;
 pub mod identity;
+pub mod prov;
 pub mod registry;
 pub mod s3;
 pub mod store;
@@ -166,6 +168,10 @@ pub struct Stats {
     pub tokens_issued: AtomicU64,
     pub expired_rejections: AtomicU64,
     pub device_slow_downs: AtomicU64,
+    /// `POST /model_run/register` answered 200 (a job dispatched).
+    pub prov_registered: AtomicU64,
+    /// `POST /model_run/register` answered 4xx (token, body or ids).
+    pub prov_refused: AtomicU64,
 }
 
 impl Stats {
@@ -186,6 +192,8 @@ impl Stats {
             "tokens_issued": g(&self.tokens_issued),
             "expired_rejections": g(&self.expired_rejections),
             "device_slow_downs": g(&self.device_slow_downs),
+            "prov_registered": g(&self.prov_registered),
+            "prov_refused": g(&self.prov_refused),
         })
     }
 }
@@ -199,6 +207,8 @@ pub struct SimState {
     identity: Mutex<Identity>,
     creds: Mutex<HashMap<String, Issued>>,
     base_url: Mutex<String>,
+    /// Model run records lodged and their jobs (see [`prov`]).
+    prov: Mutex<prov::Prov>,
     /// Every secret handed out (tokens, secret keys, session tokens), so a
     /// test can check that none of them ever shows up in a log.
     issued_secrets: Mutex<Vec<String>>,
@@ -273,6 +283,11 @@ impl Reply {
 pub struct SimEnv {
     pub auth_url: String,
     pub api_url: String,
+    /// The provenance API (`https://prov-api.<domain>` in a deployment):
+    /// here the same base URL as the data store API.
+    pub prov_api_url: String,
+    /// The job API (`https://job-api.<domain>`): the same base URL too.
+    pub job_api_url: String,
     pub s3_endpoint: String,
     pub offline_token: String,
 }
@@ -282,10 +297,19 @@ impl SimEnv {
     /// line each, read as they are by scripts and tests, then one
     /// `export` line so the values reach the commands run next.
     pub fn shell(&self) -> String {
+        // The token stays the last `NAME=value` line: readers wait for it
+        // to know the file is complete.
         format!(
-            "PROVENA_AUTH_URL={}\nPROVENA_API_URL={}\nPROVENA_S3_ENDPOINT={}\nRRAP_OFFLINE_TOKEN={}\n\
-             export PROVENA_AUTH_URL PROVENA_API_URL PROVENA_S3_ENDPOINT RRAP_OFFLINE_TOKEN\n",
-            self.auth_url, self.api_url, self.s3_endpoint, self.offline_token
+            "PROVENA_AUTH_URL={}\nPROVENA_API_URL={}\nPROVENA_PROV_API_URL={}\nPROVENA_JOB_API_URL={}\n\
+             PROVENA_S3_ENDPOINT={}\nRRAP_OFFLINE_TOKEN={}\n\
+             export PROVENA_AUTH_URL PROVENA_API_URL PROVENA_PROV_API_URL PROVENA_JOB_API_URL \
+             PROVENA_S3_ENDPOINT RRAP_OFFLINE_TOKEN\n",
+            self.auth_url,
+            self.api_url,
+            self.prov_api_url,
+            self.job_api_url,
+            self.s3_endpoint,
+            self.offline_token
         )
     }
 }
@@ -321,11 +345,14 @@ impl Sim {
             identity: Mutex::new(Identity::default()),
             creds: Mutex::new(HashMap::new()),
             base_url: Mutex::new(base.clone()),
+            prov: Mutex::new(prov::Prov::default()),
             issued_secrets: Mutex::new(Vec::new()),
         });
         let env = SimEnv {
             auth_url: state.realm_url(),
             api_url: base.clone(),
+            prov_api_url: base.clone(),
+            job_api_url: base.clone(),
             s3_endpoint: base,
             offline_token: state.new_offline_token(&state.cfg.offline_token_scope),
         };
@@ -601,6 +628,7 @@ async fn route(
     let path = req.uri().path().to_string();
     let is_api = path.starts_with(REALM_PATH)
         || path.starts_with("/registry/")
+        || prov::serves(&path)
         || path.starts_with("/_sim/");
     let latency = state.faults.latency();
     if latency > 0 {
@@ -798,6 +826,9 @@ async fn api_answer(
             let found = state.decide_device(&code, approve);
             Reply::json(if found { 200 } else { 404 }, json!({"found": found}))
         }
+        // The provenance and job APIs (their own route, token and body
+        // checks, in FastAPI's order).
+        (m, p) if prov::serves(p) => state.prov_answer(m, p, bearer.as_deref(), &query, &body),
         (_, p) if p.starts_with("/registry/") => {
             let known = bearer
                 .as_deref()

@@ -205,7 +205,13 @@ impl Sim {
     /// Points `c` at this emulator's three endpoints, but gives it no token:
     /// for commands that must find one by themselves.
     pub fn endpoints(&self, c: &mut Command) {
-        for k in ["PROVENA_AUTH_URL", "PROVENA_API_URL", "PROVENA_S3_ENDPOINT"] {
+        for k in [
+            "PROVENA_AUTH_URL",
+            "PROVENA_API_URL",
+            "PROVENA_S3_ENDPOINT",
+            "PROVENA_PROV_API_URL",
+            "PROVENA_JOB_API_URL",
+        ] {
             c.env(k, &self.env[k]);
         }
         c.env_remove("RRAP_OFFLINE_TOKEN");

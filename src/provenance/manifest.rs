@@ -1,0 +1,484 @@
+//! The read manifest: what a mount's readers read, aggregated per object
+//! version and reader, never per read.
+//!
+//! An open registers (object version, reader) once and hands back its
+//! [`Tally`]; every FUSE read of that handle then adds to it with atomic
+//! updates only (no lock, no I/O). The kernel answers reads of pages it
+//! already holds without asking the daemon, so `bytes_read` counts what
+//! the daemon served; every `open(2)` does reach the daemon, so which
+//! reader opened which version is complete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::who::Who;
+
+/// One object version of one dataset.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Object {
+    handle: Arc<str>,
+    key: Arc<str>,
+    etag: Arc<str>,
+}
+
+/// One object version and one reader of it.
+type Pair = (Object, Arc<Who>);
+
+/// What one reader did with one object version. Times are milliseconds
+/// since the Unix epoch (0: not yet).
+#[derive(Default, Debug)]
+pub struct Tally {
+    opens: AtomicU64,
+    bytes: AtomicU64,
+    reads: AtomicU64,
+    first_ms: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Tally {
+    /// `n` bytes returned to a reader now: the read path's whole cost.
+    pub fn read(&self, n: u64) {
+        let now = now_ms();
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+        if self.first_ms.load(Ordering::Relaxed) == 0 {
+            let _ = self
+                .first_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Most (object version, reader) pairs kept. Past it, opens of new pairs
+/// are counted in `dropped` instead (a mount read by millions of
+/// processes, each once); what is kept stays right.
+const MAX_ENTRIES: usize = 1_000_000;
+
+/// A mount's read manifest.
+pub struct Manifest {
+    mountpoint: String,
+    started: SystemTime,
+    entries: Mutex<HashMap<Pair, Arc<Tally>>>,
+    sizes: Mutex<HashMap<Object, u64>>,
+    /// Dataset names (from the registry), by handle.
+    names: Mutex<HashMap<String, String>>,
+    dropped: AtomicU64,
+}
+
+/// An object version being opened.
+pub struct Opened<'a> {
+    /// Its dataset's handle and name.
+    pub handle: &'a str,
+    pub name: Option<&'a str>,
+    /// Its S3 key, ETag (without quotes) and size in bytes.
+    pub key: &'a str,
+    pub etag: &'a str,
+    pub size: u64,
+}
+
+impl Manifest {
+    pub fn new(mountpoint: &str) -> Self {
+        Self {
+            mountpoint: mountpoint.to_string(),
+            started: SystemTime::now(),
+            entries: Mutex::new(HashMap::new()),
+            sizes: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// `who` opened `what`: the tally its reads add to.
+    pub fn opened(&self, what: &Opened<'_>, who: Arc<Who>) -> Arc<Tally> {
+        let object = Object {
+            handle: what.handle.into(),
+            key: what.key.into(),
+            etag: what.etag.into(),
+        };
+        let size = what.size;
+        if let Some(n) = what.name {
+            if !lock(&self.names).contains_key(what.handle) {
+                lock(&self.names).insert(what.handle.to_string(), n.to_string());
+            }
+        }
+        let mut entries = lock(&self.entries);
+        let full = entries.len() >= MAX_ENTRIES;
+        let tally = match entries.get(&(object.clone(), who.clone())) {
+            Some(t) => t.clone(),
+            None if full => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Arc::new(Tally::default())
+            }
+            None => {
+                let t = Arc::new(Tally::default());
+                entries.insert((object.clone(), who), t.clone());
+                lock(&self.sizes).entry(object).or_insert(size);
+                t
+            }
+        };
+        tally.opens.fetch_add(1, Ordering::Relaxed);
+        tally
+    }
+
+    /// What was read, by dataset and file, of the readers `filter` keeps.
+    pub fn snapshot(&self, filter: &Filter) -> Snapshot {
+        let sizes = lock(&self.sizes).clone();
+        let names = lock(&self.names).clone();
+        let mut files: BTreeMap<Object, FileRead> = BTreeMap::new();
+        for ((object, who), t) in lock(&self.entries).iter() {
+            let f = files.entry(object.clone()).or_insert_with(|| FileRead {
+                key: object.key.to_string(),
+                etag: object.etag.to_string(),
+                size: sizes.get(object).copied().unwrap_or(0),
+                ..FileRead::default()
+            });
+            f.readers.push(ReaderRead {
+                who: (**who).clone(),
+                opens: t.opens.load(Ordering::Relaxed),
+                bytes_read: t.bytes.load(Ordering::Relaxed),
+                reads: t.reads.load(Ordering::Relaxed),
+                first_read: ms_time(t.first_ms.load(Ordering::Relaxed)),
+                last_read: ms_time(t.last_ms.load(Ordering::Relaxed)),
+            });
+        }
+        let mut datasets: BTreeMap<String, DatasetRead> = BTreeMap::new();
+        for (object, f) in files {
+            let d = datasets
+                .entry(object.handle.to_string())
+                .or_insert_with(|| DatasetRead {
+                    handle: object.handle.to_string(),
+                    name: names.get(&*object.handle).cloned(),
+                    files: Vec::new(),
+                });
+            d.files.push(f);
+        }
+        Snapshot {
+            mountpoint: self.mountpoint.clone(),
+            mounted_at: DateTime::<Utc>::from(self.started),
+            taken_at: Utc::now(),
+            filter: Filter::default(),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            datasets: datasets.into_values().collect(),
+        }
+        .filtered(filter)
+    }
+}
+
+fn ms_time(ms: u64) -> Option<DateTime<Utc>> {
+    (ms > 0).then(|| {
+        DateTime::<Utc>::from(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    })
+}
+
+fn min_time(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn max_time(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which readers a snapshot keeps (all by default).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Only processes of this Slurm job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Only this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Only what was read at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_time")]
+    pub since: Option<SystemTime>,
+}
+
+mod opt_time {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        t.map(DateTime::<Utc>::from).serialize(s)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(SystemTime::from))
+    }
+}
+
+/// The manifest as `provenance --json` prints it and the daemon writes it
+/// on unmount. Times are RFC 3339, UTC.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub mountpoint: String,
+    pub mounted_at: DateTime<Utc>,
+    pub taken_at: DateTime<Utc>,
+    /// The readers it was restricted to.
+    #[serde(default)]
+    pub filter: Filter,
+    /// Opens not recorded: the manifest was full (see `MAX_ENTRIES`).
+    #[serde(default)]
+    pub dropped: u64,
+    pub datasets: Vec<DatasetRead>,
+}
+
+/// One dataset's files that were read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatasetRead {
+    /// Its handle, e.g. `10378.1/1687966`.
+    pub handle: String,
+    /// Its name in the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Each object version read, by key.
+    pub files: Vec<FileRead>,
+}
+
+/// One object version read: its totals, and each reader's share.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FileRead {
+    /// Its S3 key (the dataset's prefix included).
+    pub key: String,
+    /// Its ETag as S3 gave it (the version read), without quotes.
+    pub etag: String,
+    /// Its size in bytes.
+    pub size: u64,
+    pub opens: u64,
+    /// Bytes the daemon returned to readers (page-cache hits not seen).
+    pub bytes_read: u64,
+    /// FUSE reads answered.
+    pub reads: u64,
+    /// First and last read answered (none if only opened).
+    pub first_read: Option<DateTime<Utc>>,
+    pub last_read: Option<DateTime<Utc>>,
+    pub readers: Vec<ReaderRead>,
+}
+
+/// What one reading process did with one object version.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReaderRead {
+    #[serde(flatten)]
+    pub who: Who,
+    pub opens: u64,
+    pub bytes_read: u64,
+    pub reads: u64,
+    pub first_read: Option<DateTime<Utc>>,
+    pub last_read: Option<DateTime<Utc>>,
+}
+
+impl Snapshot {
+    /// Only what the readers `filter` keeps read: each file's totals are
+    /// theirs, and files and datasets nobody kept read are left out.
+    pub fn filtered(mut self, filter: &Filter) -> Snapshot {
+        let since = filter.since.map(DateTime::<Utc>::from);
+        for d in &mut self.datasets {
+            for f in &mut d.files {
+                f.readers.retain(|r| {
+                    filter
+                        .job
+                        .as_ref()
+                        .is_none_or(|j| r.who.job.as_ref() == Some(j))
+                        && filter.pid.is_none_or(|p| r.who.pid == p)
+                        && since.is_none_or(|s| r.last_read.is_some_and(|l| l >= s))
+                });
+                f.readers.sort_by_key(|r| (r.who.uid, r.who.pid));
+                f.opens = f.readers.iter().map(|r| r.opens).sum();
+                f.bytes_read = f.readers.iter().map(|r| r.bytes_read).sum();
+                f.reads = f.readers.iter().map(|r| r.reads).sum();
+                f.first_read = f
+                    .readers
+                    .iter()
+                    .fold(None, |a, r| min_time(a, r.first_read));
+                f.last_read = f.readers.iter().fold(None, |a, r| max_time(a, r.last_read));
+            }
+            d.files.retain(|f| !f.readers.is_empty());
+        }
+        self.datasets.retain(|d| !d.files.is_empty());
+        if *filter != Filter::default() {
+            self.filter = filter.clone();
+        }
+        self
+    }
+
+    /// First and last read of everything in it.
+    pub fn span(&self) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let files = self.datasets.iter().flat_map(|d| &d.files);
+        files.fold((None, None), |(a, b), f| {
+            (min_time(a, f.first_read), max_time(b, f.last_read))
+        })
+    }
+
+    /// The default table: one row per dataset.
+    pub fn table(&self) -> String {
+        let mut rows = vec![[
+            "DATASET".to_string(),
+            "NAME".into(),
+            "FILES".into(),
+            "VERSIONS".into(),
+            "BYTES READ".into(),
+            "FIRST READ".into(),
+            "LAST READ".into(),
+        ]];
+        let t = |x: Option<DateTime<Utc>>| {
+            x.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        };
+        for d in &self.datasets {
+            let mut keys: Vec<&str> = d.files.iter().map(|f| f.key.as_str()).collect();
+            keys.dedup();
+            let bytes: u64 = d.files.iter().map(|f| f.bytes_read).sum();
+            let first = d.files.iter().fold(None, |a, f| min_time(a, f.first_read));
+            let last = d.files.iter().fold(None, |a, f| max_time(a, f.last_read));
+            rows.push([
+                d.handle.clone(),
+                d.name.clone().unwrap_or_else(|| "-".into()),
+                keys.len().to_string(),
+                d.files.len().to_string(),
+                bytes.to_string(),
+                t(first),
+                t(last),
+            ]);
+        }
+        let widths: Vec<usize> = (0..7)
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for r in &rows {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        if self.datasets.is_empty() {
+            out.push_str("(nothing read");
+            out.push_str(if self.filter == Filter::default() {
+                ")\n"
+            } else {
+                " by the readers asked for)\n"
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(pid: u32, job: Option<&str>) -> Arc<Who> {
+        Arc::new(Who {
+            uid: 1000,
+            pid,
+            command: Some("python3".into()),
+            job: job.map(str::to_string),
+        })
+    }
+
+    #[test]
+    fn reads_aggregate_per_version_and_filters_pick_readers() {
+        let m = Manifest::new("/mnt");
+        let o = |handle, key, etag, size| Opened {
+            handle,
+            name: Some("Reef temperatures"),
+            key,
+            etag,
+            size,
+        };
+        let a = m.opened(
+            &o("10378.1/1", "datasets/10378-1-1/a.nc", "e1", 100),
+            who(10, Some("77")),
+        );
+        a.read(60);
+        a.read(40);
+        // The same reader opening again adds to the same tally.
+        let a2 = m.opened(
+            &o("10378.1/1", "datasets/10378-1-1/a.nc", "e1", 100),
+            who(10, Some("77")),
+        );
+        assert!(Arc::ptr_eq(&a, &a2));
+        let b = m.opened(
+            &o("10378.1/1", "datasets/10378-1-1/a.nc", "e2", 120),
+            who(11, Some("78")),
+        );
+        b.read(5);
+        m.opened(
+            &o("10378.1/2", "datasets/10378-1-2/b", "e3", 7),
+            who(12, None),
+        )
+        .read(7);
+
+        let all = m.snapshot(&Filter::default());
+        assert_eq!(all.datasets.len(), 2);
+        let files = &all.datasets[0].files;
+        assert_eq!(files.len(), 2, "two versions of a.nc");
+        assert_eq!(
+            (
+                files[0].etag.as_str(),
+                files[0].bytes_read,
+                files[0].opens,
+                files[0].reads
+            ),
+            ("e1", 100, 2, 2)
+        );
+        assert!(files[0].first_read.is_some() && files[0].first_read <= files[0].last_read);
+
+        let job = m.snapshot(&Filter {
+            job: Some("77".into()),
+            ..Filter::default()
+        });
+        assert_eq!(job.datasets.len(), 1);
+        assert_eq!(job.datasets[0].files.len(), 1);
+        assert_eq!(job.datasets[0].files[0].etag, "e1");
+        let pid = m.snapshot(&Filter {
+            pid: Some(12),
+            ..Filter::default()
+        });
+        assert_eq!(pid.datasets[0].handle, "10378.1/2");
+        let later = m.snapshot(&Filter {
+            since: Some(SystemTime::now() + std::time::Duration::from_secs(60)),
+            ..Filter::default()
+        });
+        assert!(later.datasets.is_empty());
+        assert!(later.table().contains("nothing read"));
+
+        // What the daemon writes parses back the same, and filters the
+        // same afterwards.
+        let text = serde_json::to_string(&all).unwrap();
+        let back = serde_json::from_str::<Snapshot>(&text).unwrap();
+        assert_eq!(back, all);
+        let f = Filter {
+            job: Some("77".into()),
+            ..Filter::default()
+        };
+        let mut from_file = back.filtered(&f);
+        from_file.taken_at = job.taken_at;
+        assert_eq!(from_file, job);
+        assert!(all.table().contains("10378.1/1"));
+        assert!(all.table().contains("Reef temperatures"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Issue 15: reads become provenance. A mount read by processes of
+//! different Slurm jobs; `provenafs provenance` lists exactly each job's
+//! datasets, files and versions (the emulator's ETags); `--model-run`
+//! makes a record the provenance API (the emulator's) refuses until its
+//! placeholders are filled in, then registers; the daemon writes its
+//! manifest beside its log on unmount.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn dataset_sim() -> Sim {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/data/a.nc", &bytes(1, 300_000));
+    write(d.path(), "10378.1/1/data/b.csv", b"x,y\n1,2\n");
+    write(d.path(), "10378.1/2/c.bin", &bytes(3, 50_000));
+    Sim::start(d, &[])
+}
+
+/// `cat`s `files` under `m` as a process of Slurm job `job`.
+fn read_as_job(m: &Mount, job: &str, files: &[&str]) -> u32 {
+    let mut c = Command::new("cat");
+    c.args(files.iter().map(|f| m.join(f)))
+        .env("SLURM_JOB_ID", job)
+        .stdout(std::process::Stdio::null());
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    pid
+}
+
+fn provenance(sim: &Sim, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["provenance"];
+    a.extend_from_slice(args);
+    let out = sim.run(&mut sim.command(&a));
+    let text = ok(&out);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// (dataset, key, etag) of each file in a manifest.
+fn files_of(v: &serde_json::Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for d in v["datasets"].as_array().unwrap() {
+        for f in d["files"].as_array().unwrap() {
+            out.push((
+                d["handle"].as_str().unwrap().to_string(),
+                f["key"].as_str().unwrap().to_string(),
+                f["etag"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn each_jobs_reads_are_its_own_and_become_a_registrable_model_run() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = dataset_sim();
+    let m = sim.mount(&[]);
+    let mnt = m.path().to_str().unwrap();
+    let etag = |rel: &str| md5_hex(&std::fs::read(sim.root().join(rel)).unwrap());
+    let pid_101 = read_as_job(&m, "101", &["10378.1/1/data/a.nc"]);
+    read_as_job(&m, "202", &["10378.1/1/data/b.csv", "10378.1/2/c.bin"]);
+
+    // Job 101: exactly its one file, at the emulator's version.
+    let j101 = provenance(&sim, &[mnt, "--json", "--job", "101"]);
+    assert_eq!(
+        files_of(&j101),
+        [(
+            "10378.1/1".into(),
+            "datasets/10378-1-1/data/a.nc".into(),
+            etag("10378.1/1/data/a.nc")
+        )]
+    );
+    let f = &j101["datasets"][0]["files"][0];
+    assert_eq!(f["bytes_read"], 300_000, "{f}");
+    assert_eq!(f["readers"][0]["job"], "101");
+    assert_eq!(f["readers"][0]["pid"], pid_101);
+    assert_eq!(f["readers"][0]["command"], "cat");
+    // Job 202: two datasets.
+    let j202 = provenance(&sim, &[mnt, "--json", "--job", "202"]);
+    assert_eq!(
+        files_of(&j202),
+        [
+            (
+                "10378.1/1".into(),
+                "datasets/10378-1-1/data/b.csv".into(),
+                etag("10378.1/1/data/b.csv")
+            ),
+            (
+                "10378.1/2".into(),
+                "datasets/10378-1-2/c.bin".into(),
+                etag("10378.1/2/c.bin")
+            ),
+        ]
+    );
+    // By process, and since a time after everything: what they say.
+    let by_pid = provenance(&sim, &[mnt, "--json", "--pid", &pid_101.to_string()]);
+    assert_eq!(files_of(&by_pid), files_of(&j101));
+    let later = provenance(&sim, &[mnt, "--json", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(files_of(&later).is_empty());
+    // The table: one row per dataset.
+    let table = ok(&sim.run(&mut sim.command(&["provenance", mnt])));
+    assert!(
+        table.contains("10378.1/1") && table.contains("10378.1/2"),
+        "{table}"
+    );
+
+    // A model run from job 202's reads.
+    let mut record = provenance(
+        &sim,
+        &[
+            mnt,
+            "--model-run",
+            "--job",
+            "202",
+            "--template",
+            "10378.1/2=10378.1/77",
+        ],
+    );
+    let inputs = record["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 2);
+    assert_eq!(inputs[0]["dataset_id"], "10378.1/1");
+    assert_eq!(inputs[0]["dataset_type"], "DATA_STORE");
+    assert_eq!(inputs[0]["resources"]["data/b.csv"], "data/b.csv");
+    assert_eq!(inputs[1]["dataset_template_id"], "10378.1/77");
+    assert!(record["start_time"].as_i64() <= record["end_time"].as_i64());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.json");
+    let register = |record: &serde_json::Value| {
+        std::fs::write(&file, serde_json::to_vec(record).unwrap()).unwrap();
+        sim.run(&mut sim.command(&["provenance", "register", file.to_str().unwrap()]))
+    };
+    // As printed: refused, with the API's words.
+    let out = register(&record);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 422") && err.contains("display_name"),
+        "{err}"
+    );
+    assert_eq!(sim.stat("prov_registered"), 0);
+    // Filled in: registered, and the new record's handle printed.
+    record["display_name"] = "Reef model run".into();
+    record["description"] = "Read by job 202".into();
+    record["workflow_template_id"] = "10378.1/500".into();
+    record["associations"]["modeller_id"] = "10378.1/600".into();
+    for i in record["inputs"].as_array_mut().unwrap() {
+        if i["dataset_template_id"] == "" {
+            i["dataset_template_id"] = "10378.1/78".into();
+        }
+    }
+    let out = register(&record);
+    let handle = ok(&out);
+    assert!(handle.trim().starts_with("10378.1/"), "{handle}");
+    assert_eq!(sim.stat("prov_registered"), 1);
+    // A dataset the data store does not serve is refused (HTTP 400).
+    record["inputs"][0]["dataset_id"] = "10378.1/404404".into();
+    let out = register(&record);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("HTTP 400") && err.contains("10378.1/404404"),
+        "{err}"
+    );
+
+    // On unmount the manifest is written beside the log.
+    let manifest = m.log.with_extension("provenance.json");
+    let _ = std::fs::remove_file(&manifest);
+    ok(&sim.run(&mut sim.command(&["unmount", mnt])));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !manifest.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no manifest at {}",
+            manifest.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(files_of(&written).len(), 3);
+    // ... and read back later, filtered as a live one.
+    let from = provenance(
+        &sim,
+        &[
+            "--from",
+            manifest.to_str().unwrap(),
+            "--json",
+            "--job",
+            "101",
+        ],
+    );
+    assert_eq!(files_of(&from), files_of(&j101));
+    let _ = std::fs::remove_file(&manifest);
+}
