@@ -79,11 +79,23 @@ export PROVENA_MNT=$NODE_TMP/provena-${SLURM_JOB_ID:-$$}
 # --from FILE --model-run` makes a Provena model run record of it later.
 PROVENANCE=${PROVENA_PROVENANCE-$PWD/provenance-${SLURM_JOB_ID:-$$}.json}
 mkdir -p "$PROVENA_MNT"
+keep_provenance() {
+  # The mount is this job's own: everything read through it is the job's.
+  # From the live mount; else (scancel and the time limit signal every
+  # process of the job, the daemon too, which may end first) from the
+  # manifest the daemon writes beside its log as it ends.
+  local written=$PROVENA_MNT.provenance.json
+  if mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
+    timeout 60 provenafs provenance "$PROVENA_MNT" --json
+  else
+    for _ in 1 2 3 4 5 6 7 8 9 10; do [ -e "$written" ] && break; sleep 0.5; done
+    provenafs provenance --from "$written" --json
+  fi
+}
 cleanup() {
-  if [ -n "$PROVENANCE" ] && mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
-    job=()
-    if [ -n "${SLURM_JOB_ID:-}" ]; then job=(--job "$SLURM_JOB_ID"); fi
-    provenafs provenance "$PROVENA_MNT" --json ${job[@]+"${job[@]}"} >"$PROVENANCE.tmp" &&
+  if [ -n "$PROVENANCE" ]; then
+    # 0600, as the daemon's own: it names the job's processes.
+    (umask 077 && keep_provenance >"$PROVENANCE.tmp") 2>/dev/null &&
       mv "$PROVENANCE.tmp" "$PROVENANCE" || rm -f "$PROVENANCE.tmp"
   fi
   provenafs unmount "$PROVENA_MNT" 2>/dev/null || true

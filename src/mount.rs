@@ -138,8 +138,16 @@ pub fn unmount_command(p: &Path, lazy: bool) -> Result<(), String> {
             ));
         }
     }
+    // Asked first: once unmounted, its daemon writes what was read (its
+    // read manifest) and ends; the command returns after that.
+    let daemon = (!lazy).then(|| crate::status::daemon_pid(&entry)).flatten();
     match unmount_once(&entry.mountpoint, lazy) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            if let Some(pid) = daemon {
+                wait_gone(pid, Duration::from_secs(10));
+            }
+            Ok(())
+        }
         Err(Unmount::Busy) => {
             let users = mountinfo::users(&entry.mountpoint);
             let named = if users.is_empty() {
@@ -156,6 +164,26 @@ pub fn unmount_command(p: &Path, lazy: bool) -> Result<(), String> {
             ))
         }
         Err(Unmount::Failed(e)) => Err(format!("cannot unmount {shown}: {e}")),
+    }
+}
+
+/// Waits, at most `bound`, for process `pid` to end (gone, or a zombie).
+fn wait_gone(pid: u32, bound: Duration) {
+    let until = std::time::Instant::now() + bound;
+    while std::time::Instant::now() < until {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command: `Z`, a zombie, has ended.
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return,
+        }
     }
 }
 

@@ -189,15 +189,19 @@ fn ask_blocking(entry: &MountEntry) -> Asked {
         Err(_) if !path.exists() => return Asked::NoSocket,
         Err(_) => return Asked::Silent,
     };
-    let mut text = String::new();
     let read = s
         .set_read_timeout(Some(Duration::from_secs(2)))
         .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(2))))
-        .and_then(|()| send(&mut s, &Ask::Status))
-        .and_then(|()| s.take(1 << 20).read_to_string(&mut text));
+        .and_then(|()| {
+            // A daemon of an older provenafs answers without reading the
+            // question: its failure to arrive is no failure.
+            let _ = send(&mut s, &Ask::Status);
+            read_answer(&mut s, 1 << 20)
+        });
+    let text = read.as_deref().unwrap_or_default();
     // Figures of another mount that was at this path (one lazily
     // detached, still serving its last readers) are not this one's.
-    match (read, serde_json::from_str::<Figures>(&text)) {
+    match (&read, serde_json::from_str::<Figures>(text)) {
         // A socket of the same name may belong to a mount elsewhere.
         (Ok(_), Ok(f)) if f.mountpoint == entry.mountpoint && f.mount_id == Some(entry.id) => {
             Asked::Answer(Box::new(f))
@@ -205,6 +209,30 @@ fn ask_blocking(entry: &MountEntry) -> Asked {
         (Ok(_), Ok(_)) => Asked::NoSocket,
         _ => Asked::Silent,
     }
+}
+
+/// The daemon's answer, to its end (at most `limit` bytes). A daemon that
+/// closes without reading the question (an older provenafs) makes Linux
+/// reset the connection after its answer: with an answer in hand, that is
+/// its end.
+fn read_answer(s: &mut std::os::unix::net::UnixStream, limit: usize) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > limit {
+                    return Err(std::io::Error::other("answer too long"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(buf).map_err(std::io::Error::other)
 }
 
 /// Writes `ask` as one line.
@@ -232,30 +260,30 @@ pub fn ask_provenance(mountpoint: &Path, filter: &Filter) -> Result<Snapshot, St
         let me = unsafe { libc::getuid() };
         entry.user_id().is_some_and(|u| u != me)
     };
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        if not_yours() {
-            format!(
-                "{} is another user's mount: only its owner can ask what was read",
-                entry.mountpoint.display()
-            )
-        } else {
-            format!(
-                "the daemon of {} does not answer ({e})",
-                entry.mountpoint.display()
-            )
+    // On a thread of its own, bounded: a wedged daemon's full accept
+    // queue blocks even the connect (a job's cleanup must go on).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (p, ask) = (path.clone(), Ask::Provenance(filter.clone()));
+    std::thread::spawn(move || {
+        let r = std::os::unix::net::UnixStream::connect(&p).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+            let _ = send(&mut s, &ask);
+            read_answer(&mut s, 1 << 30)
+        });
+        let _ = tx.send(r);
+    });
+    let shown = entry.mountpoint.display();
+    let text = match rx.recv_timeout(Duration::from_secs(40)) {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) if not_yours() => {
+            return Err(format!(
+                "{shown} is another user's mount: only its owner can ask what was read"
+            ))
         }
-    })?;
-    let mut text = String::new();
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
-        .and_then(|()| send(&mut s, &Ask::Provenance(filter.clone())))
-        .and_then(|()| s.read_to_string(&mut text))
-        .map_err(|e| {
-            format!(
-                "the daemon of {} did not answer: {e}",
-                entry.mountpoint.display()
-            )
-        })?;
+        Ok(Err(e)) => return Err(format!("the daemon of {shown} did not answer: {e}")),
+        Err(_) => return Err(format!("the daemon of {shown} did not answer within 40 s")),
+    };
     let snap: Snapshot = serde_json::from_str(&text).map_err(|_| {
         format!(
             "the daemon of {} does not keep a read manifest (started by an older provenafs?)",
@@ -266,6 +294,14 @@ pub fn ask_provenance(mountpoint: &Path, filter: &Filter) -> Result<Snapshot, St
         return Err(format!("{} is another mount's socket", path.display()));
     }
     Ok(snap)
+}
+
+/// The PID of the daemon serving `entry`, if it answers within 2 s.
+pub fn daemon_pid(entry: &MountEntry) -> Option<u32> {
+    match ask(entry) {
+        Asked::Answer(f) => f.pid,
+        _ => None,
+    }
 }
 
 /// Runs `provenafs status [MOUNTPOINT] [--json]`; returns what to print.
@@ -449,5 +485,23 @@ mod tests {
             lines[4].starts_with("/other ") && lines[4].contains("not yours"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn an_older_daemon_that_answers_without_reading_is_still_heard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            // The question has arrived, unread, when the answer goes.
+            std::thread::sleep(Duration::from_millis(100));
+            use std::io::Write;
+            c.write_all(b"{\"answer\":1}\n").unwrap();
+        });
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        send(&mut s, &Ask::Status).unwrap();
+        server.join().unwrap();
+        assert_eq!(read_answer(&mut s, 1 << 20).unwrap(), "{\"answer\":1}\n");
     }
 }

@@ -444,7 +444,8 @@ fn the_env_file_can_be_sourced_and_sim_says_what_next() {
     let lines = std::fs::read_to_string(&env_file).unwrap();
     assert!(
         lines.contains(
-            "\nexport PROVENA_AUTH_URL PROVENA_API_URL PROVENA_S3_ENDPOINT RRAP_OFFLINE_TOKEN\n"
+            "\nexport PROVENA_AUTH_URL PROVENA_API_URL PROVENA_PROV_API_URL PROVENA_JOB_API_URL \
+             PROVENA_S3_ENDPOINT RRAP_OFFLINE_TOKEN\n"
         ),
         "{lines}"
     );

@@ -29,8 +29,9 @@ pub struct ProvenanceArgs {
     /// Only what this process read.
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Only what was read at or after TIME (RFC 3339, `YYYY-MM-DD
-    /// HH:MM:SS` in UTC, or Unix seconds).
+    /// Only readers that read or opened a file at or after TIME (RFC 3339,
+    /// `YYYY-MM-DD HH:MM:SS` in UTC, or Unix seconds); each one's figures
+    /// are whole.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub since: Option<SystemTime>,
     /// The whole manifest as JSON: each file's key, ETag, bytes, times and
@@ -56,8 +57,14 @@ pub enum ProvenanceAction {
 
 #[derive(Args, Clone)]
 pub struct RegisterArgs {
-    /// The record: `provenance --model-run` output, filled in.
-    pub record: PathBuf,
+    /// The record: `provenance --model-run` output, filled in (`-`:
+    /// standard input).
+    #[arg(required_unless_present = "session")]
+    pub record: Option<PathBuf>,
+    /// Wait for a registration sent before (the session ID its message
+    /// gave) instead of sending a record: never registers twice.
+    #[arg(long, value_name = "ID", conflicts_with = "record")]
+    pub session: Option<String>,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -159,8 +166,12 @@ fn only_mount() -> Result<PathBuf, String> {
 /// RFC 3339, `YYYY-MM-DD HH:MM:SS` (UTC) or Unix seconds.
 fn parse_time(s: &str) -> Result<SystemTime, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+    if let Ok(secs) = s.parse::<i64>() {
+        // Within what a date can say (years 1 to 9999 and then some).
+        return chrono::DateTime::from_timestamp(secs, 0)
+            .filter(|t| secs >= 0 && t.timestamp() < 253_402_300_800)
+            .map(SystemTime::from)
+            .ok_or_else(|| format!("{s}: not a time a date can say"));
     }
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.into());
@@ -175,25 +186,13 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
     ))
 }
 
-/// `provenafs provenance register RECORD.json`.
+/// `provenafs provenance register RECORD.json` (or `--session ID`).
 fn register(a: RegisterArgs) -> Result<(), Exit> {
     super::init_logging(None, None, "error")?;
-    let text = if a.record == Path::new("-") {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| e.to_string())?;
-        s
-    } else {
-        std::fs::read_to_string(&a.record).map_err(|e| format!("{}: {e}", a.record.display()))?
+    let record = match &a.record {
+        Some(path) => Some(read_record(path)?),
+        None => None,
     };
-    let record: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not JSON: {e}", a.record.display()))?;
-    if !record.is_object() {
-        return Err(format!(
-            "{} is not a JSON object (a model run record)",
-            a.record.display()
-        )
-        .into());
-    }
     let file = crate::config::load(a.identity.config.as_deref())?;
     let domain = a
         .identity
@@ -223,14 +222,55 @@ fn register(a: RegisterArgs) -> Result<(), Exit> {
     crate::config::check_endpoint("--prov-api-url", &cfg.prov_api_url, insecure)?;
     crate::config::check_endpoint("--job-api-url", &cfg.job_api_url, insecure)?;
     let rt = super::runtime()?;
+    let sent = record.clone();
     let handle = rt.block_on(async {
         let session = super::connect(&a.identity, &a.token, &a.api, None).await?;
         let http = crate::http::client()?;
-        crate::provenance::register::register(&http, session.api.tokens(), &cfg, record)
-            .await
-            .map_err(|e| e.to_string())
+        let tokens = session.api.tokens();
+        let r = match (sent, &a.session) {
+            (Some(record), _) => {
+                crate::provenance::register::register(&http, tokens, &cfg, record).await
+            }
+            (None, Some(id)) => {
+                crate::provenance::register::wait_for_job(&http, tokens, &cfg, id).await
+            }
+            (None, None) => unreachable!("clap requires a record or --session"),
+        };
+        r.map_err(|e| {
+            let mut msg = e.to_string();
+            if let (crate::provenance::register::RegisterError::Refused { .. }, Some(r)) =
+                (&e, &record)
+            {
+                let empty = model_run::empty_fields(r);
+                if !empty.is_empty() {
+                    msg.push_str(&format!(
+                        "\nstill empty in the record: {}",
+                        empty.join(", ")
+                    ));
+                }
+            }
+            msg
+        })
     })?;
     super::print_out(&format!("{handle}\n"))
+}
+
+/// A record from `path` (`-`: standard input): a JSON object.
+fn read_record(path: &Path) -> Result<serde_json::Value, String> {
+    let (text, name) = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| e.to_string())?;
+        (s, "standard input".to_string())
+    } else {
+        let t = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        (t, path.display().to_string())
+    };
+    let record: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{name} is not JSON: {e}"))?;
+    if !record.is_object() {
+        return Err(format!("{name} is not a JSON object (a model run record)"));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -244,5 +284,6 @@ mod tests {
         assert_eq!(parse_time("2025-11-30T04:00:00Z"), Ok(t));
         assert_eq!(parse_time("2025-11-30 04:00:00"), Ok(t));
         assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("99999999999999").is_err());
     }
 }

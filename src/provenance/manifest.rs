@@ -30,28 +30,52 @@ struct Object {
 type Pair = (Object, Arc<Who>);
 
 /// What one reader did with one object version. Times are milliseconds
-/// since the Unix epoch (0: not yet).
-#[derive(Default, Debug)]
+/// since the Unix epoch (`u64::MAX` for a first time: not yet; 0 for a
+/// last time: not yet).
+#[derive(Debug)]
 pub struct Tally {
     opens: AtomicU64,
     bytes: AtomicU64,
     reads: AtomicU64,
     first_ms: AtomicU64,
     last_ms: AtomicU64,
+    first_open_ms: AtomicU64,
+    last_open_ms: AtomicU64,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            opens: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            first_ms: AtomicU64::new(u64::MAX),
+            last_ms: AtomicU64::new(0),
+            first_open_ms: AtomicU64::new(u64::MAX),
+            last_open_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Tally {
-    /// `n` bytes returned to a reader now: the read path's whole cost.
+    /// `n` bytes returned to a reader now: the read path's whole cost. A
+    /// read at the end of the file (nothing returned) is no read.
     pub fn read(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
         let now = now_ms();
         self.bytes.fetch_add(n, Ordering::Relaxed);
         self.reads.fetch_add(1, Ordering::Relaxed);
+        self.first_ms.fetch_min(now, Ordering::Relaxed);
         self.last_ms.fetch_max(now, Ordering::Relaxed);
-        if self.first_ms.load(Ordering::Relaxed) == 0 {
-            let _ = self
-                .first_ms
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        }
+    }
+
+    fn opened(&self) {
+        let now = now_ms();
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        self.first_open_ms.fetch_min(now, Ordering::Relaxed);
+        self.last_open_ms.fetch_max(now, Ordering::Relaxed);
     }
 }
 
@@ -128,7 +152,7 @@ impl Manifest {
                 t
             }
         };
-        tally.opens.fetch_add(1, Ordering::Relaxed);
+        tally.opened();
         tally
     }
 
@@ -136,8 +160,13 @@ impl Manifest {
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
         let sizes = lock(&self.sizes).clone();
         let names = lock(&self.names).clone();
+        // Copied out first: opens wait for this lock, not for the build.
+        let entries: Vec<(Object, Arc<Who>, Arc<Tally>)> = lock(&self.entries)
+            .iter()
+            .map(|((o, w), t)| (o.clone(), w.clone(), t.clone()))
+            .collect();
         let mut files: BTreeMap<Object, FileRead> = BTreeMap::new();
-        for ((object, who), t) in lock(&self.entries).iter() {
+        for (object, who, t) in &entries {
             let f = files.entry(object.clone()).or_insert_with(|| FileRead {
                 key: object.key.to_string(),
                 etag: object.etag.to_string(),
@@ -151,6 +180,8 @@ impl Manifest {
                 reads: t.reads.load(Ordering::Relaxed),
                 first_read: ms_time(t.first_ms.load(Ordering::Relaxed)),
                 last_read: ms_time(t.last_ms.load(Ordering::Relaxed)),
+                first_open: ms_time(t.first_open_ms.load(Ordering::Relaxed)),
+                last_open: ms_time(t.last_open_ms.load(Ordering::Relaxed)),
             });
         }
         let mut datasets: BTreeMap<String, DatasetRead> = BTreeMap::new();
@@ -177,7 +208,7 @@ impl Manifest {
 }
 
 fn ms_time(ms: u64) -> Option<DateTime<Utc>> {
-    (ms > 0).then(|| {
+    (ms > 0 && ms < u64::MAX).then(|| {
         DateTime::<Utc>::from(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     })
 }
@@ -285,8 +316,26 @@ pub struct ReaderRead {
     pub opens: u64,
     pub bytes_read: u64,
     pub reads: u64,
+    /// First and last read the daemon answered (none: every page it read
+    /// came from the kernel's cache, or it read nothing).
     pub first_read: Option<DateTime<Utc>>,
     pub last_read: Option<DateTime<Utc>>,
+    /// First and last open.
+    #[serde(default)]
+    pub first_open: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_open: Option<DateTime<Utc>>,
+}
+
+impl ReaderRead {
+    /// When it first and last used the file: its reads, or, for a reader
+    /// served from the kernel's cache alone, its opens.
+    fn span(&self) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        (
+            min_time(self.first_read, self.first_open),
+            max_time(self.last_read, self.last_open),
+        )
+    }
 }
 
 impl Snapshot {
@@ -302,7 +351,7 @@ impl Snapshot {
                         .as_ref()
                         .is_none_or(|j| r.who.job.as_ref() == Some(j))
                         && filter.pid.is_none_or(|p| r.who.pid == p)
-                        && since.is_none_or(|s| r.last_read.is_some_and(|l| l >= s))
+                        && since.is_none_or(|s| r.span().1.is_some_and(|l| l >= s))
                 });
                 f.readers.sort_by_key(|r| (r.who.uid, r.who.pid));
                 f.opens = f.readers.iter().map(|r| r.opens).sum();
@@ -323,11 +372,17 @@ impl Snapshot {
         self
     }
 
-    /// First and last read of everything in it.
+    /// When its readers first and last used what it holds (reads, or
+    /// opens for a reader the kernel's cache served alone).
     pub fn span(&self) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
-        let files = self.datasets.iter().flat_map(|d| &d.files);
-        files.fold((None, None), |(a, b), f| {
-            (min_time(a, f.first_read), max_time(b, f.last_read))
+        let readers = self
+            .datasets
+            .iter()
+            .flat_map(|d| &d.files)
+            .flat_map(|f| &f.readers);
+        readers.fold((None, None), |(a, b), r| {
+            let (first, last) = r.span();
+            (min_time(a, first), max_time(b, last))
         })
     }
 
@@ -396,6 +451,7 @@ mod tests {
             pid,
             command: Some("python3".into()),
             job: job.map(str::to_string),
+            started: 1,
         })
     }
 

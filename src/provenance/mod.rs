@@ -20,9 +20,10 @@ pub mod who;
 pub use manifest::{Filter, Manifest, Opened, Snapshot, Tally};
 pub use who::{Who, WhoCache};
 
-/// Where a mount's manifest is written when it ends: beside its log
-/// (`<log>.provenance.json` for `<log>.log`), or in the state folder under
-/// the mountpoint's name when it logs to the terminal.
+/// Where a mount's manifest is written when it ends: beside its log, its
+/// name with `.provenance.json` for `.log` (`job.log` →
+/// `job.provenance.json`), or in the state folder under the mountpoint's
+/// name when it logs to the terminal.
 pub fn manifest_path(
     log_file: Option<&std::path::Path>,
     mountpoint: &std::path::Path,
@@ -35,29 +36,31 @@ pub fn manifest_path(
 }
 
 /// Writes `snap` to `path` (0600: it names the user's processes), through
-/// a temporary file, so a reader never sees half of it.
+/// a temporary file of a name nobody can guess, so a reader never sees
+/// half of it. A manifest already there (an earlier mount's at the same
+/// mountpoint) is kept under its mount time:
+/// `<name>.provenance.<mounted_at>.json`.
 pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map_or("provenance".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = tempfile::Builder::new()
+        .prefix(".provenance")
+        .tempfile_in(dir)?;
     let text = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
     f.write_all(&text)?;
     f.write_all(b"\n")?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    f.as_file().sync_all()?;
+    if let Ok(old) = std::fs::read(path) {
+        if let Ok(earlier) = serde_json::from_slice::<Snapshot>(&old) {
+            let stamp = earlier.mounted_at.format("%Y%m%dT%H%M%SZ");
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let Some(kept) = name.as_deref().and_then(|n| n.strip_suffix(".json")) {
+                let _ = std::fs::rename(path, dir.join(format!("{kept}.{stamp}.json")));
+            }
+        }
+    }
+    f.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

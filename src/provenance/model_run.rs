@@ -67,6 +67,10 @@ pub const TO_FILL: [&str; 4] = [
     "associations.modeller_id",
 ];
 
+/// The annotation of a skeleton that names the version (ETag) of each
+/// file read: `{"<handle>": {"<path>": "<etag>"}}` as a JSON string.
+pub const VERSIONS_ANNOTATION: &str = "provenafs_versions_read";
+
 /// What a skeleton carries beside the record, for the person filling it
 /// in. The API ignores keys it does not know (its models do not forbid
 /// extra fields), and `provenafs provenance register` drops it before
@@ -105,12 +109,30 @@ pub fn skeleton(
             }
         })
         .collect();
+    // The versions read, which the record's own fields cannot hold: as
+    // one annotation (the API takes keys its workflow template does not
+    // name, and does not check values), `{handle: {path: ETag}}`.
+    let versions: BTreeMap<&str, BTreeMap<String, &str>> = snap
+        .datasets
+        .iter()
+        .map(|d| {
+            let files = d
+                .files
+                .iter()
+                .map(|f| (relative(&f.key), f.etag.as_str()))
+                .collect();
+            (d.handle.as_str(), files)
+        })
+        .collect();
+    let annotations = serde_json::to_string(&versions)
+        .ok()
+        .map(|v| BTreeMap::from([(VERSIONS_ANNOTATION.to_string(), v)]));
     let record = ModelRunRecord {
         workflow_template_id: String::new(),
         model_version: None,
         inputs,
         outputs: Vec::new(),
-        annotations: None,
+        annotations,
         display_name: String::new(),
         description: String::new(),
         study_id: None,
@@ -153,6 +175,30 @@ fn relative(key: &str) -> String {
         (Some("datasets"), Some(_), Some(rest)) if !rest.is_empty() => rest.to_string(),
         _ => key.to_string(),
     }
+}
+
+/// The fields of `record` a person still has to fill in (empty strings
+/// where the API needs an ID or a text), as `fill_in` names them.
+pub fn empty_fields(record: &serde_json::Value) -> Vec<String> {
+    let empty = |p: &str| record.pointer(p).is_some_and(|v| v.as_str() == Some(""));
+    let mut out: Vec<String> = [
+        ("/workflow_template_id", "workflow_template_id"),
+        ("/display_name", "display_name"),
+        ("/description", "description"),
+        ("/associations/modeller_id", "associations.modeller_id"),
+    ]
+    .iter()
+    .filter(|(p, _)| empty(p))
+    .map(|(_, n)| n.to_string())
+    .collect();
+    for list in ["inputs", "outputs"] {
+        for (i, d) in record[list].as_array().into_iter().flatten().enumerate() {
+            if d["dataset_template_id"].as_str() == Some("") {
+                out.push(format!("{list}[{i}].dataset_template_id"));
+            }
+        }
+    }
+    out
 }
 
 /// Parses `HANDLE=TEMPLATE_ID` (`--template`).
@@ -212,6 +258,11 @@ mod tests {
         }
         assert_eq!(v["associations"]["modeller_id"], "");
         assert!(v[NOTE_KEY]["fill_in"].as_array().unwrap().len() == 5);
+        let versions: serde_json::Value =
+            serde_json::from_str(r.annotations.as_ref().unwrap()[VERSIONS_ANNOTATION].as_str())
+                .unwrap();
+        assert_eq!(versions["10378.1/1"]["data/a.nc"], "e");
+        assert_eq!(empty_fields(&v).len(), 5);
         // Nothing read: no record.
         assert!(skeleton(
             &Manifest::new("/m").snapshot(&Filter::default()),

@@ -50,8 +50,16 @@ pub enum RegisterError {
     #[error("the job that lodges the record failed: {0}")]
     JobFailed(String),
     /// The job had not ended when the wait did; it may still succeed.
-    #[error("the record was accepted, but its job (session {0}) had not finished lodging it; ask the job API later")]
-    StillRunning(String),
+    #[error("the record was accepted, but its job had not finished lodging it{}; do not send it again: wait for it with `provenafs provenance register --session {session}`", .last.as_ref().map(|l| format!(" (last: {l})")).unwrap_or_default())]
+    StillRunning {
+        session: String,
+        /// What the job API last said or why it did not answer.
+        last: Option<String>,
+    },
+    /// The register call went out but its answer did not come back well:
+    /// the run may be registered.
+    #[error("{0}\nthe record may have been registered all the same: look for it in the registry before sending it again")]
+    Unsure(Box<RegisterError>),
 }
 
 /// Where the two APIs are and how long to wait.
@@ -139,12 +147,20 @@ pub async fn register(
                 .timeout(cfg.request_timeout)
                 .send()
                 .await
-                .map_err(|e| unreachable("provenance", &url, &e))?;
+                .map_err(|e| {
+                    // Refused before it was sent: nothing registered.
+                    let sure = e.is_connect() || e.is_builder();
+                    let err = unreachable("provenance", &url, &e);
+                    if sure {
+                        err
+                    } else {
+                        RegisterError::Unsure(Box::new(err))
+                    }
+                })?;
             let status = resp.status().as_u16();
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| unreachable("provenance", &url, &e))?;
+            let body = resp.bytes().await.map_err(|e| {
+                RegisterError::Unsure(Box::new(unreachable("provenance", &url, &e)))
+            })?;
             match status {
                 200 => return Ok(body),
                 401 if !renewed && !is_refusal(&detail(&body)) => {
@@ -159,11 +175,17 @@ pub async fn register(
                     })
                 }
                 _ => {
-                    return Err(RegisterError::Http {
+                    let e = RegisterError::Http {
                         what: "provenance",
                         status,
                         detail: detail(&body),
-                    })
+                    };
+                    // A gateway's 502/504 may come after the API did it.
+                    return Err(if status >= 500 {
+                        RegisterError::Unsure(Box::new(e))
+                    } else {
+                        e
+                    });
                 }
             }
         }
@@ -192,8 +214,8 @@ pub async fn register(
 }
 
 /// Asks the job API about `session` until its job ends or `cfg.wait` is
-/// over: every second at first, then up to every 5 s.
-async fn wait_for_job(
+/// over: every 250 ms at first, then up to every 5 s.
+pub async fn wait_for_job(
     http: &reqwest::Client,
     tokens: &Arc<TokenSource>,
     cfg: &RegisterConfig,
@@ -203,6 +225,7 @@ async fn wait_for_job(
     let until = Deadline::after(cfg.wait);
     let mut pause = Duration::from_millis(250);
     let mut renewed = false;
+    let mut last: Option<String> = None;
     loop {
         let deadline = Deadline::after(cfg.request_timeout);
         let token = tokens.access_token(deadline).await?;
@@ -232,7 +255,10 @@ async fn wait_for_job(
                         None
                     }
                     401 | 403 => return Err(RegisterError::Unauthorized(detail(&body))),
-                    s if s >= 500 || s == 429 => None,
+                    s if s >= 500 || s == 429 => {
+                        last = Some(format!("the job API answered HTTP {s}"));
+                        None
+                    }
                     s => {
                         return Err(RegisterError::Http {
                             what: "job",
@@ -243,7 +269,9 @@ async fn wait_for_job(
                 }
             }
             Err(e) => {
-                debug!(error = %crate::http::describe_reqwest(&e), "job API did not answer; asking again");
+                let why = crate::http::describe_reqwest(&e);
+                debug!(error = %why, "job API did not answer; asking again");
+                last = Some(format!("cannot reach the job API at {url}: {why}"));
                 None
             }
         };
@@ -265,11 +293,14 @@ async fn wait_for_job(
                     ))
                 }
                 // PENDING, DEQUEUED, IN_PROGRESS.
-                _ => {}
+                other => last = Some(format!("the job is {other}")),
             }
         }
         if !until.allows(pause) {
-            return Err(RegisterError::StillRunning(session.to_string()));
+            return Err(RegisterError::StillRunning {
+                session: session.to_string(),
+                last,
+            });
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));

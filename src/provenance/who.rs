@@ -1,13 +1,14 @@
-//! Who opened a file: the UID and PID the kernel puts in every FUSE
-//! request, and, read once per process from `/proc`, its command and
-//! Slurm job.
+//! Who opened a file: the UID and thread ID the kernel puts in every FUSE
+//! request, turned into the process (its thread group), its command and
+//! its Slurm job.
 //!
-//! The job comes from the process's environment (`SLURM_JOB_ID` in
-//! `/proc/PID/environ`, readable by the process's owner and by root) or,
-//! where that is not readable (another user's process on an
-//! `--allow-other` mount), from its cgroup: Slurm's cgroup plugins put
-//! every task under a `job_<ID>` folder (v1: `/slurm/uid_U/job_J/step_S`;
-//! v2: `/system.slice/<node>_slurmstepd.scope/job_J/step_S/...`).
+//! The job comes from the process's cgroup, which the kernel enforces:
+//! Slurm's cgroup plugins put every task under a `job_<ID>` folder (v1:
+//! `/slurm/uid_U/job_J/step_S`; v2:
+//! `/system.slice/<node>_slurmstepd.scope/job_J/step_S/...`); where there
+//! is none (`proctrack/linuxproc`, a container with its own cgroup
+//! namespace), from `SLURM_JOB_ID` in `/proc/PID/environ` (readable by the
+//! process's owner and by root).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,60 +19,94 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Who {
     pub uid: u32,
+    /// The process (thread group) ID: every thread of a reader is one
+    /// reader.
     pub pid: u32,
-    /// Its command name (as `ps -o comm`: at most 15 bytes), if the
-    /// process was still there to ask.
+    /// Its command name when it opened the file (as `ps -o comm`: at most
+    /// 15 bytes), if the process was still there to ask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Its Slurm job ID, if it runs in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// When it started, in clock ticks since boot: two processes the
+    /// kernel gave the same PID are two readers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub started: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most processes remembered: past it the table starts afresh (a process
 /// is then looked up again at its next open).
 const KEPT: usize = 4096;
 
-/// What `/proc` said of each process. An open costs one read of
-/// `/proc/PID/stat` (its command and start time: a PID the kernel gave to
-/// a new process since is a new reader); the environment and cgroup are
-/// read once per process.
+/// What `/proc` said of each process. An open costs two small reads:
+/// `/proc/TID/status` (the thread's process) and `/proc/PID/stat` (its
+/// command now, and its start time); the job is read once per process.
 #[derive(Default)]
 pub struct WhoCache {
-    by_pid: Mutex<HashMap<(u32, u32, u64), Arc<Who>>>,
+    jobs: Mutex<HashMap<(u32, u64), Option<String>>>,
 }
 
 impl WhoCache {
-    /// The reading process `pid` of user `uid`. A PID of 0 (a request the
-    /// kernel makes on its own) or one gone already has no command or job.
-    pub fn get(&self, uid: u32, pid: u32) -> Arc<Who> {
-        let stat = (pid != 0)
-            .then(|| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-            .flatten();
-        let Some((command, started)) = stat.as_deref().and_then(parse_stat) else {
-            return Arc::new(Who {
+    /// The process of thread `tid` of user `uid`. A TID of 0 (a request
+    /// the kernel makes on its own) or one gone already has no command or
+    /// job.
+    pub fn get(&self, uid: u32, tid: u32) -> Arc<Who> {
+        let unknown = || {
+            Arc::new(Who {
                 uid,
-                pid,
+                pid: tid,
                 ..Who::default()
-            });
+            })
         };
-        let key = (uid, pid, started);
-        if let Some(w) = lock(&self.by_pid).get(&key) {
-            return w.clone();
+        if tid == 0 {
+            return unknown();
         }
-        let who = Arc::new(Who {
+        let pid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| tgid_of(&s))
+            .unwrap_or(tid);
+        let Some((command, started)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        else {
+            return unknown();
+        };
+        let key = (pid, started);
+        let cached = lock(&self.jobs).get(&key).cloned();
+        let job = match cached {
+            Some(j) => j,
+            None => {
+                let j = job_of(pid);
+                let mut m = lock(&self.jobs);
+                if m.len() >= KEPT {
+                    m.clear();
+                }
+                m.insert(key, j.clone());
+                j
+            }
+        };
+        Arc::new(Who {
             uid,
             pid,
             command: Some(command),
-            job: job_of(pid),
-        });
-        let mut m = lock(&self.by_pid);
-        if m.len() >= KEPT {
-            m.clear();
-        }
-        m.insert(key, who.clone());
-        who
+            job,
+            started,
+        })
     }
+}
+
+/// The `Tgid:` of a `/proc/TID/status`.
+fn tgid_of(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The command (field 2, in parentheses, which it may itself contain) and
@@ -94,16 +129,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The Slurm job of process `pid`: its environment's `SLURM_JOB_ID`, else
-/// the `job_<ID>` folder of its cgroup.
+/// The Slurm job of process `pid`: the `job_<ID>` folder of its cgroup
+/// (the kernel's word), else its environment's `SLURM_JOB_ID`.
 fn job_of(pid: u32) -> Option<String> {
-    if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
-        if let Some(j) = job_in_environ(&env) {
-            return Some(j);
-        }
+    if let Some(j) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|cg| job_in_cgroup(&cg))
+    {
+        return Some(j);
     }
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    job_in_cgroup(&cg)
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    job_in_environ(&env)
 }
 
 /// `SLURM_JOB_ID` in a NUL-separated environment block, if it is a job ID
@@ -160,12 +196,25 @@ mod tests {
     }
 
     #[test]
-    fn this_process_is_found_once() {
+    fn a_thread_is_its_process() {
         let cache = WhoCache::default();
         let me = std::process::id();
         let a = cache.get(0, me);
-        assert!(a.command.is_some());
-        assert!(Arc::ptr_eq(&a, &cache.get(0, me)));
+        assert!(a.command.is_some() && a.started > 0);
+        // Another thread of this process: the same reader.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let live = rx.recv().unwrap();
+        assert_ne!(live, me);
+        assert_eq!(*cache.get(0, live), *a);
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
         assert_eq!(cache.get(5, 0).command, None);
+        assert_eq!(tgid_of("Name:\tx\nTgid:\t42\nPid:\t43\n"), Some(42));
     }
 }

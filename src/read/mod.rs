@@ -183,7 +183,9 @@ impl FirstBytes for Reader {
         let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
         let block0 = file.meta.size.min(self.cfg.block_size);
         if head.len() as u64 >= block0 {
-            // The whole first block (a small file): a block like any other.
+            // The whole first block (a small file): a block like any other,
+            // fetched from S3 (and counted so).
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
             let key = BlockKey {
                 object: id,
                 index: 0,
