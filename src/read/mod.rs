@@ -179,6 +179,12 @@ pub struct Reader {
 const HEADS_KEPT: usize = 32;
 
 impl FirstBytes for Reader {
+    /// Not with a disk cache: what it holds (a prefetch's, another
+    /// node's) must cost no request, and a guess cannot know it is there.
+    fn wanted(&self) -> bool {
+        self.disk.is_none()
+    }
+
     fn offer(&self, file: &FileRef, head: Bytes) {
         let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
         let block0 = file.meta.size.min(self.cfg.block_size);
@@ -502,7 +508,10 @@ impl Reader {
                 // transfer too (1 MiB is 20 ms at 50 MiB/s a stream).
                 // Not worth a request where the block is little more than
                 // the read (a small file).
+                // Not with a disk cache: a block there (a remount's,
+                // another node's, a prefetch's) must cost no request.
                 let quick = first
+                    && self.disk.is_none()
                     && b0 == b1
                     && self.block_len(f, b0) >= (end - offset).saturating_mul(4).max(bs / 4)
                     && self.known(&self.key(f, b0)).is_none();
@@ -555,8 +564,7 @@ impl Reader {
 
     /// A file's first read (`offset..end`, within one block): whichever
     /// answers first of `block` (its block's fetch) and a ranged GET of
-    /// just those bytes. With a disk cache the GET waits a moment, so a
-    /// block already on disk (a remount's, another node's) costs no request.
+    /// just those bytes (only without a disk cache: see `read`).
     async fn first_read(
         self: &Arc<Self>,
         f: &OpenFile,
@@ -568,19 +576,10 @@ impl Reader {
         let bs = self.cfg.block_size;
         let b0 = offset / bs;
         let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
-        let pause = if self.disk.is_some() {
-            Duration::from_millis(5)
-        } else {
-            Duration::ZERO
-        };
         // On a task of its own: a store that panics fails this GET, not
         // the read (which then waits for the block).
         let (store, meta) = (f.file.dataset.store.clone(), f.file.meta.clone());
         let mut exact = tokio::spawn(async move {
-            // (No timer at all without a pause: its tick is a millisecond.)
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
             store
                 .get_range(&meta.key, offset..end, Some(&meta), fetch_deadline)
                 .await

@@ -83,6 +83,11 @@ impl Default for TreeConfig {
 /// Where a lookup hands the first bytes of a file it fetched beside its
 /// probe (the read path, which serves the file's first read from them).
 pub trait FirstBytes: Send + Sync {
+    /// Whether guesses are wanted at all.
+    fn wanted(&self) -> bool {
+        true
+    }
+
     /// `head`: bytes `0..head.len()` of `file`'s version.
     fn offer(&self, file: &FileRef, head: Bytes);
 }
@@ -586,7 +591,9 @@ impl Tree {
         key: &str,
         deadline: Deadline,
     ) -> Option<tokio::task::JoinHandle<Option<(Bytes, ObjectMeta)>>> {
-        self.first_bytes.get()?;
+        if !self.first_bytes.get()?.wanted() {
+            return None;
+        }
         if self.state().dirs.get(&parent).is_some_and(|d| d.pages > 0) {
             return None;
         }
