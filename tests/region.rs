@@ -48,10 +48,21 @@ fn a_redirect_to_the_buckets_region_is_followed_once_and_remembered() {
     let m = sim.mount(&["--s3-region", "us-east-1"]);
     let issued = sim.stat("credentials_issued");
     same(&sim, &m, "10378.1/1/a.bin");
-    assert_eq!(sim.stat("s3_redirect"), 1, "one redirect for the bucket");
+    // The lookup's LIST and its guess at the file's first bytes go out
+    // together, before either learns the region: each is redirected once
+    // (the guess is not followed: it is a guess).
+    let redirects = sim.stat("s3_redirect");
+    assert!(
+        (1..=2).contains(&redirects),
+        "one redirect for the bucket (two requests at once): {redirects}"
+    );
     // Another dataset in the same bucket: signed for the right region at once.
     same(&sim, &m, "10378.1/2/b.bin");
-    assert_eq!(sim.stat("s3_redirect"), 1, "the region is remembered");
+    assert_eq!(
+        sim.stat("s3_redirect"),
+        redirects,
+        "the region is remembered"
+    );
     // A redirect is no refused credential: one set per dataset read.
     assert_eq!(sim.stat("credentials_issued"), issued + 2);
     let said = lines(&m, &["is in region ap-southeast-2, not us-east-1"]);
@@ -63,7 +74,8 @@ fn a_redirect_to_the_buckets_region_is_followed_once_and_remembered() {
     // The bucket moves (the emulator's region changes): followed again.
     sim.post("/_sim/faults?s3_region=eu-west-1");
     same(&sim, &m, "10378.1/2/c.bin");
-    assert_eq!(sim.stat("s3_redirect"), 2);
+    let moved = sim.stat("s3_redirect") - redirects;
+    assert!((1..=2).contains(&moved), "followed again: {moved}");
     let said = lines(&m, &["is in region eu-west-1, not ap-southeast-2"]);
     assert_eq!(said.len(), 1, "{said:?}");
 }
