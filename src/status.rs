@@ -86,6 +86,9 @@ pub enum Ask {
     Provenance(Filter),
 }
 
+/// Questions a daemon answers at once; others wait their turn.
+const ANSWERS_AT_ONCE: usize = 4;
+
 /// How long a daemon waits for a client's question.
 const ASK_WAIT: Duration = Duration::from_millis(300);
 
@@ -123,6 +126,9 @@ pub fn serve(
         body.push(b'\n');
         body
     });
+    // Questions answered at once, most: each answer is built and held in
+    // full until sent (a large manifest is many MiB).
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ANSWERS_AT_ONCE));
     rt.spawn(async move {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         loop {
@@ -133,7 +139,7 @@ pub fn serve(
                     return;
                 }
             };
-            let answer = answer.clone();
+            let (answer, slots) = (answer.clone(), slots.clone());
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 // One line of at most 64 KiB.
@@ -145,6 +151,9 @@ pub fn serve(
                     _ => Ask::Status,
                 };
                 let provenance = matches!(ask, Ask::Provenance(_));
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
                 // Off the runtime's threads: a large manifest takes a while.
                 let body = tokio::task::spawn_blocking(move || answer(ask))
                     .await
