@@ -166,8 +166,14 @@ fn a_first_byte_costs_one_get_and_a_datasets_first_file_its_api_calls_once() {
     let c1 = counts(&sim);
     let d: Vec<u64> = c1.iter().zip(c0).map(|(a, b)| a - b).collect();
     eprintln!("dataset's first file: [get, list, head, fetch, credentials] = {d:?}");
-    assert_eq!(d[0], 2, "the first bytes' GET and the block's");
-    assert!(d[5] <= (MIB + 128 * 1024) as u64, "{} bytes", d[5]);
+    // (On a loaded machine the guess may come after the lookup stopped
+    // waiting for it, 10 ms past its LIST: then the first read sends its
+    // own small GET, as in a listed folder below. Never more.)
+    assert!(
+        (2..=3).contains(&d[0]),
+        "the first bytes' GET and the block's: {d:?}"
+    );
+    assert!(d[5] <= (MIB + 256 * 1024) as u64, "{} bytes", d[5]);
     assert!(d[1] <= 1 && d[2] == 0, "at most one listing, no HEAD");
     assert_eq!((d[3], d[4]), (1, 1), "one record, one credentials call");
     // An unread file of a listed folder: a GET of the bytes the kernel
