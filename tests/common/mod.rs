@@ -305,7 +305,15 @@ impl Drop for Sim {
         }
         // The suite-wide promise: no token, credential or signature in any
         // log line at any level, in any message.
-        let logs = std::mem::take(&mut *self.logs.lock().unwrap());
+        let mut logs = std::mem::take(&mut *self.logs.lock().unwrap());
+        // A mount's read manifest, written beside its log as it ends, is
+        // output too (and goes with the log).
+        let manifests: Vec<PathBuf> = logs
+            .iter()
+            .map(|p| p.with_extension("provenance.json"))
+            .filter(|m| m.exists())
+            .collect();
+        logs.extend(manifests);
         let mut texts = vec![(
             "command output".to_string(),
             self.outputs.lock().unwrap().clone(),
