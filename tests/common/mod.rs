@@ -405,16 +405,45 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .args(["unmount", "--lazy"])
-            .arg(self.dir.path())
-            // Already unmounted by the test: nothing to say.
-            .stderr(Stdio::null())
-            .status();
+        // Its daemon ends after the unmount, writing its read manifest.
+        let daemon = Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("provenafs mount {}", self.path().display()))
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()?
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            });
+        // Plainly first, lazily if something still uses it.
+        for how in [&["unmount"][..], &["unmount", "--lazy"][..]] {
+            let done = Command::new(BIN)
+                .args(how)
+                .arg(self.dir.path())
+                // Already unmounted by the test: nothing to say.
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if done || !is_mounted(self.dir.path()) {
+                break;
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while is_mounted(self.dir.path()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        if let Some(pid) = daemon {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // The manifest the daemon wrote beside its log goes with the test.
+        let _ = std::fs::remove_file(self.log.with_extension("provenance.json"));
     }
 }
 
