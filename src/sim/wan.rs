@@ -224,7 +224,10 @@ mod tests {
             .to_bytes();
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(got.len(), 8 << 20);
-        assert!((0.152..0.2).contains(&secs), "{secs}");
+        // Never faster than the pace; slower only by what a loaded
+        // machine's scheduler adds (the precision check is
+        // tests/emulator.rs, over a real connection).
+        assert!((0.152..0.5).contains(&secs), "{secs}");
     }
 
     #[tokio::test]
@@ -239,8 +242,9 @@ mod tests {
         for b in futures::future::join_all(bodies).await {
             assert_eq!(b.unwrap().to_bytes().len(), 4 << 20);
         }
-        // 16 MiB over a 100 MiB/s link: 0.16 s, not 4 MiB at 50 (0.08 s).
+        // 16 MiB over a 100 MiB/s link: 0.16 s, not 4 MiB at 50 (0.08 s);
+        // slower only by a loaded machine's scheduling.
         let secs = t.elapsed().as_secs_f64();
-        assert!((0.152..0.21).contains(&secs), "{secs}");
+        assert!((0.152..0.5).contains(&secs), "{secs}");
     }
 }
