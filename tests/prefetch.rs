@@ -230,7 +230,11 @@ fn slurm_job(sim: &Sim, tmp: &Path, env: &[(&str, &str)], args: &[&str]) -> std:
         .env("PROVENA_TOKEN_FILE", &tf)
         .env("PROVENA_DATASETS", "10378.1/1")
         .env("RUST_LOG", "warn")
-        .env_remove("RRAP_OFFLINE_TOKEN");
+        .env_remove("RRAP_OFFLINE_TOKEN")
+        .env_remove("PROVENA_PROVENANCE")
+        // The job's working folder (its read manifest lands there), never
+        // the repository.
+        .current_dir(tmp);
     for (k, v) in env {
         c.env(k, v);
     }
