@@ -161,7 +161,14 @@ impl SharedLeases {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    if lock_live(&text) {
+                    // A lock whose line is not whole yet is being taken
+                    // right now (created, then written): live, unless it
+                    // was left so long ago that its taker died.
+                    let being_written = !text.ends_with('\n')
+                        && std::fs::symlink_metadata(&path)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t.elapsed().is_ok_and(|a| a < LOCK_WRITE_GRACE));
+                    if being_written || lock_live(&text) {
                         return None;
                     }
                     let _ = std::fs::remove_file(&path);
@@ -194,6 +201,9 @@ impl Drop for LeaseLock {
         }
     }
 }
+
+/// How long a lock file without its whole line is taken as being written.
+const LOCK_WRITE_GRACE: Duration = Duration::from_secs(10);
 
 fn lock_live(text: &str) -> bool {
     let mut f = text.split_whitespace();
@@ -279,6 +289,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_being_written_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SharedLeases::open(dir.path()).unwrap();
+        let until = SystemTime::now() + Duration::from_secs(30);
+        // Another process has created the lock and not yet written its line.
+        std::fs::write(s.dir.join("x.lock"), "").unwrap();
+        assert!(s.lock("x", until).is_none(), "taken over mid-write");
+        // A whole line of a dead owner is taken over.
+        std::fs::write(s.dir.join("x.lock"), format!("{} 999999999 1\n", host())).unwrap();
+        assert!(s.lock("x", until).is_some());
+    }
 
     #[test]
     fn a_lease_is_shared_until_a_third_of_its_life_is_left() {
