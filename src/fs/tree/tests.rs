@@ -388,6 +388,36 @@ fn hooked_tree(mem: Arc<MemoryStore>, hook: ListHook) -> Arc<Tree> {
     ))
 }
 
+/// A tree over `mem` whose LISTs are held at `gate` when `hold(prefix,
+/// later_page)` says so (read at once, answered when the gate opens).
+fn gated_tree(
+    mem: Arc<MemoryStore>,
+    gate: &Arc<Gate>,
+    hold: impl Fn(&str, bool) -> bool + Send + Sync + 'static,
+) -> Arc<Tree> {
+    let g = gate.clone();
+    hooked_tree(
+        mem,
+        Box::new(move |prefix, later| {
+            let held = hold(prefix, later);
+            let g = g.clone();
+            Box::pin(async move {
+                if held {
+                    g.pass().await;
+                }
+                Ok(())
+            })
+        }),
+    )
+}
+
+/// Starts listing folder `d` on its own task: its stream, and the task.
+fn drive_listing(t: &Arc<Tree>, d: u64) -> (Arc<DirStream>, tokio::task::JoinHandle<()>) {
+    let (stream, _) = t.open_dir(d).unwrap();
+    let (t, s) = (t.clone(), stream.clone());
+    (stream, tokio::spawn(async move { t.drive(d, &s).await }))
+}
+
 #[tokio::test]
 async fn a_listing_in_flight_never_undoes_a_detected_change() {
     let mem = Arc::new(MemoryStore::with_page_size(1));
@@ -396,27 +426,11 @@ async fn a_listing_in_flight_never_undoes_a_detected_change() {
     }
     // Pages after the first are read at once but answered when let go.
     let gate = Gate::new();
-    let g = gate.clone();
-    let t = hooked_tree(
-        mem.clone(),
-        Box::new(move |_, later| {
-            let g = g.clone();
-            Box::pin(async move {
-                if later {
-                    g.pass().await;
-                }
-                Ok(())
-            })
-        }),
-    );
+    let t = gated_tree(mem.clone(), &gate, |_, later| later);
     let d = dataset(&t, "1.2/3").await;
     let old_a = t.lookup(d, "a", soon()).await.unwrap();
     // The listing has page 1 (`a`, old) and page 2 (`b`) on its way.
-    let (stream, _) = t.open_dir(d).unwrap();
-    let driver = {
-        let (t, s) = (t.clone(), stream.clone());
-        tokio::spawn(async move { t.drive(d, &s).await })
-    };
+    let (stream, driver) = drive_listing(&t, d);
     gate.waiting.notified().await;
     // `a` is replaced and `b` deleted; a lookup of each finds out.
     mem.put("datasets/1-2-3/a", "new!");
@@ -505,23 +519,10 @@ async fn an_older_not_found_never_hides_a_newer_found() {
     let mem = Arc::new(MemoryStore::new());
     // The first probe of `x` is read at once but answered when let go.
     let gate = Gate::new();
-    let (g, first) = (
-        gate.clone(),
-        Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    );
-    let t = hooked_tree(
-        mem.clone(),
-        Box::new(move |prefix, _| {
-            let hold = prefix.ends_with("/x") && !first.swap(true, Ordering::SeqCst);
-            let g = g.clone();
-            Box::pin(async move {
-                if hold {
-                    g.pass().await;
-                }
-                Ok(())
-            })
-        }),
-    );
+    let first = std::sync::atomic::AtomicBool::new(false);
+    let t = gated_tree(mem.clone(), &gate, move |prefix, _| {
+        prefix.ends_with("/x") && !first.swap(true, Ordering::SeqCst)
+    });
     let d = dataset(&t, "1.2/3").await;
     // Lookup 1 finds nothing, but its answer is slow to come back...
     let first = {
@@ -703,27 +704,13 @@ async fn a_name_forgotten_while_its_folder_is_listed_stays_listed() {
     // The folder's third page is read at once but answered when let go:
     // by then the second has confirmed `a` (page 1's file waits for it).
     let gate = Gate::new();
-    let (g, pages) = (gate.clone(), Arc::new(AtomicU64::new(0)));
-    let t = hooked_tree(
-        mem.clone(),
-        Box::new(move |prefix, _| {
-            let hold = prefix.ends_with("1-2-3/") && pages.fetch_add(1, Ordering::SeqCst) == 2;
-            let g = g.clone();
-            Box::pin(async move {
-                if hold {
-                    g.pass().await;
-                }
-                Ok(())
-            })
-        }),
-    );
+    let pages = AtomicU64::new(0);
+    let t = gated_tree(mem.clone(), &gate, move |prefix, _| {
+        prefix.ends_with("1-2-3/") && pages.fetch_add(1, Ordering::SeqCst) == 2
+    });
     let d = dataset(&t, "1.2/3").await;
     let a = t.lookup(d, "a", soon()).await.unwrap();
-    let (stream, _) = t.open_dir(d).unwrap();
-    let driver = {
-        let (t, s) = (t.clone(), stream.clone());
-        tokio::spawn(async move { t.drive(d, &s).await })
-    };
+    let (stream, driver) = drive_listing(&t, d);
     gate.waiting.notified().await;
     // Page 1 confirmed `a`; then the kernel lets go of it.
     t.forget(a.ino, 1);
