@@ -56,26 +56,43 @@ fn sequential_read_uses_few_large_gets_and_rereads_none() {
     eprintln!("64 MiB sequential: {gets} GETs, {bytes} bytes");
     // The run's first 16 MiB as read (a block a GET: a short run is not
     // worth read-ahead), the rest in 4 MiB parts: 28. On a loaded machine
-    // a few blocks of read-ahead go from the memory cache before the
-    // reader gets to them and are fetched again (34 GETs, 70 MiB seen in a
-    // full suite run): the bytes bound below is the property.
+    // the kernel loses a few pages of a completed read (see the re-read
+    // below) and asks for each again, a small GET each (34 GETs, 70 MiB
+    // seen in a full suite run): the bytes bound below is the property.
     assert!(gets <= 40, "{gets} GETs for 64 MiB");
     assert!(
         bytes <= (64 * MIB) as u64 * 11 / 10,
         "{bytes} bytes fetched"
     );
-    // Second read: the kernel page cache, kept across opens. Nearly all
-    // of it: about one run in twelve the kernel sends a few reads again
-    // (2 to 6 GETs, measured on this code and on d9a47c6 before it; the
-    // cause is not found yet). Whole blocks come from S3 then, never the
-    // file again.
+    // Second read: the kernel page cache, kept across opens. All of it
+    // but what the kernel itself lost: under CPU load, the kernel (6.18
+    // here) leaves a few scattered 4 KiB pages of a completed 1 MiB FUSE
+    // read out of the page cache, with no reclaim (`pgsteal` unchanged;
+    // `fincore` counts 16,380 of 16,384 pages). Each comes back as a
+    // single-page read, its own small GET (beside its block's GET at
+    // most). Counted here, so only those may cost a request.
+    let lost = (64 * MIB / 4096) as u64 - resident_pages(&f);
     let d = Delta::new(&sim);
     assert_eq!(sha256(&f), sha256(&sim.root().join("10378.1/1/big.bin")));
     let (gets, bytes) = (d.get("s3_get"), d.get("s3_get_bytes"));
     assert!(
-        gets <= 8 && bytes <= (8 * MIB) as u64,
-        "warm re-read: {gets} GETs, {bytes} bytes"
+        gets <= 2 * lost && bytes <= lost * (MIB as u64 + 4096),
+        "warm re-read: {gets} GETs, {bytes} bytes for {lost} pages the kernel lost"
     );
+}
+
+/// How many of `f`'s pages the kernel's page cache holds (util-linux
+/// `fincore`).
+fn resident_pages(f: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--raw", "--noheadings", "--output", "PAGES"])
+        .arg(f)
+        .output()
+        .expect("fincore (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore said {text:?}"))
 }
 
 #[test]
