@@ -21,6 +21,7 @@ use crate::auth::{AuthConfig, AuthError};
 use crate::fs::fuse::{FuseConfig, MountStats, ProvenaFs};
 use crate::fs::tree::{Tree, TreeConfig};
 use crate::mountinfo;
+use crate::provenance::checkpoint::ManifestFile;
 use crate::read::{ReadConfig, Reader};
 use crate::s3::aws::S3Config;
 use crate::secret::Secret;
@@ -421,8 +422,17 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
         rt.handle().clone(),
     );
     let stats = fs.stats();
+    // Written while mounted too: a daemon killed outright (no SIGTERM)
+    // still leaves its last checkpoint.
+    let manifest_file = manifest_file(&manifest, &cfg);
+    let checkpoints = manifest_file
+        .as_ref()
+        .map(|f| f.spawn_checkpoints(crate::provenance::checkpoint::every(), rt.handle()));
     let served = serve(fs, &stats, s3_counters, &cfg, rt);
-    write_manifest(&manifest, &cfg);
+    drop(checkpoints);
+    if let Some(f) = &manifest_file {
+        f.finish();
+    }
     // One line for the operator: what the mount held and did.
     info!("stats: {}", stats.line());
     served
@@ -762,22 +772,19 @@ fn serve(
     Ok(())
 }
 
-/// Writes what the mount's readers read beside its log (see
+/// The file the mount's read manifest goes to, beside its log (see
 /// [`crate::provenance::manifest_path`]), so a batch job can keep it with
-/// its outputs. Nothing read, nothing written.
-fn write_manifest(manifest: &crate::provenance::Manifest, cfg: &MountConfig) {
-    let snap = manifest.snapshot(&crate::provenance::Filter::default());
-    if snap.datasets.is_empty() {
-        return;
-    }
-    let Some(path) = crate::provenance::manifest_path(cfg.log_file.as_deref(), &cfg.mountpoint)
-    else {
-        warn!("no state folder (set HOME or XDG_STATE_HOME): the read manifest is not written");
-        return;
-    };
-    match crate::provenance::write_snapshot(&path, &snap) {
-        Ok(()) => info!(path = %path.display(), "read manifest written"),
-        Err(e) => warn!(path = %path.display(), error = %e, "cannot write the read manifest"),
+/// its outputs. `None` (said in the log) without a state folder.
+fn manifest_file(
+    manifest: &Arc<crate::provenance::Manifest>,
+    cfg: &MountConfig,
+) -> Option<Arc<ManifestFile>> {
+    match crate::provenance::manifest_path(cfg.log_file.as_deref(), &cfg.mountpoint) {
+        Some(path) => Some(Arc::new(ManifestFile::new(manifest.clone(), path))),
+        None => {
+            warn!("no state folder (set HOME or XDG_STATE_HOME): the read manifest is not written");
+            None
+        }
     }
 }
 

@@ -244,3 +244,75 @@ fn each_jobs_reads_are_its_own_and_become_a_registrable_model_run() {
     assert_eq!(files_of(&from), files_of(&j101));
     let _ = std::fs::remove_file(&manifest);
 }
+
+/// A daemon killed outright (SIGKILL: the OOM killer, `scancel -s KILL`)
+/// never reaches its unmount; what its readers read up to the last
+/// checkpoint is still beside its log. A later read lands in the next
+/// checkpoint, and a checkpoint replaces the mount's own earlier one
+/// instead of keeping it as an earlier mount's.
+#[test]
+fn a_killed_daemon_leaves_its_last_checkpoint() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = dataset_sim();
+    let m = mount_with_env(&sim, &[], &[("PROVENAFS_MANIFEST_EVERY_SECS", "1")]);
+    let manifest = m.log.with_extension("provenance.json");
+    let read_back = || -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(&manifest).ok()?).ok()
+    };
+    let wait_for = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(v) = read_back().filter(|v| files_of(v).len() == n) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint with {n} files at {}: {:?}",
+                manifest.display(),
+                read_back()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    read_as_job(&m, "701", &["10378.1/1/data/a.nc"]);
+    let first = wait_for(1);
+    read_as_job(&m, "702", &["10378.1/2/c.bin"]);
+    let second = wait_for(2);
+    assert_eq!(first["mounted_at"], second["mounted_at"]);
+    // One file beside the log: the mount's own checkpoints replace each
+    // other (an earlier mount's would be kept under its mount time).
+    let stem = m.log.file_stem().unwrap().to_string_lossy().into_owned();
+    let kept: Vec<_> = std::fs::read_dir(m.log.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{stem}.provenance")))
+        .collect();
+    assert_eq!(kept, vec![format!("{stem}.provenance.json")]);
+
+    unsafe { libc::kill(m.daemon_pid(), libc::SIGKILL) };
+    // The watchdog takes the dead mount away; the manifest stays.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(m.path()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left = read_back().expect("the last checkpoint survives the kill");
+    let mut files = files_of(&left);
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files[0].1.ends_with("data/a.nc"), "{files:?}");
+    assert!(files[1].1.ends_with("c.bin"), "{files:?}");
+    let job = provenance(
+        &sim,
+        &[
+            "--from",
+            manifest.to_str().unwrap(),
+            "--json",
+            "--job",
+            "702",
+        ],
+    );
+    assert_eq!(files_of(&job).len(), 1);
+}

@@ -156,6 +156,24 @@ impl Manifest {
         tally
     }
 
+    /// A cheap summary that changes whenever a snapshot would (a new pair,
+    /// an open, a read, a dropped open): the checkpoint's "anything new?".
+    /// One pass over the pairs under their lock, no allocation.
+    pub fn fingerprint(&self) -> Fingerprint {
+        let entries = lock(&self.entries);
+        let mut f = Fingerprint {
+            pairs: entries.len() as u64,
+            opens: 0,
+            reads: 0,
+            dropped: self.dropped.load(Ordering::Relaxed),
+        };
+        for t in entries.values() {
+            f.opens = f.opens.wrapping_add(t.opens.load(Ordering::Relaxed));
+            f.reads = f.reads.wrapping_add(t.reads.load(Ordering::Relaxed));
+        }
+        f
+    }
+
     /// What was read, by dataset and file, of the readers `filter` keeps.
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
         let sizes = lock(&self.sizes).clone();
@@ -204,6 +222,22 @@ impl Manifest {
             datasets: datasets.into_values().collect(),
         }
         .filtered(filter)
+    }
+}
+
+/// See [`Manifest::fingerprint`]: counts, summed over every pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    pairs: u64,
+    opens: u64,
+    reads: u64,
+    dropped: u64,
+}
+
+impl Fingerprint {
+    /// Nothing opened yet: nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.pairs == 0 && self.dropped == 0
     }
 }
 

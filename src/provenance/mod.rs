@@ -7,11 +7,14 @@
 //!   reader, and its snapshots (`provenafs provenance`, the file written
 //!   on unmount);
 //! - [`model_run`]: a `ModelRunRecord` skeleton from a snapshot;
-//! - [`register`]: `POST /model_run/register` and the job it starts.
+//! - [`register`]: `POST /model_run/register` and the job it starts;
+//! - [`checkpoint`]: the manifest file beside the mount's log, written
+//!   while mounted and on unmount.
 //!
 //! docs/provenance.md says what is recorded, what is not, and the
 //! provenance API facts (with their sources) this relies on.
 
+pub mod checkpoint;
 pub mod manifest;
 pub mod model_run;
 pub mod register;
@@ -37,10 +40,13 @@ pub fn manifest_path(
 
 /// Writes `snap` to `path` (0600: it names the user's processes), through
 /// a temporary file of a name nobody can guess, so a reader never sees
-/// half of it. A manifest already there (an earlier mount's at the same
-/// mountpoint) is kept under its mount time:
-/// `<name>.provenance.<mounted_at>.json`.
-pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot) -> std::io::Result<()> {
+/// half of it. A manifest already there of an earlier mount at the same
+/// mountpoint is kept under its mount time:
+/// `<name>.provenance.<mounted_at>.json`; one of this same mount (an
+/// earlier checkpoint) is replaced.
+/// `ours` says the file at `path` is known to be this mount's own earlier
+/// write, so it is replaced without being read.
+pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let mut f = tempfile::Builder::new()
@@ -50,8 +56,11 @@ pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot) -> std::io::Resul
     f.write_all(&text)?;
     f.write_all(b"\n")?;
     f.as_file().sync_all()?;
-    if let Ok(old) = std::fs::read(path) {
-        if let Ok(earlier) = serde_json::from_slice::<Snapshot>(&old) {
+    if let Some(old) = (!ours).then(|| std::fs::read(path).ok()).flatten() {
+        if let Some(earlier) = serde_json::from_slice::<Snapshot>(&old)
+            .ok()
+            .filter(|e| !(e.mounted_at == snap.mounted_at && e.mountpoint == snap.mountpoint))
+        {
             let stamp = earlier.mounted_at.format("%Y%m%dT%H%M%SZ");
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             if let Some(kept) = name.as_deref().and_then(|n| n.strip_suffix(".json")) {
