@@ -83,12 +83,14 @@ keep_provenance() {
   # The mount is this job's own: everything read through it is the job's.
   # From the live mount; else (scancel and the time limit signal every
   # process of the job, the daemon too, which may end first) from the
-  # manifest the daemon writes beside its log as it ends.
+  # manifest the daemon writes beside its log as it ends, marked
+  # "ended_at". Until then the file there is a checkpoint (written every
+  # 30 s while mounted), which is all a daemon killed outright leaves.
   local written=$PROVENA_MNT.provenance.json
   if mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
     timeout 60 provenafs provenance "$PROVENA_MNT" --json
   else
-    for _ in 1 2 3 4 5 6 7 8 9 10; do [ -e "$written" ] && break; sleep 0.5; done
+    for _ in $(seq 20); do grep -qs '"ended_at"' "$written" && break; sleep 0.5; done
     provenafs provenance --from "$written" --json
   fi
 }

@@ -114,15 +114,29 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
     assert!(!tmp.path().join("provena-78").exists());
 
     // scancel or the time limit: Slurm sends SIGTERM to the job's processes.
-    let mut job = slurm_job(&sim, tmp.path(), bin.path(), "79", &["sleep", "60"]);
-    job.process_group(0)
+    // What the job read is still kept (from the live mount or the daemon's
+    // final file, whichever comes first; checkpoints, every second here,
+    // are beside it meanwhile).
+    let mut job = slurm_job(
+        &sim,
+        tmp.path(),
+        bin.path(),
+        "79",
+        &[
+            "sh",
+            "-c",
+            "cat \"$PROVENA_MNT\"/10378.1/1/data/values.csv >/dev/null && touch read && sleep 60",
+        ],
+    );
+    job.env("PROVENAFS_MANIFEST_EVERY_SECS", "1")
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = job.spawn().unwrap();
     let mnt = tmp.path().join("provena-79");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !is_mounted(&mnt) {
-        assert!(Instant::now() < deadline, "job did not mount");
+    while !tmp.path().join("read").exists() {
+        assert!(Instant::now() < deadline, "job did not mount and read");
         std::thread::sleep(Duration::from_millis(50));
     }
     unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
@@ -134,6 +148,14 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!mnt.exists());
+    let kept: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("provenance-79.json")).expect("the killed job's manifest"),
+    )
+    .unwrap();
+    let key = kept["datasets"][0]["files"][0]["key"]
+        .as_str()
+        .unwrap_or("");
+    assert!(key.ends_with("data/values.csv"), "{kept}");
 }
 
 /// The line `key=...` of a unit file.

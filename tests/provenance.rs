@@ -227,6 +227,7 @@ fn each_jobs_reads_are_its_own_and_become_a_registrable_model_run() {
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(files_of(&written).len(), 3);
+    assert!(written["ended_at"].is_string(), "the final write is marked");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&manifest).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "it names the user's processes");
@@ -291,6 +292,10 @@ fn a_killed_daemon_leaves_its_last_checkpoint() {
         .filter(|n| n.starts_with(&format!("{stem}.provenance")))
         .collect();
     assert_eq!(kept, vec![format!("{stem}.provenance.json")]);
+    assert!(
+        second.get("ended_at").is_none(),
+        "a checkpoint is not final"
+    );
 
     unsafe { libc::kill(m.daemon_pid(), libc::SIGKILL) };
     // The watchdog takes the dead mount away; the manifest stays.
@@ -299,6 +304,7 @@ fn a_killed_daemon_leaves_its_last_checkpoint() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let left = read_back().expect("the last checkpoint survives the kill");
+    assert!(left.get("ended_at").is_none(), "{left}");
     let mut files = files_of(&left);
     files.sort();
     assert_eq!(files.len(), 2, "{files:?}");

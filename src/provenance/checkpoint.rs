@@ -33,12 +33,16 @@ pub fn every() -> Duration {
 pub struct ManifestFile {
     manifest: Arc<Manifest>,
     path: PathBuf,
-    /// What the last write held; `None` before the first.
-    written: Mutex<Option<super::manifest::Fingerprint>>,
+    /// What the last write held, and the inode it wrote (a file at `path`
+    /// with another inode is not ours: an earlier mount's, kept).
+    written: Mutex<Option<(super::manifest::Fingerprint, u64)>>,
 }
 
 impl ManifestFile {
+    /// The manifest file at `path`. Temporary files a killed daemon left
+    /// beside it are removed.
     pub fn new(manifest: Arc<Manifest>, path: PathBuf) -> Self {
+        remove_stale_temps(&path);
         Self {
             manifest,
             path,
@@ -50,28 +54,40 @@ impl ManifestFile {
     /// anything at all). Returns whether it wrote; an error is logged,
     /// and the next call tries again.
     pub fn write_if_changed(&self) -> bool {
+        self.write(false)
+    }
+
+    /// The write as the mount ends: always (when anything was read), and
+    /// marked with `ended_at`, so a job script waiting for the final file
+    /// does not take the last checkpoint for it.
+    pub fn finish(&self) {
+        if self.write(true) {
+            info!(path = %self.path.display(), "read manifest written");
+        }
+    }
+
+    fn write(&self, last: bool) -> bool {
+        use std::os::unix::fs::MetadataExt;
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.manifest.fingerprint();
-        if now.is_empty() || written.as_ref() == Some(&now) {
+        if now.is_empty() || (!last && written.as_ref().map(|w| w.0) == Some(now)) {
             return false;
         }
-        let snap = self.manifest.snapshot(&Filter::default());
-        match write_snapshot(&self.path, &snap, written.is_some()) {
+        let mut snap = self.manifest.snapshot(&Filter::default());
+        if last {
+            snap.ended_at = Some(chrono::Utc::now());
+        }
+        let ino = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| m.ino());
+        let ours = written.is_some_and(|w| Some(w.1) == ino(&self.path));
+        match write_snapshot(&self.path, &snap, ours) {
             Ok(()) => {
-                *written = Some(now);
+                *written = ino(&self.path).map(|i| (now, i));
                 true
             }
             Err(e) => {
                 warn!(path = %self.path.display(), error = %e, "cannot write the read manifest");
                 false
             }
-        }
-    }
-
-    /// The write on unmount: what changed since the last checkpoint.
-    pub fn finish(&self) {
-        if self.write_if_changed() {
-            info!(path = %self.path.display(), "read manifest written");
         }
     }
 
@@ -96,6 +112,22 @@ impl ManifestFile {
             }
         });
         AbortOnDrop(task.abort_handle())
+    }
+}
+
+/// Removes `write_snapshot`'s temporary files for `path` (see
+/// `temp_prefix`): only a daemon killed mid-write leaves one.
+fn remove_stale_temps(path: &std::path::Path) {
+    let (Some(dir), prefix) = (path.parent(), super::temp_prefix(path)) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -135,9 +167,12 @@ mod tests {
         assert_eq!(read(&path).datasets[0].files[0].bytes_read, 5);
         opened(&m, "a");
         assert!(f.write_if_changed(), "an open changes it");
+        assert_eq!(read(&path).ended_at, None, "a checkpoint");
         opened(&m, "b");
         f.finish();
-        assert_eq!(read(&path).datasets[0].files.len(), 2);
+        let last = read(&path);
+        assert_eq!(last.datasets[0].files.len(), 2);
+        assert!(last.ended_at.is_some(), "the final write is marked");
         // Only the one file: its own checkpoints were replaced.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -162,5 +197,22 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(read(&path).datasets[0].files.len(), 2);
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_files_go_with_the_next_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt.provenance.json");
+        let left = dir
+            .path()
+            .join(format!("{}x1y2z3", crate::provenance::temp_prefix(&path)));
+        let other = dir.path().join(".other.provenance.json.x1y2z3");
+        std::fs::write(&left, "{").unwrap();
+        std::fs::write(&other, "{").unwrap();
+        let f = ManifestFile::new(Arc::new(Manifest::new("/mnt")), path);
+        opened(&f.manifest, "a");
+        f.finish();
+        assert!(!left.exists());
+        assert!(other.exists(), "another mount's is not ours to remove");
     }
 }

@@ -66,9 +66,11 @@ impl Tally {
         }
         let now = now_ms();
         self.bytes.fetch_add(n, Ordering::Relaxed);
-        self.reads.fetch_add(1, Ordering::Relaxed);
         self.first_ms.fetch_min(now, Ordering::Relaxed);
         self.last_ms.fetch_max(now, Ordering::Relaxed);
+        // Last, and Release: a checkpoint that counts this read (Acquire,
+        // in `Manifest::fingerprint`) also sees its bytes and times.
+        self.reads.fetch_add(1, Ordering::Release);
     }
 
     fn opened(&self) {
@@ -158,7 +160,8 @@ impl Manifest {
 
     /// A cheap summary that changes whenever a snapshot would (a new pair,
     /// an open, a read, a dropped open): the checkpoint's "anything new?".
-    /// One pass over the pairs under their lock, no allocation.
+    /// One pass over the pairs under their lock, no allocation (opens
+    /// wait for it: a few ms at the 1M-pair cap, once per checkpoint).
     pub fn fingerprint(&self) -> Fingerprint {
         let entries = lock(&self.entries);
         let mut f = Fingerprint {
@@ -169,7 +172,7 @@ impl Manifest {
         };
         for t in entries.values() {
             f.opens = f.opens.wrapping_add(t.opens.load(Ordering::Relaxed));
-            f.reads = f.reads.wrapping_add(t.reads.load(Ordering::Relaxed));
+            f.reads = f.reads.wrapping_add(t.reads.load(Ordering::Acquire));
         }
         f
     }
@@ -217,6 +220,7 @@ impl Manifest {
             mountpoint: self.mountpoint.clone(),
             mounted_at: DateTime::<Utc>::from(self.started),
             taken_at: Utc::now(),
+            ended_at: None,
             filter: Filter::default(),
             dropped: self.dropped.load(Ordering::Relaxed),
             datasets: datasets.into_values().collect(),
@@ -301,6 +305,11 @@ pub struct Snapshot {
     pub mountpoint: String,
     pub mounted_at: DateTime<Utc>,
     pub taken_at: DateTime<Utc>,
+    /// When the mount ended: set in the file the daemon writes as it ends,
+    /// never in a checkpoint written while mounted, so a job script can
+    /// tell the final manifest from an earlier checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
     /// The readers it was restricted to.
     #[serde(default)]
     pub filter: Filter,

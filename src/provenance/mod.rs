@@ -45,12 +45,13 @@ pub fn manifest_path(
 /// `<name>.provenance.<mounted_at>.json`; one of this same mount (an
 /// earlier checkpoint) is replaced.
 /// `ours` says the file at `path` is known to be this mount's own earlier
-/// write, so it is replaced without being read.
+/// write (the same inode it last wrote), so it is replaced without being
+/// read.
 pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let mut f = tempfile::Builder::new()
-        .prefix(".provenance")
+        .prefix(&temp_prefix(path))
         .tempfile_in(dir)?;
     let text = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
     f.write_all(&text)?;
@@ -70,6 +71,14 @@ pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> st
     }
     f.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// The name prefix of [`write_snapshot`]'s temporary files for `path`
+/// (`.mnt.provenance.json.` + random): a daemon killed while writing
+/// leaves one, which the next mount with that log removes.
+pub(crate) fn temp_prefix(path: &std::path::Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    format!(".{}.", name.as_deref().unwrap_or("provenance"))
 }
 
 #[cfg(test)]
