@@ -473,6 +473,24 @@ fn the_env_file_can_be_sourced_and_sim_says_what_next() {
     assert!(said.contains("provenafs mount /tmp/provena"), "{said}");
 }
 
+/// What a new user sees in the emulator's terminal during the demo: a
+/// mount, a listing and a read are no errors (the mount's S3 endpoint
+/// check, an unsigned `HEAD /`, was logged as three ERROR lines).
+#[test]
+fn a_mount_and_a_read_log_no_error_in_the_emulator() {
+    if !fuse_available() {
+        return;
+    }
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let sim = Sim::start_logged(data(), &[], log.path());
+    let m = sim.mount(&[]);
+    assert_eq!(std::fs::read(m.join("10378.1/1/top.txt")).unwrap(), b"top");
+    drop(m);
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    let errors: Vec<&str> = said.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
 #[test]
 fn mount_takes_peer_flags_modes_and_handles_and_says_where_it_logs() {
     if !fuse_available() {

@@ -652,7 +652,17 @@ async fn route(
         if let Some(refused) = clock_check(&state, &req) {
             return Ok(s3_dated(&state, refused));
         }
-        let resp = s3_answer(&state, s3, req).await?;
+        let resp = if is_service_probe(&req) {
+            // provenafs's endpoint check before it mounts. AWS S3 answers
+            // an anonymous request to the service itself with 403; s3s
+            // knows no such operation and logged an ERROR at every mount.
+            Response::builder()
+                .status(403)
+                .body(full(Bytes::new()))
+                .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+        } else {
+            s3_answer(&state, s3, req).await?
+        };
         state.wan.first_byte().await;
         let resp = resp.map(|b| state.wan.pace(b));
         return Ok(s3_dated(&state, resp));
@@ -662,6 +672,13 @@ async fn route(
         state.wan.api_call().await;
     }
     api_answer(state, path, req).await
+}
+
+/// An unsigned `HEAD /`: a request to the S3 service, not to a bucket.
+fn is_service_probe<B>(req: &Request<B>) -> bool {
+    req.method() == hyper::Method::HEAD
+        && req.uri().path() == "/"
+        && !req.headers().contains_key(hyper::header::AUTHORIZATION)
 }
 
 /// The faults and the WAN profile in force, as `/_sim/faults` shows them.
