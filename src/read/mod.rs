@@ -867,7 +867,11 @@ impl Reader {
                     .shared();
                 inflight.insert(key.clone(), fut.clone());
                 waits.push((idx, fut));
-                senders.push((key, self.block_len(f, idx), tx));
+                let len = self.block_len(f, idx);
+                // Within the memory budget while on its way (see
+                // `MemoryCache`): released as it lands or fails.
+                self.mem.reserve(&key, len);
+                senders.push((key, len, tx));
             }
         }
         if senders.is_empty() {
@@ -1183,7 +1187,10 @@ impl Reader {
                 self.mem.insert(key.clone(), b.clone());
                 lock(&self.failures).remove(key);
             }
-            Err(e) => self.note_failures([key.clone()], e),
+            Err(e) => {
+                self.mem.unreserve(key);
+                self.note_failures([key.clone()], e)
+            }
         }
         lock(&self.inflight).remove(key);
         let _ = tx.send(r);
@@ -1224,6 +1231,7 @@ impl Drop for Unregister<'_> {
             };
             if inflight.get(k).is_some_and(|p| p.ptr_eq(&mine)) {
                 inflight.remove(k);
+                self.0.mem.unreserve(k);
             }
         }
     }
@@ -1470,6 +1478,41 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn blocks_on_their_way_take_the_room_of_consumed_ones() {
+        // A reader consumed a whole file: its blocks fill the 16 MiB cache.
+        let mem = Arc::new(MemoryStore::new());
+        let data = crate::demo::pseudo_random(5, 32 * MIB as usize);
+        mem.put("read", data.clone());
+        mem.put("stalled", data.clone());
+        let faulty = Arc::new(FaultyStore::new(mem.clone()));
+        let r = Reader::new(ReadConfig {
+            memory_cache: 16 * MIB,
+            ..ReadConfig::default()
+        })
+        .unwrap();
+        let h = r.open(file_of(faulty.clone(), &mem, "read").await);
+        let mut off = 0u64;
+        while off < data.len() as u64 {
+            off += r.read(&h, off, 1 << 20, soon()).await.unwrap().len() as u64;
+        }
+        assert_eq!(r.mem.used(), 16 * MIB);
+        // Eight blocks of another file on their way (their GET stalls):
+        // consumed blocks make room, so cached plus in flight stay within
+        // the budget (before, the budget was the cache's alone and memory
+        // was 16 MiB plus whatever was in flight).
+        faulty.inject("stalled", Fault::Hang);
+        let g = r.open(file_of(faulty.clone(), &mem, "stalled").await);
+        let waits = r.demand(&g, 0, 7, Deadline::after(Duration::from_millis(300)));
+        assert_eq!(r.mem.reserved(), 8 * MIB);
+        assert_eq!(r.mem.used(), 8 * MIB);
+        // They fail: their room is given back.
+        for w in waits {
+            assert!(w.await.is_err());
+        }
+        assert_eq!(r.mem.reserved(), 0);
     }
 
     #[tokio::test]
