@@ -51,7 +51,10 @@ pub struct DatasetCredentials {
     renewer: Arc<Renewer<Issued, ApiError>>,
     /// The data store refused them (the user may see, not read, the
     /// dataset): when, and its words. Answered from memory for `refusal_ttl`.
-    refused: Mutex<Option<(Instant, String)>>,
+    /// Set by the renewal itself, before its waiters wake: a request that
+    /// comes after a refusal never asks the data store again (a lookup's
+    /// LIST and first-bytes GET, asking at once, made two calls).
+    refused: Arc<Mutex<Option<(Instant, String)>>>,
     refusal_ttl: Duration,
     request_timeout: Duration,
 }
@@ -85,17 +88,29 @@ impl DatasetCredentials {
         });
         let h = handle.to_string();
         let sh = shared.clone();
+        let refused: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
+        let noted = refused.clone();
         let renewer = Renewer::new(
             "read credentials",
             request_timeout,
             || ApiError::Malformed("the credentials request was interrupted".into()),
             Box::new(move |deadline| {
-                let (api, h, sh) = (api.clone(), h.clone(), sh.clone());
+                let (api, h, sh, noted) = (api.clone(), h.clone(), sh.clone(), noted.clone());
                 Box::pin(async move {
-                    match sh {
+                    let r = match sh {
                         Some((s, name)) => issue_shared(&s, &name, &api, &h, deadline).await,
                         None => issue(&api, &h, deadline).await,
+                    };
+                    if let Err(ApiError::PermissionDenied(why)) = &r {
+                        debug!(handle = %h, "read credentials refused; remembered");
+                        // Said with the dataset: the service's words do not
+                        // name it.
+                        let why =
+                            format!("the data store refused read access to dataset {h}: {why}");
+                        *noted.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((Instant::now(), why));
                     }
+                    r
                 })
             }),
         );
@@ -103,7 +118,7 @@ impl DatasetCredentials {
             handle: handle.to_string(),
             shared,
             renewer: Arc::new(renewer),
-            refused: Mutex::new(None),
+            refused,
             refusal_ttl,
             request_timeout,
         }
@@ -111,28 +126,13 @@ impl DatasetCredentials {
 
     /// Usable credentials, waited for (if none are in hand) until `deadline`.
     pub async fn get(&self, deadline: Deadline) -> Result<Issued, ApiError> {
-        if let Some((at, why)) = self
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            if at.elapsed() < self.refusal_ttl {
-                return Err(ApiError::PermissionDenied(why.clone()));
-            }
+        if let Some(why) = self.refusal() {
+            return Err(ApiError::PermissionDenied(why));
         }
         match self.renewer.get(deadline).await {
             Ok(c) => Ok(c),
             Err(Wait::Failed(ApiError::PermissionDenied(why))) => {
-                debug!(handle = %self.handle, "read credentials refused; remembered");
-                // Said with the dataset: the service's words do not name it.
-                let why = format!(
-                    "the data store refused read access to dataset {}: {why}",
-                    self.handle
-                );
-                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now(), why.clone()));
-                Err(ApiError::PermissionDenied(why))
+                Err(ApiError::PermissionDenied(self.refusal().unwrap_or(why)))
             }
             Err(Wait::Failed(e)) => Err(e),
             Err(Wait::TimedOut) => Err(ApiError::TimedOut(format!(
@@ -140,6 +140,14 @@ impl DatasetCredentials {
                 self.handle
             ))),
         }
+    }
+
+    /// The data store's refusal, with the dataset named, while it is
+    /// remembered.
+    fn refusal(&self) -> Option<String> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, why) = refused.as_ref()?;
+        (at.elapsed() < self.refusal_ttl).then(|| why.clone())
     }
 
     /// Forgets the set with `access_key_id` after S3 refused it (expired,

@@ -329,7 +329,7 @@ pub struct MountArgs {
     /// FUSE worker threads [default: 16].
     #[arg(long)]
     pub max_threads: Option<usize>,
-    /// Memory for blocks, cached and on their way, e.g. 48MiB, 1GiB [default: 48MiB].
+    /// Memory block cache budget (blocks on their way take the room of consumed ones), e.g. 48MiB, 1GiB [default: 48MiB].
     #[arg(long, value_parser = parse_size)]
     pub memory_cache_size: Option<u64>,
     /// Bytes of read-ahead GETs in flight at once, all files together [default: 64MiB].

@@ -103,11 +103,14 @@ impl MemoryInner {
     /// Makes room: consumed blocks (least recently used first) while
     /// cached plus reserved bytes exceed `budget`; then any block, never
     /// `keep` (a block just landed), while cached bytes alone exceed it.
-    fn evict(&mut self, budget: u64, keep: Option<&BlockKey>) {
+    /// Returns the blocks evicted, for the caller to free once the lock
+    /// is let go.
+    fn evict(&mut self, budget: u64, keep: Option<&BlockKey>) -> Vec<Bytes> {
+        let mut out = Vec::new();
         while self.used + self.reserved_bytes > budget {
             match self.lru.peek_lru() {
                 Some((k, _)) if self.consumed.contains(k) && Some(k) != keep => {
-                    self.pop();
+                    out.extend(self.pop());
                 }
                 _ => break,
             }
@@ -116,21 +119,19 @@ impl MemoryInner {
             if keep.is_some() && self.lru.peek_lru().map(|(k, _)| k) == keep {
                 break;
             }
-            if !self.pop() {
-                break;
+            match self.pop() {
+                Some(b) => out.push(b),
+                None => break,
             }
         }
+        out
     }
 
-    fn pop(&mut self) -> bool {
-        match self.lru.pop_lru() {
-            Some((k, b)) => {
-                self.used -= b.len() as u64;
-                self.consumed.remove(&k);
-                true
-            }
-            None => false,
-        }
+    fn pop(&mut self) -> Option<Bytes> {
+        let (k, b) = self.lru.pop_lru()?;
+        self.used -= b.len() as u64;
+        self.consumed.remove(&k);
+        Some(b)
     }
 
     fn unreserve(&mut self, k: &BlockKey) {
@@ -159,7 +160,14 @@ impl MemoryCache {
     }
 
     pub fn get(&self, k: &BlockKey) -> Option<Bytes> {
-        self.lock().lru.get(k).cloned()
+        let mut g = self.lock();
+        let b = g.lru.get(k).cloned()?;
+        // Wanted again: no longer a consumed block (a sequential reader
+        // marks it again once it has read it).
+        if !g.consumed.is_empty() {
+            g.consumed.remove(k);
+        }
+        Some(b)
     }
 
     pub fn contains(&self, k: &BlockKey) -> bool {
@@ -178,22 +186,29 @@ impl MemoryCache {
             g.used -= old.len() as u64;
         }
         g.consumed.remove(&k);
-        g.evict(self.budget, Some(&k));
+        let evicted = g.evict(self.budget, Some(&k));
+        drop(g);
+        drop(evicted);
     }
 
-    /// Block `k` (`len` bytes) is being fetched: room is made for it now,
-    /// from consumed blocks. Never waits, never refuses.
-    pub fn reserve(&self, k: &BlockKey, len: u64) {
+    /// Blocks (key, length) being fetched: room is made for them now,
+    /// from consumed blocks. Never waits, never refuses. The blocks evicted
+    /// are freed after the lock is let go.
+    pub fn reserve_all(&self, blocks: impl IntoIterator<Item = (BlockKey, u64)>) {
         if self.budget == 0 {
             return;
         }
-        let mut g = self.lock();
-        if g.reserved.contains_key(k) {
-            return;
-        }
-        g.reserved.insert(k.clone(), len);
-        g.reserved_bytes += len;
-        g.evict(self.budget, None);
+        let evicted = {
+            let mut g = self.lock();
+            for (k, len) in blocks {
+                if let std::collections::hash_map::Entry::Vacant(e) = g.reserved.entry(k) {
+                    e.insert(len);
+                    g.reserved_bytes += len;
+                }
+            }
+            g.evict(self.budget, None)
+        };
+        drop(evicted);
     }
 
     /// Block `k`'s fetch ended without caching it (failed, abandoned).
@@ -205,8 +220,7 @@ impl MemoryCache {
     /// now lives in the kernel's page cache.
     pub fn demote(&self, k: &BlockKey) {
         let mut g = self.lock();
-        if g.lru.contains(k) {
-            g.lru.demote(k);
+        if g.lru.demote(k) {
             g.consumed.insert(k.clone());
         }
     }
@@ -1246,22 +1260,22 @@ mod tests {
         }
         // Block 1 consumed: it goes first when room is needed.
         c.demote(&key(1));
-        c.reserve(&key(3), 4);
+        c.reserve_all([(key(3), 4)]);
         assert_eq!((c.used(), c.reserved()), (8, 4));
         assert!(c.get(&key(1)).is_none() && c.get(&key(0)).is_some());
         // Reserving twice counts once; landing ends the reservation.
-        c.reserve(&key(3), 4);
+        c.reserve_all([(key(3), 4)]);
         c.insert(key(3), Bytes::from(vec![0u8; 4]));
         assert_eq!((c.used(), c.reserved()), (12, 0));
         // A failed fetch gives its room back.
-        c.reserve(&key(4), 4);
+        c.reserve_all([(key(4), 4)]);
         assert_eq!(c.reserved(), 4);
         c.unreserve(&key(4));
         assert_eq!(c.reserved(), 0);
         // Unread blocks never make room for blocks on their way: a
         // reader's read-ahead is not evicted for more of itself.
         for i in 5..8 {
-            c.reserve(&key(i), 4);
+            c.reserve_all([(key(i), 4)]);
         }
         assert_eq!(c.used(), 12, "nothing consumed to evict");
         // Cached blocks alone stay within the budget; the one that just

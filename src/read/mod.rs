@@ -867,16 +867,18 @@ impl Reader {
                     .shared();
                 inflight.insert(key.clone(), fut.clone());
                 waits.push((idx, fut));
-                let len = self.block_len(f, idx);
-                // Within the memory budget while on its way (see
-                // `MemoryCache`): released as it lands or fails.
-                self.mem.reserve(&key, len);
-                senders.push((key, len, tx));
+                senders.push((key, self.block_len(f, idx), tx));
             }
         }
         if senders.is_empty() {
             return waits;
         }
+        // Within the memory budget while on their way (see `MemoryCache`):
+        // released as each lands or fails, or by `Unregister`. Out of the
+        // in-flight lock (it may free consumed blocks); no delivery can
+        // come before the task below exists.
+        self.mem
+            .reserve_all(senders.iter().map(|(k, len, _)| (k.clone(), *len)));
         let me = self.clone();
         let file = f.file.clone();
         let own: Vec<(BlockKey, WeakPending)> = {
@@ -889,12 +891,13 @@ impl Reader {
                 .collect()
         };
         let span = info_span!("fetch_blocks", key = %file.meta.key, first = i, last = j);
+        // However the task ends (a panic, the runtime shutting down, even
+        // dropped before it first runs), the blocks it did not answer are no
+        // longer "in flight": the next reader fetches them afresh.
+        let cleanup = Unregister(me.clone(), own);
         tokio::spawn(
             async move {
-                // However this task ends (a panic, the runtime shutting
-                // down), the blocks it did not answer are no longer "in
-                // flight": the next reader fetches them afresh.
-                let _cleanup = Unregister(&me, own);
+                let _cleanup = cleanup;
                 me.fetch(&file, senders, deadline, permit).await;
             }
             .instrument(span),
@@ -1216,11 +1219,11 @@ type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
 /// It holds its fetches weakly: a block delivered early in a long GET is
 /// kept alive by its readers and the memory cache, not by this list until
 /// the GET ends (memory beyond the cache's budget, a few MiB per GET).
-struct Unregister<'a>(&'a Reader, Vec<(BlockKey, WeakPending)>);
+struct Unregister(Arc<Reader>, Vec<(BlockKey, WeakPending)>);
 
 type WeakPending = futures::future::WeakShared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 
-impl Drop for Unregister<'_> {
+impl Drop for Unregister {
     fn drop(&mut self) {
         let mut inflight = lock(&self.0.inflight);
         for (k, mine) in &self.1 {
@@ -1499,6 +1502,7 @@ mod tests {
             off += r.read(&h, off, 1 << 20, soon()).await.unwrap().len() as u64;
         }
         assert_eq!(r.mem.used(), 16 * MIB);
+        assert_eq!(r.mem.reserved(), 0, "every block landed");
         // Eight blocks of another file on their way (their GET stalls):
         // consumed blocks make room, so cached plus in flight stay within
         // the budget (before, the budget was the cache's alone and memory
@@ -1510,6 +1514,13 @@ mod tests {
         assert_eq!(r.mem.used(), 8 * MIB);
         // They fail: their room is given back.
         for w in waits {
+            assert!(w.await.is_err());
+        }
+        assert_eq!(r.mem.reserved(), 0);
+        // A fetch whose task dies gives its room back too.
+        faulty.clear();
+        faulty.inject("stalled", Fault::Panic);
+        for w in r.demand(&g, 8, 11, soon()) {
             assert!(w.await.is_err());
         }
         assert_eq!(r.mem.reserved(), 0);
