@@ -94,13 +94,18 @@ struct MemoryInner {
     used: u64,
     /// Blocks in `lru` that a sequential reader consumed.
     consumed: std::collections::HashSet<BlockKey>,
+    /// The same, oldest consumption first (keys may be stale: checked
+    /// against `consumed` when taken). Room for blocks on their way comes
+    /// from the oldest: the block consumed last may still be wanted by
+    /// the kernel's other requests for it, which arrive out of order.
+    consumed_order: std::collections::VecDeque<BlockKey>,
     /// Blocks being fetched, and their lengths.
     reserved: std::collections::HashMap<BlockKey, u64>,
     reserved_bytes: u64,
 }
 
 impl MemoryInner {
-    /// Makes room: consumed blocks (least recently used first) while
+    /// Makes room: consumed blocks (oldest consumed first) while
     /// cached plus reserved bytes exceed `budget`; then any block, never
     /// `keep` (a block just landed), while cached bytes alone exceed it.
     /// Returns the blocks evicted, for the caller to free once the lock
@@ -108,12 +113,21 @@ impl MemoryInner {
     fn evict(&mut self, budget: u64, keep: Option<&BlockKey>) -> Vec<Bytes> {
         let mut out = Vec::new();
         while self.used + self.reserved_bytes > budget {
-            match self.lru.peek_lru() {
-                Some((k, _)) if self.consumed.contains(k) && Some(k) != keep => {
-                    out.extend(self.pop());
-                }
-                _ => break,
+            let Some(k) = self.consumed_order.pop_front() else {
+                break;
+            };
+            if Some(&k) == keep || !self.consumed.remove(&k) {
+                continue;
             }
+            if let Some(b) = self.lru.pop(&k) {
+                self.used -= b.len() as u64;
+                out.push(b);
+            }
+        }
+        // Stale keys (re-read or evicted blocks) do not pile up.
+        if self.consumed_order.len() > 2 * self.consumed.len() + 64 {
+            let consumed = &self.consumed;
+            self.consumed_order.retain(|k| consumed.contains(k));
         }
         while self.used > budget {
             if keep.is_some() && self.lru.peek_lru().map(|(k, _)| k) == keep {
@@ -149,6 +163,7 @@ impl MemoryCache {
                 lru: LruCache::unbounded(),
                 used: 0,
                 consumed: Default::default(),
+                consumed_order: Default::default(),
                 reserved: Default::default(),
                 reserved_bytes: 0,
             }),
@@ -220,8 +235,8 @@ impl MemoryCache {
     /// now lives in the kernel's page cache.
     pub fn demote(&self, k: &BlockKey) {
         let mut g = self.lock();
-        if g.lru.demote(k) {
-            g.consumed.insert(k.clone());
+        if g.lru.demote(k) && g.consumed.insert(k.clone()) {
+            g.consumed_order.push_back(k.clone());
         }
     }
 
@@ -1283,6 +1298,21 @@ mod tests {
         c.insert(key(5), Bytes::from(vec![0u8; 4]));
         assert!(c.get(&key(5)).is_some());
         assert_eq!(c.used(), 12);
+    }
+
+    #[test]
+    fn the_oldest_consumed_block_makes_room_first() {
+        let c = MemoryCache::new(12);
+        for i in 0..3 {
+            c.insert(key(i), Bytes::from(vec![0u8; 4]));
+        }
+        // Consumed in order 0, 1: the kernel may still ask for 1 (its
+        // requests for one block arrive out of order), so 0 goes first.
+        c.demote(&key(0));
+        c.demote(&key(1));
+        c.reserve_all([(key(3), 4)]);
+        assert!(c.get(&key(0)).is_none());
+        assert!(c.get(&key(1)).is_some() && c.get(&key(2)).is_some());
     }
 
     #[test]
