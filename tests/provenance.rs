@@ -39,6 +39,13 @@ fn provenance(sim: &Sim, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// `provenance --from FILE --json --job JOB`: a written manifest, read
+/// back filtered as a live one.
+fn job_in_file(sim: &Sim, file: &std::path::Path, job: &str) -> serde_json::Value {
+    let file = file.to_str().unwrap();
+    provenance(sim, &["--from", file, "--json", "--job", job])
+}
+
 /// (dataset, key, etag) of each file in a manifest.
 fn files_of(v: &serde_json::Value) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
@@ -232,16 +239,7 @@ fn each_jobs_reads_are_its_own_and_become_a_registrable_model_run() {
     let mode = std::fs::metadata(&manifest).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "it names the user's processes");
     // ... and read back later, filtered as a live one.
-    let from = provenance(
-        &sim,
-        &[
-            "--from",
-            manifest.to_str().unwrap(),
-            "--json",
-            "--job",
-            "101",
-        ],
-    );
+    let from = job_in_file(&sim, &manifest, "101");
     assert_eq!(files_of(&from), files_of(&j101));
     let _ = std::fs::remove_file(&manifest);
 }
@@ -310,15 +308,6 @@ fn a_killed_daemon_leaves_its_last_checkpoint() {
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(files[0].1.ends_with("data/a.nc"), "{files:?}");
     assert!(files[1].1.ends_with("c.bin"), "{files:?}");
-    let job = provenance(
-        &sim,
-        &[
-            "--from",
-            manifest.to_str().unwrap(),
-            "--json",
-            "--job",
-            "702",
-        ],
-    );
+    let job = job_in_file(&sim, &manifest, "702");
     assert_eq!(files_of(&job).len(), 1);
 }

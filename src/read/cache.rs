@@ -92,13 +92,11 @@ struct MemoryInner {
     lru: LruCache<BlockKey, Bytes>,
     /// Bytes of the blocks in `lru`.
     used: u64,
-    /// Blocks in `lru` that a sequential reader consumed.
-    consumed: std::collections::HashSet<BlockKey>,
-    /// The same, oldest consumption first (keys may be stale: checked
-    /// against `consumed` when taken). Room for blocks on their way comes
-    /// from the oldest: the block consumed last may still be wanted by
-    /// the kernel's other requests for it, which arrive out of order.
-    consumed_order: std::collections::VecDeque<BlockKey>,
+    /// Blocks in `lru` that a sequential reader consumed, oldest
+    /// consumption first. Room for blocks on their way comes from the
+    /// oldest: the block consumed last may still be wanted by the
+    /// kernel's other requests for it, which arrive out of order.
+    consumed: LruCache<BlockKey, ()>,
     /// Blocks being fetched, and their lengths.
     reserved: std::collections::HashMap<BlockKey, u64>,
     reserved_bytes: u64,
@@ -113,21 +111,14 @@ impl MemoryInner {
     fn evict(&mut self, budget: u64, keep: Option<&BlockKey>) -> Vec<Bytes> {
         let mut out = Vec::new();
         while self.used + self.reserved_bytes > budget {
-            let Some(k) = self.consumed_order.pop_front() else {
+            // (`keep` is never among them: it landed just now.)
+            let Some((k, ())) = self.consumed.pop_lru() else {
                 break;
             };
-            if Some(&k) == keep || !self.consumed.remove(&k) {
-                continue;
-            }
             if let Some(b) = self.lru.pop(&k) {
                 self.used -= b.len() as u64;
                 out.push(b);
             }
-        }
-        // Stale keys (re-read or evicted blocks) do not pile up.
-        if self.consumed_order.len() > 2 * self.consumed.len() + 64 {
-            let consumed = &self.consumed;
-            self.consumed_order.retain(|k| consumed.contains(k));
         }
         while self.used > budget {
             if keep.is_some() && self.lru.peek_lru().map(|(k, _)| k) == keep {
@@ -144,7 +135,7 @@ impl MemoryInner {
     fn pop(&mut self) -> Option<Bytes> {
         let (k, b) = self.lru.pop_lru()?;
         self.used -= b.len() as u64;
-        self.consumed.remove(&k);
+        self.consumed.pop(&k);
         Some(b)
     }
 
@@ -162,8 +153,7 @@ impl MemoryCache {
             inner: Mutex::new(MemoryInner {
                 lru: LruCache::unbounded(),
                 used: 0,
-                consumed: Default::default(),
-                consumed_order: Default::default(),
+                consumed: LruCache::unbounded(),
                 reserved: Default::default(),
                 reserved_bytes: 0,
             }),
@@ -179,9 +169,7 @@ impl MemoryCache {
         let b = g.lru.get(k).cloned()?;
         // Wanted again: no longer a consumed block (a sequential reader
         // marks it again once it has read it).
-        if !g.consumed.is_empty() {
-            g.consumed.remove(k);
-        }
+        g.consumed.pop(k);
         Some(b)
     }
 
@@ -200,7 +188,7 @@ impl MemoryCache {
         if let Some(old) = g.lru.put(k.clone(), v) {
             g.used -= old.len() as u64;
         }
-        g.consumed.remove(&k);
+        g.consumed.pop(&k);
         let evicted = g.evict(self.budget, Some(&k));
         drop(g);
         drop(evicted);
@@ -235,8 +223,8 @@ impl MemoryCache {
     /// now lives in the kernel's page cache.
     pub fn demote(&self, k: &BlockKey) {
         let mut g = self.lock();
-        if g.lru.demote(k) && g.consumed.insert(k.clone()) {
-            g.consumed_order.push_back(k.clone());
+        if g.lru.demote(k) {
+            g.consumed.put(k.clone(), ());
         }
     }
 
@@ -1267,12 +1255,18 @@ mod tests {
         assert!(c.get(&key(0)).is_none());
     }
 
-    #[test]
-    fn blocks_on_their_way_count_against_the_budget() {
+    /// A cache of 12 bytes holding blocks 0, 1 and 2 (4 bytes each).
+    fn full_cache() -> MemoryCache {
         let c = MemoryCache::new(12);
         for i in 0..3 {
             c.insert(key(i), Bytes::from(vec![0u8; 4]));
         }
+        c
+    }
+
+    #[test]
+    fn blocks_on_their_way_count_against_the_budget() {
+        let c = full_cache();
         // Block 1 consumed: it goes first when room is needed.
         c.demote(&key(1));
         c.reserve_all([(key(3), 4)]);
@@ -1302,10 +1296,7 @@ mod tests {
 
     #[test]
     fn the_oldest_consumed_block_makes_room_first() {
-        let c = MemoryCache::new(12);
-        for i in 0..3 {
-            c.insert(key(i), Bytes::from(vec![0u8; 4]));
-        }
+        let c = full_cache();
         // Consumed in order 0, 1: the kernel may still ask for 1 (its
         // requests for one block arrive out of order), so 0 goes first.
         c.demote(&key(0));
