@@ -126,13 +126,24 @@ impl DatasetCredentials {
 
     /// Usable credentials, waited for (if none are in hand) until `deadline`.
     pub async fn get(&self, deadline: Deadline) -> Result<Issued, ApiError> {
-        if let Some(why) = self.refusal() {
-            return Err(ApiError::PermissionDenied(why));
+        // A refusal answers only while no usable set is in hand: one met
+        // by a background renewal ahead of expiry leaves the set in hand
+        // good until it expires.
+        if !self.renewer.has_usable() {
+            if let Some(why) = self.refusal() {
+                return Err(ApiError::PermissionDenied(why));
+            }
         }
         match self.renewer.get(deadline).await {
             Ok(c) => Ok(c),
             Err(Wait::Failed(ApiError::PermissionDenied(why))) => {
-                Err(ApiError::PermissionDenied(self.refusal().unwrap_or(why)))
+                let why = self.refusal().unwrap_or_else(|| {
+                    format!(
+                        "the data store refused read access to dataset {}: {why}",
+                        self.handle
+                    )
+                });
+                Err(ApiError::PermissionDenied(why))
             }
             Err(Wait::Failed(e)) => Err(e),
             Err(Wait::TimedOut) => Err(ApiError::TimedOut(format!(

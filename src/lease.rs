@@ -175,6 +175,12 @@ where
         }
     }
 
+    /// Whether a usable value is in hand now (no renewal needed to answer).
+    pub fn has_usable(&self) -> bool {
+        let now = Instant::now();
+        self.lock().current.as_ref().is_some_and(|l| l.usable(now))
+    }
+
     /// The value in hand, usable or not (for checks that need no network).
     pub fn peek(&self) -> Option<T> {
         self.lock().current.as_ref().map(|l| l.value.clone())

@@ -36,6 +36,9 @@ pub struct ManifestFile {
     /// What the last write held, and the inode it wrote (a file at `path`
     /// with another inode is not ours: an earlier mount's, kept).
     written: Mutex<Option<(super::manifest::Fingerprint, u64)>>,
+    /// The final write is made: a checkpoint still queued must not
+    /// replace it with an unmarked file.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl ManifestFile {
@@ -47,6 +50,7 @@ impl ManifestFile {
             manifest,
             path,
             written: Mutex::new(None),
+            finished: Default::default(),
         }
     }
 
@@ -68,7 +72,15 @@ impl ManifestFile {
 
     fn write(&self, last: bool) -> bool {
         use std::os::unix::fs::MetadataExt;
+        use std::sync::atomic::Ordering;
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock the final write holds while it writes.
+        if self.finished.load(Ordering::Relaxed) {
+            return false;
+        }
+        if last {
+            self.finished.store(true, Ordering::Relaxed);
+        }
         let now = self.manifest.fingerprint();
         if now.is_empty() || (!last && written.as_ref().map(|w| w.0) == Some(now)) {
             return false;
@@ -173,6 +185,10 @@ mod tests {
         let last = read(&path);
         assert_eq!(last.datasets[0].files.len(), 2);
         assert!(last.ended_at.is_some(), "the final write is marked");
+        // A checkpoint queued before the end never replaces it.
+        opened(&m, "c");
+        assert!(!f.write_if_changed());
+        assert!(read(&path).ended_at.is_some());
         // Only the one file: its own checkpoints were replaced.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -165,12 +165,10 @@ impl MemoryCache {
     }
 
     pub fn get(&self, k: &BlockKey) -> Option<Bytes> {
-        let mut g = self.lock();
-        let b = g.lru.get(k).cloned()?;
-        // Wanted again: no longer a consumed block (a sequential reader
-        // marks it again once it has read it).
-        g.consumed.pop(k);
-        Some(b)
+        // A consumed block stays marked when read again (the kernel's
+        // out-of-order requests for it, a page it lost): unmarked, it could
+        // never make room again, and the budget would stop holding.
+        self.lock().lru.get(k).cloned()
     }
 
     pub fn contains(&self, k: &BlockKey) -> bool {

@@ -637,10 +637,18 @@ impl Reader {
         let bs = self.cfg.block_size;
         let start = (offset - b0 * bs) as usize;
         let len = (end - offset) as usize;
-        // A block fully read by a sequential reader now sits in the page
-        // cache; let it go first.
-        if end.is_multiple_of(bs) || end == f.size() {
-            self.mem.demote(&self.key(f, (end - 1) / bs));
+        // Blocks read to their end now sit in the page cache; let them go
+        // first (every one a read passes, so a reader whose reads do not
+        // end on block boundaries marks them too).
+        let last = if end.is_multiple_of(bs) || end == f.size() {
+            Some((end - 1) / bs)
+        } else {
+            (end / bs).checked_sub(1)
+        };
+        if let Some(last) = last {
+            for i in b0..=last {
+                self.mem.demote(&self.key(f, i));
+            }
         }
         if blocks.len() == 1 {
             return blocks[0].slice(start..start + len);
