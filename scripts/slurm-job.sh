@@ -8,6 +8,14 @@
 # job ends: normal exit, error, scancel or time limit (Slurm sends SIGTERM).
 # The command sees the mount in $PROVENA_MNT.
 #
+# Everything the job keeps on the node (the mountpoint, the mount's log and
+# read manifest, its cache unless PROVENA_CACHE names one) is in a folder
+# only you can write, under a name nobody can guess
+# ($TMPDIR/provena-$SLURM_JOB_ID.XXXXXXXX): another user of the node can
+# neither read the log nor plant a manifest for the job to keep. When the
+# job ends the mountpoint and the job's own cache go; the log and the
+# daemon's manifest stay there (Slurm removes a job's TMPDIR).
+#
 # Job arrays: give every task one cache folder on the cluster file system
 # (PROVENA_CACHE=/scratch/$USER/provena-cache) and stage the datasets into
 # it once, before the array starts, with a stage-in job:
@@ -42,7 +50,8 @@ DATASETS=${PROVENA_DATASETS:-10378.1/1687966}
 # (PROVENA_CACHE=/scratch/$USER/provena-cache) lets every node of a job
 # array reuse what one node downloaded.
 NODE_TMP=${TMPDIR:-/tmp}
-CACHE=${PROVENA_CACHE:-$NODE_TMP/provena-cache-${SLURM_JOB_ID:-$$}}
+JOB_DIR=$(mktemp -d "$NODE_TMP/provena-${SLURM_JOB_ID:-$$}.XXXXXXXX")
+CACHE=${PROVENA_CACHE:-$JOB_DIR/cache}
 
 # Bash 4.2 (RHEL 7) takes an empty array for an unset variable under set -u:
 # hence ${sizes[@]+...}.
@@ -54,6 +63,7 @@ case ${PROVENA_PREFETCH:-0} in
       echo "slurm-job.sh: PROVENA_PREFETCH=only needs PROVENA_CACHE (a folder the array's tasks share)" >&2
       exit 2
     fi
+    rmdir "$JOB_DIR"
     # shellcheck disable=SC2086 # DATASETS is a list of handles
     exec provenafs prefetch $DATASETS --token-file "$TOKEN_FILE" \
       --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"}
@@ -73,7 +83,7 @@ case ${PROVENA_PREFETCH:-0} in
     ;;
 esac
 
-export PROVENA_MNT=$NODE_TMP/provena-${SLURM_JOB_ID:-$$}
+export PROVENA_MNT=$JOB_DIR/mnt
 # What this job read (datasets, files, the versions read, by which of its
 # processes), kept with its outputs however it ends: `provenafs provenance
 # --from FILE --model-run` makes a Provena model run record of it later.
@@ -86,11 +96,13 @@ keep_provenance() {
   # manifest the daemon writes beside its log as it ends, marked
   # "ended_at". Until then the file there is a checkpoint (written every
   # 30 s while mounted), which is all a daemon killed outright leaves.
-  local written=$PROVENA_MNT.provenance.json
+  local written=$JOB_DIR/mount.provenance.json
   if mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
     timeout 60 provenafs provenance "$PROVENA_MNT" --json
   else
     for _ in $(seq 20); do grep -qs '"ended_at"' "$written" && break; sleep 0.5; done
+    # Only a file of ours (the folder is ours alone; this says so again).
+    [ -O "$written" ] && [ ! -L "$written" ] || return 1
     provenafs provenance --from "$written" --json
   fi
 }
@@ -101,7 +113,11 @@ cleanup() {
       mv "$PROVENANCE.tmp" "$PROVENANCE" || rm -f "$PROVENANCE.tmp"
   fi
   provenafs unmount "$PROVENA_MNT" 2>/dev/null || true
-  rmdir "$PROVENA_MNT" 2>/dev/null || true
+  if ! mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
+    rmdir "$PROVENA_MNT" 2>/dev/null || true
+    # The job's own cache (never a shared PROVENA_CACHE).
+    if [ -z "${PROVENA_CACHE:-}" ]; then rm -rf --one-file-system "$JOB_DIR/cache"; fi
+  fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
@@ -109,7 +125,7 @@ trap 'exit 143' TERM INT
 pins=()
 for d in $DATASETS; do pins+=(--dataset "$d"); done
 provenafs mount "$PROVENA_MNT" --token-file "$TOKEN_FILE" "${pins[@]}" \
-  --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"} --log-file "$PROVENA_MNT.log"
+  --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"} --log-file "$JOB_DIR/mount.log"
 
 if [ $# -eq 0 ]; then
   set -- ls -l "$PROVENA_MNT"

@@ -299,8 +299,12 @@ impl TokenSource {
     /// callers failing on the same old token cause one refresh, not many.
     pub fn invalidate(&self, token: &Secret) {
         if let Some(shared) = &self.exchange.config.shared {
-            // The others would hand the same refused token back.
-            shared.forget(&self.exchange.lease_name());
+            // The others would hand the same refused token back; one
+            // another process stored since is fresh, and stays.
+            let refused = token.expose().to_string();
+            shared.forget_if(&self.exchange.lease_name(), move |v| {
+                v.as_str() == Some(refused.as_str())
+            });
         }
         self.tokens.invalidate(|t| t == token);
     }

@@ -165,8 +165,13 @@ impl DatasetCredentials {
     /// revoked, re-keyed), unless it was already replaced.
     pub fn invalidate(&self, access_key_id: &str) {
         if let Some((s, name)) = &self.shared {
-            // The others would hand the same refused set back.
-            s.forget(name);
+            // The others would hand the same refused set back; one another
+            // process stored since is fresh, and stays (N mounts meeting
+            // one refusal cost one credentials call, not N).
+            let refused = access_key_id.to_string();
+            s.forget_if(name, move |v| {
+                v.get("key_id").and_then(|k| k.as_str()) == Some(refused.as_str())
+            });
         }
         self.renewer.invalidate(|c| c.key_id == access_key_id);
     }

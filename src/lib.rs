@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod folder;
 pub mod fs;
 pub mod http;
 pub mod lease;

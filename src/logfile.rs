@@ -1,5 +1,6 @@
-//! Where a background mount keeps its log and its status socket, and a log
-//! file bounded in size.
+//! Where a background mount keeps its log and its status socket, a log
+//! file bounded in size, and a log writer that never blocks the thread
+//! that logs ([`non_blocking`]).
 //!
 //! Both live in the user's state folder, named after the mountpoint the
 //! way `systemd-escape --path` names it (`/data/provena` →
@@ -100,15 +101,31 @@ pub fn socket_path(mountpoint: &Path) -> Option<PathBuf> {
 
 /// A log file opened for appending, created 0600, rotated past
 /// [`MAX_BYTES`] with [`KEPT`] old files. Errors: the file cannot be
-/// opened or created (its folder must exist).
+/// opened or created (its folder must exist), or is not a file of this
+/// user's (a symlink, a FIFO, a file another user made first at a name
+/// they could guess in a shared folder such as `/tmp`: what we log is
+/// never written into a neighbour's file).
 pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
+    use std::os::unix::fs::MetadataExt;
     let mut options = std::fs::OpenOptions::new();
     options.read(true).create(true).append(true).mode(0o600);
     // Opened once here to report a failure: the rotating writer would
     // silently write nowhere.
     let f = options
+        .clone()
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+    let md = f
+        .metadata()
+        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+    if !md.is_file() || md.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "log file {} is not a file of yours (owner uid {}); choose another --log-file",
+            path.display(),
+            md.uid()
+        ));
+    }
     // A log in our own state folder is ours alone, whatever mode an older
     // version left it with.
     if path
@@ -125,6 +142,156 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
         Compression::None,
         Some(options),
     ))))
+}
+
+/// Lines a non-blocking log holds while its file does not take them;
+/// past that, lines are dropped and counted.
+const BUFFERED_LINES: usize = 4096;
+
+/// Keeps the log's writer thread alive; dropped by [`finish`].
+static GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// `w` behind a bounded queue and a writer thread of its own
+/// (`provenafs-log`): whoever logs only queues the line, never waits for
+/// the file system. When the folder does not take what is written (an NFS
+/// home that hangs, a full quota), the queue fills and further lines are
+/// dropped and counted; once a write that took longer than `stall`
+/// returns, the log says for how long and how many lines were lost. With
+/// `file` (the log's path), `provenafs status` shows the log folder as
+/// not answering while a write is stuck (see [`crate::folder`]).
+/// [`finish`] writes what is queued before the process ends.
+pub fn non_blocking(
+    w: Box<dyn Write + Send>,
+    file: Option<&Path>,
+    stall: std::time::Duration,
+) -> tracing_appender::non_blocking::NonBlocking {
+    let health = std::sync::Arc::new(LogHealth {
+        path: file.map(Path::to_path_buf),
+        stall,
+        writing_since_ms: Default::default(),
+        stalls: Default::default(),
+        dropped: std::sync::OnceLock::new(),
+    });
+    let watched = Watched {
+        inner: w,
+        health: health.clone(),
+        dropped_told: 0,
+    };
+    let (nb, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .lossy(true)
+        .thread_name("provenafs-log")
+        .finish(watched);
+    let _ = health.dropped.set(nb.error_counter());
+    if health.path.is_some() {
+        let r: std::sync::Arc<dyn crate::folder::Reports> = health;
+        crate::folder::register(&r);
+        // Kept as long as the process: status asks it.
+        std::mem::forget(r);
+    }
+    *GUARD.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    nb
+}
+
+/// Writes what the log queue holds (waiting at most a second: a log
+/// folder that does not answer must not hold the process's exit).
+pub fn finish() {
+    drop(GUARD.lock().unwrap_or_else(|p| p.into_inner()).take());
+}
+
+/// How the log's writer is doing (see [`non_blocking`]).
+struct LogHealth {
+    path: Option<PathBuf>,
+    stall: std::time::Duration,
+    /// When the write in progress started (ms since the epoch; 0: none).
+    writing_since_ms: std::sync::atomic::AtomicU64,
+    stalls: std::sync::atomic::AtomicU64,
+    dropped: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl LogHealth {
+    fn dropped(&self) -> u64 {
+        self.dropped.get().map_or(0, |c| c.dropped_lines() as u64)
+    }
+}
+
+impl crate::folder::Reports for LogHealth {
+    fn health(&self) -> crate::folder::FolderHealth {
+        use std::sync::atomic::Ordering;
+        let since = self.writing_since_ms.load(Ordering::Relaxed);
+        let stuck = since > 0 && now_ms().saturating_sub(since) > self.stall.as_millis() as u64;
+        let folder = self
+            .path
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        crate::folder::FolderHealth {
+            what: "log folder".into(),
+            path: folder,
+            state: if stuck { "not answering" } else { "answering" }.into(),
+            since: stuck.then(|| {
+                chrono::DateTime::<chrono::Utc>::from(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(since),
+                )
+            }),
+            stuck_call: stuck.then(|| "write a log line".into()),
+            meanwhile: stuck.then(|| "log lines are dropped and counted".into()),
+            stalls: self.stalls.load(Ordering::Relaxed),
+            refused: self.dropped(),
+        }
+    }
+}
+
+/// The log's writer, as its thread runs it: notes when a write is in
+/// progress, and says in the log when one took longer than the stall
+/// timeout (and how many lines were dropped meanwhile).
+struct Watched {
+    inner: Box<dyn Write + Send>,
+    health: std::sync::Arc<LogHealth>,
+    /// Dropped lines already said.
+    dropped_told: u64,
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        let start = std::time::Instant::now();
+        self.health
+            .writing_since_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+        let r = self.inner.write(buf);
+        self.health.writing_since_ms.store(0, Ordering::Relaxed);
+        let took = start.elapsed();
+        let dropped = self.health.dropped();
+        if took > self.health.stall || dropped > self.dropped_told {
+            if took > self.health.stall {
+                self.health.stalls.fetch_add(1, Ordering::Relaxed);
+            }
+            let note = format!(
+                "{}  WARN the log folder did not answer for {:.0?}; {} log lines were dropped \
+                 meanwhile ({} since the mount started)\n",
+                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+                took,
+                dropped - self.dropped_told,
+                dropped
+            );
+            self.dropped_told = dropped;
+            let _ = self.inner.write_all(note.as_bytes());
+        }
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A log writer that fails instead of panicking. `file_rotate` asserts on

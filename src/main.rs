@@ -16,5 +16,9 @@ fn main() {
     if let Some(code) = provenafs::mount::watchdog_main() {
         std::process::exit(code);
     }
-    std::process::exit(provenafs::cli::main());
+    let code = provenafs::cli::main();
+    // A daemon's last lines (its stats, where its manifest went) are
+    // still queued for its log.
+    provenafs::logfile::finish();
+    std::process::exit(code);
 }

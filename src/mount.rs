@@ -424,7 +424,7 @@ pub fn run(mut cfg: MountConfig, rt: &tokio::runtime::Runtime) -> Result<(), Mou
     let stats = fs.stats();
     // Written while mounted too: a daemon killed outright (no SIGTERM)
     // still leaves its last checkpoint.
-    let manifest_file = manifest_file(&manifest, &cfg);
+    let manifest_file = manifest_file(&manifest, &cfg)?;
     let checkpoints = manifest_file
         .as_ref()
         .map(|f| f.spawn_checkpoints(crate::provenance::checkpoint::every(), rt.handle()));
@@ -775,17 +775,22 @@ fn serve(
 /// The file the mount's read manifest goes to, beside its log (see
 /// [`crate::provenance::manifest_path`]), so a batch job can keep it with
 /// its outputs. `None` (said in the log) without a state folder.
+/// The mount's manifest file. Errors: something not ours is already at
+/// its path, or its folder does not answer (the mount fails: a job must
+/// not run without its record, or with someone else's).
 fn manifest_file(
     manifest: &Arc<crate::provenance::Manifest>,
     cfg: &MountConfig,
-) -> Option<Arc<ManifestFile>> {
-    match crate::provenance::manifest_path(cfg.log_file.as_deref(), &cfg.mountpoint) {
-        Some(path) => Some(Arc::new(ManifestFile::new(manifest.clone(), path))),
-        None => {
-            warn!("no state folder (set HOME or XDG_STATE_HOME): the read manifest is not written");
-            None
-        }
-    }
+) -> Result<Option<Arc<ManifestFile>>, MountError> {
+    let path = crate::provenance::manifest_path(cfg.log_file.as_deref(), &cfg.mountpoint);
+    let Some(path) = path else {
+        warn!("no state folder (set HOME or XDG_STATE_HOME): the read manifest is not written");
+        return Ok(None);
+    };
+    let stall = crate::retry::stall_timeout(cfg.read.request_timeout);
+    ManifestFile::new(manifest.clone(), path, stall)
+        .map(|f| Some(Arc::new(f)))
+        .map_err(MountError::Other)
 }
 
 /// Whether SIGHUP was ignored when this process started (`nohup`).
@@ -853,6 +858,7 @@ fn status_server(
                 format!("{} {e}", at.format("%Y-%m-%dT%H:%M:%SZ"))
             }),
             uptime_s: Some(started.elapsed().as_secs()),
+            folders: crate::folder::all_health(),
         }
     };
     let provenance = move |f: &crate::provenance::Filter| manifest.snapshot(f);

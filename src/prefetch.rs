@@ -455,54 +455,92 @@ impl Shared {
                 (key, self.block_len(item, index))
             })
             .collect();
+        let deadline = Deadline::after(self.cfg.request_timeout);
         // Which blocks are on disk and valid (read and checked in full: a
         // block that fails its checks is removed, and fetched again).
         let disk = self.disk.clone();
         let probe = keys.clone();
-        let present: Vec<bool> = tokio::task::spawn_blocking(move || {
-            probe
-                .iter()
-                .map(|(k, len)| disk.get(k, *len).is_some())
-                .collect()
-        })
-        .await
-        .map_err(|e| format!("cache check failed: {e}"))?;
+        let present: Vec<bool> = self
+            .disk
+            .folder()
+            .run("check blocks", Some(deadline), move || {
+                Ok(probe
+                    .iter()
+                    .map(|(k, len)| disk.get(k, *len).is_some())
+                    .collect())
+            })
+            .await
+            .map_err(|e| format!("cannot read the cache folder: {e}"))?;
         let missing: Vec<(BlockKey, u64)> = keys
             .into_iter()
             .zip(present)
             .filter_map(|((key, len), here)| {
                 if here {
-                    self.cached.fetch_add(len, Ordering::Relaxed);
-                    self.progress.inc(len);
+                    self.cached(len);
                 }
                 (!here).then_some((key, len))
             })
             .collect();
+        if !missing.is_empty() {
+            state.fetched.store(true, Ordering::Release);
+        }
+        if !self.shared_folder {
+            let missing = missing.into_iter().map(|(k, l)| (k, l, None)).collect();
+            return self.fetch_runs(item, missing).await;
+        }
         // In a shared folder, claim each block as a mount does (see
         // `DiskCache::claim`): one a mount or another prefetch is fetching
-        // right now is theirs to write, not fetched twice. The claims are
-        // held until this part's blocks are written.
-        let missing: Vec<(BlockKey, u64, Option<ClaimGuard>)> = if self.shared_folder {
-            let until = std::time::SystemTime::now() + self.cfg.request_timeout;
-            let claims = self.disk.claim_all(missing.clone(), until).await;
-            let mut mine = Vec::new();
-            for ((key, len), claim) in missing.into_iter().zip(claims) {
-                match claim {
-                    // Counted as cached: it will be, by its claimant.
-                    Claim::Theirs { .. } => {
-                        self.cached.fetch_add(len, Ordering::Relaxed);
-                        self.progress.inc(len);
-                    }
-                    Claim::Mine(g) => mine.push((key, len, Some(g))),
-                    Claim::Unavailable => mine.push((key, len, None)),
-                }
+        // right now is theirs to write, not fetched twice; it is waited
+        // for (and fetched here if its claimant gives up or dies), never
+        // counted as cached before it is there. The claims are held until
+        // this part's blocks are written.
+        let until = std::time::SystemTime::now() + self.cfg.request_timeout;
+        let claims = self.disk.claim_all(missing.clone(), until, deadline).await;
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for ((key, len), claim) in missing.into_iter().zip(claims) {
+            match claim {
+                Claim::Theirs { .. } => theirs.push((key, len, ())),
+                Claim::Mine(g) => mine.push((key, len, Some(g))),
+                Claim::Unavailable => mine.push((key, len, None)),
             }
-            mine
-        } else {
-            missing.into_iter().map(|(k, l)| (k, l, None)).collect()
-        };
+        }
+        let mut first_error = self.fetch_runs(item, mine).await.err();
+        let failed = Mutex::new(None);
+        let give_up = deadline.sooner_by(self.cfg.request_timeout / 2);
+        self.disk
+            .await_claimed(
+                theirs,
+                deadline,
+                give_up,
+                |_, (), b| self.cached(b.len() as u64),
+                |ours| async {
+                    let run = ours.into_iter().map(|(k, l, (), g)| (k, l, g)).collect();
+                    if let Err(e) = self.fetch_runs(item, run).await {
+                        lock(&failed).get_or_insert(e);
+                    }
+                },
+            )
+            .await;
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// `len` bytes found in the cache: counted, not fetched.
+    fn cached(&self, len: u64) {
+        self.cached.fetch_add(len, Ordering::Relaxed);
+        self.progress.inc(len);
+    }
+
+    /// One GET per run of consecutive blocks of `blocks`.
+    async fn fetch_runs(
+        &self,
+        item: &Item,
+        blocks: Vec<(BlockKey, u64, Option<ClaimGuard>)>,
+    ) -> Result<(), String> {
         let mut runs: Vec<Vec<(BlockKey, u64, Option<ClaimGuard>)>> = Vec::new();
-        for (key, len, claim) in missing {
+        for (key, len, claim) in blocks {
             match runs.last_mut() {
                 Some(run) if run.last().is_some_and(|(k, _, _)| k.index + 1 == key.index) => {
                     run.push((key, len, claim))
@@ -511,7 +549,6 @@ impl Shared {
             }
         }
         for run in runs {
-            state.fetched.store(true, Ordering::Release);
             self.fetch_run(item, run).await?;
         }
         Ok(())
@@ -567,17 +604,11 @@ impl Shared {
             blocks.push((key, data, claim));
         }
         let n: u64 = blocks.iter().map(|(_, d, _)| d.len() as u64).sum();
-        let disk = self.disk.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            blocks
-                .into_iter()
-                .try_for_each(|(key, data, claim): (BlockKey, bytes::Bytes, _)| {
-                    disk.put_claimed(&key, &data, claim)
-                })
-        })
-        .await
-        .map_err(|e| format!("cache write failed: {e}"))
-        .and_then(|r| r.map_err(|e| format!("cannot write the cache folder: {e}")));
+        let written = self
+            .disk
+            .store_blocks(blocks)
+            .await
+            .map_err(|e| format!("cannot write the cache folder: {e}"));
         if let Err(e) = written {
             debug!(error = %e, "prefetch stops fetching");
             lock(&self.disk_broken).get_or_insert(e.clone());
@@ -645,7 +676,7 @@ mod tests {
         let keys = ["f0", "f1", "f2", "f3"];
         let its = items(&store, &keys).await;
         let dir = tempfile::tempdir().unwrap();
-        let disk = DiskCache::open(&disk_cfg(dir.path())).unwrap();
+        let disk = DiskCache::open(&disk_cfg(dir.path()), Duration::from_secs(5)).unwrap();
         let cfg = PrefetchConfig::default();
         let s = run(
             &its,
@@ -717,7 +748,7 @@ mod tests {
         store.put("f", crate::demo::pseudo_random(9, (20 * MIB) as usize));
         let its = items(&store, &["f"]).await;
         let dir = tempfile::tempdir().unwrap();
-        let disk = DiskCache::open(&disk_cfg(dir.path())).unwrap();
+        let disk = DiskCache::open(&disk_cfg(dir.path()), Duration::from_secs(5)).unwrap();
         run(
             &its,
             disk.clone(),
@@ -764,7 +795,7 @@ mod tests {
         let its = items(&store, &["a", "b"]).await;
         store.put("a", vec![3u8; (2 * MIB) as usize]);
         let dir = tempfile::tempdir().unwrap();
-        let disk = DiskCache::open(&disk_cfg(dir.path())).unwrap();
+        let disk = DiskCache::open(&disk_cfg(dir.path()), Duration::from_secs(5)).unwrap();
         let s = run(
             &its,
             disk,

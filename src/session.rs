@@ -25,7 +25,8 @@ pub fn share_leases(
     api: &ApiConfig,
     s3: &mut S3Config,
 ) {
-    if let Some(leases) = crate::shared_lease::SharedLeases::open(cache_dir) {
+    let stall = crate::retry::stall_timeout(api.request_timeout);
+    if let Some(leases) = crate::shared_lease::SharedLeases::open(cache_dir, stall) {
         // One name per user and deployment: a hash of the token and URLs.
         let who = crate::shared_lease::lease_name(
             "user",

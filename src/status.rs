@@ -47,6 +47,12 @@ pub struct Figures {
     /// The last of them, with its time and cause.
     pub last_error: Option<String>,
     pub uptime_s: Option<u64>,
+    /// The folders the mount writes to that may stall or be shared (cache,
+    /// credentials, log, state), each `answering` or `not answering`
+    /// (since when, and what the mount does meanwhile). Absent from an
+    /// older daemon's answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folders: Vec<crate::folder::FolderHealth>,
 }
 
 /// Answers `provenafs status` for one mount while it lives; removes the
@@ -418,6 +424,19 @@ fn table(rows: &[Figures]) -> String {
         let r = &rows[n - 1];
         if let Some(e) = &r.last_error {
             out.push_str(&format!("  last error: {e}\n"));
+        }
+        for f in r.folders.iter().filter(|f| f.state != "answering") {
+            let since = f
+                .since
+                .map(|t| format!(" since {}", t.format("%Y-%m-%dT%H:%M:%SZ")))
+                .unwrap_or_default();
+            let meanwhile = f.meanwhile.as_deref().unwrap_or("");
+            out.push_str(&format!(
+                "  {} {}: {}{since}; {meanwhile}\n",
+                f.what,
+                f.path.display(),
+                f.state
+            ));
         }
         if let Some(p) = &r.log_file {
             out.push_str(&format!("  log: {}\n", p.display()));

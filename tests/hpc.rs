@@ -64,8 +64,6 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
     let sim = Sim::start(data(), &[]);
     let tmp = tempfile::tempdir().unwrap();
     let bin = bin_dir();
-    let mnt = tmp.path().join("provena-77");
-    sim.scan_log(&tmp.path().join("provena-77.log"));
     let out = sim.run(&mut slurm_job(
         &sim,
         tmp.path(),
@@ -84,7 +82,18 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
     );
     // Only the pinned dataset exists on the node.
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\nx,y\n1,2\n");
-    assert!(!mnt.exists(), "mount folder removed");
+    // The job's folder on the node is its own (0700, a name nobody could
+    // guess); the mountpoint and its cache are gone, its log is left.
+    let dirs = job_dirs(tmp.path(), "77");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let job_dir = &dirs[0];
+    sim.scan_log(&job_dir.join("mount.log"));
+    assert_eq!(
+        std::fs::metadata(job_dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert!(!job_dir.join("mnt").exists(), "mount folder removed");
+    assert!(!job_dir.join("cache").exists(), "the job's cache removed");
     // What the job read is kept in its working folder: the file, the
     // version read (the emulator's ETag), by the job's processes.
     let manifest: serde_json::Value = serde_json::from_slice(
@@ -111,7 +120,8 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         &["sh", "-c", "exit 3"],
     ));
     assert_eq!(out.status.code(), Some(3));
-    assert!(!tmp.path().join("provena-78").exists());
+    let dirs = job_dirs(tmp.path(), "78");
+    assert!(dirs.iter().all(|d| !d.join("mnt").exists()), "{dirs:?}");
 
     // scancel or the time limit: Slurm sends SIGTERM to the job's processes.
     // What the job read is still kept (from the live mount or the daemon's
@@ -133,12 +143,12 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = job.spawn().unwrap();
-    let mnt = tmp.path().join("provena-79");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !tmp.path().join("read").exists() {
         assert!(Instant::now() < deadline, "job did not mount and read");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mnt = job_dirs(tmp.path(), "79")[0].join("mnt");
     unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
     let started = Instant::now();
     let status = child.wait().unwrap();

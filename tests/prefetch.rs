@@ -265,7 +265,7 @@ fn a_job_array_stages_in_once_and_every_task_reads_the_shared_cache() {
     ));
     assert!(summary(&out).contains("prefetched 4 files"), "{out:?}");
     assert_eq!(sim.stat("s3_get") - gets, 4);
-    assert!(!tmp.path().join("provena-500").exists(), "no mount folder");
+    assert!(job_dirs(tmp.path(), "500").is_empty(), "no job folder");
 
     // The array's tasks, the first one included (its prefetch finds
     // everything cached): every file read, no GET.

@@ -379,8 +379,33 @@ pub struct MountArgs {
 
 /// Sends tracing output to `file` (through [`crate::logfile::open`]:
 /// private, bounded) or to standard error. Colour codes only on a terminal:
-/// a journal, a pipe or a file gets plain text.
+/// a journal, a pipe or a file gets plain text. Commands that end by
+/// themselves write each line as it comes; see [`init_daemon_logging`].
 fn init_logging(level: Option<&str>, file: Option<&Path>, default: &str) -> Result<(), String> {
+    init_logging_with(level, file, default, None)
+}
+
+/// [`init_logging`] for a process that serves until stopped (a mount, the
+/// demo, a long prefetch): lines are queued and written by a thread of
+/// their own, so a log folder that hangs (an NFS home) never blocks a
+/// thread that logs; lines it does not take in time are dropped and
+/// counted (see [`crate::logfile::non_blocking`]; `stall` is when a write
+/// counts as stuck).
+fn init_daemon_logging(
+    level: Option<&str>,
+    file: Option<&Path>,
+    default: &str,
+    stall: Duration,
+) -> Result<(), String> {
+    init_logging_with(level, file, default, Some(stall))
+}
+
+fn init_logging_with(
+    level: Option<&str>,
+    file: Option<&Path>,
+    default: &str,
+    daemon: Option<Duration>,
+) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level: {e}"))?,
@@ -407,15 +432,27 @@ fn init_logging(level: Option<&str>, file: Option<&Path>, default: &str) -> Resu
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    match file {
-        Some(p) => {
+    match (file, daemon) {
+        // A daemon never waits for its log (see `logfile::non_blocking`).
+        (Some(p), Some(stall)) => {
+            let w = crate::logfile::non_blocking(crate::logfile::open(p)?, Some(p), stall);
+            builder.with_ansi(false).with_writer(w).init();
+        }
+        (None, Some(stall)) => {
+            let w = crate::logfile::non_blocking(Box::new(std::io::stderr()), None, stall);
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(w)
+                .init();
+        }
+        (Some(p), None) => {
             let w = crate::logfile::open(p)?;
             builder
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(w))
                 .init();
         }
-        None => builder
+        (None, None) => builder
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .init(),
@@ -879,7 +916,12 @@ fn run(command: Command) -> Result<(), Exit> {
             Ok(())
         }
         Command::Demo { mountpoint, log } => {
-            init_logging(log.level().as_deref(), log.log_file.as_deref(), "warn")?;
+            init_daemon_logging(
+                log.level().as_deref(),
+                log.log_file.as_deref(),
+                "warn",
+                crate::retry::stall_timeout(crate::retry::DEFAULT_REQUEST_TIMEOUT),
+            )?;
             crate::demo::run(&mountpoint)?;
             Ok(())
         }
@@ -975,7 +1017,12 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
         };
     }
     // fuser warns about an unmount that already happened; not news.
-    init_logging(level.as_deref(), log_path.as_deref(), "warn,fuser=error")?;
+    init_daemon_logging(
+        level.as_deref(),
+        log_path.as_deref(),
+        "warn,fuser=error",
+        crate::retry::stall_timeout(cfg.read.request_timeout),
+    )?;
     let rt = runtime()?;
     let served = mount::run(cfg, &rt).map_err(|e| match e {
         mount::MountError::Auth(a) => token_error(a, &origin),

@@ -90,7 +90,7 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
     let items = items?;
     // Refused before the cache folder is even created.
     prefetch::fits(&items, cfg.block_size, disk_cfg.limit)?;
-    let disk = DiskCache::open(&disk_cfg)
+    let disk = DiskCache::open(&disk_cfg, crate::retry::stall_timeout(request_timeout))
         .map_err(|e| format!("cannot use the cache folder {}: {e}", dir.display()))?;
     let total: u64 = items.iter().map(|i| i.meta.size).sum();
     let bar = if terminal {

@@ -1,6 +1,12 @@
 //! The read manifest: what a mount's readers read, aggregated per object
 //! version and reader, never per read.
 //!
+//! Bounded whatever the job: a version's first [`READERS_PER_VERSION`]
+//! reading processes are kept one by one; later ones (a PyTorch
+//! DataLoader's workers, new every epoch; a shell loop; `xargs`) are
+//! merged into one reader per (UID, Slurm job, command) of that version,
+//! marked `merged`; and at most [`MAX_ENTRIES`] entries are kept in all.
+//!
 //! An open registers (object version, reader) once and hands back its
 //! [`Tally`]; every FUSE read of that handle then adds to it with atomic
 //! updates only (no lock, no I/O). The kernel answers reads of pages it
@@ -26,8 +32,9 @@ struct Object {
     etag: Arc<str>,
 }
 
-/// One object version and one reader of it.
-type Pair = (Object, Arc<Who>);
+/// One object version and one reader of it (merged: the version's later
+/// readers of that UID, job and command, see the module docs).
+type Pair = (Object, Arc<Who>, bool);
 
 /// What one reader did with one object version. Times are milliseconds
 /// since the Unix epoch (`u64::MAX` for a first time: not yet; 0 for a
@@ -87,17 +94,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Most (object version, reader) pairs kept. Past it, opens of new pairs
-/// are counted in `dropped` instead (a mount read by millions of
-/// processes, each once); what is kept stays right.
-const MAX_ENTRIES: usize = 1_000_000;
+/// Reading processes kept one by one per object version; past them, a
+/// version's readers are merged by (UID, Slurm job, command).
+pub const READERS_PER_VERSION: usize = 8;
+
+/// Most (object version, reader) entries kept in all: about 30 MB. Past
+/// it, an open that would need a new entry adds to its merged reader if
+/// that exists, else is counted in `dropped` (a mount reading more than
+/// this many files); what is kept stays right.
+pub const MAX_ENTRIES: usize = 100_000;
 
 /// A mount's read manifest.
 pub struct Manifest {
     mountpoint: String,
     started: SystemTime,
     entries: Mutex<HashMap<Pair, Arc<Tally>>>,
-    sizes: Mutex<HashMap<Object, u64>>,
+    /// Each version's size, and how many of its readers are kept one by
+    /// one.
+    sizes: Mutex<HashMap<Object, (u64, usize)>>,
     /// Dataset names (from the registry), by handle.
     names: Mutex<HashMap<String, String>>,
     dropped: AtomicU64,
@@ -140,20 +154,38 @@ impl Manifest {
             }
         }
         let mut entries = lock(&self.entries);
+        if let Some(t) = entries.get(&(object.clone(), who.clone(), false)) {
+            let t = t.clone();
+            drop(entries);
+            t.opened();
+            return t;
+        }
+        let mut sizes = lock(&self.sizes);
+        let kept = sizes.get(&object).map_or(0, |(_, k)| *k);
         let full = entries.len() >= MAX_ENTRIES;
-        let tally = match entries.get(&(object.clone(), who.clone())) {
-            Some(t) => t.clone(),
-            None if full => {
+        let key = if kept < READERS_PER_VERSION && !full {
+            sizes.entry(object.clone()).or_insert((size, 0)).1 += 1;
+            (object, who, false)
+        } else {
+            // Merged with the version's other readers of this user, job
+            // and command.
+            let merged = Arc::new(Who {
+                uid: who.uid,
+                pid: 0,
+                command: who.command.clone(),
+                job: who.job.clone(),
+                started: 0,
+            });
+            let key = (object, merged, true);
+            if full && !entries.contains_key(&key) {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                Arc::new(Tally::default())
+                return Arc::new(Tally::default());
             }
-            None => {
-                let t = Arc::new(Tally::default());
-                entries.insert((object.clone(), who), t.clone());
-                lock(&self.sizes).entry(object).or_insert(size);
-                t
-            }
+            key
         };
+        drop(sizes);
+        let tally = entries.entry(key).or_default().clone();
+        drop(entries);
         tally.opened();
         tally
     }
@@ -182,19 +214,20 @@ impl Manifest {
         let sizes = lock(&self.sizes).clone();
         let names = lock(&self.names).clone();
         // Copied out first: opens wait for this lock, not for the build.
-        let entries: Vec<(Object, Arc<Who>, Arc<Tally>)> = lock(&self.entries)
+        let entries: Vec<(Object, Arc<Who>, bool, Arc<Tally>)> = lock(&self.entries)
             .iter()
-            .map(|((o, w), t)| (o.clone(), w.clone(), t.clone()))
+            .map(|((o, w, m), t)| (o.clone(), w.clone(), *m, t.clone()))
             .collect();
         let mut files: BTreeMap<Object, FileRead> = BTreeMap::new();
-        for (object, who, t) in &entries {
+        for (object, who, merged, t) in &entries {
             let f = files.entry(object.clone()).or_insert_with(|| FileRead {
                 key: object.key.to_string(),
                 etag: object.etag.to_string(),
-                size: sizes.get(object).copied().unwrap_or(0),
+                size: sizes.get(object).map_or(0, |(s, _)| *s),
                 ..FileRead::default()
             });
             f.readers.push(ReaderRead {
+                merged: *merged,
                 who: (**who).clone(),
                 opens: t.opens.load(Ordering::Relaxed),
                 bytes_read: t.bytes.load(Ordering::Relaxed),
@@ -356,6 +389,11 @@ pub struct FileRead {
 pub struct ReaderRead {
     #[serde(flatten)]
     pub who: Who,
+    /// More processes of this UID, job and command than the first
+    /// [`READERS_PER_VERSION`] kept one by one, counted together (`pid`
+    /// 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
     pub opens: u64,
     pub bytes_read: u64,
     pub reads: u64,

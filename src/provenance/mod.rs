@@ -47,17 +47,21 @@ pub fn manifest_path(
 /// `ours` says the file at `path` is known to be this mount's own earlier
 /// write (the same inode it last wrote), so it is replaced without being
 /// read.
-pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> std::io::Result<()> {
+/// Written compact (one line): `provenafs provenance --from FILE --json`
+/// prints it for people. Returns the bytes written.
+pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> std::io::Result<u64> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let mut f = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
         .tempfile_in(dir)?;
-    let text = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
+    let text = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
     f.write_all(&text)?;
     f.write_all(b"\n")?;
     f.as_file().sync_all()?;
-    if let Some(old) = (!ours).then(|| std::fs::read(path).ok()).flatten() {
+    // An earlier mount's manifest is read only if it is a file of ours: a
+    // file another user put at this name is never taken for one.
+    if let Some(old) = (!ours).then(|| read_ours(path)).flatten() {
         if let Some(earlier) = serde_json::from_slice::<Snapshot>(&old)
             .ok()
             .filter(|e| !(e.mounted_at == snap.mounted_at && e.mountpoint == snap.mountpoint))
@@ -70,7 +74,44 @@ pub fn write_snapshot(path: &std::path::Path, snap: &Snapshot, ours: bool) -> st
         }
     }
     f.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    Ok(text.len() as u64 + 1)
+}
+
+/// The content of `path` if it is a regular file of this user's (never
+/// following a symlink, never blocking on a FIFO; at most 1 GiB).
+fn read_ours(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() || md.uid() != nix::unistd::geteuid().as_raw() {
+        return None;
+    }
+    let mut out = Vec::new();
+    f.take(1 << 30).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// Refuses a manifest path where a file of someone else's, or anything
+/// but a regular file, already is (a name another user could guess in a
+/// shared folder such as `/tmp`): a job script reading the manifest there
+/// must never read theirs. Errors: one line naming the path.
+pub fn check_manifest_path(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(md) if md.is_file() && md.uid() == nix::unistd::geteuid().as_raw() => Ok(()),
+        Ok(md) => Err(format!(
+            "{} is already there and is not a file of yours (owner uid {}): the read manifest \
+             goes beside the log; choose another --log-file",
+            path.display(),
+            md.uid()
+        )),
+    }
 }
 
 /// The name prefix of [`write_snapshot`]'s temporary files for `path`

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::fs::tree::{FileRef, FirstBytes};
 use crate::fs::FsError;
@@ -58,9 +58,6 @@ const SEQUENTIAL_RUN: u64 = 16 * MIB;
 
 /// How long a failed fetch is remembered (see the module docs).
 const FAILURE_MEMORY: Duration = Duration::from_secs(5);
-
-/// Most disk cache reads (and, apart, writes) in flight at once.
-const DISK_SLOTS: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -164,10 +161,6 @@ pub struct Reader {
     failures: Mutex<HashMap<BlockKey, (Instant, FetchError)>>,
     /// Read-ahead in flight, in blocks (see the module docs).
     budget: Arc<Semaphore>,
-    /// Disk cache reads, and writes, in flight: a cache folder on a stalled
-    /// cluster file system can hold this many threads, never all of them.
-    disk_reads: Arc<Semaphore>,
-    disk_writes: Arc<Semaphore>,
     sequential: Arc<AtomicUsize>,
     /// First bytes of files that lookups fetched beside their LIST, for
     /// each file's first read (see [`FirstBytes`]); the oldest go first.
@@ -270,7 +263,10 @@ impl Reader {
         cfg.memory_cache = cfg.memory_cache.max(2 * cfg.part_size);
         cfg.max_inflight = cfg.max_inflight.max(cfg.part_size);
         let disk = match &cfg.disk {
-            Some(d) => Some(DiskCache::open(d)?),
+            Some(d) => Some(DiskCache::open(
+                d,
+                crate::retry::stall_timeout(cfg.request_timeout),
+            )?),
             None => None,
         };
         let permits = (cfg.max_inflight / cfg.block_size) as usize;
@@ -280,8 +276,6 @@ impl Reader {
             inflight: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(permits)),
-            disk_reads: Arc::new(Semaphore::new(DISK_SLOTS)),
-            disk_writes: Arc::new(Semaphore::new(DISK_SLOTS)),
             sequential: Arc::new(AtomicUsize::new(0)),
             heads: Mutex::new(VecDeque::new()),
             stats: CacheStats::default(),
@@ -677,8 +671,9 @@ impl Reader {
         let mut out = Vec::with_capacity((b1 - b0 + 1) as usize);
         for i in b0..=b1 {
             let key = self.key(f, i);
-            let read = self.disk_read(disk, key.clone(), self.block_len(f, i))?;
-            let b = deadline.run(read).await.flatten()?;
+            let b = disk
+                .load_block(key.clone(), self.block_len(f, i), deadline)
+                .await?;
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
             self.mem.insert(key, b.clone());
             out.push(b);
@@ -695,23 +690,6 @@ impl Reader {
             .min(Deadline::after(crate::retry::stall_timeout(
                 self.cfg.request_timeout,
             )))
-    }
-
-    /// A disk cache read on the blocking pool, if a disk slot is free
-    /// (`None`: take it as a miss).
-    fn disk_read(
-        &self,
-        disk: &Arc<DiskCache>,
-        key: BlockKey,
-        len: u64,
-    ) -> Option<impl std::future::Future<Output = Option<Bytes>>> {
-        let slot = self.disk_reads.clone().try_acquire_owned().ok()?;
-        let d = disk.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            d.get(&key, len)
-        });
-        Some(task.map(|r| r.ok().flatten()))
     }
 
     /// The failure of a recent fetch of any of blocks `b0..=b1`, if any.
@@ -927,20 +905,12 @@ impl Reader {
             // disk allows, not one block at a time. A cache folder that
             // does not answer in time (a stalled cluster file system) is a
             // miss: S3 is asked instead.
-            let reads = senders.iter().flatten().map(|(key, len, _)| {
-                let read = self.disk_read(disk, key.clone(), *len);
-                async move {
-                    match read {
-                        Some(r) => r.await,
-                        None => None,
-                    }
-                }
-            });
-            let found = self
-                .disk_deadline(deadline)
-                .run(futures::future::join_all(reads))
-                .await
-                .unwrap_or_default();
+            let disk_deadline = self.disk_deadline(deadline);
+            let reads = senders
+                .iter()
+                .flatten()
+                .map(|(key, len, _)| disk.load_block(key.clone(), *len, disk_deadline));
+            let found = futures::future::join_all(reads).await;
             for (slot, r) in senders.iter_mut().zip(found) {
                 if let Some(b) = r {
                     if let Some((key, _, tx)) = slot.take() {
@@ -992,7 +962,7 @@ impl Reader {
     ) -> (Vec<ToFetch>, Vec<(BlockKey, u64, Sender)>) {
         let until = std::time::SystemTime::now() + deadline.remaining();
         let keys: Vec<(BlockKey, u64)> = blocks.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
-        let mut claims = disk.claim_all(keys, until).await.into_iter();
+        let mut claims = disk.claim_all(keys, until, deadline).await.into_iter();
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for (k, len, tx) in blocks {
             match claims.next() {
@@ -1004,68 +974,30 @@ impl Reader {
         (mine, theirs)
     }
 
-    /// Waits for blocks other processes claimed: polls the shared folder
-    /// (backing off from 5 ms to 50 ms; no inotify, which no cluster file
-    /// system carries across nodes) until each block is there, or its claim
-    /// is gone or stale (then this process claims and fetches it), or too
-    /// little of `deadline` is left to go on waiting (then it fetches it
-    /// anyway). Never past the request bound, never on a dead node's word.
+    /// Waits for blocks other processes claimed (see
+    /// [`DiskCache::await_claimed`]), fetching those that become this
+    /// process's to fetch; whatever is left when half the request time is
+    /// spent, or when the folder stops answering, is fetched anyway.
     async fn await_others(
         &self,
         file: &FileRef,
         disk: &Arc<DiskCache>,
-        mut pending: Vec<(BlockKey, u64, Sender)>,
+        pending: Vec<(BlockKey, u64, Sender)>,
         deadline: Deadline,
         budget: &Mutex<Option<OwnedSemaphorePermit>>,
     ) {
         let give_up = deadline.sooner_by(self.cfg.request_timeout / 2);
-        // A block another node is fetching is usually a read-ahead run
-        // away: poll often at first, and no slower than 50 ms (each poll
-        // is one failed open per pending block, cheap even on Lustre).
-        let mut wait = Duration::from_millis(5);
-        while !pending.is_empty() {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(50));
-            if give_up.expired() {
-                let rest = pending
-                    .into_iter()
-                    .map(|(k, l, t)| (k, l, t, None))
-                    .collect();
-                self.fetch_runs(file, rest, deadline, budget).await;
-                return;
-            }
-            let until = std::time::SystemTime::now() + deadline.remaining();
-            let asks: Vec<(BlockKey, u64)> =
-                pending.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
-            let d = disk.clone();
-            let found = tokio::task::spawn_blocking(move || {
-                asks.iter()
-                    .map(|(k, len)| match d.get(k, *len) {
-                        Some(b) => (Some(b), None),
-                        None => (None, Some(d.claim(k, *len, until))),
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
-            let mut found = found.into_iter();
-            let (mut ours, mut still) = (Vec::new(), Vec::new());
-            for (k, len, tx) in pending {
-                match found.next() {
-                    Some((Some(b), _)) => {
-                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                        self.deliver(&k, Ok(b), tx);
-                    }
-                    Some((None, Some(Claim::Theirs { .. }))) => still.push((k, len, tx)),
-                    Some((None, Some(Claim::Mine(g)))) => ours.push((k, len, tx, Some(g))),
-                    _ => ours.push((k, len, tx, None)),
-                }
-            }
-            if !ours.is_empty() {
-                self.fetch_runs(file, ours, deadline, budget).await;
-            }
-            pending = still;
-        }
+        disk.await_claimed(
+            pending,
+            deadline,
+            give_up,
+            |k, tx, b| {
+                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.deliver(&k, Ok(b), tx);
+            },
+            |ours| self.fetch_runs(file, ours, deadline, budget),
+        )
+        .await;
     }
 
     /// One GET per contiguous run of `blocks` (they may have gaps: blocks
@@ -1172,22 +1104,13 @@ impl Reader {
         let Some(disk) = &self.disk else {
             return;
         };
-        // Only with a free disk slot: a stalled cache folder costs blocks
-        // not written, never threads piling up.
-        match self.disk_writes.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let (d, k, data) = (disk.clone(), key.clone(), data.clone());
-                tokio::task::spawn_blocking(move || {
-                    let _slot = slot;
-                    // The claim ends as the block appears (or once it
-                    // will not): waiters then find it.
-                    if let Err(e) = d.put_claimed(&k, &data, claim) {
-                        warn!(error = %e, "cannot write disk cache block");
-                    }
-                });
-                self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => debug!("disk cache busy; block not written"),
+        // In the background, through the folder: a stalled cache folder
+        // costs blocks not written, never a thread of ours. The claim ends
+        // as the block appears (or once it will not): waiters then find it.
+        if disk.store_block(key.clone(), data.clone(), claim) {
+            self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            debug!("disk cache not answering or busy; block not written");
         }
     }
 

@@ -447,6 +447,19 @@ impl Drop for Mount {
     }
 }
 
+/// The folders `scripts/slurm-job.sh` made for job `job` under `tmp`
+/// (`provena-JOB.XXXXXXXX`: a name only the job knows).
+pub fn job_dirs(tmp: &Path, job: &str) -> Vec<PathBuf> {
+    let prefix = format!("provena-{job}.");
+    std::fs::read_dir(tmp)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
 pub fn is_mounted(p: &Path) -> bool {
     provenafs::mount::is_mountpoint(p)
 }
@@ -579,6 +592,8 @@ for line in sys.stdin:
             print("ok", os.fstat(fds[p[1]]).st_size)
         elif p[0] == "random":
             os.posix_fadvise(fds[p[1]], 0, 0, os.POSIX_FADV_RANDOM); print("ok")
+        elif p[0] == "dontneed":
+            os.posix_fadvise(fds[p[1]], 0, 0, os.POSIX_FADV_DONTNEED); print("ok")
         elif p[0] == "close":
             os.close(fds.pop(p[1])); print("ok")
     except OSError as e:
@@ -675,6 +690,12 @@ impl Py {
     /// posix_fadvise(RANDOM): no kernel read-ahead, each read reaches us.
     pub fn random(&mut self, name: &str) {
         self.ask(&format!("random {name}")).unwrap();
+    }
+
+    /// posix_fadvise(DONTNEED): the kernel drops its pages of the file,
+    /// so the next read reaches the daemon.
+    pub fn forget_pages(&mut self, name: &str) {
+        self.ask(&format!("dontneed {name}")).unwrap();
     }
 
     pub fn close(&mut self, name: &str) {

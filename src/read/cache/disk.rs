@@ -5,8 +5,9 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, AtFlags, OFlag, AT_FDCWD as CWD};
@@ -17,8 +18,10 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use super::shared::EvictLock;
+use super::shared::{ClaimGuard, EvictLock};
 use super::BlockKey;
+use crate::folder::{Folder, FolderError};
+use crate::retry::Deadline;
 
 pub(super) const MAGIC: &[u8; 8] = b"PVFSBLK1";
 
@@ -35,6 +38,13 @@ pub fn block_file_name(bucket: &str, key: &str, etag: &str, index: u64) -> Strin
 }
 
 /// Blocks on disk under `dir/v1/<aa>/<hash>`, bounded by `limit` bytes.
+///
+/// Every call into the folder goes through its [`Folder`] (see
+/// [`crate::folder`]): off the async workers, bounded by the stall
+/// timeout, and not at all while the folder does not answer, so a cache
+/// folder on a stalled cluster file system is a miss, never a hang. The
+/// blocking methods here (`get`, `put`, `claim`, ...) are what those calls
+/// run; callers use the async ones (`load_block`, `store_block`, ...).
 ///
 /// The folder may be shared by many processes on many nodes (a cluster
 /// file system): every block is written under a private temporary name and
@@ -66,14 +76,21 @@ pub struct DiskCache {
     pub(super) shared: bool,
     pub(super) dir_mode: u32,
     pub(super) file_mode: u32,
-    pub(super) evicting: Mutex<()>,
+    /// A trimming pass is running (one at a time per process).
+    pub(super) trimming: AtomicBool,
     /// Next shard a sampled pass starts at (shared folders; see
-    /// [`DiskCache::evict_if_needed`]).
+    /// [`DiskCache::trim_if_needed`]).
     pub(super) cursor: AtomicU64,
     /// Folder entries read and stat'ed so far: the metadata cost of size
     /// accounting and eviction, for stats and tests.
     pub meta_ops: AtomicU64,
+    /// Every call into the folder goes through it.
+    pub(super) folder: Folder,
 }
+
+/// Calls into the cache folder running at once: a cache folder on a
+/// stalled cluster file system can park this many threads, never more.
+const DISK_SLOTS: usize = 64;
 
 /// Shards (of 256) a shared folder's size is estimated from at start-up…
 pub(super) const START_SHARDS: usize = 8;
@@ -84,8 +101,19 @@ pub(super) const PUBLISH_MARGIN: std::time::Duration = std::time::Duration::from
 /// …and each eviction pass of a shared folder reads.
 pub(super) const PASS_SHARDS: usize = 32;
 
+/// Opens the folder at `path` (which the user gave: a symlink to a folder
+/// is followed), to be checked on its descriptor and used through it.
+pub(crate) fn open_folder(path: &Path) -> nix::Result<OwnedFd> {
+    openat(
+        CWD,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
 /// Opens folder `name` in `dir` without following a symlink there.
-pub(super) fn open_dir_at<P: ?Sized + nix::NixPath>(
+pub(crate) fn open_dir_at<P: ?Sized + nix::NixPath>(
     dir: impl AsFd,
     name: &P,
 ) -> nix::Result<OwnedFd> {
@@ -103,26 +131,86 @@ pub(super) fn header_len(k: &BlockKey) -> usize {
 }
 
 impl DiskCache {
-    /// Opens (creating) the cache folder, 0700 (2770 for a group cache).
-    /// The size already used is measured in the background, so a large
-    /// cache never delays a mount.
-    pub fn open(cfg: &crate::read::DiskConfig) -> std::io::Result<Arc<Self>> {
+    /// Opens (creating) the cache folder, 0700 (3770 for a group cache:
+    /// setgid, so the group carries over, and sticky, so no member can
+    /// rename or remove another's `creds-<uid>/`). Its calls answer within
+    /// `stall` or are given up (see [`crate::folder`]); so does opening it:
+    /// a folder that does not answer fails here, in one line. The size
+    /// already used is measured in the background, so a large cache never
+    /// delays a mount.
+    ///
+    /// Errors: the folder cannot be made or written, is not a folder, is
+    /// not ours (a private cache) or is open to others (see
+    /// [`check_private`]), or does not answer.
+    pub fn open(cfg: &crate::read::DiskConfig, stall: Duration) -> std::io::Result<Arc<Self>> {
         let (dir_mode, file_mode) = if cfg.group {
-            (0o2770, 0o640)
+            (0o3770, 0o640)
         } else {
             (0o700, 0o600)
         };
+        let folder = Folder::new(
+            if cfg.shared {
+                "shared cache folder"
+            } else {
+                "cache folder"
+            },
+            &cfg.dir,
+            "reads go to S3 and fetched blocks are not kept",
+            stall,
+            DISK_SLOTS,
+        );
         let root = cfg.dir.join("v1");
-        for d in [&cfg.dir, &root] {
-            make_dir(d, dir_mode)?;
-        }
-        check_private(&cfg.dir, cfg.group)?;
-        let root_fd = open_dir_at(CWD, root.as_path()).map_err(|e| {
-            std::io::Error::other(format!(
-                "cannot open the cache folder {} (it must be a folder, not a symlink): {e}",
-                root.display()
-            ))
-        })?;
+        let (top, group) = (cfg.dir.clone(), cfg.group);
+        let root_fd = folder
+            .run_blocking("open the cache folder", move || {
+                make_dir(&top, dir_mode)?;
+                let top_fd = open_folder(&top).map_err(|e| {
+                    std::io::Error::other(format!(
+                        "cannot open the cache folder {}: {e}",
+                        top.display()
+                    ))
+                })?;
+                check_private(&top, &top_fd, group)?;
+                match mkdirat(&top_fd, "v1", Mode::from_bits_truncate(dir_mode & 0o777)) {
+                    Ok(()) => {
+                        let v1 = open_dir_at(&top_fd, "v1")?;
+                        // Set explicitly: the umask may have taken bits.
+                        fchmod(&v1, Mode::from_bits_truncate(dir_mode & 0o2777))?;
+                    }
+                    Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let v1 = open_dir_at(&top_fd, "v1").map_err(|e| {
+                    std::io::Error::other(format!(
+                        "cannot open the cache folder {} (it must be a folder, not a symlink): {e}",
+                        top.join("v1").display()
+                    ))
+                })?;
+                check_private(&top.join("v1"), &v1, group)?;
+                // Fail now, not at the first block, on a folder we cannot
+                // write.
+                let probe = format!(".probe-{}-{}", std::process::id(), rand::random::<u64>());
+                let fd = openat(
+                    &v1,
+                    probe.as_str(),
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )?;
+                drop(fd);
+                let _ = unlinkat(&v1, probe.as_str(), UnlinkatFlags::NoRemoveDir);
+                Ok(v1)
+            })
+            .map_err(|e| match e {
+                FolderError::Io(e) => e,
+                e => std::io::Error::other(format!(
+                    "the cache folder {} did not answer within {stall:?} ({e})",
+                    cfg.dir.display()
+                )),
+            })?;
         let cache = Arc::new(Self {
             dir: root,
             root: root_fd,
@@ -131,44 +219,56 @@ impl DiskCache {
             used: AtomicU64::new(0),
             since_scan: AtomicU64::new(0),
             shared: cfg.shared,
-            dir_mode,
+            dir_mode: dir_mode & 0o2777,
             file_mode,
-            evicting: Mutex::new(()),
+            trimming: AtomicBool::new(true),
             cursor: AtomicU64::new(rand::random::<u64>() % 256),
             meta_ops: AtomicU64::new(0),
+            folder,
         });
-        // Fail now, not at the first block, on a folder we cannot write.
-        let probe = format!(".probe-{}-{}", std::process::id(), rand::random::<u64>());
-        let fd = openat(
-            &cache.root,
-            probe.as_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )
-        .map_err(std::io::Error::from)?;
-        drop(fd);
-        let _ = unlinkat(&cache.root, probe.as_str(), UnlinkatFlags::NoRemoveDir);
         let c = cache.clone();
-        std::thread::spawn(move || {
+        let measure = move || {
             // A shared folder (a cluster file system, millions of blocks,
             // hundreds of mounts starting at once) is never walked whole:
             // block names are SHA-256 hashes, spread evenly over the 256
             // shards, so a few shards tell the size of the whole.
-            let total: u64 = if c.shared {
+            let total = if c.shared {
                 let first = c.cursor.fetch_add(START_SHARDS as u64, Ordering::Relaxed) as usize;
-                let sample: u64 = c
-                    .entries_in((0..START_SHARDS).map(|i| (first + i) % 256))
-                    .iter()
-                    .map(|e| e.size)
-                    .sum();
-                sample * 256 / START_SHARDS as u64
+                c.entries_in((0..START_SHARDS).map(|i| (first + i) % 256))
+                    .map(|e| e.iter().map(|e| e.size).sum::<u64>() * 256 / START_SHARDS as u64)
             } else {
-                c.entries().iter().map(|e| e.size).sum()
+                c.entries().map(|e| e.iter().map(|e| e.size).sum())
             };
-            c.used.fetch_add(total, Ordering::Relaxed);
-            c.evict_if_needed();
-        });
+            // A folder that did not answer: measured at the next pass.
+            c.used.fetch_add(total.unwrap_or(0), Ordering::Relaxed);
+            c.trimming.store(false, Ordering::Release);
+            c.trim_if_needed();
+        };
+        if std::thread::Builder::new()
+            .name("provenafs-trim".into())
+            .spawn(measure)
+            .is_err()
+        {
+            cache.trimming.store(false, Ordering::Release);
+        }
         Ok(cache)
+    }
+
+    /// Waits (at most 5 s) until no call into the folder runs and no
+    /// trimming pass: what was started in the background is done.
+    #[cfg(test)]
+    pub(crate) fn settle(&self) {
+        let t = std::time::Instant::now();
+        while (self.folder.in_flight() > 0 || self.trimming.load(Ordering::Acquire))
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The folder's calls (for status and callers' own calls).
+    pub fn folder(&self) -> &Folder {
+        &self.folder
     }
 
     pub(super) fn name(k: &BlockKey) -> String {
@@ -236,7 +336,60 @@ impl DiskCache {
         v
     }
 
+    /// The block `k` of `len` data bytes, if a valid copy is on disk and
+    /// the folder answers before `deadline` (and its stall timeout).
+    pub async fn load_block(
+        self: &Arc<Self>,
+        k: BlockKey,
+        len: u64,
+        deadline: Deadline,
+    ) -> Option<Bytes> {
+        let me = self.clone();
+        self.folder
+            .run("read a block", Some(deadline), move || Ok(me.get(&k, len)))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Writes block `k` in the background (through `claim`, which ends as
+    /// the block lands; see [`DiskCache::put_claimed`]). `false` when the
+    /// folder is not answering or busy: the block is not kept, and the
+    /// claim ends by its deadline.
+    pub fn store_block(
+        self: &Arc<Self>,
+        k: BlockKey,
+        data: Bytes,
+        claim: Option<ClaimGuard>,
+    ) -> bool {
+        let me = self.clone();
+        let started = self.folder.spawn("write a block", move || {
+            if let Err(e) = me.put_claimed(&k, &data, claim) {
+                warn!(error = %e, "cannot write disk cache block");
+            }
+        });
+        started.is_ok()
+    }
+
+    /// Writes `blocks` (through their claims) and waits for them, until
+    /// the stall timeout. Errors: a write failed (the folder is full or
+    /// gone), or the folder did not answer.
+    pub async fn store_blocks(
+        self: &Arc<Self>,
+        blocks: Vec<(BlockKey, Bytes, Option<ClaimGuard>)>,
+    ) -> Result<(), FolderError> {
+        let me = self.clone();
+        self.folder
+            .run("write blocks", None, move || {
+                blocks
+                    .into_iter()
+                    .try_for_each(|(k, data, claim)| me.put_claimed(&k, &data, claim))
+            })
+            .await
+    }
+
     /// The block, if a valid copy of exactly `len` data bytes is on disk.
+    /// Blocking: a call into the folder (see [`DiskCache::load_block`]).
     pub fn get(&self, k: &BlockKey, len: u64) -> Option<Bytes> {
         let name = Self::name(k);
         let shard = self.shard(&name)?;
@@ -321,14 +474,16 @@ impl DiskCache {
         let _ = unlinkat(shard, name, UnlinkatFlags::NoRemoveDir);
     }
 
-    /// Counts `n` bytes newly written, evicting if the folder is over.
-    pub(super) fn added(&self, n: u64) {
+    /// Counts `n` bytes newly written, trimming if the folder is over.
+    pub(super) fn added(self: &Arc<Self>, n: u64) {
         self.used.fetch_add(n, Ordering::Relaxed);
         self.since_scan.fetch_add(n, Ordering::Relaxed);
-        self.evict_if_needed();
+        self.trim_if_needed();
     }
 
-    pub fn put(&self, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+    /// Writes block `k` under a temporary name and renames it into place.
+    /// Blocking: a call into the folder.
+    pub fn put(self: &Arc<Self>, k: &BlockKey, data: &[u8]) -> std::io::Result<()> {
         let name = Self::name(k);
         let shard = self
             .shard(&name)
@@ -361,100 +516,174 @@ impl DiskCache {
 
     /// Every block file: regular files only, found without following
     /// symlinks (a planted link never makes eviction delete elsewhere).
-    pub(super) fn entries(&self) -> Vec<Entry> {
+    /// `None` when the folder stopped answering on the way.
+    pub(super) fn entries(self: &Arc<Self>) -> Option<Vec<Entry>> {
         self.entries_in(0..256)
     }
 
-    /// The block files of `shards`.
-    pub(super) fn entries_in(&self, shards: impl Iterator<Item = usize>) -> Vec<Entry> {
+    /// The block files of `shards`, one call into the folder per shard
+    /// (each bounded by the stall timeout); `None` when one does not
+    /// answer.
+    pub(super) fn entries_in(
+        self: &Arc<Self>,
+        shards: impl Iterator<Item = usize>,
+    ) -> Option<Vec<Entry>> {
         let mut out = Vec::new();
         for idx in shards {
-            let sub = format!("{idx:02x}");
-            let Ok(dir_fd) = open_dir_at(&self.root, sub.as_str()) else {
+            let me = self.clone();
+            let found = self
+                .folder
+                .run_blocking("list a cache shard", move || Ok(me.shard_entries(idx)))
+                .ok()?;
+            out.extend(found);
+        }
+        Some(out)
+    }
+
+    /// The block files of shard `idx`; files a writer that died left
+    /// behind are removed on the way. Blocking: a call into the folder.
+    fn shard_entries(&self, idx: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let sub = format!("{idx:02x}");
+        let Ok(dir_fd) = open_dir_at(&self.root, sub.as_str()) else {
+            return out;
+        };
+        let Ok(dup) = dir_fd.try_clone() else {
+            return out;
+        };
+        let Ok(mut dir) = nix::dir::Dir::from_fd(dup) else {
+            return out;
+        };
+        for e in dir.iter().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "." || name == ".." {
                 continue;
-            };
-            let Ok(dup) = dir_fd.try_clone() else {
-                continue;
-            };
-            let Ok(mut dir) = nix::dir::Dir::from_fd(dup) else {
-                continue;
-            };
-            for e in dir.iter().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name == "." || name == ".." {
-                    continue;
-                }
-                self.meta_ops.fetch_add(1, Ordering::Relaxed);
-                let Ok(st) = fstatat(&dir_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
-                    continue;
-                };
-                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    continue;
-                }
-                let mtime = st.st_mtime;
-                if name.starts_with(".tmp-") || name.starts_with(".claim-") {
-                    // A writer that died mid-block (on any node) left this.
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    // A claim may hold a whole block's data (its owner
-                    // died while filling it): gone sooner than a
-                    // temporary file, yet long after any claim's deadline.
-                    let max_age = if name.starts_with(".claim-") {
-                        600
-                    } else {
-                        3600
-                    };
-                    if now - mtime > max_age {
-                        let _ = unlinkat(&dir_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
-                    }
-                    continue;
-                }
-                out.push(Entry {
-                    shard: idx,
-                    name,
-                    size: st.st_size.max(0) as u64,
-                    mtime,
-                });
             }
+            self.meta_ops.fetch_add(1, Ordering::Relaxed);
+            let Ok(st) = fstatat(&dir_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                continue;
+            }
+            let mtime = st.st_mtime;
+            if name.starts_with(".tmp-") || name.starts_with(".claim-") {
+                // A writer that died mid-block (on any node) left this.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                // A claim may hold a whole block's data (its owner died
+                // while filling it): gone sooner than a temporary file,
+                // yet long after any claim's deadline.
+                let max_age = if name.starts_with(".claim-") {
+                    600
+                } else {
+                    3600
+                };
+                if now - mtime > max_age {
+                    let _ = unlinkat(&dir_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                }
+                continue;
+            }
+            out.push(Entry {
+                shard: idx,
+                name,
+                size: st.st_size.max(0) as u64,
+                mtime,
+            });
         }
         out
     }
 
-    /// Evicts least recently used blocks down to 90% of the limit. In a
-    /// shared folder other processes add blocks this one never counted, so
-    /// it also re-measures after writing a tenth of the limit itself.
-    pub(super) fn evict_if_needed(&self) {
+    /// Removes `victims` (oldest first) until `enough` bytes are freed, one
+    /// call into the folder per shard; the bytes and blocks freed.
+    pub(super) fn remove_entries(self: &Arc<Self>, victims: Vec<Entry>, enough: u64) -> (u64, u64) {
+        let mut by_shard: std::collections::BTreeMap<usize, Vec<Entry>> = Default::default();
+        let mut planned = 0u64;
+        for e in victims {
+            if planned >= enough {
+                break;
+            }
+            planned += e.size;
+            by_shard.entry(e.shard).or_default().push(e);
+        }
+        let (mut freed, mut removed) = (0u64, 0u64);
+        for (shard, entries) in by_shard {
+            let me = self.clone();
+            let done = self.folder.run_blocking("trim a cache shard", move || {
+                let dir_fd = open_dir_at(&me.root, format!("{shard:02x}").as_str())?;
+                let mut out = (0u64, 0u64);
+                for e in entries {
+                    if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                        out.0 += e.size;
+                        out.1 += 1;
+                    }
+                }
+                Ok(out)
+            });
+            match done {
+                Ok((f, r)) => {
+                    freed += f;
+                    removed += r;
+                }
+                Err(FolderError::Io(_)) => {}
+                // Not answering: the rest waits for the next pass.
+                Err(_) => break,
+            }
+        }
+        (freed, removed)
+    }
+
+    /// Starts a trimming pass on a thread of its own if the folder is
+    /// over its bound (or, shared, due to be measured again after a tenth
+    /// of the bound was written here), unless one is running.
+    pub(super) fn trim_if_needed(self: &Arc<Self>) {
         let remeasure = self.shared && self.since_scan.load(Ordering::Relaxed) > self.limit / 10;
         if self.used.load(Ordering::Relaxed) <= self.limit && !remeasure {
             return;
         }
-        let Ok(_g) = self.evicting.try_lock() else {
+        if self.trimming.swap(true, Ordering::AcqRel) {
             return;
+        }
+        let me = self.clone();
+        let pass = move || {
+            me.trim();
+            me.trimming.store(false, Ordering::Release);
         };
-        let _lock = EvictLock::take(&self.root, &self.dir, self.file_mode);
+        if std::thread::Builder::new()
+            .name("provenafs-trim".into())
+            .spawn(pass)
+            .is_err()
+        {
+            self.trimming.store(false, Ordering::Release);
+        }
+    }
+
+    /// One trimming pass: least recently used blocks go, down to 90% of
+    /// the bound. One process trims a folder at a time, under its lock;
+    /// while another holds it (trimming, or stopped mid-pass: a suspended
+    /// job, a debugger, a member of the group) a folder over its bound is
+    /// trimmed anyway (a removal that loses a race is harmless), so no
+    /// holder can make the folder grow without bound.
+    fn trim(self: &Arc<Self>) {
+        let over = self.used.load(Ordering::Relaxed) > self.limit;
         self.since_scan.store(0, Ordering::Relaxed);
+        let lock = EvictLock::take(self);
+        if lock.is_busy() && !over {
+            // Only due to be measured: the holder does that.
+            return;
+        }
         if self.shared {
             return self.evict_sampled();
         }
-        let mut entries = self.entries();
-        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        let Some(mut entries) = self.entries() else {
+            return;
+        };
+        let total: u64 = entries.iter().map(|e| e.size).sum();
         entries.sort_by_key(|e| e.mtime);
         let target = self.limit / 10 * 9;
-        let mut evicted = 0;
-        for e in entries {
-            if total <= target {
-                break;
-            }
-            let Ok(dir_fd) = open_dir_at(&self.root, format!("{:02x}", e.shard).as_str()) else {
-                continue;
-            };
-            if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
-                total -= e.size;
-                evicted += 1;
-            }
-        }
-        self.used.store(total, Ordering::Relaxed);
+        let (freed, evicted) = self.remove_entries(entries, total.saturating_sub(target));
+        self.used.store(total - freed, Ordering::Relaxed);
         if evicted > 0 {
             debug!(evicted, total, "disk cache evicted");
         }
@@ -486,12 +715,16 @@ pub(super) fn make_dir(d: &Path, mode: u32) -> std::io::Result<()> {
 }
 
 /// A private cache that other users can read would leak data they may not
-/// be allowed to see: refuse it, as ssh refuses a readable key.
-pub(super) fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let md = fs::metadata(dir)?;
+/// be allowed to see, and one another user owns could be steered by them
+/// (blocks of their making, read as ours): refuse both, as ssh refuses a
+/// readable key. `dir` is checked on its open descriptor `fd` (the name
+/// may be replaced meanwhile); a group cache may be another member's
+/// folder, but must be closed to others.
+pub(super) fn check_private(dir: &Path, fd: &OwnedFd, group: bool) -> std::io::Result<()> {
+    let st = fstat(fd)?;
+    let mode = st.st_mode & 0o7777;
     let open_bits = if group { 0o007 } else { 0o077 };
-    if md.mode() & open_bits != 0 {
+    if mode & open_bits != 0 {
         return Err(std::io::Error::other(format!(
             "cache folder {} is open to {} (mode {:o}); run `chmod {} {}`{}",
             dir.display(),
@@ -500,8 +733,8 @@ pub(super) fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
             } else {
                 "other users or the group"
             },
-            md.mode() & 0o7777,
-            if group { "2770" } else { "700" },
+            mode,
+            if group { "3770" } else { "700" },
             dir.display(),
             if group {
                 ""
@@ -510,19 +743,28 @@ pub(super) fn check_private(dir: &Path, group: bool) -> std::io::Result<()> {
             }
         )));
     }
+    let me = nix::unistd::geteuid().as_raw();
+    if !group && st.st_uid != me {
+        return Err(std::io::Error::other(format!(
+            "cache folder {} belongs to another user (uid {}); use a folder of your own",
+            dir.display(),
+            st.st_uid
+        )));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::read::cache::test_keys::STALL;
     use crate::read::cache::test_keys::{disk, key};
     use crate::read::cache::ObjectId;
 
     #[test]
     fn disk_blocks_round_trip_and_reject_corruption() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(&disk(d.path(), 1 << 20)).unwrap();
+        let c = DiskCache::open(&disk(d.path(), 1 << 20), STALL).unwrap();
         c.put(&key(1), b"hello").unwrap();
         assert_eq!(c.get(&key(1), 5).unwrap(), Bytes::from_static(b"hello"));
         assert!(c.get(&key(2), 5).is_none());
@@ -553,7 +795,7 @@ mod tests {
     #[test]
     fn hostile_entries_never_hang_never_mislead_and_go() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(&disk(d.path(), 1 << 30)).unwrap();
+        let c = DiskCache::open(&disk(d.path(), 1 << 30), STALL).unwrap();
         let outside = d.path().join("outside");
         let data = vec![7u8; 4096];
         for i in 1..=6 {
@@ -612,12 +854,13 @@ mod tests {
     #[test]
     fn disk_cache_evicts_to_its_limit() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(&disk(d.path(), 10_000)).unwrap();
+        let c = DiskCache::open(&disk(d.path(), 10_000), STALL).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         for i in 0..20 {
             c.put(&key(i), &[7u8; 1000]).unwrap();
+            c.settle();
         }
-        let total: u64 = c.entries().iter().map(|e| e.size).sum();
+        let total: u64 = c.entries().unwrap().iter().map(|e| e.size).sum();
         assert!(total <= 10_000, "{total}");
         assert!(c.get(&key(19), 1000).is_some());
     }

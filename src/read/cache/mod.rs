@@ -77,6 +77,9 @@ pub(crate) mod test_keys {
     use super::*;
     use std::path::Path;
 
+    /// The stall timeout of the tests' cache folders.
+    pub const STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
     pub fn disk(dir: &Path, limit: u64) -> crate::read::DiskConfig {
         crate::read::DiskConfig {
             dir: dir.join("cache"),

@@ -7,20 +7,21 @@ use std::fs;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, renameat2, AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::{fchmod, fstat, fstatat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::disk::{open_dir_at, MAGIC, PASS_SHARDS, PUBLISH_MARGIN};
 use super::{BlockKey, DiskCache};
+use crate::retry::Deadline;
 
 /// What [`DiskCache::claim`] found.
 pub enum Claim {
@@ -50,19 +51,42 @@ pub struct ClaimGuard {
 }
 
 impl Drop for ClaimGuard {
+    /// Ends the claim: removes its file while it is still ours, through
+    /// the folder (a guard may be dropped on an async worker). A folder
+    /// that does not answer keeps the file; the claim then ends by its
+    /// deadline, when others take it over.
     fn drop(&mut self) {
         if self.published {
             return;
         }
-        let Ok(dir) = open_dir_at(&self.cache.root, self.shard.as_str()) else {
-            return;
-        };
-        if let Some(ClaimHead::Line(line)) = read_claim_head(&dir, &self.name) {
-            if line == self.token {
-                let _ = unlinkat(&dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+        let cache = self.cache.clone();
+        let (name, shard, token) = (
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.shard),
+            std::mem::take(&mut self.token),
+        );
+        let _ = self.cache.folder.spawn("end a claim", move || {
+            let Ok(dir) = open_dir_at(&cache.root, shard.as_str()) else {
+                return;
+            };
+            if let Some(ClaimHead::Line(line)) = read_claim_head(&dir, &name) {
+                if line == token {
+                    let _ = unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                }
             }
-        }
+        });
     }
+}
+
+/// What one look at a block another process claimed found (see
+/// [`DiskCache::await_claimed`]).
+enum Polled {
+    /// The block is there.
+    Here(Bytes),
+    /// Still claimed by a live process.
+    Theirs,
+    /// Ours to fetch now (its claimant is gone, or it is unclaimable).
+    Ours(Option<ClaimGuard>),
 }
 
 /// A claim as its file says.
@@ -275,25 +299,109 @@ impl DiskCache {
         }
     }
 
-    /// [`DiskCache::claim`] of each of `blocks` (key, data bytes), on the
-    /// blocking pool (claims are file system calls, on a cluster file
-    /// system possibly slow ones). A pool that failed the task claims
-    /// nothing: every answer [`Claim::Unavailable`], so callers just fetch.
+    /// [`DiskCache::claim`] of each of `blocks` (key, data bytes), in one
+    /// call into the folder, waited for until `deadline` (and the stall
+    /// timeout). A folder that does not answer claims nothing: every answer
+    /// is [`Claim::Unavailable`], so callers just fetch. (Claims the call
+    /// makes after its caller gave up end at once: nobody holds them.)
     pub async fn claim_all(
         self: &Arc<Self>,
         blocks: Vec<(BlockKey, u64)>,
         until: SystemTime,
+        deadline: Deadline,
     ) -> Vec<Claim> {
         let n = blocks.len();
         let disk = self.clone();
-        tokio::task::spawn_blocking(move || {
-            blocks
-                .iter()
-                .map(|(k, len)| disk.claim(k, *len, until))
-                .collect()
-        })
-        .await
-        .unwrap_or_else(|_| (0..n).map(|_| Claim::Unavailable).collect())
+        self.folder
+            .run("claim blocks", Some(deadline), move || {
+                Ok(blocks
+                    .iter()
+                    .map(|(k, len)| disk.claim(k, *len, until))
+                    .collect())
+            })
+            .await
+            .unwrap_or_else(|_| (0..n).map(|_| Claim::Unavailable).collect())
+    }
+
+    /// Waits for `pending` blocks (key, data bytes, the caller's own) that
+    /// other processes claimed: looks in the shared folder (backing off
+    /// from 5 ms to 50 ms; no inotify, which no cluster file system
+    /// carries across nodes) until each block is there (handed to `here`),
+    /// or its claim is gone or stale, or it cannot be claimed (handed to
+    /// `fetch`, with this process's claim if it got one), or `give_up` has
+    /// passed or the folder stops answering (every block left handed to
+    /// `fetch`, unclaimed). Never past `give_up` on a dead node's word,
+    /// never a hang on a folder that does not answer.
+    pub async fn await_claimed<T, Fut>(
+        self: &Arc<Self>,
+        mut pending: Vec<(BlockKey, u64, T)>,
+        deadline: Deadline,
+        give_up: Deadline,
+        mut here: impl FnMut(BlockKey, T, Bytes),
+        mut fetch: impl FnMut(Vec<(BlockKey, u64, T, Option<ClaimGuard>)>) -> Fut,
+    ) where
+        Fut: std::future::Future<Output = ()>,
+    {
+        // A block another node is fetching is usually a read-ahead run
+        // away: look often at first, and no slower than 50 ms (each look
+        // is one failed open per pending block, cheap even on Lustre).
+        let mut wait = Duration::from_millis(5);
+        while !pending.is_empty() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+            let looked = if give_up.expired() {
+                None
+            } else {
+                self.poll_claimed(&pending, deadline).await
+            };
+            let Some(looked) = looked else {
+                let rest = pending
+                    .into_iter()
+                    .map(|(k, l, t)| (k, l, t, None))
+                    .collect();
+                return fetch(rest).await;
+            };
+            let (mut ours, mut still) = (Vec::new(), Vec::new());
+            for ((k, len, t), p) in pending.into_iter().zip(looked) {
+                match p {
+                    Polled::Here(b) => here(k, t, b),
+                    Polled::Theirs => still.push((k, len, t)),
+                    Polled::Ours(g) => ours.push((k, len, t, g)),
+                }
+            }
+            if !ours.is_empty() {
+                fetch(ours).await;
+            }
+            pending = still;
+        }
+    }
+
+    /// One look at each of `pending` (see [`DiskCache::await_claimed`]),
+    /// in one call into the folder; `None` when it does not answer.
+    async fn poll_claimed<T>(
+        self: &Arc<Self>,
+        pending: &[(BlockKey, u64, T)],
+        deadline: Deadline,
+    ) -> Option<Vec<Polled>> {
+        let until = SystemTime::now() + deadline.remaining();
+        let asks: Vec<(BlockKey, u64)> = pending.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
+        let d = self.clone();
+        self.folder
+            .run("look for claimed blocks", Some(deadline), move || {
+                Ok(asks
+                    .iter()
+                    .map(|(k, len)| match d.get(k, *len) {
+                        Some(b) => Polled::Here(b),
+                        None => match d.claim(k, *len, until) {
+                            Claim::Theirs { .. } => Polled::Theirs,
+                            Claim::Mine(g) => Polled::Ours(Some(g)),
+                            Claim::Unavailable => Polled::Ours(None),
+                        },
+                    })
+                    .collect())
+            })
+            .await
+            .ok()
     }
 
     /// Writes block `k` as [`DiskCache::put`] does, through `claim` when
@@ -302,7 +410,7 @@ impl DiskCache {
     /// ends the claim and shows the block in one step. Falls back to
     /// [`DiskCache::put`] when the claim is no longer ours.
     pub fn put_claimed(
-        &self,
+        self: &Arc<Self>,
         k: &BlockKey,
         data: &[u8],
         claim: Option<ClaimGuard>,
@@ -318,7 +426,12 @@ impl DiskCache {
     }
 
     /// `Ok(false)`: not done, the claim is not (or no longer) ours.
-    fn publish(&self, claim: &mut ClaimGuard, k: &BlockKey, data: &[u8]) -> std::io::Result<bool> {
+    fn publish(
+        self: &Arc<Self>,
+        claim: &mut ClaimGuard,
+        k: &BlockKey,
+        data: &[u8],
+    ) -> std::io::Result<bool> {
         let block = Self::name(k);
         let Some(shard) = self.shard(&block) else {
             return Ok(false);
@@ -418,9 +531,11 @@ impl DiskCache {
     /// approximate LRU by sampling. Cost: a slice is read once per tenth
     /// of the bound written, so about 2.5 entries read per block written
     /// however big the folder is; no pass ever reads the whole folder.
-    pub(super) fn evict_sampled(&self) {
+    pub(super) fn evict_sampled(self: &Arc<Self>) {
         let first = self.cursor.fetch_add(PASS_SHARDS as u64, Ordering::Relaxed) as usize;
-        let mut entries = self.entries_in((0..PASS_SHARDS).map(|i| (first + i) % 256));
+        let Some(mut entries) = self.entries_in((0..PASS_SHARDS).map(|i| (first + i) % 256)) else {
+            return;
+        };
         let slice: u64 = entries.iter().map(|e| e.size).sum();
         let estimate = slice * 256 / PASS_SHARDS as u64;
         let target = self.limit / 10 * 9;
@@ -431,19 +546,7 @@ impl DiskCache {
         // The excess of the whole, freed from this slice (at most all of it).
         let free = (estimate - target).min(slice);
         entries.sort_by_key(|e| e.mtime);
-        let (mut freed, mut evicted) = (0u64, 0u64);
-        for e in entries {
-            if freed >= free {
-                break;
-            }
-            let Ok(dir_fd) = open_dir_at(&self.root, format!("{:02x}", e.shard).as_str()) else {
-                continue;
-            };
-            if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
-                freed += e.size;
-                evicted += 1;
-            }
-        }
+        let (freed, evicted) = self.remove_entries(entries, free);
         self.used
             .store(estimate.saturating_sub(freed), Ordering::Relaxed);
         if evicted > 0 {
@@ -452,62 +555,99 @@ impl DiskCache {
     }
 }
 
-/// `flock` on the eviction lock file, released on drop. `None` when the
-/// file system has no locks: eviction then proceeds unlocked.
-pub(super) struct EvictLock(Option<OwnedFd>);
+/// The trimming lock of a cache folder: `flock` on `v1/.evict.lock`,
+/// taken without waiting (a holder may be stopped for hours: a suspended
+/// job, a debugger), released when dropped.
+pub(super) enum EvictLock {
+    Held(Arc<DiskCache>, Option<OwnedFd>),
+    /// Another process holds it.
+    Busy,
+    /// The file system has no locks (some Lustre mounts), the lock file
+    /// cannot be opened, or the folder does not answer: trimming goes on
+    /// unlocked (said once).
+    Unavailable,
+}
 
 impl EvictLock {
-    pub(super) fn take(root: &OwnedFd, dir: &Path, mode: u32) -> EvictLock {
-        use std::os::unix::io::AsRawFd;
-        let flags = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-        // Read-write where we may (NFS emulates flock with fcntl locks,
-        // which need a descriptor open for writing); read-only otherwise
-        // (a group member of a cache someone else created).
-        let f = openat(
-            root,
-            ".evict.lock",
-            OFlag::O_RDWR | OFlag::O_CREAT | flags,
-            Mode::from_bits_truncate(mode),
-        )
-        .inspect(|f| {
-            // The umask may have taken the group bits away.
-            let _ = fchmod(f, Mode::from_bits_truncate(mode));
-        })
-        .or_else(|_| openat(root, ".evict.lock", OFlag::O_RDONLY | flags, Mode::empty()));
-        let f = match f {
-            Ok(f) => f,
-            Err(e) => {
-                Self::unlocked(&format!(
+    pub(super) fn take(cache: &Arc<DiskCache>) -> EvictLock {
+        let c = cache.clone();
+        let taken = cache.folder.run_blocking("take the trim lock", move || {
+            use std::os::unix::io::AsRawFd;
+            let flags = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+            // Read-write where we may (NFS emulates flock with fcntl
+            // locks, which need a descriptor open for writing); read-only
+            // otherwise (a group member of a cache someone else created).
+            let mode = Mode::from_bits_truncate(c.file_mode);
+            let f = openat(
+                &c.root,
+                ".evict.lock",
+                OFlag::O_RDWR | OFlag::O_CREAT | flags,
+                mode,
+            )
+            .inspect(|f| {
+                // The umask may have taken the group bits away.
+                let _ = fchmod(f, mode);
+            })
+            .or_else(|_| {
+                openat(
+                    &c.root,
+                    ".evict.lock",
+                    OFlag::O_RDONLY | flags,
+                    Mode::empty(),
+                )
+            })
+            .map_err(|e| {
+                std::io::Error::other(format!(
                     "cannot open {}: {e}",
-                    dir.join(".evict.lock").display()
-                ));
-                return EvictLock(None);
+                    c.dir.join(".evict.lock").display()
+                ))
+            })?;
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(f));
             }
-        };
-        // SAFETY: flock on an fd we own.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if r != 0 {
-            Self::unlocked(&std::io::Error::last_os_error().to_string());
-            return EvictLock(None);
+            match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+                e => Err(e),
+            }
+        });
+        match taken {
+            Ok(Some(f)) => EvictLock::Held(cache.clone(), Some(f)),
+            Ok(None) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(
+                        lock = %cache.dir.join(".evict.lock").display(),
+                        "another process holds the cache folder's trim lock; a folder over its \
+                         bound is trimmed anyway (said once)"
+                    );
+                });
+                EvictLock::Busy
+            }
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(reason = %e, "disk cache: no eviction lock; mounts sharing the folder may trim it at the same time");
+                });
+                EvictLock::Unavailable
+            }
         }
-        EvictLock(Some(f))
     }
 
-    /// Said once per process: trimming goes on without the lock.
-    fn unlocked(why: &str) {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            warn!(reason = why, "disk cache: no eviction lock; mounts sharing the folder may trim it at the same time");
-        });
+    pub(super) fn is_busy(&self) -> bool {
+        matches!(self, EvictLock::Busy)
     }
 }
 
 impl Drop for EvictLock {
     fn drop(&mut self) {
-        if let Some(f) = &self.0 {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: as above.
-            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        if let EvictLock::Held(cache, f) = self {
+            if let Some(f) = f.take() {
+                // Closing releases the lock; through the folder, as every
+                // call into it (a folder that stopped answering keeps the
+                // descriptor until it answers).
+                let _ = cache.folder.spawn("release the trim lock", move || drop(f));
+            }
         }
     }
 }
@@ -516,14 +656,18 @@ impl Drop for EvictLock {
 mod tests {
     use super::*;
     use crate::read::cache::disk::header_len;
+    use crate::read::cache::test_keys::STALL;
     use crate::read::cache::test_keys::{disk, long_key};
-    use bytes::Bytes;
+    use std::path::Path;
 
     fn shared_cache(dir: &Path) -> Arc<DiskCache> {
-        DiskCache::open(&crate::read::DiskConfig {
-            shared: true,
-            ..disk(dir, 1 << 30)
-        })
+        DiskCache::open(
+            &crate::read::DiskConfig {
+                shared: true,
+                ..disk(dir, 1 << 30)
+            },
+            STALL,
+        )
         .unwrap()
     }
 
@@ -579,6 +723,7 @@ mod tests {
         assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
         // Dropped unpublished (the fetch failed): the claim goes.
         drop(g);
+        c.settle();
         assert!(claim_files(&c, &k).is_empty());
     }
 
@@ -648,6 +793,7 @@ mod tests {
         assert_eq!(c.get(&k, 4096).unwrap(), Bytes::from(vec![4u8; 4096]));
         let block_ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(c.path(&k)).unwrap());
         assert_ne!(block_ino, claim_ino);
+        c.settle();
         assert!(claim_files(&c, &k).is_empty());
     }
 

@@ -1,0 +1,563 @@
+//! Calls into folders on file systems provenafs does not control: the
+//! shared cache folder and its `creds-<uid>/` (Lustre, GPFS, NFS), the log
+//! and state folders (a home folder that is itself NFS), a job's
+//! `$TMPDIR`. Those stall (a metadata server failing over, a full quota,
+//! an NFS server gone), and the kernel parks the calling thread for as
+//! long, often where no signal reaches it. This module owns the rules for
+//! every such call, so that a stalled folder costs the mount that folder
+//! and nothing else:
+//!
+//! - a call runs on a thread of its own, never on an async worker, and is
+//!   waited for no longer than the folder's stall timeout (or the caller's
+//!   deadline, if sooner); the caller then goes on without it;
+//! - a call that is still running after the stall timeout (whoever waits
+//!   for it) marks the folder as not answering: said once in the log, shown
+//!   by `provenafs status`, and from then on calls are refused at once,
+//!   without touching the file system, so callers take their fallback
+//!   (reads go to S3, leases to the daemon's own, blocks are not written);
+//! - after a backoff (5 s, doubling to 60 s) one call is let through as a
+//!   probe, and one that answers in time makes the folder usable again
+//!   (said once too); a stuck call that finally returns lets the next call
+//!   probe at once;
+//! - threads parked in stuck calls are bounded: each folder has a number of
+//!   slots, and a call that finds none free is refused, not queued.
+//!
+//! The closures given here do the file system work; they own what they
+//! touch (`Arc`s, descriptors), since a stuck one outlives its caller.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::retry::Deadline;
+
+/// The first wait before a folder that stopped answering is tried again…
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// …doubling up to this.
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Why a call into a folder gave no answer.
+#[derive(Debug, Error)]
+pub enum FolderError {
+    /// The folder did not answer within its stall timeout, now or lately
+    /// (then the call was not even tried).
+    #[error("not answering")]
+    NotAnswering,
+    /// Every slot of the folder holds a call still running.
+    #[error("too many calls in flight")]
+    Busy,
+    /// The call answered, with an error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One folder that may stall, and its calls (see the module docs).
+/// Cloning gives another handle to the same folder and state.
+#[derive(Clone)]
+pub struct Folder(Arc<Inner>);
+
+struct Inner {
+    /// What it is, for messages: "shared cache folder".
+    what: &'static str,
+    path: PathBuf,
+    /// What the mount does meanwhile, for messages: "reads go to S3".
+    fallback: &'static str,
+    stall: Duration,
+    slots: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Calls running, by start (oldest first), with what they do.
+    running: BTreeMap<(Instant, u64), &'static str>,
+    next_id: u64,
+    down: Option<Down>,
+    /// Calls refused because the folder was not answering or full.
+    refused: u64,
+    /// Times the folder stopped answering.
+    stalls: u64,
+}
+
+/// A folder that stopped answering.
+#[derive(Clone)]
+struct Down {
+    since: Instant,
+    since_wall: SystemTime,
+    /// The call that did not answer.
+    op: &'static str,
+    retry_at: Instant,
+    backoff: Duration,
+    probing: bool,
+}
+
+/// How a folder is doing, for `provenafs status`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FolderHealth {
+    /// What it is ("shared cache folder", "log folder", ...).
+    pub what: String,
+    pub path: PathBuf,
+    /// `answering`, or `not answering`.
+    pub state: String,
+    /// Since when it has not answered (RFC 3339), and the call it did not
+    /// answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stuck_call: Option<String>,
+    /// What the mount does meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meanwhile: Option<String>,
+    /// Times it stopped answering since the mount started.
+    pub stalls: u64,
+    /// Calls (log lines, for the log folder) given up without trying.
+    pub refused: u64,
+}
+
+/// Every folder of this process, for `status` (see [`all_health`]).
+static FOLDERS: Mutex<Vec<Weak<dyn Reports>>> = Mutex::new(Vec::new());
+
+/// Something whose health `status` shows (a [`Folder`], the log writer).
+pub trait Reports: Send + Sync {
+    fn health(&self) -> FolderHealth;
+}
+
+/// Registers `r` for [`all_health`] for as long as it lives.
+pub fn register(r: &Arc<dyn Reports>) {
+    let mut all = lock(&FOLDERS);
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(r));
+}
+
+/// The health of every folder this process uses.
+pub fn all_health() -> Vec<FolderHealth> {
+    lock(&FOLDERS)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|r| r.health())
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A call admitted into a folder: ends (its slot freed, its outcome
+/// noted) when dropped, on the thread that ran it.
+struct Ticket {
+    folder: Arc<Inner>,
+    key: (Instant, u64),
+    probe: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.folder.finish(self.key, self.probe);
+    }
+}
+
+impl Folder {
+    /// A folder at `path` (for messages), known as `what`, whose calls
+    /// answer within `stall` or are given up, at most `slots` of them
+    /// running at once; `fallback` says what the mount does while it does
+    /// not answer.
+    pub fn new(
+        what: &'static str,
+        path: &Path,
+        fallback: &'static str,
+        stall: Duration,
+        slots: usize,
+    ) -> Folder {
+        let inner = Arc::new(Inner {
+            what,
+            path: path.to_path_buf(),
+            fallback,
+            stall,
+            slots: slots.max(1),
+            state: Mutex::new(State::default()),
+        });
+        let r: Arc<dyn Reports> = inner.clone();
+        register(&r);
+        Folder(inner)
+    }
+
+    /// Its stall timeout.
+    pub fn stall_timeout(&self) -> Duration {
+        self.0.stall
+    }
+
+    /// Where it is (for messages).
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// Calls running now (stuck ones included).
+    pub fn in_flight(&self) -> usize {
+        self.0.lock().running.len()
+    }
+
+    /// Whether calls are tried now (false while it is not answering and
+    /// no probe is due).
+    pub fn answering(&self) -> bool {
+        let st = self.0.lock();
+        st.down
+            .as_ref()
+            .is_none_or(|d| !d.probing && Instant::now() >= d.retry_at)
+    }
+
+    /// Runs `f` on a thread of its own, waiting for it until the stall
+    /// timeout or `deadline`, whichever comes first. Refused at once (not
+    /// tried) while the folder is not answering or every slot is taken.
+    pub async fn run<T, F>(
+        &self,
+        op: &'static str,
+        deadline: Option<Deadline>,
+        f: F,
+    ) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let ticket = self.0.admit(op)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        spawn(move || {
+            let r = f();
+            drop(ticket);
+            let _ = tx.send(r);
+        })?;
+        let wait = deadline.map_or(self.0.stall, |d| d.remaining().min(self.0.stall));
+        let started = Instant::now();
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => r.map_err(FolderError::Io),
+            // The thread died (a panic in `f`).
+            Ok(Err(_)) => Err(FolderError::Io(std::io::Error::other(
+                "the call into the folder died",
+            ))),
+            Err(_) => {
+                if started.elapsed() >= self.0.stall {
+                    self.0.stopped(op);
+                }
+                Err(FolderError::NotAnswering)
+            }
+        }
+    }
+
+    /// [`Folder::run`] for a caller that is not async (start-up, a thread
+    /// of its own): blocks the calling thread, never past the stall
+    /// timeout.
+    pub fn run_blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let ticket = self.0.admit(op)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        spawn(move || {
+            let r = f();
+            drop(ticket);
+            let _ = tx.send(r);
+        })?;
+        match rx.recv_timeout(self.0.stall) {
+            Ok(r) => r.map_err(FolderError::Io),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                self.0.stopped(op);
+                Err(FolderError::NotAnswering)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(FolderError::Io(
+                std::io::Error::other("the call into the folder died"),
+            )),
+        }
+    }
+
+    /// Runs `f` on a thread of its own and does not wait for it (work
+    /// whose outcome nobody needs: removing a claim, writing a block).
+    /// Refused, and `f` dropped untried, as [`Folder::run`] would refuse it.
+    pub fn spawn<F>(&self, op: &'static str, f: F) -> Result<(), FolderError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let ticket = self.0.admit(op)?;
+        spawn(move || {
+            f();
+            drop(ticket);
+        })
+    }
+}
+
+/// A thread for one call. Not tokio's blocking pool: the runtime waits
+/// for that pool's threads when it shuts down, and a call stuck in a hung
+/// file system would hold the daemon's exit.
+fn spawn(f: impl FnOnce() + Send + 'static) -> Result<(), FolderError> {
+    std::thread::Builder::new()
+        .name("provenafs-fs".into())
+        .spawn(f)
+        .map(drop)
+        .map_err(FolderError::Io)
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Lets a call in, or says why not (see the module docs).
+    fn admit(self: &Arc<Self>, op: &'static str) -> Result<Ticket, FolderError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        // A call running past the stall timeout (one nobody waits for, a
+        // write in the background): the folder does not answer.
+        if st.down.is_none() {
+            if let Some((&(start, _), &stuck)) = st.running.iter().next() {
+                if now.duration_since(start) >= self.stall {
+                    self.mark_down(&mut st, stuck);
+                }
+            }
+        }
+        let mut probe = false;
+        if let Some(d) = st.down.as_mut() {
+            if d.probing || now < d.retry_at {
+                st.refused += 1;
+                return Err(FolderError::NotAnswering);
+            }
+            d.probing = true;
+            probe = true;
+        }
+        if st.running.len() >= self.slots {
+            if probe {
+                if let Some(d) = st.down.as_mut() {
+                    d.probing = false;
+                }
+            }
+            st.refused += 1;
+            return Err(FolderError::Busy);
+        }
+        st.next_id += 1;
+        let key = (now, st.next_id);
+        st.running.insert(key, op);
+        Ok(Ticket {
+            folder: self.clone(),
+            key,
+            probe,
+        })
+    }
+
+    /// A call ended (answered, or failed with an answer).
+    fn finish(&self, key: (Instant, u64), probe: bool) {
+        let took = key.0.elapsed();
+        let mut st = self.lock();
+        st.running.remove(&key);
+        let Some(d) = st.down.as_mut() else {
+            return;
+        };
+        if probe && took < self.stall {
+            let down_for = d.since.elapsed();
+            st.down = None;
+            info!(
+                folder = %self.path.display(),
+                "the {} answers again (it did not for {:.0?})",
+                self.what,
+                down_for
+            );
+            return;
+        }
+        // A stuck call (the probe too) returned at last: the folder may
+        // answer now; the next call tells.
+        if probe {
+            d.probing = false;
+        }
+        if !d.probing {
+            d.retry_at = d.retry_at.min(Instant::now());
+        }
+    }
+
+    /// A call waited for the whole stall timeout.
+    fn stopped(&self, op: &'static str) {
+        let mut st = self.lock();
+        match st.down.as_mut() {
+            None => self.mark_down(&mut st, op),
+            // The probe itself did not answer.
+            Some(d) if d.probing => {
+                d.probing = false;
+                d.backoff = (d.backoff * 2).min(MAX_RETRY);
+                d.retry_at = Instant::now() + d.backoff;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn mark_down(&self, st: &mut State, op: &'static str) {
+        st.stalls += 1;
+        st.down = Some(Down {
+            since: Instant::now(),
+            since_wall: SystemTime::now(),
+            op,
+            retry_at: Instant::now() + FIRST_RETRY,
+            backoff: FIRST_RETRY,
+            probing: false,
+        });
+        warn!(
+            folder = %self.path.display(),
+            "the {} did not answer within {:?} ({op}); {} until it does",
+            self.what,
+            self.stall,
+            self.fallback
+        );
+    }
+}
+
+impl Reports for Inner {
+    fn health(&self) -> FolderHealth {
+        let st = self.lock();
+        let down = st.down.clone();
+        FolderHealth {
+            what: self.what.to_string(),
+            path: self.path.clone(),
+            state: if down.is_some() {
+                "not answering".into()
+            } else {
+                "answering".into()
+            },
+            since: down.as_ref().map(|d| d.since_wall.into()),
+            stuck_call: down.as_ref().map(|d| d.op.to_string()),
+            meanwhile: down.as_ref().map(|_| self.fallback.to_string()),
+            stalls: st.stalls,
+            refused: st.refused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A gate calls wait at while it is shut, as a hung file system does.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<AtomicBool>);
+
+    impl Gate {
+        fn shut(&self, on: bool) {
+            self.0.store(on, Ordering::SeqCst)
+        }
+        fn pass(&self) {
+            while self.0.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn folder(slots: usize) -> Folder {
+        Folder::new(
+            "test folder",
+            Path::new("/test"),
+            "the test goes on",
+            Duration::from_millis(200),
+            slots,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stuck_call_is_given_up_and_the_folder_is_refused_until_it_answers() {
+        let f = folder(4);
+        let gate = Gate::default();
+        assert_eq!(f.run("ok", None, || Ok(1)).await.unwrap(), 1);
+        gate.shut(true);
+        let g = gate.clone();
+        let t = Instant::now();
+        let r = f.run("stuck", None, move || {
+            g.pass();
+            Ok(2)
+        });
+        assert!(matches!(r.await, Err(FolderError::NotAnswering)));
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        let h = f.0.health();
+        assert_eq!(h.state, "not answering");
+        assert_eq!(h.stuck_call.as_deref(), Some("stuck"));
+        // Refused at once, untried, while it does not answer.
+        let tried = Arc::new(AtomicBool::new(false));
+        let t2 = tried.clone();
+        let t = Instant::now();
+        let r = f.run("next", None, move || {
+            t2.store(true, Ordering::SeqCst);
+            Ok(3)
+        });
+        assert!(matches!(r.await, Err(FolderError::NotAnswering)));
+        assert!(t.elapsed() < Duration::from_millis(50));
+        assert!(!tried.load(Ordering::SeqCst));
+        // The stuck call returns: the next call probes, and answers.
+        gate.shut(false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(f.run("probe", None, || Ok(4)).await.unwrap(), 4);
+        assert_eq!(f.0.health().state, "answering");
+        assert_eq!(f.0.health().stalls, 1);
+    }
+
+    #[tokio::test]
+    async fn parked_threads_are_bounded_by_the_slots() {
+        let f = folder(2);
+        let gate = Gate::default();
+        gate.shut(true);
+        for _ in 0..2 {
+            let g = gate.clone();
+            f.spawn("write", move || g.pass()).unwrap();
+        }
+        // Both slots hold a stuck call: the third is refused, not parked.
+        let g = gate.clone();
+        assert!(matches!(
+            f.spawn("write", move || g.pass()),
+            Err(FolderError::Busy)
+        ));
+        // Past the stall timeout the stuck background calls mark it.
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(matches!(
+            f.run("read", None, || Ok(())).await,
+            Err(FolderError::NotAnswering)
+        ));
+        assert!(!f.answering());
+        gate.shut(false);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(f.answering(), "a returned call lets the next one probe");
+        assert!(f.run("read", None, || Ok(())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_short_deadline_gives_up_without_marking_the_folder() {
+        let f = folder(4);
+        let d = Deadline::after(Duration::from_millis(20));
+        let r = f.run("slow", Some(d), || {
+            std::thread::sleep(Duration::from_millis(60));
+            Ok(())
+        });
+        assert!(matches!(r.await, Err(FolderError::NotAnswering)));
+        assert_eq!(f.0.health().state, "answering");
+        // An answer with an error is an answer.
+        let r = f.run("missing", None, || {
+            Err::<(), _>(std::io::Error::from(std::io::ErrorKind::NotFound))
+        });
+        assert!(matches!(r.await, Err(FolderError::Io(_))));
+        assert_eq!(f.0.health().state, "answering");
+    }
+
+    #[test]
+    fn a_blocking_caller_is_bounded_too() {
+        let f = folder(4);
+        let t = Instant::now();
+        let r = f.run_blocking("stuck", || {
+            std::thread::sleep(Duration::from_millis(600));
+            Ok(())
+        });
+        assert!(matches!(r, Err(FolderError::NotAnswering)));
+        assert!(t.elapsed() < Duration::from_millis(400));
+        assert!(all_health()
+            .iter()
+            .any(|h| h.what == "test folder" && h.state == "not answering"));
+    }
+}
