@@ -11,8 +11,6 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use file_rotate::{compression::Compression, suffix::AppendCount, ContentLimit, FileRotate};
-
 /// A log file is rotated once it passes this many bytes…
 pub const MAX_BYTES: usize = 10 << 20;
 /// …and this many rotated files (`NAME.log.1` newest) are kept beside it.
@@ -107,15 +105,8 @@ pub fn socket_path(mountpoint: &Path) -> Option<PathBuf> {
 /// never written into a neighbour's file).
 pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
     use std::os::unix::fs::MetadataExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true).create(true).append(true).mode(0o600);
-    // Opened once here to report a failure: the rotating writer would
-    // silently write nowhere.
-    let f = options
-        .clone()
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+    let f =
+        open_append(path).map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
     let md = f
         .metadata()
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
@@ -134,14 +125,69 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
     {
         let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
-    drop(f);
-    Ok(Box::new(NeverPanics(FileRotate::new(
-        path,
-        AppendCount::new(KEPT),
-        ContentLimit::BytesSurpassed(MAX_BYTES),
-        Compression::None,
-        Some(options),
-    ))))
+    Ok(Box::new(Rotating {
+        path: path.to_path_buf(),
+        written: md.len(),
+        file: f,
+    }))
+}
+
+/// `path` opened for appending, created 0600, never through a symlink.
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// A log file rotated past [`MAX_BYTES`]: `NAME.log` becomes `NAME.log.1`,
+/// `.1` becomes `.2`, ..., and the oldest past [`KEPT`] goes. Our own, not
+/// the `file-rotate` crate, which stats every entry of the log's folder
+/// (at start and each rotation) to find its files: on an NFS home that is
+/// one metadata call per file there, a hung mount point in the folder hung
+/// the mount's start, and an unreadable folder panicked.
+struct Rotating {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Bytes in the current file.
+    written: u64,
+}
+
+impl Rotating {
+    fn numbered(&self, n: usize) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        for n in (1..KEPT).rev() {
+            let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+        }
+        std::fs::rename(&self.path, self.numbered(1))?;
+        self.file = open_append(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Write for Rotating {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written >= MAX_BYTES as u64 {
+            // A file that cannot be rotated (another process renamed it
+            // away, a read-only folder) is written on.
+            let _ = self.rotate();
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Lines a non-blocking log holds while its file does not take them;
@@ -294,27 +340,6 @@ impl Write for Watched {
     }
 }
 
-/// A log writer that fails instead of panicking. `file_rotate` asserts on
-/// its own view of the rotated files (which another process may change:
-/// a user deleting `NAME.log.*`, two mounts given one log file), and a
-/// panic while tracing holds its writer lock would poison it, after which
-/// every log call on every FUSE thread panics too.
-struct NeverPanics<W>(W);
-
-impl<W: Write> Write for NeverPanics<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let inner = &mut self.0;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.write(buf)))
-            .unwrap_or_else(|_| Err(std::io::Error::other("log rotation failed")))
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let inner = &mut self.0;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.flush()))
-            .unwrap_or_else(|_| Err(std::io::Error::other("log rotation failed")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,22 +356,6 @@ mod tests {
         let n = mount_name(Path::new(&deep));
         assert!(n.len() < 130, "{n}");
         assert_ne!(n, mount_name(Path::new(&format!("{deep}x"))));
-    }
-
-    #[test]
-    fn a_panicking_writer_fails_instead() {
-        struct Bad;
-        impl Write for Bad {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                panic!("rotation assert")
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut w = NeverPanics(Bad);
-        assert!(w.write(b"x").is_err());
-        assert!(w.write(b"y").is_err());
     }
 
     #[test]

@@ -93,6 +93,7 @@ fn a_stalled_shared_cache_is_a_miss_and_stalls_nothing_else() {
         "--request-timeout",
         TIMEOUT,
     ]);
+    let _resume = fs.resume_on_drop();
     let mut p = Py::start();
     p.open("small", &m.join("10378.1/1/small.bin")).unwrap();
     assert_eq!(p.read_all("small").unwrap().1, md5_hex(&small));
@@ -166,4 +167,183 @@ fn a_stalled_shared_cache_is_a_miss_and_stalls_nothing_else() {
         p.close("b2");
     }
     assert_eq!(folder_state(&sim, &m, "shared cache folder"), "answering");
+}
+
+/// Starts `cat PATH` and kills it with SIGKILL after `after`: how long it
+/// took to be gone.
+fn killed_after(path: &Path, after: Duration) -> Duration {
+    let mut cat = Command::new("cat")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let t = Instant::now();
+    unsafe { libc::kill(cat.id() as i32, libc::SIGKILL) };
+    let _ = cat.wait();
+    t.elapsed()
+}
+
+/// Files in the backing folder of the credentials folder.
+fn leases_in(fs: &StallFs) -> Vec<(String, std::time::SystemTime)> {
+    let uid = unsafe { libc::geteuid() };
+    std::fs::read_dir(fs.backing().join(format!("cache/creds-{uid}")))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().modified().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn renewals_go_on_while_the_credentials_folder_is_stalled() {
+    if !fuse_available() {
+        return;
+    }
+    let fs = StallFs::mount();
+    let cache = cache_in(&fs);
+    let d = tempfile::tempdir().unwrap();
+    let data = bytes(5, 8 * MIB as usize);
+    write(d.path(), "10378.1/1/f.bin", &data);
+    write(d.path(), "10378.1/2/b.txt", b"other\n");
+    write(d.path(), "10378.1/3/c.txt", b"third\n");
+    // Tokens renewed after 8 s (a third of 12 left), credentials after
+    // 10 s; both in hand end by 15 s.
+    let sim = Sim::start(d, &["--access-token-ttl", "12", "--credentials-ttl", "15"]);
+    let m = sim.mount(&[
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-shared",
+        "--request-timeout",
+        TIMEOUT,
+    ]);
+    let _resume = fs.resume_on_drop();
+    let t0 = Instant::now();
+    let mut p = Py::start();
+    p.open("f", &m.join("10378.1/1/f.bin")).unwrap();
+    p.random("f");
+    assert!(p.pread("f", 0, 4096).is_ok());
+    assert!(!leases_in(&fs).is_empty(), "leases are shared");
+    // Only the credentials folder stops answering (blocks are fine).
+    fs.stall("creds-");
+    // A dataset opened now needs credentials: its reader waits for the
+    // folder's stall timeout at most, and dies at once if killed.
+    let gone = killed_after(&m.join("10378.1/3/c.txt"), Duration::from_millis(500));
+    assert!(gone < Duration::from_secs(2), "{gone:?}");
+    // Past the end of the token and credentials in hand: renewed without
+    // the folder.
+    std::thread::sleep(Duration::from_secs(17).saturating_sub(t0.elapsed()));
+    let (got, t) = timed(|| p.pread("f", 5 * MIB, 4096));
+    let at = 5 * MIB as usize;
+    assert_eq!(got, Ok((4096, md5_hex(&data[at..at + 4096]))));
+    assert!(t < STALL + Duration::from_secs(2), "{t:?}");
+    let (b, t) = timed(|| std::fs::read(m.join("10378.1/2/b.txt")));
+    assert_eq!(b.unwrap(), b"other\n");
+    assert!(t < STALL + Duration::from_secs(2), "{t:?}");
+    assert_eq!(
+        folder_state(&sim, &m, "credentials folder"),
+        "not answering"
+    );
+    // It answers again: the next renewal is shared there again.
+    fs.resume();
+    let before = leases_in(&fs);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut probe = 9_000_000;
+    loop {
+        let now = leases_in(&fs);
+        if now.iter().any(|l| !before.contains(l)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lease stored after the folder answered again: {now:?}"
+        );
+        // Lookups of handles not known yet (each an API call) keep the
+        // access token renewing.
+        probe += 1;
+        let _ = std::fs::metadata(m.join(&format!("10378.1/{probe}")));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(folder_state(&sim, &m, "credentials folder"), "answering");
+}
+
+#[test]
+fn a_stalled_log_folder_never_blocks_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let fs = StallFs::mount();
+    let d = tempfile::tempdir().unwrap();
+    let small = bytes(6, MIB as usize);
+    write(d.path(), "10378.1/1/small.bin", &small);
+    write(d.path(), "10378.1/1/big.bin", &bytes(7, 8 * MIB as usize));
+    write(d.path(), "10378.1/1/hung.bin", &bytes(8, MIB as usize));
+    let sim = Sim::start(d, &[]);
+    let log = fs.path().join("mount.log");
+    let m = sim.mount(&[
+        "--log-file",
+        log.to_str().unwrap(),
+        "--log-level",
+        "debug",
+        "--request-timeout",
+        TIMEOUT,
+    ]);
+    let _resume = fs.resume_on_drop();
+    let mut p = Py::start();
+    p.open("small", &m.join("10378.1/1/small.bin")).unwrap();
+    assert_eq!(p.read_all("small").unwrap().1, md5_hex(&small));
+    // The home folder hangs, and S3 hiccups: warnings to log, from every
+    // thread that meets one.
+    fs.stall("");
+    sim.set_faults(1.0, 0.0);
+    let mut readers = Vec::new();
+    for k in 1..8u64 {
+        let path = m.join("10378.1/1/big.bin");
+        readers.push(std::thread::spawn(move || {
+            let mut p = Py::start();
+            p.open("b", &path).unwrap();
+            p.random("b");
+            let _ = p.pread("b", k * MIB, 4096);
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    sim.set_faults(0.0, 0.0);
+    // A memory-cache hit, a lookup, a new read: at once.
+    p.forget_pages("small");
+    let (got, t) = timed(|| p.pread("small", 0, 4096));
+    assert_eq!(got, Ok((4096, md5_hex(&small[..4096]))));
+    assert!(t < Duration::from_millis(500), "memory hit took {t:?}");
+    let (r, t) = timed(|| std::fs::metadata(m.join("10378.1/1/nope")));
+    assert!(r.is_err() && t < Duration::from_millis(500), "{t:?}");
+    for r in readers {
+        r.join().unwrap();
+    }
+    let (got, t) = timed(|| std::fs::read(m.join("10378.1/1/big.bin")).unwrap());
+    assert_eq!(got.len(), 8 * MIB as usize);
+    assert!(t < Duration::from_secs(3), "{t:?}");
+    sim.s3_hang("hung.bin");
+    let gone = killed_after(&m.join("10378.1/1/hung.bin"), Duration::from_millis(500));
+    assert!(gone < Duration::from_secs(2), "{gone:?}");
+    sim.s3_hang("");
+    assert_eq!(folder_state(&sim, &m, "log folder"), "not answering");
+    // It answers again: the log says how long it did not, and goes on.
+    fs.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("the log folder did not answer for") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no word of the stall in the log");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(folder_state(&sim, &m, "log folder"), "answering");
+    assert!(m.stats().contains_key("bytes_read"));
 }

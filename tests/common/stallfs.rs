@@ -119,6 +119,14 @@ impl StallFs {
         self.ctl.resumed.notify_all();
     }
 
+    /// A guard that lets every operation go on when dropped: declared
+    /// after the mount and emulator that use this file system, it is
+    /// dropped before them, so a test that fails while stalled still tears
+    /// down (their clean-up would wait on the stall otherwise).
+    pub fn resume_on_drop(&self) -> Resume {
+        Resume(self.ctl.clone())
+    }
+
     /// Operations waiting right now.
     pub fn waiting(&self) -> usize {
         self.ctl.waiting.load(Ordering::SeqCst)
@@ -136,6 +144,16 @@ impl Drop for StallFs {
                     .status();
             }
         }
+    }
+}
+
+/// See [`StallFs::resume_on_drop`].
+pub struct Resume(Arc<Ctl>);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        *self.0.stalled.lock().unwrap() = None;
+        self.0.resumed.notify_all();
     }
 }
 
