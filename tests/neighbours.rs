@@ -273,9 +273,7 @@ fn files_another_user_planted_are_never_taken_as_ours() {
     let job = "424242";
     // Mallory, before the job starts, at every name of the job's she can
     // guess: the old manifest and log names, a per-job cache folder.
-    let forged = format!(
-        r#"{{"mountpoint":"x","mounted_at":"2026-01-01T00:00:00Z","taken_at":"2026-01-01T00:00:00Z","ended_at":"2026-01-01T00:00:00Z","datasets":[{{"handle":"10378.1/2","files":[{{"key":"datasets/10378-1-2/forged.csv","etag":"e","size":11,"opens":1,"bytes_read":11,"reads":1,"first_read":null,"last_read":null,"readers":[]}}]}}]}}"#
-    );
+    let forged = r#"{"mountpoint":"x","mounted_at":"2026-01-01T00:00:00Z","taken_at":"2026-01-01T00:00:00Z","ended_at":"2026-01-01T00:00:00Z","datasets":[{"handle":"10378.1/2","files":[{"key":"datasets/10378-1-2/forged.csv","etag":"e","size":11,"opens":1,"bytes_read":11,"reads":1,"first_read":null,"last_read":null,"readers":[]}]}]}"#;
     let plant = format!(
         "cd '{t}' && printf '%s' '{forged}' > provena-{job}.provenance.json && : > provena-{job}.log \
          && chmod 666 provena-{job}.log && mkdir provena-cache-{job} && mkdir provena-{job}",
