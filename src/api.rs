@@ -122,6 +122,10 @@ pub struct Listing {
     pub incomplete: Option<String>,
 }
 
+/// Registry pages in a row that must answer before a page size halved for
+/// a slow page is doubled again.
+const GROW_AFTER: u32 = 16;
+
 /// A registry page the service cannot serve: a record on it does not parse.
 fn is_bad_page(e: &ApiError) -> bool {
     matches!(e, ApiError::Http { status: 400, .. })
@@ -147,6 +151,10 @@ pub struct DataStoreClient {
     tokens: Arc<TokenSource>,
     /// An incomplete registry listing was logged (once is enough).
     incomplete_told: std::sync::atomic::AtomicBool,
+    /// The registry page size that last worked (0: not known yet), kept
+    /// across listings: a registry whose full pages the gateway times out
+    /// on is not asked for one again before every page.
+    page_size: std::sync::atomic::AtomicU32,
 }
 
 enum Method<'a> {
@@ -161,6 +169,7 @@ impl DataStoreClient {
             config,
             tokens,
             incomplete_told: Default::default(),
+            page_size: Default::default(),
         }
     }
 
@@ -212,8 +221,11 @@ impl DataStoreClient {
     ///
     /// Gentle on the registry (source: `../shared/docs/provena-api.md`):
     /// pages of `page_size` (20, as Provena's own clients ask); a page that
-    /// times out or answers 5xx (after the usual retries) is asked again
-    /// with half the page size, down to one item. A page that answers 400
+    /// times out or answers 5xx is asked again at once (no retry of the
+    /// same page: at the real API gateway each costs its 29 s limit) with
+    /// half the page size, down to one item. The size that worked is kept,
+    /// for the rest of the listing and the next ones, and doubled again
+    /// only after [`GROW_AFTER`] pages in a row answered. A page that answers 400
     /// holds a record the service cannot parse; it is narrowed down the
     /// same way so that every record before the bad one is listed, and the
     /// listing ends there: the next page's key comes only with a page that
@@ -226,8 +238,13 @@ impl DataStoreClient {
     ) -> Result<Listing, ApiError> {
         let span = info_span!("list_datasets");
         async {
+            use std::sync::atomic::Ordering::Relaxed;
             let full = self.config.page_size.max(1);
-            let mut size = full;
+            let mut size = match self.page_size.load(Relaxed) {
+                0 => full,
+                n => n.min(full),
+            };
+            let mut answered = 0u32;
             let mut out = Vec::new();
             let mut key: Option<serde_json::Value> = None;
             let mut pages = 0u32;
@@ -240,14 +257,27 @@ impl DataStoreClient {
                 })
                 .map_err(|e| ApiError::Malformed(e.to_string()))?;
                 let deadline = Deadline::after(self.config.request_timeout);
+                // A slow page is not retried as it is: a smaller one is.
                 let answer: Result<(ListResponse, _), ApiError> = self
-                    .call("/registry/items/list", Method::Post(body), "", deadline)
+                    .call_with(
+                        "/registry/items/list",
+                        Method::Post(body),
+                        "",
+                        deadline,
+                        |e: &ApiError| !slow_page(e),
+                    )
                     .await;
                 let r = match answer {
-                    // Grown back towards the full size after each page that
-                    // answers: one slow page does not make the rest small.
+                    // The size that worked is kept; grown back only after
+                    // a run of pages that answered (a registry slow for a
+                    // while does not cost a timeout before every page).
                     Ok((r, _)) => {
-                        size = (size * 2).min(full);
+                        self.page_size.store(size, Relaxed);
+                        answered += 1;
+                        if answered >= GROW_AFTER && size < full {
+                            size = (size * 2).min(full);
+                            answered = 0;
+                        }
                         r
                     }
                     // Only what a smaller page can cure: a page the server
@@ -256,6 +286,7 @@ impl DataStoreClient {
                     // An unreachable service or a refused token fails now.
                     Err(e) if size > 1 && (slow_page(&e) || is_bad_page(&e)) => {
                         size = (size / 2).max(1);
+                        answered = 0;
                         info!(error = %e, page_size = size, "registry page failed; asking again with half the page size");
                         continue;
                     }
@@ -428,6 +459,20 @@ impl DataStoreClient {
         handle: &str,
         deadline: Deadline,
     ) -> Result<(T, Option<SystemTime>), ApiError> {
+        self.call_with(path, method, handle, deadline, |_| true)
+            .await
+    }
+
+    /// [`call`](Self::call), retrying only the transient failures `retry`
+    /// accepts.
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        method: Method<'_>,
+        handle: &str,
+        deadline: Deadline,
+        retry: impl Fn(&ApiError) -> bool,
+    ) -> Result<(T, Option<SystemTime>), ApiError> {
         let mut attempt = 0u32;
         let mut refreshed = false;
         loop {
@@ -443,7 +488,9 @@ impl DataStoreClient {
                     self.tokens.invalidate(&token);
                     refreshed = true;
                 }
-                Err(Refusal::Other(e)) if e.is_transient() && attempt < self.config.attempts => {
+                Err(Refusal::Other(e))
+                    if e.is_transient() && retry(&e) && attempt < self.config.attempts =>
+                {
                     let wait = crate::retry::backoff(attempt);
                     if !deadline.allows(wait) {
                         return Err(e.out_of_time());

@@ -235,6 +235,9 @@ struct Exchange {
     rejection_logged: AtomicBool,
     /// The offline token has worked at least once.
     ever_valid: AtomicBool,
+    /// The last access token a service refused: never taken from the
+    /// shared folder again (another process may not have removed it yet).
+    rejected: std::sync::Mutex<Option<Secret>>,
 }
 
 /// Attempts per token exchange for transient failures.
@@ -251,6 +254,7 @@ impl TokenSource {
             offline,
             rejection_logged: AtomicBool::new(false),
             ever_valid: AtomicBool::new(false),
+            rejected: std::sync::Mutex::new(None),
         });
         let ex = exchange.clone();
         let tokens = Renewer::new(
@@ -298,6 +302,11 @@ impl TokenSource {
     /// call exchanges again. A token already replaced is left alone, so many
     /// callers failing on the same old token cause one refresh, not many.
     pub fn invalidate(&self, token: &Secret) {
+        *self
+            .exchange
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
         if let Some(shared) = &self.exchange.config.shared {
             // The others would hand the same refused token back; one
             // another process stored since is fresh, and stays.
@@ -323,13 +332,24 @@ impl Exchange {
         let Some(shared) = &self.config.shared else {
             return self.exchange_with_retries(deadline).await;
         };
-        let (token, life) =
-            crate::shared_lease::get_or_fetch(shared, &self.lease_name(), deadline, || async {
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let refused = |t: &String| rejected.as_ref().is_some_and(|r| r.expose() == t);
+        let (token, life) = crate::shared_lease::get_or_fetch(
+            shared,
+            &self.lease_name(),
+            deadline,
+            refused,
+            || async {
                 self.exchange_with_retries(deadline)
                     .await
                     .map(|l| (l.value.expose().to_string(), l.lifetime()))
-            })
-            .await?;
+            },
+        )
+        .await?;
         Ok(Lease::new(Secret::new(token), life))
     }
 

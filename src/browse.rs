@@ -236,7 +236,7 @@ async fn list(
 ) -> Result<u64, String> {
     // Relative to the folder being listed, as `aws s3 ls` prints them.
     let base = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-    let mut token = None;
+    let mut walk = crate::s3::Pages::new();
     let mut total = (0u64, 0u64);
     let mut entries = 0u64;
     loop {
@@ -244,12 +244,13 @@ async fn list(
             .list(
                 prefix,
                 if recursive { None } else { Some("/") },
-                token.take(),
+                walk.token(),
                 Some(1000),
                 Deadline::after(request_timeout),
             )
             .await
             .map_err(|e| e.to_string())?;
+        let more = walk.advance(&page).map_err(|e| e.to_string())?;
         for p in &page.prefixes {
             entries += 1;
             out.line(&format!(
@@ -278,9 +279,8 @@ async fn list(
             // Nobody reads on: no more pages.
             return Ok(entries);
         }
-        match page.next {
-            Some(t) => token = Some(t),
-            None => break,
+        if !more {
+            break;
         }
     }
     if recursive && entries > 0 {

@@ -55,6 +55,10 @@ pub struct DatasetCredentials {
     /// comes after a refusal never asks the data store again (a lookup's
     /// LIST and first-bytes GET, asking at once, made two calls).
     refused: Arc<Mutex<Option<(Instant, String)>>>,
+    /// The access key of the last set S3 refused: a renewal never takes it
+    /// from the shared folder again (another process may not have removed
+    /// it yet).
+    rejected_key: Arc<Mutex<Option<String>>>,
     refusal_ttl: Duration,
     request_timeout: Duration,
 }
@@ -90,15 +94,20 @@ impl DatasetCredentials {
         let sh = shared.clone();
         let refused: Arc<Mutex<Option<(Instant, String)>>> = Arc::default();
         let noted = refused.clone();
+        let rejected_key: Arc<Mutex<Option<String>>> = Arc::default();
+        let rejected = rejected_key.clone();
         let renewer = Renewer::new(
             "read credentials",
             request_timeout,
             || ApiError::Malformed("the credentials request was interrupted".into()),
             Box::new(move |deadline| {
                 let (api, h, sh, noted) = (api.clone(), h.clone(), sh.clone(), noted.clone());
+                let rejected = rejected.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 Box::pin(async move {
                     let r = match sh {
-                        Some((s, name)) => issue_shared(&s, &name, &api, &h, deadline).await,
+                        Some((s, name)) => {
+                            issue_shared(&s, &name, &api, &h, rejected.as_deref(), deadline).await
+                        }
                         None => issue(&api, &h, deadline).await,
                     };
                     if let Err(ApiError::PermissionDenied(why)) = &r {
@@ -119,6 +128,7 @@ impl DatasetCredentials {
             shared,
             renewer: Arc::new(renewer),
             refused,
+            rejected_key,
             refusal_ttl,
             request_timeout,
         }
@@ -164,6 +174,8 @@ impl DatasetCredentials {
     /// Forgets the set with `access_key_id` after S3 refused it (expired,
     /// revoked, re-keyed), unless it was already replaced.
     pub fn invalidate(&self, access_key_id: &str) {
+        *self.rejected_key.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(access_key_id.to_string());
         if let Some((s, name)) = &self.shared {
             // The others would hand the same refused set back; one another
             // process stored since is fresh, and stays (N mounts meeting
@@ -216,28 +228,33 @@ struct SharedSet {
 }
 
 /// [`issue`], through the shared folder (see [`crate::shared_lease`]).
+/// A set whose access key is `rejected` (S3 refused it) is not taken from
+/// the folder.
 async fn issue_shared(
     shared: &crate::shared_lease::SharedLeases,
     name: &str,
     api: &DataStoreClient,
     handle: &str,
+    rejected: Option<&str>,
     deadline: Deadline,
 ) -> Result<Lease<Issued>, ApiError> {
-    let (set, life) = crate::shared_lease::get_or_fetch(shared, name, deadline, || async {
-        let lease = issue(api, handle, deadline).await?;
-        let c = &lease.value;
-        let set = SharedSet {
-            key_id: c.key_id.clone(),
-            secret: c.secret.expose().to_string(),
-            session: c.session.expose().to_string(),
-            expiry_ms: c
-                .expiry
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-        };
-        Ok::<_, ApiError>((set, lease.lifetime()))
-    })
-    .await?;
+    let refused = |set: &SharedSet| Some(set.key_id.as_str()) == rejected;
+    let (set, life) =
+        crate::shared_lease::get_or_fetch(shared, name, deadline, refused, || async {
+            let lease = issue(api, handle, deadline).await?;
+            let c = &lease.value;
+            let set = SharedSet {
+                key_id: c.key_id.clone(),
+                secret: c.secret.expose().to_string(),
+                session: c.session.expose().to_string(),
+                expiry_ms: c
+                    .expiry
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            };
+            Ok::<_, ApiError>((set, lease.lifetime()))
+        })
+        .await?;
     Ok(Lease::new(
         Issued {
             key_id: set.key_id,

@@ -169,26 +169,28 @@ async fn list_all(
     request_timeout: Duration,
 ) -> Result<Vec<ObjectMeta>, String> {
     let mut out = Vec::new();
-    let mut token = None;
+    let mut walk = crate::s3::Pages::new();
     loop {
         let page = store
             .list(
                 prefix,
                 None,
-                token.take(),
+                walk.token(),
                 Some(1000),
                 Deadline::after(request_timeout),
             )
             .await
+            .map_err(|e| format!("cannot list {}: {e}", printable(prefix)))?;
+        let more = walk
+            .advance(&page)
             .map_err(|e| format!("cannot list {}: {e}", printable(prefix)))?;
         out.extend(
             page.objects
                 .into_iter()
                 .filter(|o| o.key.starts_with(prefix)),
         );
-        match page.next {
-            Some(t) => token = Some(t),
-            None => return Ok(out),
+        if !more {
+            return Ok(out);
         }
     }
 }

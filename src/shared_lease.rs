@@ -461,16 +461,19 @@ pub fn lease_name(kind: &str, parts: &[&str]) -> String {
     format!("{kind}-{}", hex::encode(&h.finalize()[..16]))
 }
 
-/// Gets a lease through the shared folder: a usable stored one, else the
-/// one another process is refreshing right now (waited for, polling), else
-/// a fresh one from `fetch`, stored for the others. Bounded by `deadline`:
-/// past half of it, `fetch` is called whatever the others do. A folder
-/// that does not answer (or was moved) is left alone: `fetch` is called,
-/// and what it gets is this process's own.
+/// Gets a lease through the shared folder: a usable stored one (not one
+/// `refused` says a service just refused: another process may not have
+/// removed it yet), else the one another process is refreshing right now
+/// (waited for, polling), else a fresh one from `fetch`, stored for the
+/// others. Bounded by `deadline`: past half of it, `fetch` is called
+/// whatever the others do. A folder that does not answer (or was moved)
+/// is left alone: `fetch` is called, and what it gets is this process's
+/// own.
 pub async fn get_or_fetch<T, E, F, Fut>(
     shared: &SharedLeases,
     name: &str,
     deadline: Deadline,
+    refused: impl Fn(&T) -> bool,
     fetch: F,
 ) -> Result<(T, Duration), E>
 where
@@ -482,11 +485,11 @@ where
     let mut wait = Duration::from_millis(20);
     let lock = loop {
         match shared.read::<T>(name, deadline).await {
-            Ok(Some((s, left))) => {
+            Ok(Some((s, left))) if !refused(&s.value) => {
                 debug!(name, "lease from the shared folder");
                 return Ok((s.value, left));
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(_) => return fetch().await,
         }
         let until = SystemTime::now() + deadline.remaining();
@@ -502,7 +505,9 @@ where
     };
     // Written by the holder just before we took the lock?
     if let Ok(Some((s, left))) = shared.read::<T>(name, deadline).await {
-        return Ok((s.value, left));
+        if !refused(&s.value) {
+            return Ok((s.value, left));
+        }
     }
     let (value, lifetime) = fetch().await?;
     match serde_json::to_value(&value) {
@@ -642,6 +647,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_lease_not_yet_removed_is_never_taken_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SharedLeases::open(dir.path(), STALL).unwrap();
+        store(&s, "tok", "old", Duration::from_secs(300));
+        let got = get_or_fetch(
+            &s,
+            "tok",
+            soon(),
+            |v: &String| v == "old",
+            || async { Ok::<_, ()>(("new".to_string(), Duration::from_secs(300))) },
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.0, "new");
+        settle(&s);
+        // ... and the fresh one is there for the others.
+        let (stored, _) = s.read::<String>("tok", soon()).await.unwrap().unwrap();
+        assert_eq!(stored.value, "new");
+    }
+
+    #[tokio::test]
     async fn a_folder_moved_away_is_no_longer_used() {
         let dir = tempfile::tempdir().unwrap();
         let s = SharedLeases::open(dir.path(), STALL).unwrap();
@@ -649,9 +675,13 @@ mod tests {
         // A neighbour renames it away and makes one of their own there.
         std::fs::rename(&d, dir.path().join(".gone")).unwrap();
         std::fs::create_dir(&d).unwrap();
-        let got = get_or_fetch(&s, "tok", soon(), || async {
-            Ok::<_, ()>(("secret".to_string(), Duration::from_secs(300)))
-        })
+        let got = get_or_fetch(
+            &s,
+            "tok",
+            soon(),
+            |_: &String| false,
+            || async { Ok::<_, ()>(("secret".to_string(), Duration::from_secs(300))) },
+        )
         .await
         .unwrap();
         assert_eq!(got.0, "secret");

@@ -72,9 +72,21 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
 }
 
 impl Drop for Server {
+    /// Removes the socket, on a thread of its own: a state folder that
+    /// does not answer (an NFS home) must not hold the daemon's exit.
     fn drop(&mut self) {
-        if self.id.is_some() && file_id(&self.path) == self.id {
-            let _ = std::fs::remove_file(&self.path);
+        let (path, id) = (self.path.clone(), self.id);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("provenafs-fs".into())
+            .spawn(move || {
+                if id.is_some() && file_id(&path) == id {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let _ = tx.send(());
+            });
+        if spawned.is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(1));
         }
     }
 }

@@ -395,3 +395,69 @@ fn no_secret_in_any_log_line_at_trace() {
     let _ = std::fs::remove_file(log);
     let _ = std::fs::remove_file(sim_log);
 }
+
+#[test]
+fn a_listing_whose_continuation_tokens_go_in_circles_fails_and_never_hangs() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        write(d.path(), &format!("10378.1/1/loop/f{i}.txt"), b"x\n");
+    }
+    write(d.path(), "10378.1/1/fine/a.txt", b"a\n");
+    // Pages of 3: the folder takes 4 of them.
+    let sim = Sim::start(d, &["--page-size", "3"]);
+    let m = sim.mount(&[]);
+    sim.post("/_sim/faults?s3_list_loop=loop");
+    let t = std::time::Instant::now();
+    let e = std::fs::read_dir(m.join("10378.1/1/loop"))
+        .and_then(|rd| rd.collect::<Result<Vec<_>, _>>())
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(names(&m.join("10378.1/1/fine")), ["a.txt"]);
+    // `provenafs ls` and `prefetch` walk listings too.
+    for args in [
+        &["ls", "-r", "10378.1/1/loop"][..],
+        &["prefetch", "10378.1/1/loop", "--cache-dir"][..],
+    ] {
+        let cache = tempfile::tempdir().unwrap();
+        let mut all = args.to_vec();
+        let c = cache.path().join("c");
+        if args[0] == "prefetch" {
+            all.push(c.to_str().unwrap());
+        }
+        let out = sim.run(&mut sim.command(&all));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("continuation token"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_answer_of_another_range_is_an_error_never_data() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = bytes(21, 3 * MIB);
+    write(d.path(), "10378.1/1/shift.bin", &data);
+    let sim = Sim::start(d, &[]);
+    let m = sim.mount(&[]);
+    let mut p = Py::start();
+    p.open("s", &m.join("10378.1/1/shift.bin")).unwrap();
+    p.random("s");
+    // A proxy hands back the piece one byte later (honestly labelled).
+    sim.post("/_sim/faults?s3_range_shift=shift");
+    for at in [MIB as u64, 2 * MIB as u64 + 4096] {
+        assert_eq!(p.pread("s", at, 4096), Err(libc::EIO), "at {at}");
+    }
+    sim.post("/_sim/faults?s3_range_shift=");
+    std::thread::sleep(Duration::from_secs(6)); // past the failure memory
+    let at = MIB;
+    assert_eq!(
+        p.pread("s", at as u64, 4096),
+        Ok((4096, md5_hex(&data[at..at + 4096])))
+    );
+}

@@ -308,3 +308,79 @@ fn a_job_array_stages_in_once_and_every_task_reads_the_shared_cache() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs PROVENA_CACHE"));
 }
+
+/// A claim file of another node's (`HOST PID DEADLINE_MS TOKEN`) on
+/// block `index` of `rel` in the shared `cache`, made before the shared
+/// folder's first use.
+fn claim_of_another_node(sim: &Sim, cache: &Path, rel: &str, index: u64, until_ms: u128) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = std::fs::read(sim.root().join(rel)).unwrap();
+    let (handle, path) = rel.split_at(rel.find('/').unwrap() + 1);
+    let (suffix, path) = path.split_at(path.find('/').unwrap());
+    let key = format!(
+        "datasets/{}-{suffix}{path}",
+        handle.trim_end_matches('/').replace('.', "-")
+    );
+    let name =
+        provenafs::read::cache::block_file_name("provena-bucket", &key, &md5_hex(&data), index);
+    let shard = cache.join("v1").join(&name[..2]);
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::write(
+        shard.join(format!(".claim-{name}")),
+        format!("othernode 4242 {until_ms} 1f2e3d\n"),
+    )
+    .unwrap();
+    for d in [cache, &cache.join("v1"), &shard] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+#[test]
+fn prefetch_waits_for_blocks_others_claimed_and_never_counts_them_unseen() {
+    if !fuse_available() {
+        return;
+    }
+    let sim = Sim::start(data(), &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    // Another node was fetching blocks 2..5 of big.bin
+    // when it was killed: its claims stay live (for other hosts) until
+    // their deadline, a minute from now.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    for i in 2..6 {
+        claim_of_another_node(&sim, &cache, "10378.1/1/big.bin", i, until);
+    }
+    let t = std::time::Instant::now();
+    let out = prefetch(
+        &sim,
+        &cache,
+        &[
+            "10378.1/1/big.bin",
+            "--cache-shared",
+            "--json",
+            "--request-timeout",
+            "4",
+        ],
+    );
+    let j = json(&out);
+    assert_eq!(j["failed"].as_array().unwrap().len(), 0, "{j}");
+    // Waited for them (half the request time), then fetched them itself.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        j["fetched_bytes"].as_u64().unwrap(),
+        size_of("10378.1/1/big.bin"),
+        "{j}"
+    );
+    assert_eq!(j["cached_bytes"].as_u64().unwrap(), 0, "{j}");
+    // Every block is there: a mount on the folder reads with no GET.
+    let m = sim.mount(&["--cache-dir", cache.to_str().unwrap(), "--cache-shared"]);
+    assert_eq!(read_all(&sim, &m, &["10378.1/1/big.bin"]), 0);
+}

@@ -238,3 +238,28 @@ fn disk_cache_serves_a_remount_without_gets() {
     let m = sim.mount(&flags);
     assert_eq!(sha256(&m.join("10378.1/1/big.bin")), want);
 }
+
+#[test]
+fn a_handle_that_does_not_exist_costs_no_credentials_call() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/f.txt", b"x\n");
+    write(d.path(), "10378.1/2/g.txt", b"y\n");
+    let sim = Sim::start(d, &[]);
+    let m = sim.mount(&[]);
+    let delta = Delta::new(&sim);
+    // A script probing handles, a typo: each asks for the record, never
+    // for read credentials (a service token and an STS call each on the
+    // real service).
+    for i in 0..20 {
+        assert!(std::fs::metadata(m.join(&format!("10378.1/{}", 5_000_000 + i))).is_err());
+    }
+    assert_eq!(delta.get("api_fetch"), 20);
+    assert_eq!(delta.get("api_credentials"), 0);
+    // A dataset reached by its path that exists: its credentials come once
+    // its record says so, and its first file reads.
+    assert_eq!(std::fs::read(m.join("10378.1/2/g.txt")).unwrap(), b"y\n");
+    assert_eq!(delta.get("api_credentials"), 1);
+}

@@ -196,3 +196,44 @@ fn walk(p: &std::path::Path) -> u64 {
     }
     total
 }
+
+#[test]
+fn a_set_s3_refuses_costs_one_credential_call_for_every_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = bytes(11, 16 * MIB);
+    write(d.path(), "10378.1/1/f.bin", &data);
+    let sim = Sim::start(d, &[]);
+    let cache_parent = tempfile::tempdir().unwrap();
+    let cache = cache_parent.path().join("shared");
+    let c = cache.to_str().unwrap();
+    let mounts: Vec<Mount> = (0..4)
+        .map(|_| sim.mount(&["--cache-dir", c, "--cache-shared"]))
+        .collect();
+    let mut readers: Vec<Py> = Vec::new();
+    for (k, m) in mounts.iter().enumerate() {
+        let mut p = Py::start();
+        p.open("f", &m.join("10378.1/1/f.bin")).unwrap();
+        p.random("f");
+        assert!(p.pread("f", k as u64 * MIB as u64, 4096).is_ok());
+        readers.push(p);
+    }
+    // S3 refuses the set the four share (expired early, revoked): each
+    // mount meets the refusal; one new set serves them all.
+    let issued = sim.stat("credentials_issued");
+    sim.post("/_sim/credentials?action=expire");
+    for (k, p) in readers.iter_mut().enumerate() {
+        let at = (8 + k) * MIB;
+        assert_eq!(
+            p.pread("f", at as u64, 4096),
+            Ok((4096, md5_hex(&data[at..at + 4096])))
+        );
+    }
+    let n = sim.stat("credentials_issued") - issued;
+    assert_eq!(
+        n, 1,
+        "{n} credential calls for 4 mounts meeting one refusal"
+    );
+}

@@ -846,6 +846,15 @@ impl ObjectStore for AwsObjectStore {
                     return Err(S3Error::Stale);
                 }
             }
+            // Whatever the version check: the answer must be the range
+            // asked for (a proxy or cache may serve another piece of the
+            // same length), or the whole object when that is the range.
+            check_range(
+                out.content_range(),
+                from..range.end,
+                out.content_length(),
+                version.map(|v| v.size),
+            )?;
             // Copy each chunk into its piece as it arrives: one copy, one
             // allocation per piece (only the piece being filled is held
             // here), and a body of the wrong length is an error, never
@@ -904,6 +913,55 @@ impl ObjectStore for AwsObjectStore {
         })
         .instrument(span)
         .await
+    }
+}
+
+/// Whether an answer to a GET of `want` is that range: its
+/// `Content-Range` must be `bytes START-END/TOTAL` with exactly those
+/// bounds (and TOTAL the object's `size`, when known); an answer without
+/// one (a `200` with the whole object) only when the range is the whole
+/// object. Errors: another piece, which is never taken for data.
+fn check_range(
+    content_range: Option<&str>,
+    want: Range<u64>,
+    length: Option<i64>,
+    size: Option<u64>,
+) -> Result<(), S3Error> {
+    let wrong = |what: String| {
+        S3Error::Other(format!(
+            "S3 answered {what} for bytes {}-{}",
+            want.start,
+            want.end.saturating_sub(1)
+        ))
+    };
+    let Some(cr) = content_range else {
+        let whole = want.start == 0
+            && length.is_some_and(|l| l as u64 == want.end)
+            && size.is_none_or(|s| s == want.end);
+        return if whole {
+            Ok(())
+        } else {
+            Err(wrong("without a Content-Range".into()))
+        };
+    };
+    let parsed = cr.strip_prefix("bytes ").and_then(|r| {
+        let (span, total) = r.split_once('/')?;
+        let (a, b) = span.split_once('-')?;
+        Some((
+            a.parse::<u64>().ok()?,
+            b.parse::<u64>().ok()?,
+            total.parse::<u64>().ok(),
+        ))
+    });
+    match parsed {
+        Some((a, b, total))
+            if a == want.start
+                && b + 1 == want.end
+                && size.is_none_or(|s| total.is_none_or(|t| t == s)) =>
+        {
+            Ok(())
+        }
+        _ => Err(wrong(format!("Content-Range {cr:?}"))),
     }
 }
 
@@ -1207,5 +1265,26 @@ mod url_tests {
             let e = crate::sim::s3::s3_url_encode(k, true);
             assert_eq!(url_decode(&e).as_deref(), Some(k));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_range;
+
+    #[test]
+    fn an_answer_must_be_the_range_asked_for() {
+        let ok = |cr: Option<&str>, want: std::ops::Range<u64>, len, size| {
+            check_range(cr, want, len, size).is_ok()
+        };
+        assert!(ok(Some("bytes 10-19/100"), 10..20, Some(10), Some(100)));
+        assert!(!ok(Some("bytes 11-20/100"), 10..20, Some(10), Some(100)));
+        assert!(!ok(Some("bytes 10-19/99"), 10..20, Some(10), Some(100)));
+        assert!(ok(Some("bytes 10-19/*"), 10..20, Some(10), Some(100)));
+        assert!(!ok(Some("garbage"), 10..20, Some(10), None));
+        // A 200 with the whole object: only when that is what was asked.
+        assert!(ok(None, 0..100, Some(100), Some(100)));
+        assert!(!ok(None, 0..10, Some(100), Some(100)));
+        assert!(!ok(None, 10..20, Some(10), None));
     }
 }

@@ -37,6 +37,76 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
+/// A listing's walk through its pages (ListObjectsV2 continuation
+/// tokens), refusing a server that would make it go on for ever: one that
+/// hands back the token it was just given, whose pages stop moving past
+/// the keys listed before (S3 lists in key order), or that sends empty
+/// page after empty page. Every listing loop walks with one.
+#[derive(Debug, Default)]
+pub struct Pages {
+    /// The token of the next page.
+    next: Option<String>,
+    /// The token the last page was asked with.
+    asked: Option<String>,
+    /// The greatest key or prefix listed so far.
+    reached: Option<String>,
+    /// Empty pages in a row.
+    empty: u32,
+}
+
+/// Empty pages in a row a listing accepts before it takes the server for
+/// one that never ends.
+const MAX_EMPTY_PAGES: u32 = 1000;
+
+impl Pages {
+    pub fn new() -> Pages {
+        Pages::default()
+    }
+
+    /// The continuation token to ask the next page with (none for the
+    /// first page).
+    pub fn token(&mut self) -> Option<String> {
+        self.asked = self.next.take();
+        self.asked.clone()
+    }
+
+    /// Takes in the page just listed: `Ok(true)` while more pages follow.
+    /// Errors: the server is going in circles (see the type's docs).
+    pub fn advance(&mut self, page: &ListPage) -> Result<bool, S3Error> {
+        let last = page
+            .objects
+            .last()
+            .map(|o| &o.key)
+            .into_iter()
+            .chain(page.prefixes.last())
+            .max();
+        match last {
+            Some(l) if self.reached.as_ref().is_some_and(|r| l <= r) => {
+                return Err(S3Error::Other(format!(
+                    "S3 listed {l:?} again after {:?}: its continuation tokens go in circles",
+                    self.reached.as_deref().unwrap_or("")
+                )))
+            }
+            Some(l) => {
+                self.reached = Some(l.clone());
+                self.empty = 0;
+            }
+            None => self.empty += 1,
+        }
+        let Some(next) = &page.next else {
+            return Ok(false);
+        };
+        if self.asked.as_ref() == Some(next) || self.empty > MAX_EMPTY_PAGES {
+            return Err(S3Error::Other(
+                "S3 keeps handing back the same continuation token: the listing would never end"
+                    .into(),
+            ));
+        }
+        self.next = Some(next.clone());
+        Ok(true)
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum S3Error {
     #[error("no such object")]
@@ -206,4 +276,59 @@ pub trait StoreFactory: Send + Sync {
     /// dataset's first file waits for one API round trip, not two. The
     /// store [`open`](Self::open) then makes uses what this started.
     fn warm(&self, _handle: &str, _deadline: Deadline) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(keys: &[&str], next: Option<&str>) -> ListPage {
+        ListPage {
+            objects: keys
+                .iter()
+                .map(|k| ObjectMeta {
+                    key: k.to_string(),
+                    size: 0,
+                    etag: String::new(),
+                    last_modified: SystemTime::UNIX_EPOCH,
+                })
+                .collect(),
+            prefixes: Vec::new(),
+            next: next.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_listing_that_goes_in_circles_is_an_error_not_a_hang() {
+        let mut p = Pages::new();
+        assert_eq!(p.token(), None);
+        assert!(p.advance(&page(&["a", "b"], Some("t1"))).unwrap());
+        assert_eq!(p.token().as_deref(), Some("t1"));
+        assert!(p.advance(&page(&["c"], Some("t2"))).unwrap());
+        assert_eq!(p.token().as_deref(), Some("t2"));
+        assert!(!p.advance(&page(&["d"], None)).unwrap());
+        // The same token handed back: an error.
+        let mut p = Pages::new();
+        p.token();
+        p.advance(&page(&["a"], Some("t"))).unwrap();
+        p.token();
+        assert!(p.advance(&page(&[], Some("t"))).is_err());
+        // New tokens, the same keys again: an error.
+        let mut p = Pages::new();
+        p.token();
+        p.advance(&page(&["a", "b"], Some("t1"))).unwrap();
+        p.token();
+        assert!(p.advance(&page(&["a", "b"], Some("t2"))).is_err());
+        // Empty pages for ever: an error, after many.
+        let mut p = Pages::new();
+        let mut r = Ok(true);
+        for i in 0..2000 {
+            p.token();
+            r = p.advance(&page(&[], Some(&format!("t{i}"))));
+            if r.is_err() {
+                break;
+            }
+        }
+        assert!(r.is_err());
+    }
 }

@@ -13,7 +13,13 @@
 //! requests signed for another region answer 301 `PermanentRedirect`) and
 //! `s3_bare_400=TEXT` (S3 requests whose key, listing prefix or
 //! continuation token contains TEXT answer 400 with an empty body, as a
-//! misconfigured endpoint or proxy does; empty TEXT clears).
+//! misconfigured endpoint or proxy does; empty TEXT clears) and
+//! `s3_list_loop=TEXT` (listings whose prefix contains TEXT hand back, as
+//! the next page's continuation token, the token they were asked with, or
+//! the first page's: an S3-compatible server with a paging bug; empty
+//! TEXT clears) and `s3_range_shift=TEXT` (ranged GETs of keys containing
+//! TEXT answer the range one byte later, with a `Content-Range` that says
+//! so: a caching proxy serving the wrong piece; empty TEXT clears).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -66,6 +72,8 @@ pub struct Faults {
     s3_region: Mutex<String>,
     /// S3 requests whose target contains this answer a bare 400 (empty: none).
     s3_bare_400: Mutex<String>,
+    s3_list_loop: Mutex<String>,
+    s3_range_shift: Mutex<String>,
 }
 
 /// Counts a request as hanging while it lives.
@@ -156,6 +164,34 @@ impl Faults {
     /// Sets (or, with an empty text, clears) the bare-400 answer.
     pub fn set_s3_bare_400(&self, text: &str) {
         *self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+    }
+
+    /// Sets (or, with an empty text, clears) the looping listing.
+    pub fn set_s3_list_loop(&self, text: &str) {
+        *self.s3_list_loop.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+    }
+
+    /// Whether a listing of `prefix` goes in circles.
+    pub fn s3_list_loops(&self, prefix: &str) -> bool {
+        let t = self.s3_list_loop.lock().unwrap_or_else(|p| p.into_inner());
+        !t.is_empty() && prefix.contains(t.as_str())
+    }
+
+    /// Sets (or, with an empty text, clears) the shifted ranges.
+    pub fn set_s3_range_shift(&self, text: &str) {
+        *self
+            .s3_range_shift
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = text.to_string();
+    }
+
+    /// Whether a ranged GET of `key` answers a range one byte later.
+    pub fn s3_range_shifted(&self, key: &str) -> bool {
+        let t = self
+            .s3_range_shift
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        !t.is_empty() && key.contains(t.as_str())
     }
 
     /// Whether an S3 request for `target` answers a bare 400.
@@ -257,6 +293,8 @@ impl Faults {
             "list_max_page": self.list_max_page(),
             "s3_region": self.s3_region(),
             "s3_bare_400": self.s3_bare_400.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "s3_list_loop": self.s3_list_loop.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "s3_range_shift": self.s3_range_shift.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
 }

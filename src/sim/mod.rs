@@ -809,6 +809,12 @@ async fn api_answer(
             if let Some(t) = query.get("s3_bare_400") {
                 state.faults.set_s3_bare_400(t);
             }
+            if let Some(t) = query.get("s3_list_loop") {
+                state.faults.set_s3_list_loop(t);
+            }
+            if let Some(t) = query.get("s3_range_shift") {
+                state.faults.set_s3_range_shift(t);
+            }
             state.wan.set(
                 num("first_byte_ms").map(|v| v.max(0.0) as u64),
                 num("stream_mib_per_s"),

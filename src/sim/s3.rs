@@ -144,7 +144,11 @@ impl S3 for SimS3 {
         let (range, content_range) = match input.range {
             None => (0..obj.size, None),
             Some(r) => {
-                let r = r.check(obj.size).map_err(|_| s3_error!(InvalidRange))?;
+                let mut r = r.check(obj.size).map_err(|_| s3_error!(InvalidRange))?;
+                if self.0.faults.s3_range_shifted(&obj.key) && r.end < obj.size {
+                    // The wrong piece, of the right length, said honestly.
+                    r = r.start + 1..r.end + 1;
+                }
                 let cr = format!("bytes {}-{}/{}", r.start, r.end - 1, obj.size);
                 (r, Some(cr))
             }
@@ -303,10 +307,19 @@ impl S3 for SimS3 {
             marker,
             url,
         )?;
-        let next = page
+        let mut next = page
             .truncated
             .then(|| page.last.as_ref().map(hex::encode))
             .flatten();
+        if next.is_some() && self.0.faults.s3_list_loops(&prefix) {
+            // The token it was asked with, or the first page's again.
+            next = Some(
+                input
+                    .continuation_token
+                    .clone()
+                    .unwrap_or_else(|| hex::encode(input.start_after.clone().unwrap_or_default())),
+            );
+        }
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
             prefix: Some(s3_url_encode(&prefix, url)),

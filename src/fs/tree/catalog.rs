@@ -166,9 +166,6 @@ impl Catalog {
         if let Some(ds) = self.known(handle) {
             return Ok(ds);
         }
-        // A dataset reached by its path is about to be read: its
-        // credentials come alongside its record, not after it.
-        self.stores.warm(handle, deadline);
         let item = self
             .registry
             .fetch(handle, deadline)
@@ -184,6 +181,12 @@ impl Catalog {
             warn!(asked = %handle, got = %item.id, "fetch-dataset returned another handle");
             return Err(FsError::NotFound);
         }
+        // A dataset reached by its path is about to be read: its
+        // credentials are asked for now, in the background, but only now
+        // that its record says it exists (a typo, or a script probing
+        // handles, costs the data store no credentials call: each is a
+        // service token and an STS call there).
+        self.stores.warm(handle, deadline);
         let mut st = self.lock();
         st.resolved.insert(handle.to_string());
         Ok(self.remember(&mut st, &item))

@@ -252,7 +252,7 @@ impl Tree {
         // Files waiting for the listing to pass `name/`, each with the
         // stamp of the page that told us about it.
         let mut held: BTreeMap<String, (ObjectMeta, u64)> = BTreeMap::new();
-        let mut token = None;
+        let mut walk = crate::s3::Pages::new();
         let mut pages = 0u32;
         loop {
             let stamp = self.stamp();
@@ -261,12 +261,13 @@ impl Tree {
                 .list(
                     prefix,
                     Some("/"),
-                    token.take(),
+                    walk.token(),
                     Some(self.cfg.list_page_size),
                     self.request_deadline(),
                 )
                 .await?;
             pages += 1;
+            let more = walk.advance(&page)?;
             // The greatest key this page reached: everything up to it is known.
             let reached = page
                 .objects
@@ -317,7 +318,7 @@ impl Tree {
                     Err(why) => Self::log_hidden(&mut st, &o.key, why.reason()),
                 }
             }
-            let last = page.next.is_none();
+            let last = !more;
             // Release held files whose possible shadowing folder is behind us.
             let ready: Vec<String> = held
                 .keys()
@@ -351,9 +352,8 @@ impl Tree {
             }
             drop(st);
             stream.push(out);
-            match page.next {
-                Some(t) => token = Some(t),
-                None => break,
+            if !more {
+                break;
             }
         }
         debug!(handle = %ds.handle, prefix, pages, entries = given.len(), "listed");
