@@ -110,7 +110,11 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
     let md = f
         .metadata()
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-    if !md.is_file() || md.uid() != nix::unistd::geteuid().as_raw() {
+    // A device (`/dev/null`) is nobody's file to read back; anything else
+    // must be a file of this user's.
+    use std::os::unix::fs::FileTypeExt;
+    let device = md.file_type().is_char_device();
+    if !device && (!md.is_file() || md.uid() != nix::unistd::geteuid().as_raw()) {
         return Err(format!(
             "log file {} is not a file of yours (owner uid {}); choose another --log-file",
             path.display(),
@@ -128,6 +132,8 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
     Ok(Box::new(Rotating {
         path: path.to_path_buf(),
         written: md.len(),
+        // Never a device: renaming /dev/null away is not rotating a log.
+        rotates: md.is_file(),
         file: f,
     }))
 }
@@ -153,6 +159,8 @@ struct Rotating {
     file: std::fs::File,
     /// Bytes in the current file.
     written: u64,
+    /// A regular file (rotated); not a device such as `/dev/null`.
+    rotates: bool,
 }
 
 impl Rotating {
@@ -175,7 +183,7 @@ impl Rotating {
 
 impl Write for Rotating {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.written >= MAX_BYTES as u64 {
+        if self.rotates && self.written >= MAX_BYTES as u64 {
             // A file that cannot be rotated (another process renamed it
             // away, a read-only folder) is written on.
             let _ = self.rotate();
@@ -381,5 +389,76 @@ mod tests {
             assert!(md.len() <= (MAX_BYTES + (1 << 20)) as u64, "{n}");
         }
         assert!(open(&dir.path().join("no/such/dir/x.log")).is_err());
+    }
+
+    #[test]
+    fn a_device_is_written_never_rotated_and_others_files_are_refused() {
+        let mut w = open(Path::new("/dev/null")).unwrap();
+        let line = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_BYTES >> 20) + 2 {
+            w.write_all(&line).unwrap();
+        }
+        assert!(Path::new("/dev/null").exists());
+        assert!(!Path::new("/dev/null.1").exists());
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("l.log");
+        std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+        assert!(open(&link).is_err(), "a symlink is not our log");
+    }
+
+    #[test]
+    fn a_log_folder_that_does_not_take_lines_costs_dropped_lines_not_a_wait() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        /// A writer whose file system hangs until let go.
+        struct Hung(Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Hung {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                while self.0.load(Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                self.1.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let hung = Arc::new(AtomicBool::new(true));
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.log");
+        let mut nb = non_blocking(
+            Box::new(Hung(hung.clone(), got.clone())),
+            Some(&path),
+            std::time::Duration::from_millis(100),
+        );
+        let t = std::time::Instant::now();
+        for i in 0..3 * BUFFERED_LINES {
+            nb.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let h = crate::folder::all_health()
+            .into_iter()
+            .find(|h| h.what == "log folder" && h.path == dir.path())
+            .unwrap();
+        assert_eq!(h.state, "not answering");
+        assert!(h.refused > 0, "dropped lines are counted: {h:?}");
+        hung.store(false, Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        loop {
+            let text = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+            if text.contains("the log folder did not answer for") {
+                assert!(text.contains("log lines were dropped"), "{text}");
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }

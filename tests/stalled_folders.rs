@@ -85,6 +85,11 @@ fn a_stalled_shared_cache_is_a_miss_and_stalls_nothing_else() {
     write(d.path(), "10378.1/1/small.bin", &small);
     write(d.path(), "10378.1/1/hung.bin", &bytes(3, 4 * MIB as usize));
     write(d.path(), "10378.1/1/after.bin", &bytes(4, 2 * MIB as usize));
+    write(
+        d.path(),
+        "10378.1/1/killed.bin",
+        &bytes(9, 2 * MIB as usize),
+    );
     let sim = Sim::start(d, &[]);
     let m = sim.mount(&[
         "--cache-dir",
@@ -101,6 +106,10 @@ fn a_stalled_shared_cache_is_a_miss_and_stalls_nothing_else() {
     p.random("big");
     // The cluster file system stops answering.
     fs.stall("");
+    // A reader waiting on the folder (its file's first block is looked
+    // for there first) dies at once when killed.
+    let gone = killed_after(&m.join("10378.1/1/killed.bin"), Duration::from_millis(500));
+    assert!(gone < Duration::from_secs(2), "{gone:?}");
 
     // A read of a block nobody has: the folder is given up after the
     // stall timeout, and S3 answers.

@@ -88,6 +88,10 @@ pub struct DiskCache {
     pub(super) folder: Folder,
 }
 
+/// Trimming passes one trigger may run in a row (each reads a slice of
+/// the folder).
+const MAX_PASSES: usize = 8;
+
 /// Calls into the cache folder running at once: a cache folder on a
 /// stalled cluster file system can park this many threads, never more.
 const DISK_SLOTS: usize = 64;
@@ -638,8 +642,7 @@ impl DiskCache {
     /// over its bound (or, shared, due to be measured again after a tenth
     /// of the bound was written here), unless one is running.
     pub(super) fn trim_if_needed(self: &Arc<Self>) {
-        let remeasure = self.shared && self.since_scan.load(Ordering::Relaxed) > self.limit / 10;
-        if self.used.load(Ordering::Relaxed) <= self.limit && !remeasure {
+        if !self.trim_due() {
             return;
         }
         if self.trimming.swap(true, Ordering::AcqRel) {
@@ -647,7 +650,14 @@ impl DiskCache {
         }
         let me = self.clone();
         let pass = move || {
-            me.trim();
+            // Passes until the folder is within its bound: what was written
+            // during a pass (whose own triggers found it running) is
+            // trimmed by the next.
+            for _ in 0..MAX_PASSES {
+                if !me.trim() {
+                    break;
+                }
+            }
             me.trimming.store(false, Ordering::Release);
         };
         if std::thread::Builder::new()
@@ -659,25 +669,38 @@ impl DiskCache {
         }
     }
 
+    /// Whether the folder is over its bound, or (shared) due to be
+    /// measured again after a tenth of the bound was written here.
+    fn trim_due(&self) -> bool {
+        let remeasure = self.shared && self.since_scan.load(Ordering::Relaxed) > self.limit / 10;
+        self.used.load(Ordering::Relaxed) > self.limit || remeasure
+    }
+
     /// One trimming pass: least recently used blocks go, down to 90% of
-    /// the bound. One process trims a folder at a time, under its lock;
+    /// the bound. Returns whether another pass is due (more was written
+    /// meanwhile; the folder did not answer is not a reason). One process trims a folder at a time, under its lock;
     /// while another holds it (trimming, or stopped mid-pass: a suspended
     /// job, a debugger, a member of the group) a folder over its bound is
     /// trimmed anyway (a removal that loses a race is harmless), so no
     /// holder can make the folder grow without bound.
-    fn trim(self: &Arc<Self>) {
+    fn trim(self: &Arc<Self>) -> bool {
         let over = self.used.load(Ordering::Relaxed) > self.limit;
         self.since_scan.store(0, Ordering::Relaxed);
         let lock = EvictLock::take(self);
         if lock.is_busy() && !over {
             // Only due to be measured: the holder does that.
-            return;
+            return false;
+        }
+        if !self.folder.answering() {
+            return false;
         }
         if self.shared {
-            return self.evict_sampled();
+            self.evict_sampled();
+            drop(lock);
+            return self.trim_due();
         }
         let Some(mut entries) = self.entries() else {
-            return;
+            return false;
         };
         let total: u64 = entries.iter().map(|e| e.size).sum();
         entries.sort_by_key(|e| e.mtime);
@@ -687,6 +710,8 @@ impl DiskCache {
         if evicted > 0 {
             debug!(evicted, total, "disk cache evicted");
         }
+        drop(lock);
+        self.trim_due()
     }
 }
 
