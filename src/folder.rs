@@ -15,10 +15,13 @@
 //!   by `provenafs status`, and from then on calls are refused at once,
 //!   without touching the file system, so callers take their fallback
 //!   (reads go to S3, leases to the daemon's own, blocks are not written);
-//! - after a backoff (5 s, doubling to 60 s) one call is let through as a
-//!   probe, and one that answers in time makes the folder usable again
-//!   (said once too); a stuck call that finally returns lets the next call
-//!   probe at once;
+//! - after a backoff (5 s, doubling to 60 s) the folder is probed in the
+//!   background with a small call of its owner's choosing (creating and
+//!   removing a file: one the file system's server must answer); a probe
+//!   that answers in time makes the folder usable again (said once too). A
+//!   stuck call that finally returns starts a probe at once. Callers never
+//!   wait for a probe: while the folder is not answering, every call is
+//!   refused at once;
 //! - threads parked in stuck calls are bounded: each folder has a number of
 //!   slots, and a call that finds none free is refused, not queued.
 //!
@@ -60,9 +63,14 @@ pub enum FolderError {
 #[derive(Clone)]
 pub struct Folder(Arc<Inner>);
 
+/// A folder's probe (see the module docs).
+type Probe = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
 struct Inner {
     /// What it is, for messages: "shared cache folder".
     what: &'static str,
+    /// Its probe; without one, a `stat` of its path.
+    probe: std::sync::OnceLock<Probe>,
     path: PathBuf,
     /// What the mount does meanwhile, for messages: "reads go to S3".
     fallback: &'static str,
@@ -174,6 +182,7 @@ impl Folder {
     ) -> Folder {
         let inner = Arc::new(Inner {
             what,
+            probe: std::sync::OnceLock::new(),
             path: path.to_path_buf(),
             fallback,
             stall,
@@ -183,6 +192,14 @@ impl Folder {
         let r: Arc<dyn Reports> = inner.clone();
         register(&r);
         Folder(inner)
+    }
+
+    /// Sets how the folder is probed while it does not answer: a small
+    /// call its server must answer (creating and removing a file there),
+    /// better than the default `stat` of its path, which a client may
+    /// answer from its cache. Only the first call counts.
+    pub fn set_probe(&self, probe: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) {
+        let _ = self.0.probe.set(Box::new(probe));
     }
 
     /// Its stall timeout.
@@ -200,13 +217,9 @@ impl Folder {
         self.0.lock().running.len()
     }
 
-    /// Whether calls are tried now (false while it is not answering and
-    /// no probe is due).
+    /// Whether calls are tried now (false while it is not answering).
     pub fn answering(&self) -> bool {
-        let st = self.0.lock();
-        st.down
-            .as_ref()
-            .is_none_or(|d| !d.probing && Instant::now() >= d.retry_at)
+        self.0.lock().down.is_none()
     }
 
     /// Runs `f` on a thread of its own, waiting for it until the stall
@@ -317,36 +330,59 @@ impl Inner {
                 }
             }
         }
-        let mut probe = false;
-        if let Some(d) = st.down.as_mut() {
-            if d.probing || now < d.retry_at {
-                st.refused += 1;
-                return Err(FolderError::NotAnswering);
+        if let Some(d) = st.down.as_ref() {
+            let due = !d.probing && now >= d.retry_at;
+            st.refused += 1;
+            if due {
+                self.start_probe(st);
             }
-            d.probing = true;
-            probe = true;
+            return Err(FolderError::NotAnswering);
         }
         if st.running.len() >= self.slots {
-            if probe {
-                if let Some(d) = st.down.as_mut() {
-                    d.probing = false;
-                }
-            }
             st.refused += 1;
             return Err(FolderError::Busy);
         }
+        Ok(self.ticket(&mut st, op, false))
+    }
+
+    fn ticket(self: &Arc<Self>, st: &mut State, op: &'static str, probe: bool) -> Ticket {
         st.next_id += 1;
-        let key = (now, st.next_id);
+        let key = (Instant::now(), st.next_id);
         st.running.insert(key, op);
-        Ok(Ticket {
+        Ticket {
             folder: self.clone(),
             key,
             probe,
-        })
+        }
     }
 
-    /// A call ended (answered, or failed with an answer).
-    fn finish(&self, key: (Instant, u64), probe: bool) {
+    /// Probes the folder on a thread of its own (nobody waits for it).
+    /// Takes the state's lock guard, to let it go before the thread starts.
+    fn start_probe(self: &Arc<Self>, mut st: MutexGuard<'_, State>) {
+        let Some(d) = st.down.as_mut() else {
+            return;
+        };
+        d.probing = true;
+        let ticket = self.ticket(&mut st, "probe", true);
+        drop(st);
+        let me = self.clone();
+        let spawned = spawn(move || {
+            let _ = match me.probe.get() {
+                Some(p) => p(),
+                None => std::fs::symlink_metadata(&me.path).map(drop),
+            };
+            drop(ticket);
+        });
+        if spawned.is_err() {
+            // The ticket went with the closure: the probe ended, untried.
+            if let Some(d) = self.lock().down.as_mut() {
+                d.probing = false;
+            }
+        }
+    }
+
+    /// A call (or a probe) ended: answered, or failed with an answer.
+    fn finish(self: &Arc<Self>, key: (Instant, u64), probe: bool) {
         let took = key.0.elapsed();
         let mut st = self.lock();
         st.running.remove(&key);
@@ -364,28 +400,24 @@ impl Inner {
             );
             return;
         }
-        // A stuck call (the probe too) returned at last: the folder may
-        // answer now; the next call tells.
         if probe {
+            // Answered, but slower than the stall timeout: not yet.
             d.probing = false;
+            d.backoff = (d.backoff * 2).min(MAX_RETRY);
+            d.retry_at = Instant::now() + d.backoff;
         }
-        if !d.probing {
-            d.retry_at = d.retry_at.min(Instant::now());
+        // A stuck call returned at last: the folder may answer now; a
+        // probe tells.
+        if !probe && !d.probing {
+            self.start_probe(st);
         }
     }
 
     /// A call waited for the whole stall timeout.
     fn stopped(&self, op: &'static str) {
         let mut st = self.lock();
-        match st.down.as_mut() {
-            None => self.mark_down(&mut st, op),
-            // The probe itself did not answer.
-            Some(d) if d.probing => {
-                d.probing = false;
-                d.backoff = (d.backoff * 2).min(MAX_RETRY);
-                d.retry_at = Instant::now() + d.backoff;
-            }
-            Some(_) => {}
+        if st.down.is_none() {
+            self.mark_down(&mut st, op);
         }
     }
 
@@ -450,6 +482,50 @@ mod tests {
         }
     }
 
+    /// Waits (at most 2 s) for the folder to answer again.
+    fn until_answering(f: &Folder) {
+        let t = Instant::now();
+        while !f.answering() {
+            assert!(t.elapsed() < Duration::from_secs(2), "never answered again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn callers_never_wait_for_a_probe_and_a_stuck_probe_keeps_it_down() {
+        let f = folder(4);
+        let gate = Gate::default();
+        let probed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (g, n) = (gate.clone(), probed.clone());
+        f.set_probe(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+            g.pass();
+            Ok(())
+        });
+        gate.shut(true);
+        let g = gate.clone();
+        assert!(matches!(
+            f.run_blocking("stuck", move || {
+                g.pass();
+                Ok(())
+            }),
+            Err(FolderError::NotAnswering)
+        ));
+        // Past the first retry (5 s): a call starts the probe, and is
+        // refused at once; the probe hangs, and no other starts.
+        f.0.lock().down.as_mut().unwrap().retry_at = Instant::now();
+        let t = Instant::now();
+        for _ in 0..5 {
+            assert!(f.run_blocking("call", || Ok(())).is_err());
+        }
+        assert!(t.elapsed() < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(probed.load(Ordering::SeqCst), 1);
+        gate.shut(false);
+        until_answering(&f);
+        assert!(f.run_blocking("call", || Ok(())).is_ok());
+    }
+
     fn folder(slots: usize) -> Folder {
         Folder::new(
             "test folder",
@@ -492,10 +568,11 @@ mod tests {
         assert!(matches!(r.await, Err(FolderError::NotAnswering)));
         assert!(t.elapsed() < Duration::from_millis(50));
         assert!(!tried.load(Ordering::SeqCst));
-        // The stuck call returns: the next call probes, and answers.
+        // The stuck call returns: a probe of the folder's own follows at
+        // once, answers, and calls go in again.
         gate.shut(false);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(f.run("probe", None, || Ok(4)).await.unwrap(), 4);
+        until_answering(&f);
+        assert_eq!(f.run("after", None, || Ok(4)).await.unwrap(), 4);
         assert_eq!(f.0.health().state, "answering");
         assert_eq!(f.0.health().stalls, 1);
     }
@@ -523,8 +600,7 @@ mod tests {
         ));
         assert!(!f.answering());
         gate.shut(false);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(f.answering(), "a returned call lets the next one probe");
+        until_answering(&f);
         assert!(f.run("read", None, || Ok(())).await.is_ok());
     }
 

@@ -167,14 +167,19 @@ impl SharedLeases {
             Ok((fd, st.st_ino))
         });
         match opened {
-            Ok((fd, ino)) => Some(SharedLeases(Arc::new(Inner {
-                dir,
-                fd,
-                ino,
-                uid,
-                folder,
-                moved: AtomicBool::new(false),
-            }))),
+            Ok((fd, ino)) => {
+                if let Ok(probe_fd) = fd.try_clone() {
+                    folder.set_probe(move || crate::read::cache::disk::probe_by_a_file(&probe_fd));
+                }
+                Some(SharedLeases(Arc::new(Inner {
+                    dir,
+                    fd,
+                    ino,
+                    uid,
+                    folder,
+                    moved: AtomicBool::new(false),
+                })))
+            }
             Err(e) => {
                 warn!(folder = %dir.display(), error = %e, "cannot use; tokens and credentials are not shared");
                 None

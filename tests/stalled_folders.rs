@@ -294,7 +294,11 @@ fn a_stalled_log_folder_never_blocks_the_mount() {
     write(d.path(), "10378.1/1/small.bin", &small);
     write(d.path(), "10378.1/1/big.bin", &bytes(7, 8 * MIB as usize));
     write(d.path(), "10378.1/1/hung.bin", &bytes(8, MIB as usize));
-    write(d.path(), "10378.1/1/fresh.bin", &bytes(10, 4 * MIB as usize));
+    write(
+        d.path(),
+        "10378.1/1/fresh.bin",
+        &bytes(10, 4 * MIB as usize),
+    );
     let sim = Sim::start(d, &[]);
     let log = fs.path().join("mount.log");
     let m = sim.mount(&[

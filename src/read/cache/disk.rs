@@ -105,6 +105,22 @@ pub(super) const PUBLISH_MARGIN: std::time::Duration = std::time::Duration::from
 /// …and each eviction pass of a shared folder reads.
 pub(super) const PASS_SHARDS: usize = 32;
 
+/// Creates and removes a file in `dir`: a call the file system's server
+/// must answer (a `stat` may be answered from a client's cache). The
+/// probe of a folder that stopped answering (see [`crate::folder`]).
+pub(crate) fn probe_by_a_file(dir: &OwnedFd) -> std::io::Result<()> {
+    let name = format!(".probe-{}-{:x}", std::process::id(), rand::random::<u64>());
+    let fd = openat(
+        dir,
+        name.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    drop(fd);
+    unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir)?;
+    Ok(())
+}
+
 /// Opens the folder at `path` (which the user gave: a symlink to a folder
 /// is followed), to be checked on its descriptor and used through it.
 pub(crate) fn open_folder(path: &Path) -> nix::Result<OwnedFd> {
@@ -215,6 +231,11 @@ impl DiskCache {
                     cfg.dir.display()
                 )),
             })?;
+        // Probed, while it does not answer, by what its server must do:
+        // making and removing a file.
+        if let Ok(probe_fd) = root_fd.try_clone() {
+            folder.set_probe(move || probe_by_a_file(&probe_fd));
+        }
         let cache = Arc::new(Self {
             dir: root,
             root: root_fd,
