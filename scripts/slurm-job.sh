@@ -13,8 +13,8 @@
 # only you can write, under a name nobody can guess
 # ($TMPDIR/provena-$SLURM_JOB_ID.XXXXXXXX): another user of the node can
 # neither read the log nor plant a manifest for the job to keep. When the
-# job ends the mountpoint and the job's own cache go; the log and the
-# daemon's manifest stay there (Slurm removes a job's TMPDIR).
+# job ends that folder goes, unless the job failed: then the mount's log
+# stays there, and the job's standard error says where.
 #
 # Job arrays: give every task one cache folder on the cluster file system
 # (PROVENA_CACHE=/scratch/$USER/provena-cache) and stage the datasets into
@@ -51,6 +51,9 @@ DATASETS=${PROVENA_DATASETS:-10378.1/1687966}
 # array reuse what one node downloaded.
 NODE_TMP=${TMPDIR:-/tmp}
 JOB_DIR=$(mktemp -d "$NODE_TMP/provena-${SLURM_JOB_ID:-$$}.XXXXXXXX")
+# Until the mount's own clean-up takes over (below): a prefetch that fails
+# leaves nothing behind.
+trap 'rm -rf --one-file-system "$JOB_DIR"' EXIT
 CACHE=${PROVENA_CACHE:-$JOB_DIR/cache}
 
 # Bash 4.2 (RHEL 7) takes an empty array for an unset variable under set -u:
@@ -64,6 +67,7 @@ case ${PROVENA_PREFETCH:-0} in
       exit 2
     fi
     rmdir "$JOB_DIR"
+    trap - EXIT
     # shellcheck disable=SC2086 # DATASETS is a list of handles
     exec provenafs prefetch $DATASETS --token-file "$TOKEN_FILE" \
       --cache-dir "$CACHE" --cache-shared ${sizes[@]+"${sizes[@]}"}
@@ -108,18 +112,29 @@ keep_provenance() {
 }
 cleanup() {
   if [ -n "$PROVENANCE" ]; then
-    # 0600, as the daemon's own: it names the job's processes.
-    (umask 077 && keep_provenance >"$PROVENANCE.tmp") 2>/dev/null &&
-      mv "$PROVENANCE.tmp" "$PROVENANCE" || rm -f "$PROVENANCE.tmp"
+    # 0600, as the daemon's own: it names the job's processes. Through a
+    # temporary file nobody can guess (mktemp: made new, never through a
+    # link someone planted), renamed into place.
+    local tmp
+    if tmp=$(umask 077 && mktemp "$PROVENANCE.XXXXXXXX" 2>/dev/null); then
+      (keep_provenance >"$tmp") 2>/dev/null && mv -f "$tmp" "$PROVENANCE" || rm -f "$tmp"
+    fi
   fi
   provenafs unmount "$PROVENA_MNT" 2>/dev/null || true
   if ! mountpoint -q "$PROVENA_MNT" 2>/dev/null; then
     rmdir "$PROVENA_MNT" 2>/dev/null || true
     # The job's own cache (never a shared PROVENA_CACHE).
     if [ -z "${PROVENA_CACHE:-}" ]; then rm -rf --one-file-system "$JOB_DIR/cache"; fi
+    # The log and the daemon's manifest stay only when the job failed (to
+    # see why); otherwise the job's folder goes too.
+    if [ "$status" -eq 0 ]; then
+      rm -rf --one-file-system "$JOB_DIR"
+    else
+      echo "slurm-job.sh: the mount's log is in $JOB_DIR/mount.log" >&2
+    fi
   fi
 }
-trap cleanup EXIT
+trap 'status=$?; cleanup' EXIT
 trap 'exit 143' TERM INT
 
 pins=()

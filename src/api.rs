@@ -151,10 +151,13 @@ pub struct DataStoreClient {
     tokens: Arc<TokenSource>,
     /// An incomplete registry listing was logged (once is enough).
     incomplete_told: std::sync::atomic::AtomicBool,
-    /// The registry page size that last worked (0: not known yet), kept
-    /// across listings: a registry whose full pages the gateway times out
-    /// on is not asked for one again before every page.
+    /// The registry page size that last worked after pages too slow for
+    /// the gateway (0: the configured size), kept across listings: a
+    /// registry whose full pages the gateway times out on is not asked for
+    /// one again before every page; and the pages that answered in a row
+    /// at that size (it is tried larger again after [`GROW_AFTER`]).
     page_size: std::sync::atomic::AtomicU32,
+    answered_in_a_row: std::sync::atomic::AtomicU32,
 }
 
 enum Method<'a> {
@@ -170,6 +173,7 @@ impl DataStoreClient {
             tokens,
             incomplete_told: Default::default(),
             page_size: Default::default(),
+            answered_in_a_row: Default::default(),
         }
     }
 
@@ -244,7 +248,10 @@ impl DataStoreClient {
                 0 => full,
                 n => n.min(full),
             };
-            let mut answered = 0u32;
+            // A size narrowed down to a bad record is this listing's own:
+            // the next starts from the size that was slow-proof.
+            let mut narrowed = false;
+            let mut attempt = 0u32;
             let mut out = Vec::new();
             let mut key: Option<serde_json::Value> = None;
             let mut pages = 0u32;
@@ -257,14 +264,16 @@ impl DataStoreClient {
                 })
                 .map_err(|e| ApiError::Malformed(e.to_string()))?;
                 let deadline = Deadline::after(self.config.request_timeout);
-                // A slow page is not retried as it is: a smaller one is.
+                // A slow page is not retried as it is: a smaller one is
+                // (a page of one cannot be smaller: it is retried).
+                let smallest = size == 1;
                 let answer: Result<(ListResponse, _), ApiError> = self
                     .call_with(
                         "/registry/items/list",
                         Method::Post(body),
                         "",
                         deadline,
-                        |e: &ApiError| !slow_page(e),
+                        |e: &ApiError| smallest || !slow_page(e),
                     )
                     .await;
                 let r = match answer {
@@ -272,11 +281,14 @@ impl DataStoreClient {
                     // a run of pages that answered (a registry slow for a
                     // while does not cost a timeout before every page).
                     Ok((r, _)) => {
-                        self.page_size.store(size, Relaxed);
-                        answered += 1;
-                        if answered >= GROW_AFTER && size < full {
-                            size = (size * 2).min(full);
-                            answered = 0;
+                        attempt = 0;
+                        if !narrowed {
+                            self.page_size.store(size, Relaxed);
+                            let n = self.answered_in_a_row.fetch_add(1, Relaxed) + 1;
+                            if n >= GROW_AFTER && size < full {
+                                size = (size * 2).min(full);
+                                self.answered_in_a_row.store(0, Relaxed);
+                            }
                         }
                         r
                     }
@@ -286,8 +298,12 @@ impl DataStoreClient {
                     // An unreachable service or a refused token fails now.
                     Err(e) if size > 1 && (slow_page(&e) || is_bad_page(&e)) => {
                         size = (size / 2).max(1);
-                        answered = 0;
+                        narrowed |= is_bad_page(&e);
+                        self.answered_in_a_row.store(0, Relaxed);
                         info!(error = %e, page_size = size, "registry page failed; asking again with half the page size");
+                        // Not at once against a service that is struggling.
+                        attempt += 1;
+                        tokio::time::sleep(crate::retry::backoff(attempt)).await;
                         continue;
                     }
                     Err(e) if is_bad_page(&e) => {

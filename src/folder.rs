@@ -43,6 +43,14 @@ const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// …doubling up to this.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
+/// A patient call (see [`Folder::run_blocking_patient`]) may take this
+/// many stall timeouts.
+const PATIENCE: u32 = 6;
+
+/// Calls beyond a folder's slots that only clean-ups may use (see
+/// [`Folder::spawn_cleanup`]).
+const RESERVE: usize = 8;
+
 /// Why a call into a folder gave no answer.
 #[derive(Debug, Error)]
 pub enum FolderError {
@@ -79,12 +87,32 @@ struct Inner {
     state: Mutex<State>,
 }
 
+/// What a running call is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Bounded by the stall timeout; one running past it means the folder
+    /// does not answer.
+    Normal,
+    /// May take [`PATIENCE`] stall timeouts (a large listing, a large
+    /// write and its `fsync`): not a stall before that.
+    Patient,
+    /// Ends something another call started (a claim, a lock): may use the
+    /// reserve slots.
+    Cleanup,
+    /// The folder's own probe.
+    Probe,
+}
+
 #[derive(Default)]
 struct State {
-    /// Calls running, by start (oldest first), with what they do.
-    running: BTreeMap<(Instant, u64), &'static str>,
+    /// Calls running, by start (oldest first): what they do, and what they
+    /// are.
+    running: BTreeMap<(Instant, u64), (&'static str, Kind)>,
     next_id: u64,
     down: Option<Down>,
+    /// When the folder last answered again: calls started before that
+    /// (still stuck in the old stall) do not mark it down a second time.
+    recovered_at: Option<Instant>,
     /// Calls refused because the folder was not answering or full.
     refused: u64,
     /// Times the folder stopped answering.
@@ -132,6 +160,15 @@ static FOLDERS: Mutex<Vec<Weak<dyn Reports>>> = Mutex::new(Vec::new());
 /// Something whose health `status` shows (a [`Folder`], the log writer).
 pub trait Reports: Send + Sync {
     fn health(&self) -> FolderHealth;
+
+    /// Calls running that are not stuck (see [`settle_all`]).
+    fn busy(&self) -> usize {
+        0
+    }
+
+    /// Starts a probe if one is due (asking how a folder is doing is a
+    /// reason to look, even when no call comes).
+    fn tick(self: Arc<Self>) {}
 }
 
 /// Registers `r` for [`all_health`] for as long as it lives.
@@ -141,13 +178,35 @@ pub fn register(r: &Arc<dyn Reports>) {
     all.push(Arc::downgrade(r));
 }
 
-/// The health of every folder this process uses.
+/// The health of every folder this process uses (a probe of a folder
+/// that does not answer is started, if one is due).
 pub fn all_health() -> Vec<FolderHealth> {
-    lock(&FOLDERS)
-        .iter()
-        .filter_map(Weak::upgrade)
-        .map(|r| r.health())
+    let all: Vec<Arc<dyn Reports>> = lock(&FOLDERS).iter().filter_map(Weak::upgrade).collect();
+    all.into_iter()
+        .map(|r| {
+            r.clone().tick();
+            r.health()
+        })
         .collect()
+}
+
+/// Waits, at most `limit`, until no folder has a call running that is
+/// not stuck: what a mount started in the background (ending claims,
+/// writing blocks, storing a lease) is done before the process exits. A
+/// folder that does not answer is not waited for.
+pub fn settle_all(limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let busy: usize = lock(&FOLDERS)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|r| r.busy())
+            .sum();
+        if busy == 0 || t.elapsed() >= limit {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,12 +218,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Ticket {
     folder: Arc<Inner>,
     key: (Instant, u64),
-    probe: bool,
+    kind: Kind,
+    /// The call ran to its end (not dropped untried, not a panic).
+    answered: bool,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.folder.finish(self.key, self.probe);
+        self.folder.finish(self.key, self.kind, self.answered);
     }
 }
 
@@ -224,7 +285,8 @@ impl Folder {
 
     /// Runs `f` on a thread of its own, waiting for it until the stall
     /// timeout or `deadline`, whichever comes first. Refused at once (not
-    /// tried) while the folder is not answering or every slot is taken.
+    /// tried) while the folder is not answering, every slot is taken, or
+    /// `deadline` has passed.
     pub async fn run<T, F>(
         &self,
         op: &'static str,
@@ -235,14 +297,49 @@ impl Folder {
         T: Send + 'static,
         F: FnOnce() -> std::io::Result<T> + Send + 'static,
     {
-        let ticket = self.0.admit(op)?;
+        let wait = deadline.map_or(self.0.stall, |d| d.remaining().min(self.0.stall));
+        self.run_kind(op, Kind::Normal, deadline, wait, f).await
+    }
+
+    /// [`Folder::run`] for a call that may rightly take longer than the
+    /// stall timeout (a large write and its `fsync`): waited for up to six
+    /// stall timeouts, and not taken for a stall before that.
+    pub async fn run_patient<T, F>(&self, op: &'static str, f: F) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let wait = self.0.stall * PATIENCE;
+        self.run_kind(op, Kind::Patient, None, wait, f).await
+    }
+
+    async fn run_kind<T, F>(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        deadline: Option<Deadline>,
+        wait: Duration,
+        f: F,
+    ) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        if deadline.is_some_and(|d| d.expired()) {
+            return Err(FolderError::NotAnswering);
+        }
+        let mut ticket = self.0.admit(op, kind)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         spawn(move || {
             let r = f();
+            ticket.answered = true;
             drop(ticket);
             let _ = tx.send(r);
         })?;
-        let wait = deadline.map_or(self.0.stall, |d| d.remaining().min(self.0.stall));
+        let bound = match kind {
+            Kind::Patient => self.0.stall * PATIENCE,
+            _ => self.0.stall,
+        };
         let started = Instant::now();
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(r)) => r.map_err(FolderError::Io),
@@ -251,7 +348,7 @@ impl Folder {
                 "the call into the folder died",
             ))),
             Err(_) => {
-                if started.elapsed() >= self.0.stall {
+                if started.elapsed() >= bound {
                     self.0.stopped(op);
                 }
                 Err(FolderError::NotAnswering)
@@ -267,14 +364,41 @@ impl Folder {
         T: Send + 'static,
         F: FnOnce() -> std::io::Result<T> + Send + 'static,
     {
-        let ticket = self.0.admit(op)?;
+        self.blocking(op, Kind::Normal, self.0.stall, f)
+    }
+
+    /// [`Folder::run_blocking`] for a call that may rightly take longer
+    /// than the stall timeout (listing a shard folder of many thousands of
+    /// blocks, a large write and its `fsync`): waited for up to six stall
+    /// timeouts, and not taken for a stall before that.
+    pub fn run_blocking_patient<T, F>(&self, op: &'static str, f: F) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        self.blocking(op, Kind::Patient, self.0.stall * PATIENCE, f)
+    }
+
+    fn blocking<T, F>(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        wait: Duration,
+        f: F,
+    ) -> Result<T, FolderError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let mut ticket = self.0.admit(op, kind)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         spawn(move || {
             let r = f();
+            ticket.answered = true;
             drop(ticket);
             let _ = tx.send(r);
         })?;
-        match rx.recv_timeout(self.0.stall) {
+        match rx.recv_timeout(wait) {
             Ok(r) => r.map_err(FolderError::Io),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 self.0.stopped(op);
@@ -287,16 +411,37 @@ impl Folder {
     }
 
     /// Runs `f` on a thread of its own and does not wait for it (work
-    /// whose outcome nobody needs: removing a claim, writing a block).
+    /// whose outcome nobody needs: writing a block, storing a lease).
     /// Refused, and `f` dropped untried, as [`Folder::run`] would refuse it.
     pub fn spawn<F>(&self, op: &'static str, f: F) -> Result<(), FolderError>
     where
         F: FnOnce() + Send + 'static,
     {
-        let ticket = self.0.admit(op)?;
+        self.spawn_kind(op, Kind::Normal, f)
+    }
+
+    /// [`Folder::spawn`] for a call that ends what another started (a
+    /// claim, a lock): it may use a few reserve slots when the others are
+    /// all taken, so a busy folder still gets its claims ended. Refused
+    /// while the folder does not answer.
+    pub fn spawn_cleanup<F>(&self, op: &'static str, f: F) -> Result<(), FolderError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.spawn_kind(op, Kind::Cleanup, f)
+    }
+
+    fn spawn_kind<F>(&self, op: &'static str, kind: Kind, f: F) -> Result<(), FolderError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let ticket = self.0.admit(op, kind)?;
         spawn(move || {
+            // The whole ticket moves in (not just the field set below):
+            // it ends with the call, on this thread.
+            let mut ticket = ticket;
             f();
-            drop(ticket);
+            ticket.answered = true;
         })
     }
 }
@@ -318,15 +463,26 @@ impl Inner {
     }
 
     /// Lets a call in, or says why not (see the module docs).
-    fn admit(self: &Arc<Self>, op: &'static str) -> Result<Ticket, FolderError> {
+    fn admit(self: &Arc<Self>, op: &'static str, kind: Kind) -> Result<Ticket, FolderError> {
         let now = Instant::now();
         let mut st = self.lock();
         // A call running past the stall timeout (one nobody waits for, a
-        // write in the background): the folder does not answer.
+        // write in the background) that started since the folder last
+        // answered: the folder does not answer. (Patient calls have their
+        // own bound; calls stuck since an earlier stall are counted once.)
         if st.down.is_none() {
-            if let Some((&(start, _), &stuck)) = st.running.iter().next() {
+            let since = st.recovered_at;
+            let stuck = st
+                .running
+                .iter()
+                .filter(|(&(start, _), (_, k))| {
+                    *k != Kind::Patient && since.is_none_or(|r| start >= r)
+                })
+                .map(|(&(start, _), &(op, _))| (start, op))
+                .next();
+            if let Some((start, op)) = stuck {
                 if now.duration_since(start) >= self.stall {
-                    self.mark_down(&mut st, stuck);
+                    self.mark_down(&mut st, op);
                 }
             }
         }
@@ -338,21 +494,23 @@ impl Inner {
             }
             return Err(FolderError::NotAnswering);
         }
-        if st.running.len() >= self.slots {
+        let room = self.slots + if kind == Kind::Cleanup { RESERVE } else { 0 };
+        if st.running.len() >= room {
             st.refused += 1;
             return Err(FolderError::Busy);
         }
-        Ok(self.ticket(&mut st, op, false))
+        Ok(self.ticket(&mut st, op, kind))
     }
 
-    fn ticket(self: &Arc<Self>, st: &mut State, op: &'static str, probe: bool) -> Ticket {
+    fn ticket(self: &Arc<Self>, st: &mut State, op: &'static str, kind: Kind) -> Ticket {
         st.next_id += 1;
         let key = (Instant::now(), st.next_id);
-        st.running.insert(key, op);
+        st.running.insert(key, (op, kind));
         Ticket {
             folder: self.clone(),
             key,
-            probe,
+            kind,
+            answered: false,
         }
     }
 
@@ -363,57 +521,57 @@ impl Inner {
             return;
         };
         d.probing = true;
-        let ticket = self.ticket(&mut st, "probe", true);
+        let ticket = self.ticket(&mut st, "probe", Kind::Probe);
         drop(st);
         let me = self.clone();
-        let spawned = spawn(move || {
+        // Should the thread not start (or the probe panic), the ticket
+        // ends unanswered: a failed probe, never taken for an answer.
+        let _ = spawn(move || {
+            let mut ticket = ticket;
             let _ = match me.probe.get() {
                 Some(p) => p(),
                 None => std::fs::symlink_metadata(&me.path).map(drop),
             };
-            drop(ticket);
+            ticket.answered = true;
         });
-        if spawned.is_err() {
-            // The ticket went with the closure: the probe ended, untried.
-            if let Some(d) = self.lock().down.as_mut() {
-                d.probing = false;
-            }
-        }
     }
 
-    /// A call (or a probe) ended: answered, or failed with an answer.
-    fn finish(self: &Arc<Self>, key: (Instant, u64), probe: bool) {
+    /// A call (or a probe) ended: ran to its end (`answered`), or not.
+    fn finish(self: &Arc<Self>, key: (Instant, u64), kind: Kind, answered: bool) {
         let took = key.0.elapsed();
         let mut st = self.lock();
         st.running.remove(&key);
         let Some(d) = st.down.as_mut() else {
             return;
         };
-        if probe && took < self.stall {
-            let down_for = d.since.elapsed();
-            st.down = None;
-            info!(
-                folder = %self.path.display(),
-                "the {} answers again (it did not for {:.0?})",
-                self.what,
-                down_for
-            );
+        if kind == Kind::Probe {
+            d.probing = false;
+            if answered && took < self.stall {
+                let down_for = d.since.elapsed();
+                st.down = None;
+                st.recovered_at = Some(Instant::now());
+                info!(
+                    folder = %self.path.display(),
+                    "the {} answers again (it did not for {:.0?})",
+                    self.what,
+                    down_for
+                );
+            } else {
+                // Slower than the stall timeout, or not run at all: not
+                // yet; wait longer before the next try.
+                d.backoff = (d.backoff * 2).min(MAX_RETRY);
+                d.retry_at = Instant::now() + d.backoff;
+            }
             return;
         }
-        if probe {
-            // Answered, but slower than the stall timeout: not yet.
-            d.probing = false;
-            d.backoff = (d.backoff * 2).min(MAX_RETRY);
-            d.retry_at = Instant::now() + d.backoff;
-        }
         // A stuck call returned at last: the folder may answer now; a
-        // probe tells.
-        if !probe && !d.probing {
+        // probe tells, at once.
+        if answered && !d.probing {
             self.start_probe(st);
         }
     }
 
-    /// A call waited for the whole stall timeout.
+    /// A call waited for its whole bound.
     fn stopped(&self, op: &'static str) {
         let mut st = self.lock();
         if st.down.is_none() {
@@ -459,6 +617,29 @@ impl Reports for Inner {
             stalls: st.stalls,
             refused: st.refused,
         }
+    }
+
+    fn tick(self: Arc<Self>) {
+        let st = self.lock();
+        if st
+            .down
+            .as_ref()
+            .is_some_and(|d| !d.probing && Instant::now() >= d.retry_at)
+        {
+            self.start_probe(st);
+        }
+    }
+
+    fn busy(&self) -> usize {
+        let st = self.lock();
+        if st.down.is_some() {
+            return 0;
+        }
+        let now = Instant::now();
+        st.running
+            .keys()
+            .filter(|(start, _)| now.duration_since(*start) < self.stall)
+            .count()
     }
 }
 
@@ -575,6 +756,56 @@ mod tests {
         assert_eq!(f.run("after", None, || Ok(4)).await.unwrap(), 4);
         assert_eq!(f.0.health().state, "answering");
         assert_eq!(f.0.health().stalls, 1);
+    }
+
+    #[test]
+    fn a_call_stuck_since_an_earlier_stall_does_not_keep_it_down() {
+        let f = folder(4);
+        let gate = Gate::default();
+        let forever = Gate::default();
+        gate.shut(true);
+        forever.shut(true);
+        // One call stuck for good (a dead server behind one file), one
+        // stuck only while the folder was.
+        let g = forever.clone();
+        f.spawn("stuck for good", move || g.pass()).unwrap();
+        let g = gate.clone();
+        assert!(f
+            .run_blocking("stuck", move || {
+                g.pass();
+                Ok(())
+            })
+            .is_err());
+        assert!(!f.answering());
+        gate.shut(false);
+        until_answering(&f);
+        // The old stuck call is not taken for a new stall.
+        for _ in 0..20 {
+            assert!(f.run_blocking("call", || Ok(())).is_ok());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(f.0.health().stalls, 1);
+        forever.shut(false);
+    }
+
+    #[test]
+    fn a_patient_call_is_not_a_stall_and_cleanups_have_room() {
+        let f = folder(1);
+        assert!(f
+            .run_blocking_patient("list", || {
+                std::thread::sleep(Duration::from_millis(350));
+                Ok(())
+            })
+            .is_ok());
+        assert!(f.answering());
+        let gate = Gate::default();
+        gate.shut(true);
+        let g = gate.clone();
+        f.spawn("write", move || g.pass()).unwrap();
+        // The one slot is taken: a write is refused, a clean-up is not.
+        assert!(matches!(f.spawn("write", || {}), Err(FolderError::Busy)));
+        assert!(f.spawn_cleanup("end a claim", || {}).is_ok());
+        gate.shut(false);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //! `~/.local/state/provenafs/…`) and `…/data-provena.sock`.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A log file is rotated once it passes this many bytes…
@@ -16,8 +16,7 @@ pub const MAX_BYTES: usize = 10 << 20;
 /// …and this many rotated files (`NAME.log.1` newest) are kept beside it.
 pub const KEPT: usize = 3;
 
-/// `$XDG_STATE_HOME/provenafs` (created 0700 when asked for with
-/// [`state_dir_created`]). None when no home folder is known.
+/// `$XDG_STATE_HOME/provenafs`. None when no home folder is known.
 pub fn state_dir() -> Option<PathBuf> {
     let base = directories::BaseDirs::new()?;
     let dir = base
@@ -25,17 +24,6 @@ pub fn state_dir() -> Option<PathBuf> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| base.home_dir().join(".local/state"));
     Some(dir.join("provenafs"))
-}
-
-/// [`state_dir`], created readable by its owner only if missing.
-pub fn state_dir_created() -> Result<PathBuf, String> {
-    let dir = state_dir().ok_or("cannot tell the state folder: set HOME or XDG_STATE_HOME")?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    Ok(dir)
 }
 
 /// The mountpoint as a file name, as `systemd-escape --path` writes it:
@@ -138,6 +126,27 @@ pub fn open(path: &Path) -> Result<Box<dyn Write + Send>, String> {
     }))
 }
 
+/// [`open`], given up after `stall` (a log folder on an NFS home that
+/// hangs must not hang the mount's start: see [`crate::folder`]).
+pub fn open_within(
+    path: &Path,
+    stall: std::time::Duration,
+) -> Result<Box<dyn Write + Send>, String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let folder = crate::folder::Folder::new("log folder", dir, "not logging", stall, 1);
+    let p = path.to_path_buf();
+    match folder.run_blocking("open the log", move || {
+        open(&p).map_err(std::io::Error::other)
+    }) {
+        Ok(w) => Ok(w),
+        Err(crate::folder::FolderError::Io(e)) => Err(e.to_string()),
+        Err(e) => Err(format!(
+            "cannot open log file {}: its folder is {e} (within {stall:?})",
+            path.display()
+        )),
+    }
+}
+
 /// `path` opened for appending, created 0600, never through a symlink.
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
@@ -164,29 +173,51 @@ struct Rotating {
 }
 
 impl Rotating {
+    /// `NAME.log.N` (`.0`: the current file while it is being rotated).
     fn numbered(&self, n: usize) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
         p.push(format!(".{n}"));
         PathBuf::from(p)
     }
 
-    fn rotate(&mut self) -> std::io::Result<()> {
-        for n in (1..KEPT).rev() {
-            let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+    /// Rotates, or (the file cannot be renamed, or the new one made)
+    /// stops trying and writes on: a failure must not shift the old files
+    /// again at every line.
+    fn rotate(&mut self) {
+        if std::fs::rename(&self.path, self.numbered(0)).is_err() {
+            self.rotates = false;
+            return;
         }
-        std::fs::rename(&self.path, self.numbered(1))?;
-        self.file = open_append(&self.path)?;
-        self.written = 0;
-        Ok(())
+        // The name is free now, and only a file made right now, ours, is
+        // taken for the log (not one a neighbour made in between, in a
+        // folder such as /tmp).
+        match std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.path)
+        {
+            Ok(f) => {
+                for n in (1..KEPT).rev() {
+                    let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+                }
+                let _ = std::fs::rename(self.numbered(0), self.numbered(1));
+                self.file = f;
+                self.written = 0;
+            }
+            Err(_) => {
+                // Write on into the file we have (named `.0` now).
+                self.rotates = false;
+            }
+        }
     }
 }
 
 impl Write for Rotating {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.rotates && self.written >= MAX_BYTES as u64 {
-            // A file that cannot be rotated (another process renamed it
-            // away, a read-only folder) is written on.
-            let _ = self.rotate();
+            self.rotate();
         }
         let n = self.file.write(buf)?;
         self.written += n as u64;
@@ -249,9 +280,19 @@ pub fn non_blocking(
 }
 
 /// Writes what the log queue holds (waiting at most a second: a log
-/// folder that does not answer must not hold the process's exit).
+/// folder that does not answer must not hold the process's exit). A
+/// writer stuck in a write is not waited for at all (its queue may be
+/// full, and the writer's crate would then say so on standard output).
 pub fn finish() {
-    drop(GUARD.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let guard = GUARD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let stuck = crate::folder::all_health()
+        .iter()
+        .any(|h| h.what == "log folder" && h.state != "answering");
+    if stuck {
+        std::mem::forget(guard);
+    } else {
+        drop(guard);
+    }
 }
 
 /// How the log's writer is doing (see [`non_blocking`]).

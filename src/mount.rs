@@ -244,8 +244,10 @@ fn unmount(p: &Path) -> Result<(), String> {
 }
 
 /// Starts a detached child that mounts in the foreground and returns once
-/// it is ready, passing on every line it prints before then.
-pub fn spawn_detached() -> Result<(), MountError> {
+/// it is ready, passing on every line it prints before then. Errors: the
+/// child failed (its exit code), or was not ready within `ready_within`
+/// (then it is stopped).
+pub fn spawn_detached(ready_within: Duration) -> Result<(), MountError> {
     let exe = std::env::current_exe().map_err(|e| MountError::Other(e.to_string()))?;
     let (reader, writer) = std::io::pipe().map_err(|e| MountError::Other(e.to_string()))?;
     let writer2 = writer
@@ -268,12 +270,35 @@ pub fn spawn_detached() -> Result<(), MountError> {
     }
     let mut child = cmd.spawn().map_err(|e| MountError::Other(e.to_string()))?;
     drop(cmd);
-    for line in BufReader::new(reader).lines() {
-        let Ok(line) = line else { break };
-        if line == READY {
-            return Ok(());
+    // The child's lines, read on a thread of their own so the wait for
+    // them is bounded: every step of the child's start is bounded (network
+    // calls by the request timeout, folders by the stall timeout), but a
+    // child stuck anyway must not leave the user's shell (or a Slurm job)
+    // hanging for good.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        eprintln!("{line}");
+    });
+    let give_up = std::time::Instant::now() + ready_within;
+    loop {
+        let left = give_up.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == READY => return Ok(()),
+            Ok(line) => eprintln!("{line}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                return Err(MountError::Other(format!(
+                    "the mount did not come up within {}s (stopped); its log says why",
+                    ready_within.as_secs()
+                )));
+            }
+        }
     }
     let status = child.wait().map_err(|e| MountError::Other(e.to_string()))?;
     Err(MountError::ChildFailed(status.code().unwrap_or(1).max(1)))
@@ -604,13 +629,9 @@ pub fn watchdog_main() -> Option<i32> {
         ),
     };
     if let Some(log) = std::env::var_os(WATCHDOG_LOG_ENV) {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(log)
-        {
+        // The daemon's own log (checked as its own when it started),
+        // through the same checks: never a file someone else put there.
+        if let Ok(mut f) = crate::logfile::open(std::path::Path::new(&log)) {
             let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
             let _ = writeln!(
                 f,
@@ -821,10 +842,7 @@ fn status_server(
     rt: &tokio::runtime::Runtime,
 ) -> Option<crate::status::Server> {
     use std::sync::atomic::Ordering;
-    let path = match crate::logfile::state_dir_created()
-        .ok()
-        .and_then(|_| crate::logfile::socket_path(&cfg.mountpoint))
-    {
+    let path = match crate::logfile::socket_path(&cfg.mountpoint) {
         Some(p) => p,
         None => {
             warn!("no state folder (set HOME or XDG_STATE_HOME): `provenafs status` will not see this mount");
@@ -862,7 +880,8 @@ fn status_server(
         }
     };
     let provenance = move |f: &crate::provenance::Filter| manifest.snapshot(f);
-    match crate::status::serve(path, figures, provenance, rt.handle()) {
+    let stall = crate::retry::stall_timeout(cfg.read.request_timeout);
+    match crate::status::serve(path, figures, provenance, rt.handle(), stall) {
         Ok(s) => Some(s),
         Err(e) => {
             warn!("`provenafs status` will not see this mount: {e}");

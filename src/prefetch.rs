@@ -606,15 +606,20 @@ impl Shared {
             blocks.push((key, data, claim));
         }
         let n: u64 = blocks.iter().map(|(_, d, _)| d.len() as u64).sum();
-        let written = self
-            .disk
-            .store_blocks(blocks)
-            .await
-            .map_err(|e| format!("cannot write the cache folder: {e}"));
-        if let Err(e) = written {
-            debug!(error = %e, "prefetch stops fetching");
-            lock(&self.disk_broken).get_or_insert(e.clone());
-            return Err(e);
+        match self.disk.store_blocks(blocks).await {
+            Ok(()) => {}
+            // The folder is full or gone: what is fetched next could not
+            // be kept either.
+            Err(crate::folder::FolderError::Io(e)) => {
+                let e = format!("cannot write the cache folder: {e}");
+                debug!(error = %e, "prefetch stops fetching");
+                lock(&self.disk_broken).get_or_insert(e.clone());
+                return Err(e);
+            }
+            // Not answering for now (a metadata server failing over), or
+            // busy: this part fails (a rerun fetches only what is
+            // missing); the others go on.
+            Err(e) => return Err(format!("the cache folder is {e}")),
         }
         self.fetched.fetch_add(n, Ordering::Relaxed);
         self.progress.inc(n);

@@ -105,16 +105,7 @@ const SLOTS: usize = 8;
 /// `0600` or stricter: never a symlink, never blocking on a FIFO, never a
 /// file someone else made. `None` when there is no such file.
 fn open_ours(dir: &OwnedFd, name: &str, uid: u32) -> std::io::Result<Option<std::fs::File>> {
-    let fd = match openat(
-        dir,
-        name,
-        OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
+    let fd = match crate::read::cache::disk::open_untrusted(dir, name) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -164,6 +155,7 @@ impl SharedLeases {
                     st.st_mode & 0o7777
                 )));
             }
+            crate::read::cache::disk::remove_stale(&fd, &[".tmp-", ".probe-"]);
             Ok((fd, st.st_ino))
         });
         match opened {
@@ -414,16 +406,20 @@ impl Drop for LeaseLock {
             std::mem::take(&mut self.name),
             std::mem::take(&mut self.token),
         );
-        let _ = self.leases.0.folder.spawn("release a lease lock", move || {
-            let ours = open_ours(&inner.fd, &name, inner.uid)
-                .ok()
-                .flatten()
-                .and_then(|f| text_of(f).ok())
-                .is_some_and(|t| t == token);
-            if ours {
-                let _ = unlinkat(&inner.fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
-            }
-        });
+        let _ = self
+            .leases
+            .0
+            .folder
+            .spawn_cleanup("release a lease lock", move || {
+                let ours = open_ours(&inner.fd, &name, inner.uid)
+                    .ok()
+                    .flatten()
+                    .and_then(|f| text_of(f).ok())
+                    .is_some_and(|t| t == token);
+                if ours {
+                    let _ = unlinkat(&inner.fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                }
+            });
     }
 }
 

@@ -120,16 +120,40 @@ pub fn serve(
     figures: impl Fn() -> Figures + Send + Sync + 'static,
     provenance: impl Fn(&Filter) -> Snapshot + Send + Sync + 'static,
     rt: &tokio::runtime::Handle,
+    stall: Duration,
 ) -> Result<Server, String> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(&path);
-    let std_listener = std::os::unix::net::UnixListener::bind(&path)
+    // The state folder is often an NFS home: made, bound and set through
+    // a folder call, given up after the stall timeout (see
+    // crate::folder): a mount without its status socket, never one that
+    // does not start.
+    let folder = crate::folder::Folder::new(
+        "state folder",
+        path.parent().unwrap_or(Path::new("/")),
+        "`provenafs status` does not see this mount",
+        stall,
+        2,
+    );
+    let p = path.clone();
+    let (std_listener, id) = folder
+        .run_blocking("make the status socket", move || {
+            if let Some(dir) = p.parent() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
+            }
+            let _ = std::fs::remove_file(&p);
+            let l = std::os::unix::net::UnixListener::bind(&p)?;
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+            Ok((l, file_id(&p)))
+        })
         .map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;
     let server = Server {
-        id: file_id(&path),
+        id,
         path: path.clone(),
     };
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     std_listener
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;

@@ -72,7 +72,8 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         &[
             "sh",
             "-c",
-            "ls \"$PROVENA_MNT\"/10378.1 && cat \"$PROVENA_MNT\"/10378.1/1/data/values.csv",
+            "ls \"$PROVENA_MNT\"/10378.1 && cat \"$PROVENA_MNT\"/10378.1/1/data/values.csv \
+             && stat -c %a \"$(dirname \"$PROVENA_MNT\")\"",
         ],
     ));
     assert!(
@@ -80,20 +81,11 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Only the pinned dataset exists on the node.
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\nx,y\n1,2\n");
-    // The job's folder on the node is its own (0700, a name nobody could
-    // guess); the mountpoint and its cache are gone, its log is left.
-    let dirs = job_dirs(tmp.path(), "77");
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    let job_dir = &dirs[0];
-    sim.scan_log(&job_dir.join("mount.log"));
-    assert_eq!(
-        std::fs::metadata(job_dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
-    assert!(!job_dir.join("mnt").exists(), "mount folder removed");
-    assert!(!job_dir.join("cache").exists(), "the job's cache removed");
+    // Only the pinned dataset exists on the node; the job's folder there
+    // (the mountpoint's) is its own: 0700, a name nobody could guess.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\nx,y\n1,2\n700\n");
+    // The job went well: its folder (mountpoint, cache, log) is gone.
+    assert!(job_dirs(tmp.path(), "77").is_empty(), "job folder left");
     // What the job read is kept in its working folder: the file, the
     // version read (the emulator's ETag), by the job's processes.
     let manifest: serde_json::Value = serde_json::from_slice(
@@ -120,8 +112,13 @@ fn slurm_job_mounts_reads_and_always_unmounts() {
         &["sh", "-c", "exit 3"],
     ));
     assert_eq!(out.status.code(), Some(3));
+    // A failed job keeps its log (and says where), not its mountpoint.
     let dirs = job_dirs(tmp.path(), "78");
-    assert!(dirs.iter().all(|d| !d.join("mnt").exists()), "{dirs:?}");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert!(!dirs[0].join("mnt").exists());
+    assert!(dirs[0].join("mount.log").exists());
+    sim.scan_log(&dirs[0].join("mount.log"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mount.log"));
 
     // scancel or the time limit: Slurm sends SIGTERM to the job's processes.
     // What the job read is still kept (from the live mount or the daemon's

@@ -435,7 +435,8 @@ fn init_logging_with(
     match (file, daemon) {
         // A daemon never waits for its log (see `logfile::non_blocking`).
         (Some(p), Some(stall)) => {
-            let w = crate::logfile::non_blocking(crate::logfile::open(p)?, Some(p), stall);
+            let file = crate::logfile::open_within(p, stall)?;
+            let w = crate::logfile::non_blocking(file, Some(p), stall);
             builder.with_ansi(false).with_writer(w).init();
         }
         (None, Some(stall)) => {
@@ -951,12 +952,19 @@ fn under_systemd() -> bool {
 
 /// Creates `dir` (and its parents) readable by its owner only: a log
 /// names datasets, files and errors.
-fn private_dir(dir: &Path) -> Result<(), String> {
+/// Creates `dir` (0700) as the log's folder, given up after `stall` (an
+/// NFS home that hangs: see [`crate::folder`]).
+fn private_dir(dir: &Path, stall: Duration) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    let folder = crate::folder::Folder::new("log folder", dir, "not logging", stall, 1);
+    let d = dir.to_path_buf();
+    folder
+        .run_blocking("make the log folder", move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+        })
         .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))
 }
 
@@ -985,7 +993,8 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     // A user without a writable home (a service account) still mounts;
     // the parent says it is not logging, and why.
     let mut no_log_because = None;
-    let default_log = default_log.filter(|p| match p.parent().map(private_dir) {
+    let stall = crate::retry::stall_timeout(cfg.read.request_timeout);
+    let default_log = default_log.filter(|p| match p.parent().map(|d| private_dir(d, stall)) {
         Some(Err(e)) => {
             no_log_because = Some(e);
             false
@@ -999,7 +1008,12 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     if !a.foreground {
         // Check what can be checked before detaching, for a fast answer.
         mount::check_mountpoint(&cfg.mountpoint).map_err(|e| e.to_string())?;
-        return match mount::spawn_detached() {
+        // Each step of the child's start is bounded: the token exchange,
+        // the data store and S3 checks and each pinned dataset by the
+        // request timeout, each folder by the stall timeout.
+        let steps = 4 + cfg.tree.datasets.as_ref().map_or(0, Vec::len) as u32;
+        let ready_within = cfg.read.request_timeout * steps + Duration::from_secs(30);
+        return match mount::spawn_detached(ready_within) {
             Ok(()) => {
                 let logs = match (&log_path, &no_log_because) {
                     (Some(p), _) => format!("; logs in {}", p.display()),
@@ -1031,6 +1045,9 @@ fn mount(a: MountArgs) -> Result<(), Exit> {
     // Unmounted: do not wait for work stuck in the blocking pool (a
     // disk cache on a stalled file system) before exiting.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    // What the mount left to do in its folders (claims of fetches just
+    // dropped to end, blocks to write), unless a folder does not answer.
+    crate::folder::settle_all(std::time::Duration::from_secs(1));
     served?;
     Ok(())
 }

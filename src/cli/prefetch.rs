@@ -53,7 +53,12 @@ pub struct PrefetchArgs {
 /// `provenafs prefetch`.
 pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
     let file = crate::config::load(a.connect.identity.config.as_deref())?;
-    super::init_logging(a.log.level().as_deref(), a.log.log_file.as_deref(), "warn")?;
+    super::init_daemon_logging(
+        a.log.level().as_deref(),
+        a.log.log_file.as_deref(),
+        "warn",
+        crate::retry::stall_timeout(crate::retry::DEFAULT_REQUEST_TIMEOUT),
+    )?;
     let dir = a
         .cache_dir
         .clone()
@@ -69,7 +74,8 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
     // A shared folder others already use shares tokens and credentials
     // with them; one not made yet has no one to share with (and is made
     // only once the set is known to fit).
-    let shared_dir = (disk_cfg.shared && disk_cfg.dir.is_dir()).then(|| disk_cfg.dir.clone());
+    let shared_dir =
+        (disk_cfg.shared && is_dir_within(&disk_cfg.dir)).then(|| disk_cfg.dir.clone());
     let session = rt.block_on(a.connect.session(shared_dir.as_deref()))?;
     let request_timeout = session.api.request_timeout();
     let cfg = PrefetchConfig {
@@ -127,4 +133,16 @@ fn bar(total: u64) -> indicatif::ProgressBar {
     }
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
+}
+
+/// Whether `dir` is a folder, asked on a thread of its own and given up
+/// (as not one) after the stall timeout: a cluster file system that hangs
+/// must not hang the command before it says anything.
+fn is_dir_within(dir: &std::path::Path) -> bool {
+    let stall = crate::retry::stall_timeout(crate::retry::DEFAULT_REQUEST_TIMEOUT);
+    let folder = crate::folder::Folder::new("cache folder", dir, "not shared", stall, 1);
+    let d = dir.to_path_buf();
+    folder
+        .run_blocking("look at the cache folder", move || Ok(d.is_dir()))
+        .unwrap_or(false)
 }

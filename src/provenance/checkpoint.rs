@@ -71,21 +71,24 @@ impl ManifestFile {
             2,
         );
         let p = path.clone();
-        folder
+        let held = folder
             .run_blocking("check the read manifest", move || {
                 super::check_manifest_path(&p).map_err(std::io::Error::other)?;
                 remove_stale_temps(&p);
-                Ok(())
+                // Not holding it (no such folder yet, a read-only one) is
+                // no reason not to mount: the writes say why later.
+                Ok(hold_the_name(&p).ok().flatten())
             })
             .map_err(|e| match e {
                 crate::folder::FolderError::Io(e) => e.to_string(),
                 e => format!("the folder of {} is {e}", path.display()),
             })?;
+        let empty = manifest.fingerprint();
         Ok(Self {
             manifest,
             path,
             folder,
-            written: Mutex::new(None),
+            written: Mutex::new(held.map(|ino| (empty, ino))),
             finished: Default::default(),
         })
     }
@@ -106,7 +109,7 @@ impl ManifestFile {
         let me = self.clone();
         match self
             .folder
-            .run_blocking("write the read manifest", move || Ok(me.write(true)))
+            .run_blocking_patient("write the read manifest", move || Ok(me.write(true)))
         {
             Ok(Some(_)) => info!(path = %self.path.display(), "read manifest written"),
             Ok(None) => {}
@@ -129,6 +132,17 @@ impl ManifestFile {
             self.finished.store(true, Ordering::Relaxed);
         }
         let now = self.manifest.fingerprint();
+        if now.is_empty() && last {
+            // Nothing read: the name held since the start goes, if it is
+            // still our empty file.
+            if let Some((_, ino)) = *written {
+                let md = std::fs::symlink_metadata(&self.path).ok();
+                if md.is_some_and(|m| m.ino() == ino && m.len() == 0) {
+                    let _ = std::fs::remove_file(&self.path);
+                }
+            }
+            return None;
+        }
         if now.is_empty() || (!last && written.as_ref().map(|w| w.0) == Some(now)) {
             return None;
         }
@@ -166,7 +180,7 @@ impl ManifestFile {
                 let m = me.clone();
                 let wrote = me
                     .folder
-                    .run("checkpoint the read manifest", None, move || {
+                    .run_patient("checkpoint the read manifest", move || {
                         Ok(m.write_if_changed())
                     })
                     .await;
@@ -178,6 +192,25 @@ impl ManifestFile {
             }
         });
         AbortOnDrop(task.abort_handle())
+    }
+}
+
+/// Makes an empty file of ours at `path` if nothing is there, so that no
+/// one else can put one there before the first checkpoint (in a sticky
+/// folder such as `/tmp`, a file another user made could not be replaced,
+/// and would be read as the manifest): its inode, if made.
+fn hold_the_name(path: &std::path::Path) -> std::io::Result<Option<u64>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f.metadata()?.ino())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -229,7 +262,9 @@ mod tests {
             f.write_if_changed().is_none(),
             "nothing read, nothing written"
         );
-        assert!(!path.exists());
+        // The name is held from the start (an empty file of ours), so no
+        // one else can put a file there before the first checkpoint.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         let t = opened(&m, "a");
         assert!(f.write_if_changed().is_some());
         assert!(f.write_if_changed().is_none(), "unchanged");
@@ -289,6 +324,18 @@ mod tests {
         f.finish();
         assert!(!left.exists());
         assert!(other.exists(), "another mount's is not ours to remove");
+    }
+
+    #[test]
+    fn a_mount_that_read_nothing_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt.provenance.json");
+        let f = Arc::new(
+            ManifestFile::new(Arc::new(Manifest::new("/mnt")), path.clone(), STALL).unwrap(),
+        );
+        assert!(path.exists(), "held");
+        f.finish();
+        assert!(!path.exists());
     }
 
     #[test]

@@ -31,7 +31,10 @@ pub fn manifest_path(
     log_file: Option<&std::path::Path>,
     mountpoint: &std::path::Path,
 ) -> Option<std::path::PathBuf> {
+    // A log that is a device (`--log-file /dev/null`) has no folder of
+    // its own for a manifest: the state folder's name then.
     let log = log_file
+        .filter(|p| !p.starts_with("/dev"))
         .map(std::path::Path::to_path_buf)
         .or_else(|| crate::logfile::default_path(mountpoint))?;
     let stem = log.file_stem()?.to_string_lossy().into_owned();
@@ -133,5 +136,7 @@ mod tests {
             manifest_path(Some(Path::new("/var/log/job/mnt.log")), Path::new("/mnt")),
             Some("/var/log/job/mnt.provenance.json".into())
         );
+        let beside_dev_null = manifest_path(Some(Path::new("/dev/null")), Path::new("/mnt"));
+        assert!(beside_dev_null.is_none_or(|p| !p.starts_with("/dev")));
     }
 }

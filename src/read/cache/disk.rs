@@ -121,6 +121,53 @@ pub(crate) fn probe_by_a_file(dir: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens `name` in `dir` for reading, as a file anyone may have put
+/// there: never following a symlink, never blocking on a FIFO, never
+/// taking a terminal. The caller checks what it opened (`fstat`).
+pub(crate) fn open_untrusted<P: ?Sized + nix::NixPath>(
+    dir: impl AsFd,
+    name: &P,
+) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Removes from `dir` the regular files whose names start with one of
+/// `prefixes` and that are older than an hour: what a writer or a probe
+/// killed mid-way left (no one is still writing them). One folder's
+/// entries, never a walk.
+pub(crate) fn remove_stale(dir: &OwnedFd, prefixes: &[&str]) {
+    let Ok(dup) = dir.try_clone() else {
+        return;
+    };
+    let Ok(mut d) = nix::dir::Dir::from_fd(dup) else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for e in d.iter().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let Ok(st) = fstatat(dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && now - st.st_mtime > 3600 {
+            let _ = unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
 /// Opens the folder at `path` (which the user gave: a symlink to a folder
 /// is followed), to be checked on its descriptor and used through it.
 pub(crate) fn open_folder(path: &Path) -> nix::Result<OwnedFd> {
@@ -222,6 +269,7 @@ impl DiskCache {
                 )?;
                 drop(fd);
                 let _ = unlinkat(&v1, probe.as_str(), UnlinkatFlags::NoRemoveDir);
+                remove_stale(&v1, &[".probe-"]);
                 Ok(v1)
             })
             .map_err(|e| match e {
@@ -453,17 +501,7 @@ impl DiskCache {
         k: &BlockKey,
         len: u64,
     ) -> Result<(Bytes, fs::File, i64), Option<&'static str>> {
-        // Never follows a symlink; never blocks on a FIFO.
-        let fd = match openat(
-            shard,
-            name,
-            OFlag::O_RDONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY
-                | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        let fd = match open_untrusted(shard, name) {
             Ok(fd) => fd,
             Err(Errno::ELOOP) => return Err(Some("a symlink")),
             // Missing, or not openable right now (out of descriptors, a
@@ -558,7 +596,7 @@ impl DiskCache {
             let me = self.clone();
             let found = self
                 .folder
-                .run_blocking("list a cache shard", move || Ok(me.shard_entries(idx)))
+                .run_blocking_patient("list a cache shard", move || Ok(me.shard_entries(idx)))
                 .ok()?;
             out.extend(found);
         }
@@ -635,17 +673,19 @@ impl DiskCache {
         let (mut freed, mut removed) = (0u64, 0u64);
         for (shard, entries) in by_shard {
             let me = self.clone();
-            let done = self.folder.run_blocking("trim a cache shard", move || {
-                let dir_fd = open_dir_at(&me.root, format!("{shard:02x}").as_str())?;
-                let mut out = (0u64, 0u64);
-                for e in entries {
-                    if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
-                        out.0 += e.size;
-                        out.1 += 1;
+            let done = self
+                .folder
+                .run_blocking_patient("trim a cache shard", move || {
+                    let dir_fd = open_dir_at(&me.root, format!("{shard:02x}").as_str())?;
+                    let mut out = (0u64, 0u64);
+                    for e in entries {
+                        if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                            out.0 += e.size;
+                            out.1 += 1;
+                        }
                     }
-                }
-                Ok(out)
-            });
+                    Ok(out)
+                });
             match done {
                 Ok((f, r)) => {
                     freed += f;

@@ -19,7 +19,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use super::disk::{open_dir_at, MAGIC, PASS_SHARDS, PUBLISH_MARGIN};
+use super::disk::{open_dir_at, open_untrusted, MAGIC, PASS_SHARDS, PUBLISH_MARGIN};
 use super::{BlockKey, DiskCache};
 use crate::retry::Deadline;
 
@@ -65,7 +65,7 @@ impl Drop for ClaimGuard {
             std::mem::take(&mut self.shard),
             std::mem::take(&mut self.token),
         );
-        let _ = self.cache.folder.spawn("end a claim", move || {
+        let _ = self.cache.folder.spawn_cleanup("end a claim", move || {
             let Ok(dir) = open_dir_at(&cache.root, shard.as_str()) else {
                 return;
             };
@@ -100,7 +100,10 @@ impl ClaimFile {
     /// Whether its owner may still be fetching: before its deadline, and
     /// (on this host, where we can tell) still running.
     fn live(&self) -> bool {
-        if SystemTime::now() >= self.until {
+        let now = SystemTime::now();
+        // A deadline further ahead than any claim ever sets (a node whose
+        // clock is far off, a neighbour's made-up claim) holds nobody up.
+        if now >= self.until || self.until > now + MAX_CLAIM_AHEAD {
             return false;
         }
         if self.host == host() {
@@ -111,6 +114,11 @@ impl ClaimFile {
         true
     }
 }
+
+/// The furthest ahead a claim's deadline may be: a claim lasts one
+/// request (`--request-timeout`, 30 s by default), and clocks apart by a
+/// few minutes are allowed for.
+const MAX_CLAIM_AHEAD: Duration = Duration::from_secs(600);
 
 /// What a claim file starts with.
 enum ClaimHead {
@@ -123,13 +131,7 @@ enum ClaimHead {
 }
 
 fn read_claim_head(dir: impl AsFd, name: &str) -> Option<ClaimHead> {
-    let fd = openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
+    let fd = open_untrusted(dir, name).ok()?;
     claim_head(&fs::File::from(fd))
 }
 
@@ -644,9 +646,11 @@ impl Drop for EvictLock {
         if let EvictLock::Held(cache, f) = self {
             if let Some(f) = f.take() {
                 // Closing releases the lock; through the folder, as every
-                // call into it (a folder that stopped answering keeps the
-                // descriptor until it answers).
-                let _ = cache.folder.spawn("release the trim lock", move || drop(f));
+                // call into it. Refused (the folder does not answer), the
+                // descriptor is closed here, on the trimming thread.
+                let _ = cache
+                    .folder
+                    .spawn_cleanup("release the trim lock", move || drop(f));
             }
         }
     }
