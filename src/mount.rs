@@ -29,6 +29,10 @@ use crate::session::{AuthErrorOr, Session};
 
 /// Printed by a detached child on stdout once the mount answers.
 const READY: &str = "\u{1}provenafs-ready";
+/// …or that it failed, with its exit code: the parent need not wait for
+/// the child's exit, which a thread stuck in a hung file system may hold
+/// up.
+const FAILED: &str = "\u{1}provenafs-failed ";
 /// Set in a detached child's environment.
 const CHILD_ENV: &str = "PROVENAFS_DETACHED_CHILD";
 
@@ -289,7 +293,15 @@ pub fn spawn_detached(ready_within: Duration) -> Result<(), MountError> {
         let left = give_up.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) if line == READY => return Ok(()),
-            Ok(line) => eprintln!("{line}"),
+            Ok(line) => match line.strip_prefix(FAILED) {
+                Some(code) => {
+                    let code = code.trim().parse().unwrap_or(1);
+                    // Reaped by whoever is left: not waited for here.
+                    std::thread::spawn(move || child.wait());
+                    return Err(MountError::ChildFailed(code));
+                }
+                None => eprintln!("{line}"),
+            },
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
@@ -302,6 +314,15 @@ pub fn spawn_detached(ready_within: Duration) -> Result<(), MountError> {
     }
     let status = child.wait().map_err(|e| MountError::Other(e.to_string()))?;
     Err(MountError::ChildFailed(status.code().unwrap_or(1).max(1)))
+}
+
+/// Tells the parent of a detached child that the mount failed (with
+/// `code`), after the child has said why: the parent returns at once.
+pub fn signal_failed(code: i32) {
+    if is_detached_child() {
+        println!("{FAILED}{code}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
 /// Whether this process is the detached child of a background mount.

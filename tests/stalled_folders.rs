@@ -366,3 +366,43 @@ fn a_stalled_log_folder_never_blocks_the_mount() {
     assert_eq!(folder_state(&sim, &m, "log folder"), "answering");
     assert!(m.stats().contains_key("bytes_read"));
 }
+
+#[test]
+fn a_mount_whose_log_or_cache_folder_hangs_at_start_fails_in_time() {
+    if !fuse_available() {
+        return;
+    }
+    let fs = StallFs::mount();
+    let cache = cache_in(&fs);
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/f.txt", b"x\n");
+    let sim = Sim::start(d, &[]);
+    let _resume = fs.resume_on_drop();
+    fs.stall("");
+    let log = fs.path().join("mount.log");
+    for (args, says) in [
+        (
+            vec!["--log-file", log.to_str().unwrap()],
+            "cannot open log file",
+        ),
+        (
+            vec!["--cache-dir", cache.to_str().unwrap(), "--cache-shared"],
+            "did not answer",
+        ),
+    ] {
+        let mnt = tempfile::tempdir().unwrap();
+        let mut all = vec![
+            "mount",
+            mnt.path().to_str().unwrap(),
+            "--request-timeout",
+            TIMEOUT,
+        ];
+        all.extend_from_slice(&args);
+        let (out, t) = timed(|| sim.run(&mut sim.command(&all)));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(t < STALL + Duration::from_secs(5), "{args:?}: {t:?}");
+        assert!(!is_mounted(mnt.path()));
+    }
+}

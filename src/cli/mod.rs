@@ -849,11 +849,15 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
-    match run(cli.command) {
+    let code = match run(cli.command) {
         Ok(()) => 0,
         Err(Exit::Message(m)) => fail(m),
         Err(Exit::Code(c)) => c,
+    };
+    if code != 0 {
+        mount::signal_failed(code);
     }
+    code
 }
 
 /// How a command ends when it does not succeed.
