@@ -155,7 +155,7 @@ pub struct DataStoreClient {
     /// the gateway (0: the configured size), kept across listings: a
     /// registry whose full pages the gateway times out on is not asked for
     /// one again before every page; and the pages that answered in a row
-    /// at that size (it is tried larger again after [`GROW_AFTER`]).
+    /// at that size (it is tried larger again after `GROW_AFTER`).
     page_size: std::sync::atomic::AtomicU32,
     answered_in_a_row: std::sync::atomic::AtomicU32,
 }
@@ -229,7 +229,7 @@ impl DataStoreClient {
     /// same page: at the real API gateway each costs its 29 s limit) with
     /// half the page size, down to one item. The size that worked is kept,
     /// for the rest of the listing and the next ones, and doubled again
-    /// only after [`GROW_AFTER`] pages in a row answered. A page that answers 400
+    /// only after 16 pages in a row answered. A page that answers 400
     /// holds a record the service cannot parse; it is narrowed down the
     /// same way so that every record before the bad one is listed, and the
     /// listing ends there: the next page's key comes only with a page that

@@ -30,8 +30,28 @@
 //! - a reader gets the bytes of its fetch from the fetch itself, not from
 //!   the memory cache, so memory pressure can evict blocks but never fail
 //!   a read.
+//!
+//! Who owns what, as mountpoint-s3 splits its prefetcher and data cache:
+//! - `pattern.rs`: one open file's access pattern and the plan for each read;
+//! - `inflight.rs`: single flight (one fetch per block however many wait)
+//!   and the memory of failed fetches;
+//! - `fetch.rs`: demand reads, read-ahead within its budget, GETs per run of
+//!   blocks, the disk cache first and claims in a shared folder;
+//! - `first.rs`: a file's first read (a lookup's first bytes, a GET of its
+//!   own beside its block's);
+//! - [`cache`]: the block cache (memory with its budget, disk, a shared
+//!   folder's claims and trimming);
+//! - this file: the [`Reader`] that puts them together for each read.
 
 pub mod cache;
+mod fetch;
+mod first;
+mod inflight;
+mod pattern;
+
+use inflight::{FetchError, Pending};
+pub use pattern::OpenFile;
+use pattern::Plan;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -40,24 +60,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info_span, Instrument};
+use tokio::sync::Semaphore;
 
-use crate::fs::tree::{FileRef, FirstBytes};
 use crate::fs::FsError;
 use crate::retry::Deadline;
-use crate::s3::S3Error;
-use cache::{BlockKey, CacheStats, Claim, ClaimGuard, DiskCache, MemoryCache, ObjectId};
+use cache::{BlockKey, CacheStats, DiskCache, MemoryCache, ObjectId};
 
-const MIB: u64 = 1024 * 1024;
-
-/// Bytes a run of adjacent reads must cover before read-ahead of our own
-/// starts (see [`Reader::plan`]).
-const SEQUENTIAL_RUN: u64 = 16 * MIB;
-
-/// How long a failed fetch is remembered (see the module docs).
-const FAILURE_MEMORY: Duration = Duration::from_secs(5);
+pub(crate) const MIB: u64 = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -107,50 +116,6 @@ impl Default for ReadConfig {
     }
 }
 
-/// A cloneable failure of a shared block fetch.
-#[derive(Clone, Debug)]
-enum FetchError {
-    /// The object changed or vanished since the file was opened.
-    Stale,
-    Denied(String),
-    TimedOut,
-    Io(String),
-    /// The fetch died before it answered (panicked, was dropped).
-    Abandoned,
-}
-
-impl From<S3Error> for FetchError {
-    fn from(e: S3Error) -> Self {
-        match e {
-            // Gone since it was opened: the version this handle reads is
-            // no more.
-            S3Error::NotFound | S3Error::Stale => FetchError::Stale,
-            e => match FsError::from(e) {
-                FsError::PermissionDenied(d) => FetchError::Denied(d),
-                FsError::TimedOut => FetchError::TimedOut,
-                FsError::Stale | FsError::NotFound => FetchError::Stale,
-                other => FetchError::Io(other.to_string()),
-            },
-        }
-    }
-}
-
-impl From<FetchError> for FsError {
-    fn from(e: FetchError) -> Self {
-        match e {
-            FetchError::Stale => FsError::Stale,
-            FetchError::Denied(d) => FsError::PermissionDenied(d),
-            FetchError::TimedOut => FsError::TimedOut,
-            FetchError::Io(m) => FsError::Io(m),
-            FetchError::Abandoned => FsError::Io("the block fetch was abandoned".into()),
-        }
-    }
-}
-
-type Pending = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
-/// Where a fetched block is delivered.
-type Sender = oneshot::Sender<Result<Bytes, FetchError>>;
-
 /// Shared by every open file of a mount.
 pub struct Reader {
     cfg: ReadConfig,
@@ -168,87 +133,7 @@ pub struct Reader {
     pub stats: CacheStats,
 }
 
-/// Most first-bytes pieces kept for reads to come (128 KiB each at most).
-const HEADS_KEPT: usize = 32;
-
-impl FirstBytes for Reader {
-    /// Not with a disk cache: what it holds (a prefetch's, another
-    /// node's) must cost no request, and a guess cannot know it is there.
-    fn wanted(&self) -> bool {
-        self.disk.is_none()
-    }
-
-    fn offer(&self, file: &FileRef, head: Bytes) {
-        let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
-        let block0 = file.meta.size.min(self.cfg.block_size);
-        if head.len() as u64 >= block0 {
-            // The whole first block (a small file): a block like any other,
-            // fetched from S3 (and counted so).
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            let key = BlockKey {
-                object: id,
-                index: 0,
-            };
-            self.mem.insert(key, head.slice(..block0 as usize));
-            return;
-        }
-        let mut heads = lock(&self.heads);
-        heads.retain(|(i, _)| *i != id);
-        if heads.len() >= HEADS_KEPT {
-            heads.pop_front();
-        }
-        heads.push_back((id, head));
-    }
-}
-
-/// One open file handle and what its reads look like so far.
-pub struct OpenFile {
-    file: FileRef,
-    id: Arc<ObjectId>,
-    pattern: Mutex<Pattern>,
-    sequential: Arc<AtomicUsize>,
-}
-
-#[derive(Default)]
-struct Pattern {
-    reads: u64,
-    streak: u32,
-    /// Where the current run of adjacent reads started.
-    run_start: u64,
-    /// How far read-ahead has been requested.
-    ahead_to: u64,
-    last_end: u64,
-    window: u64,
-    counted: bool,
-}
-
-impl Drop for OpenFile {
-    fn drop(&mut self) {
-        let p = self.pattern.get_mut().unwrap_or_else(|p| p.into_inner());
-        if p.counted {
-            self.sequential.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl OpenFile {
-    pub fn size(&self) -> u64 {
-        self.file.meta.size
-    }
-
-    pub fn etag(&self) -> &str {
-        &self.file.meta.etag
-    }
-}
-
-enum Plan {
-    /// Fetch the blocks covering the read (and, if `ahead` > end, read-ahead).
-    Blocks { ahead: u64 },
-    /// Fetch exactly the requested bytes.
-    Exact,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -283,16 +168,6 @@ impl Reader {
         }))
     }
 
-    pub fn open(&self, file: FileRef) -> OpenFile {
-        let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
-        OpenFile {
-            file,
-            id,
-            pattern: Mutex::new(Pattern::default()),
-            sequential: self.sequential.clone(),
-        }
-    }
-
     fn key(&self, f: &OpenFile, index: u64) -> BlockKey {
         BlockKey {
             object: f.id.clone(),
@@ -316,105 +191,6 @@ impl Reader {
     /// Blocks being fetched right now (for stats and tests).
     pub fn fetches_in_flight(&self) -> usize {
         lock(&self.inflight).len()
-    }
-
-    /// The largest window one sequential reader may use now: its share of
-    /// the memory cache, so that read-ahead a reader has not reached yet is
-    /// never evicted to make room (on loopback S3 outruns the reader and
-    /// the whole window lands before it is read). On a real network it is
-    /// the GETs in flight that make the throughput: the default 48 MiB is
-    /// twelve 4 MiB GETs, enough to fill a 500 MiB/s link at 50 MiB/s a
-    /// stream.
-    fn window_cap(&self) -> u64 {
-        let readers = self.sequential.load(Ordering::Relaxed).max(1) as u64;
-        (self.cfg.memory_cache / readers)
-            .min(self.cfg.max_window)
-            .max(self.cfg.block_size)
-    }
-
-    fn plan(&self, f: &OpenFile, offset: u64, end: u64) -> Plan {
-        let mut p = lock(&f.pattern);
-        let first = p.reads == 0;
-        // It takes two reads in a row that continue the last to count as
-        // sequential, so random reads that land near each other by chance
-        // trigger nothing.
-        let bs = self.cfg.block_size;
-        // Large requests are the kernel's read-ahead, issued several at a
-        // time and answered by several threads: allow a few MiB of
-        // reordering. Small ones must continue almost exactly.
-        let size = end - offset;
-        let slack = if size >= bs / 2 {
-            8 * bs
-        } else {
-            size.max(4096)
-        };
-        let near = !first && offset + slack >= p.last_end && offset <= p.last_end + slack;
-        p.reads += 1;
-        p.streak = if near { p.streak + 1 } else { 0 };
-        if !near {
-            p.run_start = offset;
-        }
-        p.last_end = if near { p.last_end.max(end) } else { end };
-        if first {
-            p.window = self.cfg.initial_window;
-            return Plan::Blocks { ahead: end };
-        }
-        if p.streak < 2 {
-            p.window = self.cfg.initial_window;
-            p.ahead_to = 0;
-            // A large read (kernel read-ahead of a seek, or of a
-            // sequential reader answered out of order) costs about the
-            // same block-aligned, and then lands in the cache; a smaller
-            // one (an HDF5 chunk, a sqlite page) exactly the bytes asked.
-            return if end - offset >= bs / 2 {
-                Plan::Blocks { ahead: end }
-            } else {
-                Plan::Exact
-            };
-        }
-        if !p.counted {
-            p.counted = true;
-            self.sequential.fetch_add(1, Ordering::Relaxed);
-        }
-        // No read-ahead of our own until the run has read SEQUENTIAL_RUN
-        // (the kernel's own read-ahead serves shorter runs: a run of
-        // adjacent HDF5 chunks, netCDF-C's 4 MiB format check, which the
-        // kernel already stretches to 8 MiB); then a window as large as
-        // the run so far, up to its cap, so a run that stops leaves at most
-        // as much unread as it read. Read-ahead is topped up as soon as a
-        // whole part fits in it again, so it goes out in part-sized GETs
-        // (not one block at a time) and the window stays full: on a real
-        // network the GETs in flight are what makes the throughput.
-        let run = p.last_end - p.run_start;
-        p.window = if run < SEQUENTIAL_RUN {
-            0
-        } else {
-            run.min(self.window_cap().max(self.cfg.initial_window))
-        };
-        if p.window == 0 {
-            // A short run of small reads (three adjacent chunks) costs
-            // what it reads; a longer one, or large reads, whole blocks.
-            return if end - offset >= bs / 2 || p.streak >= 4 {
-                Plan::Blocks { ahead: end }
-            } else {
-                Plan::Exact
-            };
-        }
-        let part = self.cfg.part_size.min(p.window / 2).max(bs);
-        tracing::trace!(
-            offset,
-            end,
-            run = p.last_end - p.run_start,
-            window = p.window,
-            ahead_to = p.ahead_to,
-            "sequential read"
-        );
-        if p.ahead_to + part <= end + p.window {
-            p.ahead_to = (end + p.window).min(f.size());
-            Plan::Blocks { ahead: p.ahead_to }
-        } else {
-            Plan::Blocks { ahead: end }
-        }
     }
 
     /// Up to `size` bytes from `offset`; fewer only at end of file. Ends by
@@ -548,85 +324,6 @@ impl Reader {
         }
     }
 
-    /// The first bytes a lookup fetched of `f`'s version, if any (taken:
-    /// only a first read uses them).
-    fn take_head(&self, f: &OpenFile) -> Option<Bytes> {
-        let mut heads = lock(&self.heads);
-        let i = heads.iter().position(|(id, _)| *id == f.id)?;
-        heads.remove(i).map(|(_, b)| b)
-    }
-
-    /// A file's first read (`offset..end`, within one block): whichever
-    /// answers first of `block` (its block's fetch) and a ranged GET of
-    /// just those bytes (only without a disk cache: see `read`).
-    async fn first_read(
-        self: &Arc<Self>,
-        f: &OpenFile,
-        block: Pending,
-        offset: u64,
-        end: u64,
-        deadline: Deadline,
-    ) -> Result<Bytes, FsError> {
-        let bs = self.cfg.block_size;
-        let b0 = offset / bs;
-        let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
-        // On a task of its own: a store that panics fails this GET, not
-        // the read (which then waits for the block).
-        let (store, meta) = (f.file.dataset.store.clone(), f.file.meta.clone());
-        let mut exact = tokio::spawn(async move {
-            store
-                .get_range(&meta.key, offset..end, Some(&meta), fetch_deadline)
-                .await
-        });
-        let _stop = crate::task::AbortOnDrop(exact.abort_handle());
-        let want = end - offset;
-        let exact_ok = |r: Result<Result<Bytes, S3Error>, tokio::task::JoinError>| match r {
-            Ok(Ok(b)) if b.len() as u64 == want => Some(b),
-            _ => None,
-        };
-        let first = tokio::select! {
-            r = wait_for(block, deadline) => match r {
-                Ok(b) => return Ok(self.assemble(f, &[b], b0, offset, end)),
-                Err(e) => Err(e),
-            },
-            r = &mut exact => match exact_ok(r) {
-                Some(b) => return Ok(b),
-                None => Ok(()),
-            },
-        };
-        let r = match first {
-            // The block failed: the exact GET may still answer.
-            Err(e) => match deadline.run(&mut exact).await.and_then(exact_ok) {
-                Some(b) => return Ok(b),
-                None => Err(e),
-            },
-            // The exact GET failed: the block says what went wrong (or
-            // still comes).
-            Ok(()) => {
-                wait_for(
-                    self.known(&self.key(f, b0))
-                        .unwrap_or_else(|| self.demand(f, b0, b0, deadline).remove(0)),
-                    deadline,
-                )
-                .await
-            }
-        };
-        let r = match r {
-            // A fetch that died: once more, afresh (as any read does).
-            Err(FetchError::Abandoned) => {
-                wait_for(self.demand(f, b0, b0, deadline).remove(0), deadline).await
-            }
-            other => other,
-        };
-        match r {
-            Ok(b) => Ok(self.assemble(f, &[b], b0, offset, end)),
-            Err(e) => {
-                self.remember_failure(f, b0..=b0, &e);
-                Err(FsError::from(e))
-            }
-        }
-    }
-
     fn assemble(&self, f: &OpenFile, blocks: &[Bytes], b0: u64, offset: u64, end: u64) -> Bytes {
         let bs = self.cfg.block_size;
         let start = (offset - b0 * bs) as usize;
@@ -657,528 +354,18 @@ impl Reader {
         }
         out.freeze()
     }
-
-    /// Blocks `b0..=b1` from the disk cache, if every one is there (and
-    /// read before `deadline`); then they are in memory too.
-    async fn read_disk(
-        &self,
-        f: &OpenFile,
-        b0: u64,
-        b1: u64,
-        deadline: Deadline,
-    ) -> Option<Vec<Bytes>> {
-        let disk = self.disk.as_ref()?;
-        let mut out = Vec::with_capacity((b1 - b0 + 1) as usize);
-        for i in b0..=b1 {
-            let key = self.key(f, i);
-            let b = disk
-                .load_block(key.clone(), self.block_len(f, i), deadline)
-                .await?;
-            self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-            self.mem.insert(key, b.clone());
-            out.push(b);
-        }
-        Some(out)
-    }
-
-    /// How long the disk cache may take before a fetch ends by `deadline`:
-    /// the stall timeout, and never more than half the time left, so a
-    /// stalled cache folder is a miss with time to spare for S3.
-    fn disk_deadline(&self, deadline: Deadline) -> Deadline {
-        deadline
-            .sooner_by(self.cfg.request_timeout / 2)
-            .min(Deadline::after(crate::retry::stall_timeout(
-                self.cfg.request_timeout,
-            )))
-    }
-
-    /// The failure of a recent fetch of any of blocks `b0..=b1`, if any.
-    fn recent_failure(&self, f: &OpenFile, b0: u64, b1: u64) -> Option<FetchError> {
-        let failures = lock(&self.failures);
-        if failures.is_empty() {
-            return None;
-        }
-        (b0..=b1).find_map(|i| {
-            failures
-                .get(&self.key(f, i))
-                .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY)
-                .map(|(_, e)| e.clone())
-        })
-    }
-
-    fn remember_failure(
-        &self,
-        f: &OpenFile,
-        blocks: std::ops::RangeInclusive<u64>,
-        e: &FetchError,
-    ) {
-        self.note_failures(blocks.map(|i| self.key(f, i)), e);
-    }
-
-    /// Remembers that fetching `keys` failed with `e` (not a fetch that
-    /// died: its blocks are simply fetched afresh), in a table kept small.
-    fn note_failures(&self, keys: impl IntoIterator<Item = BlockKey>, e: &FetchError) {
-        if matches!(e, FetchError::Abandoned) {
-            return;
-        }
-        let mut failures = lock(&self.failures);
-        if failures.len() > 4096 {
-            failures.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
-        }
-        let now = Instant::now();
-        for k in keys {
-            failures.insert(k, (now, e.clone()));
-        }
-    }
-
-    /// What block `i` is (cached, or on its way), if anything.
-    fn known(&self, key: &BlockKey) -> Option<Pending> {
-        if let Some(b) = self.mem.get(key) {
-            return Some(futures::future::ready(Ok(b)).boxed().shared());
-        }
-        lock(&self.inflight).get(key).cloned()
-    }
-
-    /// One wait per block of `b0..=b1`, starting fetches (without waiting
-    /// for the read-ahead budget) for those neither cached nor on their way.
-    fn demand(
-        self: &Arc<Self>,
-        f: &OpenFile,
-        b0: u64,
-        b1: u64,
-        deadline: Deadline,
-    ) -> Vec<Pending> {
-        let mut out: Vec<Option<Pending>> =
-            (b0..=b1).map(|i| self.known(&self.key(f, i))).collect();
-        let mut i = b0;
-        while i <= b1 {
-            if out[(i - b0) as usize].is_some() {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < b1 && out[(j + 1 - b0) as usize].is_none() {
-                j += 1;
-            }
-            let n = (j - i + 1) as u32;
-            // Within budget when there is room; beyond it otherwise: a
-            // process is waiting for these bytes.
-            let permit = self.budget.clone().try_acquire_many_owned(n).ok();
-            // Fetches for a read end a little before the read's own
-            // deadline, so the read answers with what happened (and the
-            // failure is remembered for the kernel's retry).
-            let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
-            for (idx, p) in self.start_fetch(f, i, j, fetch_deadline, permit) {
-                out[(idx - b0) as usize] = Some(p);
-            }
-            i = j + 1;
-        }
-        out.into_iter()
-            .map(|p| {
-                p.unwrap_or_else(|| {
-                    futures::future::ready(Err(FetchError::Abandoned))
-                        .boxed()
-                        .shared()
-                })
-            })
-            .collect()
-    }
-
-    /// Requests read-ahead up to byte `ahead`, without waiting: runs of
-    /// missing blocks become GETs of at most `part_size`, each only if the
-    /// read-ahead budget has room. Where it stops short, the next read
-    /// tries again from there.
-    fn read_ahead(self: &Arc<Self>, f: &OpenFile, from_block: u64, ahead: u64) {
-        let bs = self.cfg.block_size;
-        let last = ((ahead - 1) / bs).min(f.size().saturating_sub(1) / bs);
-        let per_part = self.cfg.part_size / bs;
-        let missing = |i: u64| {
-            let k = self.key(f, i);
-            !self.mem.contains(&k) && !lock(&self.inflight).contains_key(&k)
-        };
-        let mut i = from_block;
-        while i <= last {
-            if !missing(i) {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < last && j + 1 - i < per_part && missing(j + 1) {
-                j += 1;
-            }
-            let Ok(permit) = self
-                .budget
-                .clone()
-                .try_acquire_many_owned((j - i + 1) as u32)
-            else {
-                let mut p = lock(&f.pattern);
-                p.ahead_to = p.ahead_to.min(i * bs);
-                return;
-            };
-            let deadline = Deadline::after(self.cfg.request_timeout);
-            self.start_fetch(f, i, j, deadline, Some(permit));
-            i = j + 1;
-        }
-    }
-
-    /// Registers blocks `i..=j` as in flight (those not already cached or
-    /// on their way) and spawns one fetch for them. Returns the wait of
-    /// each block it registered.
-    fn start_fetch(
-        self: &Arc<Self>,
-        f: &OpenFile,
-        i: u64,
-        j: u64,
-        deadline: Deadline,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Vec<(u64, Pending)> {
-        let mut senders = Vec::new();
-        let mut waits = Vec::new();
-        {
-            let mut inflight = lock(&self.inflight);
-            for idx in i..=j {
-                let key = self.key(f, idx);
-                if let Some(p) = inflight.get(&key) {
-                    waits.push((idx, p.clone()));
-                    continue;
-                }
-                if let Some(b) = self.mem.get(&key) {
-                    waits.push((idx, futures::future::ready(Ok(b)).boxed().shared()));
-                    continue;
-                }
-                let (tx, rx) = oneshot::channel::<Result<Bytes, FetchError>>();
-                let fut: Pending = rx
-                    .map(|r| r.unwrap_or(Err(FetchError::Abandoned)))
-                    .boxed()
-                    .shared();
-                inflight.insert(key.clone(), fut.clone());
-                waits.push((idx, fut));
-                senders.push((key, self.block_len(f, idx), tx));
-            }
-        }
-        if senders.is_empty() {
-            return waits;
-        }
-        // Within the memory budget while on their way (see `MemoryCache`):
-        // released as each lands or fails, or by `Unregister`. Out of the
-        // in-flight lock (it may free consumed blocks); no delivery can
-        // come before the task below exists.
-        self.mem
-            .reserve_all(senders.iter().map(|(k, len, _)| (k.clone(), *len)));
-        let me = self.clone();
-        let file = f.file.clone();
-        let own: Vec<(BlockKey, WeakPending)> = {
-            let registered: std::collections::HashSet<&BlockKey> =
-                senders.iter().map(|(k, _, _)| k).collect();
-            waits
-                .iter()
-                .filter_map(|(idx, p)| Some((self.key(f, *idx), p.downgrade()?)))
-                .filter(|(k, _)| registered.contains(k))
-                .collect()
-        };
-        let span = info_span!("fetch_blocks", key = %file.meta.key, first = i, last = j);
-        // However the task ends (a panic, the runtime shutting down, even
-        // dropped before it first runs), the blocks it did not answer are no
-        // longer "in flight": the next reader fetches them afresh.
-        let cleanup = Unregister(me.clone(), own);
-        tokio::spawn(
-            async move {
-                let _cleanup = cleanup;
-                me.fetch(&file, senders, deadline, permit).await;
-            }
-            .instrument(span),
-        );
-        waits
-    }
-
-    async fn fetch(
-        &self,
-        file: &FileRef,
-        senders: Vec<(BlockKey, u64, Sender)>,
-        deadline: Deadline,
-        mut permit: Option<OwnedSemaphorePermit>,
-    ) {
-        let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
-        if let Some(disk) = &self.disk {
-            // All of the batch from disk at once, each answered as soon as
-            // it is read: a cache shared by another node is as fast as the
-            // disk allows, not one block at a time. A cache folder that
-            // does not answer in time (a stalled cluster file system) is a
-            // miss: S3 is asked instead.
-            let disk_deadline = self.disk_deadline(deadline);
-            let reads = senders
-                .iter()
-                .flatten()
-                .map(|(key, len, _)| disk.load_block(key.clone(), *len, disk_deadline));
-            let found = futures::future::join_all(reads).await;
-            for (slot, r) in senders.iter_mut().zip(found) {
-                if let Some(b) = r {
-                    if let Some((key, _, tx)) = slot.take() {
-                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                        // A disk hit takes none of the read-ahead budget.
-                        if let Some(p) = permit.as_mut() {
-                            drop(p.split(1));
-                        }
-                        self.deliver(&key, Ok(b), tx);
-                    }
-                }
-            }
-        }
-        let left: Vec<_> = senders.into_iter().flatten().collect();
-        // Freed a block at a time as blocks land (see `fetch_run`).
-        let budget = Mutex::new(permit);
-        let budget = &budget;
-        match &self.disk {
-            // A folder shared with other processes (other nodes): claim
-            // each block first; what another process is fetching is waited
-            // for on disk instead of fetched again.
-            Some(disk) if self.shared_disk() => {
-                let (mine, theirs) = self.claim_blocks(disk, left, deadline).await;
-                futures::future::join(
-                    self.fetch_runs(file, mine, deadline, budget),
-                    self.await_others(file, disk, theirs, deadline, budget),
-                )
-                .await;
-            }
-            _ => {
-                let mine = left.into_iter().map(|(k, l, t)| (k, l, t, None)).collect();
-                self.fetch_runs(file, mine, deadline, budget).await;
-            }
-        }
-    }
-
-    fn shared_disk(&self) -> bool {
-        self.cfg.disk.as_ref().is_some_and(|d| d.shared)
-    }
-
-    /// Claims `blocks` in the shared folder (on the blocking pool): those
-    /// claimed (or unclaimable) are this process's to fetch, the rest
-    /// another's.
-    async fn claim_blocks(
-        &self,
-        disk: &Arc<DiskCache>,
-        blocks: Vec<(BlockKey, u64, Sender)>,
-        deadline: Deadline,
-    ) -> (Vec<ToFetch>, Vec<(BlockKey, u64, Sender)>) {
-        let until = std::time::SystemTime::now() + deadline.remaining();
-        let keys: Vec<(BlockKey, u64)> = blocks.iter().map(|(k, l, _)| (k.clone(), *l)).collect();
-        let mut claims = disk.claim_all(keys, until, deadline).await.into_iter();
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for (k, len, tx) in blocks {
-            match claims.next() {
-                Some(Claim::Theirs { .. }) => theirs.push((k, len, tx)),
-                Some(Claim::Mine(g)) => mine.push((k, len, tx, Some(g))),
-                Some(Claim::Unavailable) | None => mine.push((k, len, tx, None)),
-            }
-        }
-        (mine, theirs)
-    }
-
-    /// Waits for blocks other processes claimed (see
-    /// [`DiskCache::await_claimed`]), fetching those that become this
-    /// process's to fetch; whatever is left when half the request time is
-    /// spent, or when the folder stops answering, is fetched anyway.
-    async fn await_others(
-        &self,
-        file: &FileRef,
-        disk: &Arc<DiskCache>,
-        pending: Vec<(BlockKey, u64, Sender)>,
-        deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
-    ) {
-        let give_up = deadline.sooner_by(self.cfg.request_timeout / 2);
-        disk.await_claimed(
-            pending,
-            deadline,
-            give_up,
-            |k, tx, b| {
-                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.deliver(&k, Ok(b), tx);
-            },
-            |ours| self.fetch_runs(file, ours, deadline, budget),
-        )
-        .await;
-    }
-
-    /// One GET per contiguous run of `blocks` (they may have gaps: blocks
-    /// another reader was already fetching are not ours), each piece
-    /// handed to the block of its own index.
-    async fn fetch_runs(
-        &self,
-        file: &FileRef,
-        blocks: Vec<ToFetch>,
-        deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
-    ) {
-        let mut runs: Vec<Vec<ToFetch>> = Vec::new();
-        for s in blocks {
-            match runs.last_mut() {
-                Some(run)
-                    if run
-                        .last()
-                        .is_some_and(|(k, _, _, _)| k.index + 1 == s.0.index) =>
-                {
-                    run.push(s)
-                }
-                _ => runs.push(vec![s]),
-            }
-        }
-        futures::future::join_all(
-            runs.into_iter()
-                .map(|run| self.fetch_run(file, run, deadline, budget)),
-        )
-        .await;
-    }
-
-    /// One ranged GET for blocks with consecutive indices, each block
-    /// handed to its waiters (and its share of the read-ahead budget
-    /// freed) as soon as its bytes are in, not when the whole GET ends.
-    async fn fetch_run(
-        &self,
-        file: &FileRef,
-        run: Vec<ToFetch>,
-        deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
-    ) {
-        let bs = self.cfg.block_size;
-        let (Some(first), Some(last)) = (run.first(), run.last()) else {
-            return;
-        };
-        let (first_index, last_index) = (first.0.index, last.0.index);
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let start = first_index * bs;
-        let end = ((last_index + 1) * bs).min(file.meta.size);
-        // The blocks still waiting for their piece, in order.
-        let waiting = Mutex::new(run.into_iter());
-        let sink = |b: Bytes| {
-            let Some((key, len, tx, claim)) = lock(&waiting).next() else {
-                return;
-            };
-            let r = if b.len() as u64 == len {
-                self.keep_on_disk(&key, &b, claim);
-                Ok(b)
-            } else {
-                Err(FetchError::Io(format!(
-                    "block of {} bytes where {len} were due",
-                    b.len()
-                )))
-            };
-            self.deliver(&key, r, tx);
-            if let Some(p) = lock(budget).as_mut() {
-                drop(p.split(1));
-            }
-        };
-        let fetched = file
-            .dataset
-            .store
-            .get_pieces_each(
-                &file.meta.key,
-                start..end,
-                Some(&file.meta),
-                bs,
-                deadline,
-                &sink,
-            )
-            .await;
-        let rest: Vec<ToFetch> = lock(&waiting).by_ref().collect();
-        if rest.is_empty() {
-            return;
-        }
-        let e = match fetched {
-            Err(e) => {
-                debug!(error = %e, "block fetch failed");
-                FetchError::from(e)
-            }
-            Ok(()) => FetchError::Io("block missing from answer".into()),
-        };
-        for (key, _, tx, claim) in rest {
-            // The claim ends with the fetch: others may try now.
-            drop(claim);
-            self.deliver(&key, Err(e.clone()), tx);
-        }
-    }
-
-    /// Writes a fetched block to the disk cache, if there is one, in the
-    /// background; its claim (if any) ends as it lands.
-    fn keep_on_disk(&self, key: &BlockKey, data: &Bytes, claim: Option<ClaimGuard>) {
-        let Some(disk) = &self.disk else {
-            return;
-        };
-        // In the background, through the folder: a stalled cache folder
-        // costs blocks not written, never a thread of ours. The claim ends
-        // as the block appears (or once it will not): waiters then find it.
-        if disk.store_block(key.clone(), data.clone(), claim) {
-            self.stats.disk_writes.fetch_add(1, Ordering::Relaxed);
-        } else {
-            debug!("disk cache not answering or busy; block not written");
-        }
-    }
-
-    /// Hands a block (or its failure) to everyone waiting for it.
-    fn deliver(&self, key: &BlockKey, r: Result<Bytes, FetchError>, tx: Sender) {
-        match &r {
-            Ok(b) => {
-                self.mem.insert(key.clone(), b.clone());
-                lock(&self.failures).remove(key);
-            }
-            Err(e) => {
-                self.mem.unreserve(key);
-                self.note_failures([key.clone()], e)
-            }
-        }
-        lock(&self.inflight).remove(key);
-        let _ = tx.send(r);
-    }
-}
-
-/// A block's fetch, waited for until `deadline` (then `TimedOut`).
-async fn wait_for(block: Pending, deadline: Deadline) -> Result<Bytes, FetchError> {
-    deadline
-        .run(block)
-        .await
-        .unwrap_or(Err(FetchError::TimedOut))
-}
-
-/// A block this process fetches: its key, length, waiter, and its claim in
-/// a shared cache folder (dropped once the block is written).
-type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
-
-/// Removes a fetch's blocks from the in-flight table when the fetch ends,
-/// whichever way: those it did not answer, and only while the entry is
-/// still its own (a later fetch of the same block is left alone).
-///
-/// It holds its fetches weakly: a block delivered early in a long GET is
-/// kept alive by its readers and the memory cache, not by this list until
-/// the GET ends (memory beyond the cache's budget, a few MiB per GET).
-struct Unregister(Arc<Reader>, Vec<(BlockKey, WeakPending)>);
-
-type WeakPending = futures::future::WeakShared<BoxFuture<'static, Result<Bytes, FetchError>>>;
-
-impl Drop for Unregister {
-    fn drop(&mut self) {
-        let mut inflight = lock(&self.0.inflight);
-        for (k, mine) in &self.1 {
-            // Gone (every strong handle dropped): the table no longer holds
-            // it either.
-            let Some(mine) = mine.upgrade() else {
-                continue;
-            };
-            if inflight.get(k).is_some_and(|p| p.ptr_eq(&mine)) {
-                inflight.remove(k);
-                self.0.mem.unreserve(k);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fs::tree::Dataset;
+    use crate::fs::tree::{FileRef, FirstBytes};
     use crate::s3::faulty::{Fault, FaultyStore};
     use crate::s3::memory::MemoryStore;
     use crate::s3::ObjectStore;
     use std::sync::atomic::Ordering::Relaxed;
+    use tokio::sync::oneshot;
 
     fn soon() -> Deadline {
         Deadline::after(Duration::from_secs(5))
