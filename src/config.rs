@@ -39,6 +39,7 @@ pub struct FileSettings {
     pub max_memory: Option<String>,
     pub max_read_ahead: Option<String>,
     pub cache_dir: Option<PathBuf>,
+    pub no_disk_cache: Option<bool>,
     pub cache_size: Option<String>,
     pub cache_shared: Option<bool>,
     pub cache_group: Option<bool>,

@@ -85,6 +85,7 @@ struct Inner {
     stall: Duration,
     slots: usize,
     state: Mutex<State>,
+    note: Mutex<Option<String>>,
 }
 
 /// What a running call is.
@@ -148,6 +149,9 @@ pub struct FolderHealth {
     /// What the mount does meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meanwhile: Option<String>,
+    /// Anything else to know (a cache at its free-space floor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Times it stopped answering since the mount started.
     pub stalls: u64,
     /// Calls (log lines, for the log folder) given up without trying.
@@ -249,6 +253,7 @@ impl Folder {
             stall,
             slots: slots.max(1),
             state: Mutex::new(State::default()),
+            note: Mutex::new(None),
         });
         let r: Arc<dyn Reports> = inner.clone();
         register(&r);
@@ -261,6 +266,12 @@ impl Folder {
     /// answer from its cache. Only the first call counts.
     pub fn set_probe(&self, probe: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) {
         let _ = self.0.probe.set(Box::new(probe));
+    }
+
+    /// Sets (or clears) what `status` says of the folder besides whether
+    /// it answers.
+    pub fn set_note(&self, note: Option<String>) {
+        *lock(&self.0.note) = note;
     }
 
     /// Its stall timeout.
@@ -614,6 +625,7 @@ impl Reports for Inner {
             since: down.as_ref().map(|d| d.since_wall.into()),
             stuck_call: down.as_ref().map(|d| d.op.to_string()),
             meanwhile: down.as_ref().map(|_| self.fallback.to_string()),
+            note: lock(&self.note).clone(),
             stalls: st.stalls,
             refused: st.refused,
         }

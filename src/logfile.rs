@@ -339,6 +339,7 @@ impl crate::folder::Reports for LogHealth {
             }),
             stuck_call: stuck.then(|| "write a log line".into()),
             meanwhile: stuck.then(|| "log lines are dropped and counted".into()),
+            note: None,
             stalls: self.stalls.load(Ordering::Relaxed),
             refused: self.dropped(),
         }

@@ -663,6 +663,7 @@ mod tests {
 
     fn disk_cfg(dir: &std::path::Path) -> DiskConfig {
         DiskConfig {
+            default: false,
             dir: dir.join("cache"),
             limit: 1 << 30,
             shared: false,

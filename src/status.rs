@@ -461,6 +461,14 @@ fn table(rows: &[Figures]) -> String {
         if let Some(e) = &r.last_error {
             out.push_str(&format!("  last error: {e}\n"));
         }
+        for f in r.folders.iter().filter(|f| f.note.is_some()) {
+            out.push_str(&format!(
+                "  {} {}: {}\n",
+                f.what,
+                f.path.display(),
+                f.note.as_deref().unwrap_or("")
+            ));
+        }
         for f in r.folders.iter().filter(|f| f.state != "answering") {
             let since = f
                 .since

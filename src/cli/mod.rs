@@ -338,9 +338,14 @@ pub struct MountArgs {
     /// Largest read-ahead window of one file [default: 64MiB].
     #[arg(long, value_parser = parse_size)]
     pub max_read_ahead: Option<u64>,
-    /// Keep fetched blocks on disk in this folder (created 0700).
-    #[arg(long)]
+    /// Keep fetched blocks on disk in this folder (created 0700) [default:
+    /// $XDG_CACHE_HOME/provenafs, i.e. ~/.cache/provenafs].
+    #[arg(long, conflicts_with = "no_disk_cache")]
     pub cache_dir: Option<PathBuf>,
+    /// Keep no blocks on disk: memory only (a file bought whole is then
+    /// limited to what the memory cache holds).
+    #[arg(long)]
+    pub no_disk_cache: bool,
     /// Disk cache budget [default: 10GiB].
     #[arg(long, value_parser = parse_size)]
     pub cache_size: Option<u64>,
@@ -653,6 +658,17 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
     if (cache_shared || cache_group) && cache_dir.is_none() {
         return Err("--cache-shared and --cache-group need --cache-dir".into());
     }
+    let no_disk_cache = a.no_disk_cache || file.no_disk_cache.unwrap_or(false);
+    if no_disk_cache && cache_dir.is_some() {
+        return Err("--no-disk-cache and a cache_dir (flag or config file) are at odds: drop one".into());
+    }
+    // A disk cache by default, as rclone users expect: the user's own
+    // cache folder, kept across mounts.
+    let (cache_dir, default_cache) = match cache_dir {
+        Some(d) => (Some(d), false),
+        None if no_disk_cache => (None, false),
+        None => (crate::read::default_cache_dir(), true),
+    };
     let mut fuse = FuseConfig::default();
     let from_file = |v: &Option<config::IdSetting>, parse: fn(&str) -> Result<u32, String>| {
         v.as_ref().map(|v| parse(&v.as_text())).transpose()
@@ -706,6 +722,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
                 limit: cache_size,
                 shared: cache_shared,
                 group: cache_group,
+                default: default_cache,
             }),
             request_timeout,
             ..read_defaults

@@ -69,6 +69,7 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
         limit: super::size_setting(a.cache_size, &file.cache_size, 10 << 30)?,
         shared: a.cache_shared || file.cache_shared.unwrap_or(false),
         group: a.cache_group || file.cache_group.unwrap_or(false),
+        default: false,
     };
     let rt = super::runtime()?;
     // A shared folder others already use shares tokens and credentials

@@ -21,10 +21,12 @@ use crate::s3::S3Error;
 pub(super) const HEADS_KEPT: usize = 32;
 
 impl FirstBytes for Reader {
-    /// Not with a disk cache: what it holds (a prefetch's, another
-    /// node's) must cost no request, and a guess cannot know it is there.
+    /// Not with a cache folder the user chose: what it holds (a
+    /// prefetch's, another node's) must cost no request, and a guess
+    /// cannot know it is there. With the user's default cache (nothing
+    /// staged there on purpose) or none, a guess is worth its request.
     fn wanted(&self) -> bool {
-        self.disk.is_none()
+        self.disk.as_ref().is_none_or(|d| d.is_default())
     }
 
     fn offer(&self, file: &FileRef, head: Bytes) {

@@ -99,6 +99,17 @@ pub struct DiskConfig {
     pub shared: bool,
     /// The owner's group may read and evict (folders 2770, files 0640).
     pub group: bool,
+    /// provenafs chose the folder (the user's default cache,
+    /// `$XDG_CACHE_HOME/provenafs`), not the user: nothing was staged there
+    /// on purpose, so a guess at a file's first bytes (a request of its
+    /// own beside a lookup's LIST) is worth it.
+    pub default: bool,
+}
+
+/// The default disk cache: `$XDG_CACHE_HOME/provenafs` (else
+/// `~/.cache/provenafs`); None when no home folder is known.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    Some(directories::BaseDirs::new()?.cache_dir().join("provenafs"))
 }
 
 impl Default for ReadConfig {
@@ -147,11 +158,18 @@ impl Reader {
         // cache must hold at least a couple of parts.
         cfg.memory_cache = cfg.memory_cache.max(2 * cfg.part_size);
         cfg.max_inflight = cfg.max_inflight.max(cfg.part_size);
+        let stall = crate::retry::stall_timeout(cfg.request_timeout);
         let disk = match &cfg.disk {
-            Some(d) => Some(DiskCache::open(
-                d,
-                crate::retry::stall_timeout(cfg.request_timeout),
-            )?),
+            // The user's default cache that cannot be made (no writable
+            // home, a service account) is no reason not to mount.
+            Some(d) if d.default => match DiskCache::open(d, stall) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(folder = %d.dir.display(), error = %e, "no disk cache: the default cache folder cannot be used");
+                    None
+                }
+            },
+            Some(d) => Some(DiskCache::open(d, stall)?),
             None => None,
         };
         let permits = (cfg.max_inflight / cfg.block_size) as usize;
@@ -278,13 +296,22 @@ impl Reader {
                 // transfer too (1 MiB is 20 ms at 50 MiB/s a stream).
                 // Not worth a request where the block is little more than
                 // the read (a small file).
-                // Not with a disk cache: a block there (a remount's,
-                // another node's, a prefetch's) must cost no request.
+                // With a disk cache the block is looked for there first:
+                // one there (a remount's, another node's, a prefetch's)
+                // must cost no request.
                 let quick = first
-                    && self.disk.is_none()
                     && b0 == b1
                     && self.block_len(f, b0) >= (end - offset).saturating_mul(4).max(bs / 4)
                     && self.known(&self.key(f, b0)).is_none();
+                if quick && self.disk.is_some() {
+                    let disk_deadline = self.disk_deadline(deadline);
+                    if let Some(blocks) = self.read_disk(f, b0, b0, disk_deadline).await {
+                        if ahead > end {
+                            self.read_ahead(f, b1 + 1, ahead);
+                        }
+                        return Ok(self.assemble(f, &blocks, b0, offset, end));
+                    }
+                }
                 if quick {
                     let block = self.demand(f, b0, b0, deadline).remove(0);
                     if ahead > end {

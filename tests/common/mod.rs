@@ -145,7 +145,10 @@ impl Sim {
         c.args(args)
             .env_remove("PROVENAFS_LOG")
             .env("RUST_LOG", "trace")
-            .env("XDG_STATE_HOME", self.state.path());
+            .env("XDG_STATE_HOME", self.state.path())
+            // The default disk cache is this emulator's own: one test's
+            // blocks never meet another's, and go with it.
+            .env("XDG_CACHE_HOME", self.state.path().join("cache"));
         for (k, v) in &self.env {
             c.env(k, v);
         }

@@ -86,7 +86,30 @@ pub struct DiskCache {
     pub meta_ops: AtomicU64,
     /// Every call into the folder goes through it.
     pub(super) folder: Folder,
+    /// The folder is the user's default cache (see
+    /// [`crate::read::DiskConfig::default`]).
+    pub(super) default: bool,
+    /// The free space kept on the folder's file system (see
+    /// [`DiskCache::room_for`]).
+    pub(super) floor: Floor,
 }
+
+/// The free-space floor of a cache folder's file system: at least 5% of it
+/// or 1 GiB, whichever is more, is never filled with blocks.
+#[derive(Default)]
+pub(super) struct Floor {
+    /// Bytes to keep free.
+    keep: AtomicU64,
+    /// Free bytes, as last asked (`fstatvfs`), and when (ms since the
+    /// epoch): asked again at most once a second.
+    free: AtomicU64,
+    asked_ms: AtomicU64,
+    /// Writes are held back until space is freed.
+    reached: AtomicBool,
+}
+
+/// How often the free space is asked again, at most.
+const FLOOR_RECHECK_MS: u64 = 1000;
 
 /// Trimming passes one trigger may run in a row (each reads a slice of
 /// the folder).
@@ -284,6 +307,14 @@ impl DiskCache {
         if let Ok(probe_fd) = root_fd.try_clone() {
             folder.set_probe(move || probe_by_a_file(&probe_fd));
         }
+        let floor = Floor::default();
+        if let Ok(s) = nix::sys::statvfs::fstatvfs(&root_fd) {
+            let total = s.blocks() as u64 * s.fragment_size() as u64;
+            floor.keep.store((total / 20).max(1 << 30), Ordering::Relaxed);
+            floor
+                .free
+                .store(s.blocks_available() as u64 * s.fragment_size() as u64, Ordering::Relaxed);
+        }
         let cache = Arc::new(Self {
             dir: root,
             root: root_fd,
@@ -298,6 +329,8 @@ impl DiskCache {
             cursor: AtomicU64::new(rand::random::<u64>() % 256),
             meta_ops: AtomicU64::new(0),
             folder,
+            default: cfg.default,
+            floor,
         });
         let c = cache.clone();
         let measure = move || {
@@ -337,6 +370,49 @@ impl DiskCache {
         {
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Whether the folder is the user's default cache (nothing was staged
+    /// there on purpose).
+    pub fn is_default(&self) -> bool {
+        self.default
+    }
+
+    /// Whether `n` more bytes may be written without going below the
+    /// free-space floor (see [`Floor`]). Reaching it, and leaving it, is
+    /// said once each in the log and shown by `status`, never once per
+    /// block. Blocking when the free space is due to be asked again: a
+    /// call into the folder.
+    pub(super) fn room_for(&self, n: u64) -> bool {
+        let f = &self.floor;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if now.saturating_sub(f.asked_ms.load(Ordering::Relaxed)) >= FLOOR_RECHECK_MS {
+            f.asked_ms.store(now, Ordering::Relaxed);
+            if let Ok(s) = nix::sys::statvfs::fstatvfs(&self.root) {
+                f.free
+                    .store(s.blocks_available() as u64 * s.fragment_size() as u64, Ordering::Relaxed);
+            }
+        }
+        let (free, keep) = (f.free.load(Ordering::Relaxed), f.keep.load(Ordering::Relaxed));
+        let room = free >= keep.saturating_add(n);
+        if room == f.reached.load(Ordering::Relaxed) && f.reached.swap(!room, Ordering::Relaxed) == room {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            if room {
+                tracing::info!(folder = %self.dir.display(), "the cache folder's file system has room again ({:.1} GiB free); blocks are kept again", gib(free));
+                self.folder.set_note(None);
+            } else {
+                let note = format!(
+                    "free-space floor reached ({:.1} GiB free, {:.1} GiB kept free): fetched blocks are not kept",
+                    gib(free),
+                    gib(keep)
+                );
+                warn!(folder = %self.dir.display(), "{note}");
+                self.folder.set_note(Some(note));
+            }
+        }
+        room
     }
 
     /// The folder's calls (for status and callers' own calls).

@@ -82,6 +82,7 @@ pub(crate) mod test_keys {
 
     pub fn disk(dir: &Path, limit: u64) -> crate::read::DiskConfig {
         crate::read::DiskConfig {
+            default: false,
             dir: dir.join("cache"),
             limit,
             shared: false,

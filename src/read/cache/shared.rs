@@ -417,6 +417,11 @@ impl DiskCache {
         data: &[u8],
         claim: Option<ClaimGuard>,
     ) -> std::io::Result<()> {
+        // Below the free-space floor: not kept (said once, not per block);
+        // the claim ends as its guard goes.
+        if !self.room_for(data.len() as u64) {
+            return Ok(());
+        }
         match claim {
             Some(mut claim) => match self.publish(&mut claim, k, data) {
                 Ok(true) => Ok(()),
