@@ -22,6 +22,14 @@ use crate::retry::Deadline;
 
 /// A block this process fetches: its key, length, waiter, and its claim in
 /// a shared cache folder (dropped once the block is written).
+/// What one fetch carries to each of its GETs: the read-ahead budget it
+/// holds (freed a block at a time as blocks land), and whether its blocks
+/// are bought (see `buy.rs`).
+pub(super) struct Job {
+    budget: Mutex<Option<OwnedSemaphorePermit>>,
+    bought: bool,
+}
+
 pub(super) type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
 
 impl Reader {
@@ -118,6 +126,20 @@ impl Reader {
         deadline: Deadline,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Vec<(u64, Pending)> {
+        self.start_fetch_as(f, i, j, deadline, permit, false)
+    }
+
+    /// [`Reader::start_fetch`]; `bought` blocks (a buy's: kept on disk)
+    /// leave memory first once they land.
+    pub(super) fn start_fetch_as(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        i: u64,
+        j: u64,
+        deadline: Deadline,
+        permit: Option<OwnedSemaphorePermit>,
+        bought: bool,
+    ) -> Vec<(u64, Pending)> {
         let mut senders = Vec::new();
         let mut waits = Vec::new();
         {
@@ -170,7 +192,7 @@ impl Reader {
         tokio::spawn(
             async move {
                 let _cleanup = cleanup;
-                me.fetch(&file, senders, deadline, permit).await;
+                me.fetch(&file, senders, deadline, permit, bought).await;
             }
             .instrument(span),
         );
@@ -183,6 +205,7 @@ impl Reader {
         senders: Vec<(BlockKey, u64, Sender)>,
         deadline: Deadline,
         mut permit: Option<OwnedSemaphorePermit>,
+        bought: bool,
     ) {
         let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
         if let Some(disk) = &self.disk {
@@ -205,15 +228,19 @@ impl Reader {
                         if let Some(p) = permit.as_mut() {
                             drop(p.split(1));
                         }
-                        self.deliver(&key, Ok(b), tx);
+                        self.deliver(&key, Ok(b), tx, bought);
                     }
                 }
             }
         }
         let left: Vec<_> = senders.into_iter().flatten().collect();
-        // Freed a block at a time as blocks land (see `fetch_run`).
-        let budget = Mutex::new(permit);
-        let budget = &budget;
+        // The budget is freed a block at a time as blocks land (see
+        // `fetch_run`).
+        let job = Job {
+            budget: Mutex::new(permit),
+            bought,
+        };
+        let job = &job;
         match &self.disk {
             // A folder shared with other processes (other nodes): claim
             // each block first; what another process is fetching is waited
@@ -221,14 +248,14 @@ impl Reader {
             Some(disk) if self.shared_disk() => {
                 let (mine, theirs) = self.claim_blocks(disk, left, deadline).await;
                 futures::future::join(
-                    self.fetch_runs(file, mine, deadline, budget),
-                    self.await_others(file, disk, theirs, deadline, budget),
+                    self.fetch_runs(file, mine, deadline, job),
+                    self.await_others(file, disk, theirs, deadline, job),
                 )
                 .await;
             }
             _ => {
                 let mine = left.into_iter().map(|(k, l, t)| (k, l, t, None)).collect();
-                self.fetch_runs(file, mine, deadline, budget).await;
+                self.fetch_runs(file, mine, deadline, job).await;
             }
         }
     }
@@ -270,7 +297,7 @@ impl Reader {
         disk: &Arc<DiskCache>,
         pending: Vec<(BlockKey, u64, Sender)>,
         deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
+        job: &Job,
     ) {
         let give_up = deadline.sooner_by(self.cfg.request_timeout / 2);
         disk.await_claimed(
@@ -279,9 +306,9 @@ impl Reader {
             give_up,
             |k, tx, b| {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.deliver(&k, Ok(b), tx);
+                self.deliver(&k, Ok(b), tx, job.bought);
             },
-            |ours| self.fetch_runs(file, ours, deadline, budget),
+            |ours| self.fetch_runs(file, ours, deadline, job),
         )
         .await;
     }
@@ -294,7 +321,7 @@ impl Reader {
         file: &FileRef,
         blocks: Vec<ToFetch>,
         deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
+        job: &Job,
     ) {
         let mut runs: Vec<Vec<ToFetch>> = Vec::new();
         for s in blocks {
@@ -311,7 +338,7 @@ impl Reader {
         }
         futures::future::join_all(
             runs.into_iter()
-                .map(|run| self.fetch_run(file, run, deadline, budget)),
+                .map(|run| self.fetch_run(file, run, deadline, job)),
         )
         .await;
     }
@@ -324,7 +351,7 @@ impl Reader {
         file: &FileRef,
         run: Vec<ToFetch>,
         deadline: Deadline,
-        budget: &Mutex<Option<OwnedSemaphorePermit>>,
+        job: &Job,
     ) {
         let bs = self.cfg.block_size;
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
@@ -336,7 +363,13 @@ impl Reader {
         let end = ((last_index + 1) * bs).min(file.meta.size);
         // The blocks still waiting for their piece, in order.
         let waiting = Mutex::new(run.into_iter());
+        // When the first piece came, and its size: the pace of S3 (see
+        // `buy.rs`).
+        let asked = std::time::Instant::now();
+        let first_piece: Mutex<Option<(std::time::Duration, u64)>> = Mutex::new(None);
         let sink = |b: Bytes| {
+            lock(&first_piece).get_or_insert((asked.elapsed(), b.len() as u64));
+            self.pace.landed(b.len() as u64);
             let Some((key, len, tx, claim)) = lock(&waiting).next() else {
                 return;
             };
@@ -349,8 +382,8 @@ impl Reader {
                     b.len()
                 )))
             };
-            self.deliver(&key, r, tx);
-            if let Some(p) = lock(budget).as_mut() {
+            self.deliver(&key, r, tx, job.bought);
+            if let Some(p) = lock(&job.budget).as_mut() {
                 drop(p.split(1));
             }
         };
@@ -366,6 +399,12 @@ impl Reader {
                 &sink,
             )
             .await;
+        if fetched.is_ok() {
+            if let Some((to_first, first)) = *lock(&first_piece) {
+                self.pace
+                    .record(end - start, first, to_first, asked.elapsed());
+            }
+        }
         let rest: Vec<ToFetch> = lock(&waiting).by_ref().collect();
         if rest.is_empty() {
             return;
@@ -380,7 +419,7 @@ impl Reader {
         for (key, _, tx, claim) in rest {
             // The claim ends with the fetch: others may try now.
             drop(claim);
-            self.deliver(&key, Err(e.clone()), tx);
+            self.deliver(&key, Err(e.clone()), tx, job.bought);
         }
     }
 

@@ -113,10 +113,22 @@ impl Reader {
     }
 
     /// Hands a block (or its failure) to everyone waiting for it.
-    pub(super) fn deliver(&self, key: &BlockKey, r: Result<Bytes, FetchError>, tx: Sender) {
+    pub(super) fn deliver(
+        &self,
+        key: &BlockKey,
+        r: Result<Bytes, FetchError>,
+        tx: Sender,
+        bought: bool,
+    ) {
         match &r {
             Ok(b) => {
-                self.mem.insert(key.clone(), b.clone());
+                if bought {
+                    // On disk too: the first to leave memory, never at the
+                    // expense of blocks a reader is about to use.
+                    self.mem.insert_consumed(key.clone(), b.clone());
+                } else {
+                    self.mem.insert(key.clone(), b.clone());
+                }
                 lock(&self.failures).remove(key);
             }
             Err(e) => {

@@ -43,6 +43,7 @@
 //!   folder's claims and trimming);
 //! - this file: the [`Reader`] that puts them together for each read.
 
+mod buy;
 pub mod cache;
 mod fetch;
 mod first;
@@ -141,6 +142,10 @@ pub struct Reader {
     /// First bytes of files that lookups fetched beside their LIST, for
     /// each file's first read (see [`FirstBytes`]); the oldest go first.
     heads: Mutex<VecDeque<(Arc<ObjectId>, Bytes)>>,
+    /// Each open version's rent and buy (see `buy.rs`).
+    versions: buy::Versions,
+    /// What the mount has measured of S3's pace.
+    pace: buy::Pace,
     pub stats: CacheStats,
 }
 
@@ -181,6 +186,8 @@ impl Reader {
             budget: Arc::new(Semaphore::new(permits)),
             sequential: Arc::new(AtomicUsize::new(0)),
             heads: Mutex::new(VecDeque::new()),
+            versions: Default::default(),
+            pace: Default::default(),
             stats: CacheStats::default(),
             cfg,
         }))
@@ -214,6 +221,29 @@ impl Reader {
     /// Up to `size` bytes from `offset`; fewer only at end of file. Ends by
     /// `deadline` (then `TimedOut`).
     pub async fn read(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        offset: u64,
+        size: u32,
+        deadline: Deadline,
+    ) -> Result<Bytes, FsError> {
+        // A read a block of which is neither cached nor on its way waits a
+        // round trip that read-ahead did not cover: the rent of
+        // rent-or-buy (see `buy.rs`).
+        let bs = self.cfg.block_size;
+        let end = offset.saturating_add(size as u64).min(f.size());
+        let uncovered = offset < end
+            && (offset / bs..=(end - 1) / bs).any(|i| self.known(&self.key(f, i)).is_none());
+        let waiting = uncovered.then(|| f.version.wait());
+        let r = self.read_blocks(f, offset, size, deadline).await;
+        drop(waiting);
+        if r.is_ok() && uncovered {
+            self.rented(f, offset);
+        }
+        r
+    }
+
+    async fn read_blocks(
         self: &Arc<Self>,
         f: &OpenFile,
         offset: u64,
@@ -276,6 +306,7 @@ impl Reader {
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 let m = &f.file.meta;
+                let asked = Instant::now();
                 let got = f
                     .file
                     .dataset
@@ -283,6 +314,9 @@ impl Reader {
                     .get_range(&m.key, offset..end, Some(m), fetch_deadline)
                     .await
                     .map_err(FetchError::from);
+                if got.is_ok() && end - offset <= 64 * 1024 {
+                    self.pace.record_small(asked.elapsed());
+                }
                 got.map_err(|e| {
                     self.remember_failure(f, b0..=b1, &e);
                     e.into()
@@ -434,7 +468,7 @@ mod tests {
             senders.push((reader.key(&f, idx), MIB, tx));
             rxs.push((idx, rx));
         }
-        reader.fetch(&file, senders, soon(), None).await;
+        reader.fetch(&file, senders, soon(), None, false).await;
         for (idx, rx) in rxs {
             let got = rx.await.unwrap().unwrap();
             let bs = 1usize << 20;

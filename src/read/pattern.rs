@@ -17,6 +17,8 @@ pub(super) const SEQUENTIAL_RUN: u64 = 16 * MIB;
 pub struct OpenFile {
     pub(super) file: FileRef,
     pub(super) id: Arc<ObjectId>,
+    /// What every handle of this version shares (its rent, its buy).
+    pub(super) version: Arc<super::buy::Version>,
     pub(super) pattern: Mutex<Pattern>,
     pub(super) sequential: Arc<AtomicUsize>,
 }
@@ -64,6 +66,7 @@ impl Reader {
     pub fn open(&self, file: FileRef) -> OpenFile {
         let id = Arc::new(ObjectId::of(&file.dataset.bucket, &file.meta));
         OpenFile {
+            version: self.versions.get(&id),
             file,
             id,
             pattern: Mutex::new(Pattern::default()),

@@ -372,6 +372,11 @@ impl DiskCache {
         }
     }
 
+    /// The folder's bound (`--cache-size`), in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Whether the folder is the user's default cache (nothing was staged
     /// there on purpose).
     pub fn is_default(&self) -> bool {

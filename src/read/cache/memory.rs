@@ -123,6 +123,26 @@ impl MemoryCache {
         drop(evicted);
     }
 
+    /// Caches a block already consumed (kept elsewhere: a bought block on
+    /// disk): the first to go when room is needed. Its reservation, if it
+    /// had one, ends.
+    pub fn insert_consumed(&self, k: BlockKey, v: Bytes) {
+        let mut g = self.lock();
+        g.unreserve(&k);
+        if self.budget == 0 || v.len() as u64 > self.budget {
+            return;
+        }
+        g.used += v.len() as u64;
+        if let Some(old) = g.lru.put(k.clone(), v) {
+            g.used -= old.len() as u64;
+        }
+        g.lru.demote(&k);
+        g.consumed.put(k, ());
+        let evicted = g.evict(self.budget, None);
+        drop(g);
+        drop(evicted);
+    }
+
     /// Blocks (key, length) being fetched: room is made for them now,
     /// from consumed blocks. Never waits, never refuses. The blocks evicted
     /// are freed after the lock is let go.

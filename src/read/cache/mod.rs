@@ -69,6 +69,8 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub disk_writes: AtomicU64,
     pub disk_evictions: AtomicU64,
+    /// Files bought whole (see `read/buy.rs`).
+    pub buys: AtomicU64,
 }
 
 /// Keys and folders for the cache's unit tests.

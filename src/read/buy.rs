@@ -1,0 +1,309 @@
+//! Rent or buy, per object version.
+//!
+//! A reader that makes chains of dependent reads (sqlite's index and table
+//! pages, HDF5's B-tree nodes) pays a round trip for each: *rent*. Fetching
+//! the rest of the file with parallel ranged GETs, as `prefetch` does, is
+//! *buying*: it costs what that transfer takes at the pace the mount has
+//! measured. The rule is the ski-rental one: the time a version's readers
+//! have waited on round trips read-ahead did not cover is added up, and
+//! once it reaches the price of the rest of the file, the rest is bought.
+//! It is never worse than twice the better choice made in hindsight: a
+//! file of a few MiB read by dependent seeks is bought after a few round
+//! trips, a 10 GiB file read for one slice never.
+//!
+//! A buy goes on beside the readers: its parts start from where they read
+//! and go outward, and a block they ask for that the buy has not reached
+//! is fetched for them at once, as ever. Bought blocks land in the disk
+//! cache (and leave memory first); without one, only a file that fits in
+//! half the memory cache is bought, so resident memory stays bounded.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tracing::{debug, info_span, Instrument};
+
+use super::cache::ObjectId;
+use super::inflight::wait_for;
+use super::pattern::OpenFile;
+use super::{lock, Reader, MIB};
+use crate::retry::Deadline;
+
+/// Parallel ranged GETs of a buy: enough to fill a link ten streams wide
+/// (S3 gives each response 50-100 MiB/s). Measured on the WAN profile
+/// (sqlite's indexed query, 96 MiB): 8 GETs of 4 MiB 0.62 s, 16 of
+/// 2 MiB 0.58 s, 32 of 1 MiB 0.66 s.
+const BUY_STREAMS: u64 = 16;
+/// Bytes of one GET of a buy: small enough that a block a reader waits for
+/// in the middle of one comes soon.
+const BUY_PART: u64 = 2 * MIB;
+
+/// What the mount knows of one object version across its open handles.
+pub(super) struct Version {
+    /// Time its readers waited on round trips read-ahead did not cover:
+    /// wall time during which at least one of them waited (readers waiting
+    /// at once, as pyarrow's threads do, pay it once).
+    rent_ns: AtomicU64,
+    /// Readers waiting now, and since when the first of them has.
+    waiting: Mutex<(usize, Option<Instant>)>,
+    /// [`RENTING`], [`BUYING`] or [`BOUGHT`].
+    state: AtomicU8,
+}
+
+/// A read of a version waiting on a round trip (see [`Version::wait`]).
+pub(super) struct Waiting(Arc<Version>);
+
+impl Version {
+    /// A read starts waiting on a round trip read-ahead did not cover; its
+    /// rent is counted until the returned guard goes.
+    pub(super) fn wait(self: &Arc<Self>) -> Waiting {
+        let mut w = lock(&self.waiting);
+        if w.0 == 0 {
+            w.1 = Some(Instant::now());
+        }
+        w.0 += 1;
+        Waiting(self.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let v = &self.0;
+        let mut w = lock(&v.waiting);
+        w.0 -= 1;
+        if w.0 == 0 {
+            if let Some(since) = w.1.take() {
+                v.rent_ns
+                    .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+const RENTING: u8 = 0;
+const BUYING: u8 = 1;
+const BOUGHT: u8 = 2;
+
+/// The versions open now (held by their handles: one that no handle holds
+/// any more goes, and with it what its readers paid).
+#[derive(Default)]
+pub(super) struct Versions(Mutex<HashMap<Arc<ObjectId>, Weak<Version>>>);
+
+impl Versions {
+    /// The state of `id`, shared by every handle open on it.
+    pub(super) fn get(&self, id: &Arc<ObjectId>) -> Arc<Version> {
+        let mut map = lock(&self.0);
+        if let Some(v) = map.get(id).and_then(Weak::upgrade) {
+            return v;
+        }
+        if map.len() > 1024 {
+            map.retain(|_, v| v.strong_count() > 0);
+        }
+        let v = Arc::new(Version {
+            rent_ns: AtomicU64::new(0),
+            waiting: Mutex::new((0, None)),
+            state: AtomicU8::new(RENTING),
+        });
+        map.insert(id.clone(), Arc::downgrade(&v));
+        v
+    }
+}
+
+/// What the mount has measured of S3: the time to a GET's first byte and
+/// the pace of one response stream (moving averages), and the most bytes
+/// a second all responses together brought (over windows of
+/// [`LINK_WINDOW`]). Before anything is measured: 30 ms, 50 MiB/s, and a
+/// link of eight streams.
+pub(super) struct Pace {
+    first_byte_us: AtomicU64,
+    stream_bps: AtomicU64,
+    /// The fastest the link has been seen to go (0: not yet).
+    link_bps: AtomicU64,
+    /// The window being counted: its start (ms since `born`) and bytes.
+    window_ms: AtomicU64,
+    window_bytes: AtomicU64,
+    born: Instant,
+}
+
+/// How long a window of the link's pace is.
+const LINK_WINDOW: Duration = Duration::from_millis(200);
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            first_byte_us: AtomicU64::new(30_000),
+            stream_bps: AtomicU64::new(50 * MIB),
+            link_bps: AtomicU64::new(0),
+            window_ms: AtomicU64::new(0),
+            window_bytes: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+}
+
+/// Moves `avg` a quarter of the way to `sample`.
+fn ewma(avg: &AtomicU64, sample: u64) {
+    let old = avg.load(Ordering::Relaxed);
+    avg.store(old - old / 4 + sample / 4, Ordering::Relaxed);
+}
+
+impl Pace {
+    /// A GET of `bytes` answered its first piece of `first` bytes after
+    /// `to_first` and ended after `total`.
+    pub(super) fn record(&self, bytes: u64, first: u64, to_first: Duration, total: Duration) {
+        let streamed = total.saturating_sub(to_first);
+        if bytes > first && bytes - first >= MIB && !streamed.is_zero() {
+            let bps = ((bytes - first) as f64 / streamed.as_secs_f64()) as u64;
+            ewma(&self.stream_bps, bps);
+        }
+        // The first piece's own transfer is not the wait for it.
+        let pace = self.stream_bps.load(Ordering::Relaxed).max(1);
+        let transfer = Duration::from_secs_f64(first as f64 / pace as f64);
+        ewma(
+            &self.first_byte_us,
+            to_first.saturating_sub(transfer).as_micros() as u64,
+        );
+    }
+
+    /// `n` bytes of some response landed now: the link's pace.
+    pub(super) fn landed(&self, n: u64) {
+        let now = self.born.elapsed().as_millis() as u64;
+        let start = self.window_ms.load(Ordering::Relaxed);
+        let bytes = self.window_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let span = now.saturating_sub(start);
+        if span < LINK_WINDOW.as_millis() as u64 {
+            return;
+        }
+        // One caller closes the window; the others go on counting in the
+        // next.
+        if self
+            .window_ms
+            .compare_exchange(start, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.window_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            // A window that spans idle time (more than two windows long),
+            // or that carried less than one stream, says the link was idle,
+            // not slow.
+            let bps = bytes * 1000 / span.max(1);
+            let busy = span <= 2 * LINK_WINDOW.as_millis() as u64;
+            if busy && bps >= self.stream_bps.load(Ordering::Relaxed) {
+                self.link_bps.fetch_max(bps, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A small GET (its transfer negligible) answered after `took`.
+    pub(super) fn record_small(&self, took: Duration) {
+        ewma(&self.first_byte_us, took.as_micros() as u64);
+    }
+
+    /// What fetching `bytes` with the parallel GETs of a buy takes: as
+    /// many streams as a buy runs, no faster than the link was seen to go
+    /// (eight streams' worth until it has been seen).
+    pub(super) fn price(&self, bytes: u64) -> Duration {
+        let stream = self.stream_bps.load(Ordering::Relaxed).max(1);
+        let link = match self.link_bps.load(Ordering::Relaxed) {
+            0 => 8 * stream,
+            l => l,
+        };
+        let bps = (stream * BUY_STREAMS).min(link.max(stream));
+        Duration::from_micros(self.first_byte_us.load(Ordering::Relaxed))
+            + Duration::from_secs_f64(bytes as f64 / bps as f64)
+    }
+}
+
+impl Reader {
+    /// Whether a file of `size` bytes may be bought: where its blocks can
+    /// be kept (the disk cache, with room under its bound; else half the
+    /// memory cache).
+    fn may_buy(&self, size: u64) -> bool {
+        match &self.disk {
+            Some(d) => size <= d.limit() / 2,
+            None => size <= self.cfg.memory_cache / 2,
+        }
+    }
+
+    /// A read of `f` at byte `at` that waited on a round trip read-ahead
+    /// did not cover has ended (its rent counted by its [`Waiting`]):
+    /// starts buying the rest of the file once the rent paid reaches the
+    /// price (see the module docs).
+    pub(super) fn rented(self: &Arc<Self>, f: &OpenFile, at: u64) {
+        let v = &f.version;
+        let rent = v.rent_ns.load(Ordering::Relaxed);
+        if v.state.load(Ordering::Relaxed) != RENTING {
+            return;
+        }
+        let size = f.size();
+        let price = self.pace.price(size);
+        if Duration::from_nanos(rent) < price || !self.may_buy(size) {
+            return;
+        }
+        if v
+            .state
+            .compare_exchange(RENTING, BUYING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        debug!(
+            key = %f.file.meta.key,
+            size,
+            rent = ?Duration::from_nanos(rent),
+            ?price,
+            "buying the rest of the file"
+        );
+        self.stats.buys.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        let file = self.open(f.file.clone());
+        let version = v.clone();
+        let span = info_span!("buy", key = %f.file.meta.key, size);
+        tokio::spawn(
+            async move {
+                me.buy(&file, at).await;
+                version.state.store(BOUGHT, Ordering::Release);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Fetches every block of `f` not cached yet, in parts of [`BUY_PART`],
+    /// [`BUY_STREAMS`] at a time, starting at the part of byte `at` and
+    /// going outward.
+    async fn buy(self: &Arc<Self>, f: &OpenFile, at: u64) {
+        let started = Instant::now();
+        let bs = self.cfg.block_size;
+        let blocks = f.size().div_ceil(bs);
+        let per_part = (BUY_PART / bs).max(1);
+        let parts = blocks.div_ceil(per_part);
+        let here = (at / bs / per_part).min(parts.saturating_sub(1));
+        // Outward from the reader: here, here+1, here-1, here+2, ...
+        let mut order = Vec::with_capacity(parts as usize);
+        for d in 0..parts {
+            if here + d < parts {
+                order.push(here + d);
+            }
+            if d > 0 && d <= here {
+                order.push(here - d);
+            }
+        }
+        let to_disk = self.disk.is_some();
+        futures::stream::iter(order)
+            .map(|p| {
+                let (i, j) = (p * per_part, ((p + 1) * per_part).min(blocks) - 1);
+                async move {
+                    let deadline = Deadline::after(self.cfg.request_timeout);
+                    let waits = self.start_fetch_as(f, i, j, deadline, None, to_disk);
+                    for (_, w) in waits {
+                        let _ = wait_for(w, deadline).await;
+                    }
+                }
+            })
+            .buffer_unordered(BUY_STREAMS as usize)
+            .collect::<Vec<()>>()
+            .await;
+        debug!(took = ?started.elapsed(), "bought");
+    }
+}
