@@ -361,7 +361,11 @@ fn eight_readers_stuck_on_one_object_slow_nothing_else() {
         );
         assert!(took < Duration::from_secs(1), "{what} took {took:?}");
         if what == "a disk-cache hit" {
-            assert_eq!(sim.stat("s3_get"), gets_before, "the disk-cache hit made a GET");
+            assert_eq!(
+                sim.stat("s3_get"),
+                gets_before,
+                "the disk-cache hit made a GET"
+            );
         }
     }
     // Random reads of it (exact reads, no read-ahead) come from disk too.

@@ -660,7 +660,9 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
     }
     let no_disk_cache = a.no_disk_cache || file.no_disk_cache.unwrap_or(false);
     if no_disk_cache && cache_dir.is_some() {
-        return Err("--no-disk-cache and a cache_dir (flag or config file) are at odds: drop one".into());
+        return Err(
+            "--no-disk-cache and a cache_dir (flag or config file) are at odds: drop one".into(),
+        );
     }
     // A disk cache by default, as rclone users expect: the user's own
     // cache folder, kept across mounts.

@@ -241,8 +241,7 @@ impl Reader {
         if Duration::from_nanos(rent) < price || !self.may_buy(size) {
             return;
         }
-        if v
-            .state
+        if v.state
             .compare_exchange(RENTING, BUYING, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {

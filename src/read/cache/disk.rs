@@ -310,10 +310,13 @@ impl DiskCache {
         let floor = Floor::default();
         if let Ok(s) = nix::sys::statvfs::fstatvfs(&root_fd) {
             let total = s.blocks() as u64 * s.fragment_size() as u64;
-            floor.keep.store((total / 20).max(1 << 30), Ordering::Relaxed);
             floor
-                .free
-                .store(s.blocks_available() as u64 * s.fragment_size() as u64, Ordering::Relaxed);
+                .keep
+                .store((total / 20).max(1 << 30), Ordering::Relaxed);
+            floor.free.store(
+                s.blocks_available() as u64 * s.fragment_size() as u64,
+                Ordering::Relaxed,
+            );
         }
         let cache = Arc::new(Self {
             dir: root,
@@ -396,13 +399,20 @@ impl DiskCache {
         if now.saturating_sub(f.asked_ms.load(Ordering::Relaxed)) >= FLOOR_RECHECK_MS {
             f.asked_ms.store(now, Ordering::Relaxed);
             if let Ok(s) = nix::sys::statvfs::fstatvfs(&self.root) {
-                f.free
-                    .store(s.blocks_available() as u64 * s.fragment_size() as u64, Ordering::Relaxed);
+                f.free.store(
+                    s.blocks_available() as u64 * s.fragment_size() as u64,
+                    Ordering::Relaxed,
+                );
             }
         }
-        let (free, keep) = (f.free.load(Ordering::Relaxed), f.keep.load(Ordering::Relaxed));
+        let (free, keep) = (
+            f.free.load(Ordering::Relaxed),
+            f.keep.load(Ordering::Relaxed),
+        );
         let room = free >= keep.saturating_add(n);
-        if room == f.reached.load(Ordering::Relaxed) && f.reached.swap(!room, Ordering::Relaxed) == room {
+        if room == f.reached.load(Ordering::Relaxed)
+            && f.reached.swap(!room, Ordering::Relaxed) == room
+        {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             if room {
                 tracing::info!(folder = %self.dir.display(), "the cache folder's file system has room again ({:.1} GiB free); blocks are kept again", gib(free));
