@@ -309,14 +309,13 @@ impl DiskCache {
         }
         let floor = Floor::default();
         if let Ok(s) = nix::sys::statvfs::fstatvfs(&root_fd) {
-            let total = s.blocks() as u64 * s.fragment_size() as u64;
+            let total = s.blocks() * s.fragment_size();
             floor
                 .keep
                 .store((total / 20).max(1 << 30), Ordering::Relaxed);
-            floor.free.store(
-                s.blocks_available() as u64 * s.fragment_size() as u64,
-                Ordering::Relaxed,
-            );
+            floor
+                .free
+                .store(s.blocks_available() * s.fragment_size(), Ordering::Relaxed);
         }
         let cache = Arc::new(Self {
             dir: root,
@@ -399,10 +398,8 @@ impl DiskCache {
         if now.saturating_sub(f.asked_ms.load(Ordering::Relaxed)) >= FLOOR_RECHECK_MS {
             f.asked_ms.store(now, Ordering::Relaxed);
             if let Ok(s) = nix::sys::statvfs::fstatvfs(&self.root) {
-                f.free.store(
-                    s.blocks_available() as u64 * s.fragment_size() as u64,
-                    Ordering::Relaxed,
-                );
+                f.free
+                    .store(s.blocks_available() * s.fragment_size(), Ordering::Relaxed);
             }
         }
         let (free, keep) = (
