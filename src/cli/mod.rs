@@ -346,6 +346,11 @@ pub struct MountArgs {
     /// limited to what the memory cache holds).
     #[arg(long)]
     pub no_disk_cache: bool,
+    /// Keep no record of the ranges each file's readers needed first
+    /// (kept by default in $XDG_STATE_HOME/provenafs/hints, a few hundred
+    /// bytes per file version, so the next open asks for them at once).
+    #[arg(long)]
+    pub no_read_hints: bool,
     /// Disk cache budget [default: 10GiB].
     #[arg(long, value_parser = parse_size)]
     pub cache_size: Option<u64>,
@@ -727,6 +732,10 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
                 default: default_cache,
             }),
             request_timeout,
+            hints_dir: (!a.no_read_hints)
+                .then(crate::logfile::state_dir)
+                .flatten()
+                .map(|d| d.join("hints")),
             ..read_defaults
         },
         fuse,

@@ -169,7 +169,7 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        let fields: [(&str, u64); 21] = [
+        let fields: [(&str, u64); 24] = [
             ("inodes", t.inodes as u64),
             ("listings", t.listings as u64),
             ("negative", t.negative as u64),
@@ -180,6 +180,9 @@ impl MountStats {
             ("misses", n(&s.misses)),
             ("disk_writes", n(&s.disk_writes)),
             ("disk_meta_ops", self.reader.disk_meta_ops()),
+            ("buys", n(&s.buys)),
+            ("follows_stopped", n(&s.follows_stopped)),
+            ("hinted", n(&s.hinted)),
             ("lookups", n(&o.lookup)),
             ("forgets", n(&o.forget)),
             ("getattrs", n(&o.getattr)),
@@ -590,7 +593,12 @@ impl Filesystem for ProvenaFs {
                     },
                     self.who.get(req.uid(), req.pid()),
                 );
-                lock(&self.files).insert(fh, (Arc::new(self.reader.open(f)), tally));
+                let of = Arc::new(self.reader.open(f));
+                if let Some(recall) = self.reader.recall(&of) {
+                    self.rt
+                        .spawn(recall.instrument(info_span!("read_hints", ino = ino.0)));
+                }
+                lock(&self.files).insert(fh, (of, tally));
                 // Its content never changes: whatever the kernel cached of
                 // this inode stays valid across opens.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::FutureExt;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::task::AbortHandle;
 use tracing::{debug, info_span, Instrument};
 
 use super::cache::{BlockKey, Claim, ClaimGuard, DiskCache};
@@ -28,6 +29,21 @@ use crate::retry::Deadline;
 pub(super) struct Job {
     budget: Mutex<Option<OwnedSemaphorePermit>>,
     bought: bool,
+    /// A reader waits (or soon will) for these blocks: a lone block comes
+    /// by parallel GETs of its parts where S3's pace says that is sooner
+    /// (see [`super::buy::Pace::parts`]).
+    urgent: bool,
+}
+
+/// Why blocks are fetched: what the fetch may cost and where they go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Why {
+    /// A reader waits for them now.
+    Demand,
+    /// Read-ahead, a reader followed, an earlier reader's record.
+    Ahead,
+    /// The rest of a file bought whole (see `buy.rs`): kept on disk.
+    Buy,
 }
 
 pub(super) type ToFetch = (BlockKey, u64, Sender, Option<ClaimGuard>);
@@ -79,13 +95,20 @@ impl Reader {
     }
 
     /// Requests read-ahead up to byte `ahead`, without waiting: runs of
-    /// missing blocks become GETs of at most `part_size`, each only if the
-    /// read-ahead budget has room. Where it stops short, the next read
-    /// tries again from there.
-    pub(super) fn read_ahead(self: &Arc<Self>, f: &OpenFile, from_block: u64, ahead: u64) {
+    /// missing blocks become GETs of at most `part_size` (`follow`: of one
+    /// block, each stopped if the reader jumps away, see
+    /// [`Reader::plan`]), each only if the read-ahead budget has room.
+    /// Where it stops short, the next read tries again from there.
+    pub(super) fn read_ahead(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        from_block: u64,
+        ahead: u64,
+        follow: bool,
+    ) {
         let bs = self.cfg.block_size;
         let last = ((ahead - 1) / bs).min(f.size().saturating_sub(1) / bs);
-        let per_part = self.cfg.part_size / bs;
+        let per_part = if follow { 1 } else { self.cfg.part_size / bs };
         let missing = |i: u64| {
             let k = self.key(f, i);
             !self.mem.contains(&k) && !lock(&self.inflight).contains_key(&k)
@@ -107,10 +130,18 @@ impl Reader {
             else {
                 let mut p = lock(&f.pattern);
                 p.ahead_to = p.ahead_to.min(i * bs);
+                p.follow_to = p.follow_to.min(i * bs);
                 return;
             };
             let deadline = Deadline::after(self.cfg.request_timeout);
-            self.start_fetch(f, i, j, deadline, Some(permit));
+            let (_, task) = self.spawn_fetch(f, i, j, deadline, Some(permit), Why::Ahead);
+            if let (true, Some(task)) = (follow, task) {
+                let mut follows = lock(&f.follows);
+                if follows.len() >= 64 {
+                    follows.retain(|h| !h.is_finished());
+                }
+                follows.push(task);
+            }
             i = j + 1;
         }
     }
@@ -126,7 +157,7 @@ impl Reader {
         deadline: Deadline,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Vec<(u64, Pending)> {
-        self.start_fetch_as(f, i, j, deadline, permit, false)
+        self.spawn_fetch(f, i, j, deadline, permit, Why::Demand).0
     }
 
     /// [`Reader::start_fetch`]; `bought` blocks (a buy's: kept on disk)
@@ -140,14 +171,30 @@ impl Reader {
         permit: Option<OwnedSemaphorePermit>,
         bought: bool,
     ) -> Vec<(u64, Pending)> {
+        let why = if bought { Why::Buy } else { Why::Ahead };
+        self.spawn_fetch(f, i, j, deadline, permit, why).0
+    }
+
+    /// [`Reader::start_fetch_as`], and the fetch's task if one was
+    /// started (to stop it: its blocks are then fetched afresh by whoever
+    /// wants them, see [`Unregister`]).
+    fn spawn_fetch(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        i: u64,
+        j: u64,
+        deadline: Deadline,
+        permit: Option<OwnedSemaphorePermit>,
+        why: Why,
+    ) -> (Vec<(u64, Pending)>, Option<AbortHandle>) {
         let mut senders = Vec::new();
         let mut waits = Vec::new();
         {
             let mut inflight = lock(&self.inflight);
             for idx in i..=j {
                 let key = self.key(f, idx);
-                if let Some(p) = inflight.get(&key) {
-                    waits.push((idx, p.clone()));
+                if let Some(p) = super::inflight::live(inflight.get(&key)) {
+                    waits.push((idx, p));
                     continue;
                 }
                 if let Some(b) = self.mem.get(&key) {
@@ -165,7 +212,7 @@ impl Reader {
             }
         }
         if senders.is_empty() {
-            return waits;
+            return (waits, None);
         }
         // Within the memory budget while on their way (see `MemoryCache`):
         // released as each lands or fails, or by `Unregister`. Out of the
@@ -189,14 +236,14 @@ impl Reader {
         // dropped before it first runs), the blocks it did not answer are no
         // longer "in flight": the next reader fetches them afresh.
         let cleanup = Unregister(me.clone(), own);
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 let _cleanup = cleanup;
-                me.fetch(&file, senders, deadline, permit, bought).await;
+                me.fetch(&file, senders, deadline, permit, why).await;
             }
             .instrument(span),
         );
-        waits
+        (waits, Some(task.abort_handle()))
     }
 
     pub(super) async fn fetch(
@@ -205,8 +252,9 @@ impl Reader {
         senders: Vec<(BlockKey, u64, Sender)>,
         deadline: Deadline,
         mut permit: Option<OwnedSemaphorePermit>,
-        bought: bool,
+        why: Why,
     ) {
+        let (bought, urgent) = (why == Why::Buy, why == Why::Demand);
         let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
         if let Some(disk) = &self.disk {
             // All of the batch from disk at once, each answered as soon as
@@ -239,6 +287,7 @@ impl Reader {
         let job = Job {
             budget: Mutex::new(permit),
             bought,
+            urgent,
         };
         let job = &job;
         match &self.disk {
@@ -387,6 +436,37 @@ impl Reader {
                 drop(p.split(1));
             }
         };
+        let parts = if job.urgent && first_index == last_index {
+            self.pace.parts(end - start)
+        } else {
+            1
+        };
+        if parts > 1 {
+            // A lone block a reader waits for, in parts side by side: one
+            // stream's transfer of a whole block costs as much as a round
+            // trip over a long link (1 MiB at 50 MiB/s: 20 ms).
+            let step = (end - start).div_ceil(parts);
+            let gets = (0..parts).map(|n| {
+                let from = start + n * step;
+                file.dataset.store.get_range(
+                    &file.meta.key,
+                    from..(from + step).min(end),
+                    Some(&file.meta),
+                    deadline,
+                )
+            });
+            let got: Result<Vec<Bytes>, _> =
+                futures::future::join_all(gets).await.into_iter().collect();
+            let fetched = got.map(|pieces| {
+                let mut whole = bytes::BytesMut::with_capacity((end - start) as usize);
+                for p in pieces {
+                    whole.extend_from_slice(&p);
+                }
+                sink(whole.freeze());
+            });
+            self.fail_rest(&waiting, fetched, job);
+            return;
+        }
         let fetched = file
             .dataset
             .store
@@ -405,7 +485,17 @@ impl Reader {
                     .record(end - start, first, to_first, asked.elapsed());
             }
         }
-        let rest: Vec<ToFetch> = lock(&waiting).by_ref().collect();
+        self.fail_rest(&waiting, fetched, job);
+    }
+
+    /// Answers the blocks of a GET that it did not bring with why.
+    fn fail_rest(
+        &self,
+        waiting: &Mutex<std::vec::IntoIter<ToFetch>>,
+        fetched: Result<(), crate::s3::S3Error>,
+        job: &Job,
+    ) {
+        let rest: Vec<ToFetch> = lock(waiting).by_ref().collect();
         if rest.is_empty() {
             return;
         }

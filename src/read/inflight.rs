@@ -109,7 +109,7 @@ impl Reader {
         if let Some(b) = self.mem.get(key) {
             return Some(futures::future::ready(Ok(b)).boxed().shared());
         }
-        lock(&self.inflight).get(key).cloned()
+        live(lock(&self.inflight).get(key))
     }
 
     /// Hands a block (or its failure) to everyone waiting for it.
@@ -139,6 +139,15 @@ impl Reader {
         lock(&self.inflight).remove(key);
         let _ = tx.send(r);
     }
+}
+
+/// An in-flight entry that can still answer: one whose fetch died (its
+/// task stopped, say a reader's follower when the reader jumped away) may
+/// linger a moment before its cleanup removes it, and must not be joined,
+/// or the reader that retries after `Abandoned` meets it again.
+pub(super) fn live(p: Option<&Pending>) -> Option<Pending> {
+    p.filter(|p| !matches!(p.peek(), Some(Err(FetchError::Abandoned))))
+        .cloned()
 }
 
 /// A block's fetch, waited for until `deadline` (then `TimedOut`).

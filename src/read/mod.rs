@@ -47,6 +47,7 @@ mod buy;
 pub mod cache;
 mod fetch;
 mod first;
+mod hints;
 mod inflight;
 mod pattern;
 
@@ -87,6 +88,10 @@ pub struct ReadConfig {
     pub disk: Option<DiskConfig>,
     /// Bound of one read-ahead fetch (`--request-timeout`).
     pub request_timeout: Duration,
+    /// Where the ranges each version's readers needed first are kept for
+    /// the next open (`$XDG_STATE_HOME/provenafs/hints`; see `hints.rs`);
+    /// None: not kept.
+    pub hints_dir: Option<PathBuf>,
 }
 
 /// Where and how blocks are kept on disk.
@@ -124,6 +129,7 @@ impl Default for ReadConfig {
             max_inflight: 64 * MIB,
             disk: None,
             request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
+            hints_dir: None,
         }
     }
 }
@@ -146,6 +152,8 @@ pub struct Reader {
     versions: buy::Versions,
     /// What the mount has measured of S3's pace.
     pace: buy::Pace,
+    /// Ranges earlier readers needed first (see `hints.rs`).
+    hints: Option<Arc<hints::Hints>>,
     pub stats: CacheStats,
 }
 
@@ -188,6 +196,10 @@ impl Reader {
             heads: Mutex::new(VecDeque::new()),
             versions: Default::default(),
             pace: Default::default(),
+            hints: cfg
+                .hints_dir
+                .as_deref()
+                .and_then(|d| hints::Hints::open(d, stall)),
             stats: CacheStats::default(),
             cfg,
         }))
@@ -235,10 +247,19 @@ impl Reader {
         let uncovered = offset < end
             && (offset / bs..=(end - 1) / bs).any(|i| self.known(&self.key(f, i)).is_none());
         let waiting = uncovered.then(|| f.version.wait());
+        let started = std::time::Instant::now();
         let r = self.read_blocks(f, offset, size, deadline).await;
         drop(waiting);
-        if r.is_ok() && uncovered {
-            self.rented(f, offset);
+        tracing::trace!(
+            uncovered,
+            waited_us = started.elapsed().as_micros() as u64,
+            "read answered"
+        );
+        if r.is_ok() {
+            f.version.first.note(offset, end);
+            if uncovered {
+                self.rented(f, offset);
+            }
         }
         r
     }
@@ -275,9 +296,9 @@ impl Reader {
         let cached: Option<Vec<Bytes>> = (b0..=b1).map(|i| self.mem.get(&self.key(f, i))).collect();
         if let Some(blocks) = cached {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            if let Plan::Blocks { ahead } = plan {
+            if let Plan::Blocks { ahead, follow } = plan {
                 if ahead > end {
-                    self.read_ahead(f, b1 + 1, ahead);
+                    self.read_ahead(f, b1 + 1, ahead, follow);
                 }
             }
             return Ok(self.assemble(f, &blocks, b0, offset, end));
@@ -290,7 +311,10 @@ impl Reader {
             Plan::Exact
                 if (b0..=b1).any(|i| lock(&self.inflight).contains_key(&self.key(f, i))) =>
             {
-                Plan::Blocks { ahead: end }
+                Plan::Blocks {
+                    ahead: end,
+                    follow: false,
+                }
             }
             other => other,
         };
@@ -322,7 +346,7 @@ impl Reader {
                     e.into()
                 })
             }
-            Plan::Blocks { ahead } => {
+            Plan::Blocks { ahead, follow } => {
                 // A file's first read, small and in one block nobody is
                 // fetching: the block is fetched for the reads after it,
                 // and the bytes asked come by a GET of their own, so the
@@ -341,7 +365,7 @@ impl Reader {
                     let disk_deadline = self.disk_deadline(deadline);
                     if let Some(blocks) = self.read_disk(f, b0, b0, disk_deadline).await {
                         if ahead > end {
-                            self.read_ahead(f, b1 + 1, ahead);
+                            self.read_ahead(f, b1 + 1, ahead, follow);
                         }
                         return Ok(self.assemble(f, &blocks, b0, offset, end));
                     }
@@ -349,13 +373,13 @@ impl Reader {
                 if quick {
                     let block = self.demand(f, b0, b0, deadline).remove(0);
                     if ahead > end {
-                        self.read_ahead(f, b1 + 1, ahead);
+                        self.read_ahead(f, b1 + 1, ahead, follow);
                     }
                     return self.first_read(f, block, offset, end, deadline).await;
                 }
                 let mut waits = self.demand(f, b0, b1, deadline);
                 if ahead > end {
-                    self.read_ahead(f, b1 + 1, ahead);
+                    self.read_ahead(f, b1 + 1, ahead, follow);
                 }
                 let mut blocks = Vec::with_capacity(waits.len());
                 for (i, wait) in waits.iter_mut().enumerate() {
@@ -468,7 +492,9 @@ mod tests {
             senders.push((reader.key(&f, idx), MIB, tx));
             rxs.push((idx, rx));
         }
-        reader.fetch(&file, senders, soon(), None, false).await;
+        reader
+            .fetch(&file, senders, soon(), None, fetch::Why::Ahead)
+            .await;
         for (idx, rx) in rxs {
             let got = rx.await.unwrap().unwrap();
             let bs = 1usize << 20;
@@ -489,9 +515,10 @@ mod tests {
             off += b.len() as u64;
         }
         let gets = store.gets.load(Relaxed);
-        // 41 blocks: the run's first 16 MiB as read (a block a GET), the
-        // rest in parts of up to 4 MiB: fewer GETs than blocks.
-        assert!(gets <= 24, "{gets} GETs");
+        // 41 blocks: the run's first reads as read, then followed (a
+        // block a GET, in parallel), past 16 MiB in read-ahead parts of up
+        // to 4 MiB: never more GETs than blocks.
+        assert!(gets <= 41, "{gets} GETs");
     }
 
     #[tokio::test]

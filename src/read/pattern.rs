@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::task::AbortHandle;
+
 use super::cache::ObjectId;
 use super::{lock, Reader, MIB};
 use crate::fs::tree::FileRef;
@@ -12,6 +14,18 @@ use crate::fs::tree::FileRef;
 /// Bytes a run of adjacent reads must cover before read-ahead of our own
 /// starts (see [`Reader::plan`]).
 pub(super) const SEQUENTIAL_RUN: u64 = 16 * MIB;
+
+/// The longest jump forward that still counts as a reader moving forward
+/// (an HDF5 or netCDF chunk row to the next, a GeoTIFF's tiles in order):
+/// a few MiB, a few of S3's round trips' worth of transfer.
+pub(super) const FOLLOW_GAP: u64 = 4 * MIB;
+
+/// Reads in a row moving forward before the mount follows the reader.
+const FOLLOW_AFTER: u32 = 3;
+
+/// Bytes fetched while following a reader never exceed this many times
+/// what it asked for in that run.
+const FOLLOW_BOUND: u64 = 4;
 
 /// One open file handle and what its reads look like so far.
 pub struct OpenFile {
@@ -21,6 +35,9 @@ pub struct OpenFile {
     pub(super) version: Arc<super::buy::Version>,
     pub(super) pattern: Mutex<Pattern>,
     pub(super) sequential: Arc<AtomicUsize>,
+    /// The GETs following this handle's reader ahead (see
+    /// [`Reader::plan`]), stopped when the reader jumps away.
+    pub(super) follows: Mutex<Vec<AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -34,6 +51,14 @@ pub(super) struct Pattern {
     pub(super) last_end: u64,
     pub(super) window: u64,
     pub(super) counted: bool,
+    /// The run of reads moving forward by small jumps: where it started,
+    /// how many reads, and the bytes they asked for.
+    pub(super) fwd_start: u64,
+    pub(super) fwd_reads: u32,
+    pub(super) fwd_asked: u64,
+    /// How far ahead of such a reader blocks have been asked for (0: not
+    /// following).
+    pub(super) follow_to: u64,
 }
 
 impl Drop for OpenFile {
@@ -56,8 +81,10 @@ impl OpenFile {
 }
 
 pub(super) enum Plan {
-    /// Fetch the blocks covering the read (and, if `ahead` > end, read-ahead).
-    Blocks { ahead: u64 },
+    /// Fetch the blocks covering the read (and, if `ahead` > end,
+    /// read-ahead; `follow`: the reader's next reads, skipping small gaps,
+    /// in block-sized GETs that stop when it jumps away).
+    Blocks { ahead: u64, follow: bool },
     /// Fetch exactly the requested bytes.
     Exact,
 }
@@ -71,6 +98,7 @@ impl Reader {
             id,
             pattern: Mutex::new(Pattern::default()),
             sequential: self.sequential.clone(),
+            follows: Mutex::new(Vec::new()),
         }
     }
 
@@ -105,25 +133,58 @@ impl Reader {
             size.max(4096)
         };
         let near = !first && offset + slack >= p.last_end && offset <= p.last_end + slack;
+        // Forward: at most a few MiB past the end of the reads so far, or
+        // back within the run (the kernel sends a reader's read-ahead
+        // asynchronously, so reads of one run arrive out of order).
+        let forward = !first
+            && offset <= p.last_end + FOLLOW_GAP
+            && (offset + slack >= p.last_end || (p.fwd_reads > 0 && offset >= p.fwd_start));
+        if forward {
+            p.fwd_reads += 1;
+            p.fwd_asked += size;
+        } else {
+            if p.follow_to > 0 {
+                // The reader jumped away: what was fetched ahead of it is
+                // not going to be read.
+                p.follow_to = 0;
+                self.stop_following(f);
+            }
+            p.fwd_start = offset;
+            p.fwd_reads = 1;
+            p.fwd_asked = size;
+        }
         p.reads += 1;
         p.streak = if near { p.streak + 1 } else { 0 };
         if !near {
             p.run_start = offset;
         }
-        p.last_end = if near { p.last_end.max(end) } else { end };
+        p.last_end = if near || forward {
+            p.last_end.max(end)
+        } else {
+            end
+        };
         if first {
             p.window = self.cfg.initial_window;
-            return Plan::Blocks { ahead: end };
+            return Plan::Blocks {
+                ahead: end,
+                follow: false,
+            };
         }
         if p.streak < 2 {
             p.window = self.cfg.initial_window;
             p.ahead_to = 0;
+            if let Some(plan) = self.follow(&mut p, end, f.size()) {
+                return plan;
+            }
             // A large read (kernel read-ahead of a seek, or of a
             // sequential reader answered out of order) costs about the
             // same block-aligned, and then lands in the cache; a smaller
             // one (an HDF5 chunk, a sqlite page) exactly the bytes asked.
             return if end - offset >= bs / 2 {
-                Plan::Blocks { ahead: end }
+                Plan::Blocks {
+                    ahead: end,
+                    follow: false,
+                }
             } else {
                 Plan::Exact
             };
@@ -148,10 +209,16 @@ impl Reader {
             run.min(self.window_cap().max(self.cfg.initial_window))
         };
         if p.window == 0 {
+            if let Some(plan) = self.follow(&mut p, end, f.size()) {
+                return plan;
+            }
             // A short run of small reads (three adjacent chunks) costs
             // what it reads; a longer one, or large reads, whole blocks.
             return if end - offset >= bs / 2 || p.streak >= 4 {
-                Plan::Blocks { ahead: end }
+                Plan::Blocks {
+                    ahead: end,
+                    follow: false,
+                }
             } else {
                 Plan::Exact
             };
@@ -165,11 +232,65 @@ impl Reader {
             ahead_to = p.ahead_to,
             "sequential read"
         );
-        if p.ahead_to + part <= end + p.window {
+        let ahead = if p.ahead_to + part <= end + p.window {
             p.ahead_to = (end + p.window).min(f.size());
-            Plan::Blocks { ahead: p.ahead_to }
+            p.ahead_to
         } else {
-            Plan::Blocks { ahead: end }
+            end
+        };
+        Plan::Blocks {
+            ahead,
+            follow: false,
+        }
+    }
+
+    /// The plan for a reader that has moved forward by small jumps
+    /// [`FOLLOW_AFTER`] reads in a row (HDF5's chunks row after row, a
+    /// netCDF variable's chunks, a GeoTIFF's tiles in order), if it is worth
+    /// following: the blocks ahead of it, as far as the run has spanned so
+    /// far, never so far that S3 brings more than [`FOLLOW_BOUND`] times
+    /// what the run asked for; fetched as block-sized GETs in parallel (one
+    /// response stream is a tenth of the link: one open-ended GET, as rclone
+    /// keeps, reaches the next chunk row later than ten small ones).
+    fn follow(&self, p: &mut Pattern, end: u64, size: u64) -> Option<Plan> {
+        if p.fwd_reads < FOLLOW_AFTER {
+            return None;
+        }
+        let bs = self.cfg.block_size;
+        let span = end.saturating_sub(p.fwd_start);
+        let allowed = (FOLLOW_BOUND * p.fwd_asked).saturating_sub(span);
+        let window = allowed.min(span).min(self.window_cap());
+        if window < bs / 2 {
+            return None;
+        }
+        let ahead = (end + window).min(size);
+        let ahead = if p.follow_to + bs / 2 <= ahead {
+            tracing::trace!(end, window, span, asked = p.fwd_asked, "following a reader");
+            p.follow_to = ahead;
+            ahead
+        } else {
+            end
+        };
+        Some(Plan::Blocks {
+            ahead,
+            follow: true,
+        })
+    }
+
+    /// Stops the GETs that followed `f`'s reader and have not finished.
+    fn stop_following(&self, f: &OpenFile) {
+        let mut stopped = 0u64;
+        for h in lock(&f.follows).drain(..) {
+            if !h.is_finished() {
+                h.abort();
+                stopped += 1;
+            }
+        }
+        if stopped > 0 {
+            tracing::trace!(stopped, "the reader jumped away: following stopped");
+            self.stats
+                .follows_stopped
+                .fetch_add(stopped, Ordering::Relaxed);
         }
     }
 }

@@ -71,6 +71,12 @@ pub struct CacheStats {
     pub disk_evictions: AtomicU64,
     /// Files bought whole (see `read/buy.rs`).
     pub buys: AtomicU64,
+    /// GETs ahead of a reader moving forward stopped unfinished when it
+    /// jumped away (see `read/pattern.rs`).
+    pub follows_stopped: AtomicU64,
+    /// Blocks asked for at an open because earlier readers needed them
+    /// first (see `read/hints.rs`).
+    pub hinted: AtomicU64,
 }
 
 /// Keys and folders for the cache's unit tests.
