@@ -46,6 +46,9 @@ pub(super) struct Version {
     /// wall time during which at least one of them waited (readers waiting
     /// at once, as pyarrow's threads do, pay it once).
     rent_ns: AtomicU64,
+    /// The first wait was paid: it is not rent (buying the file would have
+    /// waited that round trip too).
+    first_paid: std::sync::atomic::AtomicBool,
     /// Readers waiting now, and since when the first of them has.
     waiting: Mutex<(usize, Option<Instant>)>,
     /// [`RENTING`], [`BUYING`] or [`BOUGHT`].
@@ -77,8 +80,10 @@ impl Drop for Waiting {
         w.0 -= 1;
         if w.0 == 0 {
             if let Some(since) = w.1.take() {
-                v.rent_ns
-                    .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                if v.first_paid.swap(true, Ordering::Relaxed) {
+                    v.rent_ns
+                        .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -105,6 +110,7 @@ impl Versions {
         }
         let v = Arc::new(Version {
             rent_ns: AtomicU64::new(0),
+            first_paid: Default::default(),
             waiting: Mutex::new((0, None)),
             state: AtomicU8::new(RENTING),
             first: Default::default(),
@@ -228,9 +234,7 @@ impl Pace {
     pub(super) fn parts(&self, bytes: u64) -> u64 {
         let stream = self.stream_bps.load(Ordering::Relaxed).max(1);
         let transfer_us = bytes.saturating_mul(1_000_000) / stream;
-        if !self.measured.load(Ordering::Relaxed)
-            || transfer_us < SPLIT_FROM.as_micros() as u64
-        {
+        if !self.measured.load(Ordering::Relaxed) || transfer_us < SPLIT_FROM.as_micros() as u64 {
             return 1;
         }
         let quarter_us = (self.first_byte_us.load(Ordering::Relaxed) / 4).max(1);

@@ -50,6 +50,10 @@ const SERIES_SIZE_SLACK: f64 = 0.25;
 pub struct Hints {
     folder: Folder,
     dir: PathBuf,
+    /// Each series' latest first second in this mount, as it is being
+    /// recorded (a series is read file after file: the next file opens
+    /// before the one before is closed and its record written).
+    latest: Mutex<std::collections::HashMap<String, (u64, Recalled)>>,
 }
 
 /// Which records an open version reads and writes: its own and its
@@ -95,6 +99,7 @@ impl Hints {
         let hints = Arc::new(Hints {
             folder,
             dir: dir.to_path_buf(),
+            latest: Default::default(),
         });
         let d = hints.dir.clone();
         let _ = hints.folder.spawn("trim read hints", move || trim(&d));
@@ -122,7 +127,8 @@ impl Hints {
     async fn recall(&self, n: &Names, deadline: Deadline) -> Option<(Recalled, bool)> {
         let dir = self.dir.clone();
         let n2 = n.clone();
-        self.folder
+        let found = self
+            .folder
             .run("read hints", Some(deadline), move || {
                 if let Some(r) = read_record(&dir.join(&n2.own), n2.size, 0.0) {
                     return Ok(Some((r, true)));
@@ -135,7 +141,50 @@ impl Hints {
             })
             .await
             .ok()
-            .flatten()
+            .flatten();
+        if matches!(found, Some((_, true))) {
+            return found;
+        }
+        // A sibling read in this mount, just now, before one on disk.
+        let sibling = n.series.as_ref().and_then(|s| {
+            let latest = lock(&self.latest);
+            let (size, r) = latest.get(s)?;
+            close_enough(*size, n.size, SERIES_SIZE_SLACK).then(|| {
+                (
+                    Recalled {
+                        ranges: r
+                            .ranges
+                            .iter()
+                            .map(|&(a, b)| (a.min(n.size), b.min(n.size)))
+                            .collect(),
+                        bought: r.bought,
+                    },
+                    false,
+                )
+            })
+        });
+        sibling.or(found)
+    }
+
+    /// A series' latest first second in this mount, as it is recorded.
+    fn latest(&self, n: &Names, ranges: &[(u64, u64)], bought: bool) {
+        let Some(s) = &n.series else {
+            return;
+        };
+        let mut latest = lock(&self.latest);
+        if latest.len() >= 256 && !latest.contains_key(s) {
+            latest.clear();
+        }
+        latest.insert(
+            s.clone(),
+            (
+                n.size,
+                Recalled {
+                    ranges: ranges.to_vec(),
+                    bought,
+                },
+            ),
+        );
     }
 
     /// Writes a record (the version's, and its series' latest) in the
@@ -225,8 +274,7 @@ fn read_record(path: &Path, size: u64, slack: f64) -> Option<Recalled> {
     let mut body = String::new();
     f.take(MAX_RECORD).read_to_string(&mut body).ok()?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let was = v.get("size")?.as_u64()?;
-    if (was as f64 - size as f64).abs() > slack * size as f64 {
+    if !close_enough(v.get("size")?.as_u64()?, size, slack) {
         return None;
     }
     let ranges = v
@@ -241,6 +289,12 @@ fn read_record(path: &Path, size: u64, slack: f64) -> Option<Recalled> {
         .collect::<Vec<_>>();
     let bought = v.get("bought").and_then(|b| b.as_bool()).unwrap_or(false);
     (!ranges.is_empty() || bought).then_some(Recalled { ranges, bought })
+}
+
+/// Whether a record of a file of `was` bytes fits one of `size` (within
+/// the fraction `slack` of it).
+fn close_enough(was: u64, size: u64, slack: f64) -> bool {
+    (was as f64 - size as f64).abs() <= slack * size as f64
 }
 
 /// Keeps the newest [`KEPT`] records.
@@ -281,6 +335,11 @@ impl FirstSecond {
             *last = (last.0.min(start), last.1.max(end));
         } else if r.ranges.len() < MAX_RANGES {
             r.ranges.push((start, end));
+        } else {
+            return;
+        }
+        if let Some((hints, names)) = &r.to {
+            hints.latest(names, &r.ranges, r.bought);
         }
     }
 }

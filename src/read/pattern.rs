@@ -27,6 +27,13 @@ const FOLLOW_AFTER: u32 = 3;
 /// what it asked for in that run.
 const FOLLOW_BOUND: u64 = 4;
 
+/// The reads a walk is judged on.
+const FOLLOW_RECENT: usize = 6;
+
+/// A walk is followed only if it reads at least 1 in this many of the
+/// bytes it passes.
+const FOLLOW_DENSITY: u64 = 3;
+
 /// One open file handle and what its reads look like so far.
 pub struct OpenFile {
     pub(super) file: FileRef,
@@ -52,10 +59,12 @@ pub(super) struct Pattern {
     pub(super) window: u64,
     pub(super) counted: bool,
     /// The run of reads moving forward by small jumps: where it started,
-    /// how many reads, and the bytes they asked for.
+    /// how many reads, and the last [`FOLLOW_RECENT`] of them (offset,
+    /// size): whether to follow is judged on what the reader does now,
+    /// not on a sequential start long past (netCDF's first 4 MiB).
     pub(super) fwd_start: u64,
     pub(super) fwd_reads: u32,
-    pub(super) fwd_asked: u64,
+    pub(super) fwd_recent: std::collections::VecDeque<(u64, u64)>,
     /// How far ahead of such a reader blocks have been asked for (0: not
     /// following).
     pub(super) follow_to: u64,
@@ -139,9 +148,12 @@ impl Reader {
         let forward = !first
             && offset <= p.last_end + FOLLOW_GAP
             && (offset + slack >= p.last_end || (p.fwd_reads > 0 && offset >= p.fwd_start));
+        if p.fwd_recent.len() >= FOLLOW_RECENT {
+            p.fwd_recent.pop_front();
+        }
         if forward {
             p.fwd_reads += 1;
-            p.fwd_asked += size;
+            p.fwd_recent.push_back((offset, size));
         } else {
             if p.follow_to > 0 {
                 // The reader jumped away: what was fetched ahead of it is
@@ -151,7 +163,8 @@ impl Reader {
             }
             p.fwd_start = offset;
             p.fwd_reads = 1;
-            p.fwd_asked = size;
+            p.fwd_recent.clear();
+            p.fwd_recent.push_back((offset, size));
         }
         p.reads += 1;
         p.streak = if near { p.streak + 1 } else { 0 };
@@ -247,9 +260,10 @@ impl Reader {
     /// The plan for a reader that has moved forward by small jumps
     /// [`FOLLOW_AFTER`] reads in a row (HDF5's chunks row after row, a
     /// netCDF variable's chunks, a GeoTIFF's tiles in order), if it is worth
-    /// following: the blocks ahead of it, as far as the run has spanned so
-    /// far, never so far that S3 brings more than [`FOLLOW_BOUND`] times
-    /// what the run asked for; fetched as block-sized GETs in parallel (one
+    /// following (its recent reads skip, but read a third or more of what
+    /// they pass): the blocks ahead of it, half as far as its recent reads
+    /// spanned, never so far that S3 brings more than [`FOLLOW_BOUND`]
+    /// times what they asked for; fetched as block-sized GETs in parallel (one
     /// response stream is a tenth of the link: one open-ended GET, as rclone
     /// keeps, reaches the next chunk row later than ten small ones).
     fn follow(&self, p: &mut Pattern, end: u64, size: u64) -> Option<Plan> {
@@ -257,15 +271,27 @@ impl Reader {
             return None;
         }
         let bs = self.cfg.block_size;
-        let span = end.saturating_sub(p.fwd_start);
-        let allowed = (FOLLOW_BOUND * p.fwd_asked).saturating_sub(span);
-        let window = allowed.min(span).min(self.window_cap());
+        let from = p.fwd_recent.iter().map(|r| r.0).min().unwrap_or(end);
+        let asked: u64 = p.fwd_recent.iter().map(|r| r.1).sum();
+        let span = end.saturating_sub(from);
+        // Worth following: a walk that skips (a reader reading all of a
+        // run is sequential, and the kernel's read-ahead and ours serve
+        // it), and reads at least a third of what it passes (fetching the
+        // blocks it passes costs at most three times what it asks).
+        let skips = span >= asked + asked / 8;
+        if !skips || asked * FOLLOW_DENSITY < span {
+            return None;
+        }
+        // Half as far ahead as the recent reads spanned: the walk may end
+        // (or jump) any time, and blocks round what is fetched up.
+        let allowed = (FOLLOW_BOUND * asked).saturating_sub(span);
+        let window = allowed.min(span / 2).min(self.window_cap());
         if window < bs / 2 {
             return None;
         }
         let ahead = (end + window).min(size);
         let ahead = if p.follow_to + bs / 2 <= ahead {
-            tracing::trace!(end, window, span, asked = p.fwd_asked, "following a reader");
+            tracing::trace!(end, window, span, asked, "following a reader");
             p.follow_to = ahead;
             ahead
         } else {
