@@ -3,20 +3,26 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, OFlag, AT_FDCWD as CWD};
-use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fchmod, fstat, mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tracing::{debug, warn};
+use tracing::warn;
+
+mod evict;
+mod fd;
+
+pub(super) use fd::{check_private, make_dir};
+pub(crate) use fd::{open_dir_at, open_folder, open_untrusted, probe_by_a_file, remove_stale};
 
 use super::shared::{ClaimGuard, EvictLock};
 use super::BlockKey;
@@ -127,93 +133,6 @@ pub(super) const START_SHARDS: usize = 8;
 pub(super) const PUBLISH_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 /// …and each eviction pass of a shared folder reads.
 pub(super) const PASS_SHARDS: usize = 32;
-
-/// Creates and removes a file in `dir`: a call the file system's server
-/// must answer (a `stat` may be answered from a client's cache). The
-/// probe of a folder that stopped answering (see [`crate::folder`]).
-pub(crate) fn probe_by_a_file(dir: &OwnedFd) -> std::io::Result<()> {
-    let name = format!(".probe-{}-{:x}", std::process::id(), rand::random::<u64>());
-    let fd = openat(
-        dir,
-        name.as_str(),
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )?;
-    drop(fd);
-    unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir)?;
-    Ok(())
-}
-
-/// Opens `name` in `dir` for reading, as a file anyone may have put
-/// there: never following a symlink, never blocking on a FIFO, never
-/// taking a terminal. The caller checks what it opened (`fstat`).
-pub(crate) fn open_untrusted<P: ?Sized + nix::NixPath>(
-    dir: impl AsFd,
-    name: &P,
-) -> nix::Result<OwnedFd> {
-    openat(
-        dir,
-        name,
-        OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// Removes from `dir` the regular files whose names start with one of
-/// `prefixes` and that are older than an hour: what a writer or a probe
-/// killed mid-way left (no one is still writing them). One folder's
-/// entries, never a walk.
-pub(crate) fn remove_stale(dir: &OwnedFd, prefixes: &[&str]) {
-    let Ok(dup) = dir.try_clone() else {
-        return;
-    };
-    let Ok(mut d) = nix::dir::Dir::from_fd(dup) else {
-        return;
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    for e in d.iter().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !prefixes.iter().any(|p| name.starts_with(p)) {
-            continue;
-        }
-        let Ok(st) = fstatat(dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
-            continue;
-        };
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && now - st.st_mtime > 3600 {
-            let _ = unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
-        }
-    }
-}
-
-/// Opens the folder at `path` (which the user gave: a symlink to a folder
-/// is followed), to be checked on its descriptor and used through it.
-pub(crate) fn open_folder(path: &Path) -> nix::Result<OwnedFd> {
-    openat(
-        CWD,
-        path,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// Opens folder `name` in `dir` without following a symlink there.
-pub(crate) fn open_dir_at<P: ?Sized + nix::NixPath>(
-    dir: impl AsFd,
-    name: &P,
-) -> nix::Result<OwnedFd> {
-    openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
 
 /// Bytes of the header of block `k`.
 pub(super) fn header_len(k: &BlockKey) -> usize {
@@ -664,268 +583,6 @@ impl DiskCache {
         self.added((header.len() + data.len()) as u64);
         Ok(())
     }
-
-    /// Every block file: regular files only, found without following
-    /// symlinks (a planted link never makes eviction delete elsewhere).
-    /// `None` when the folder stopped answering on the way.
-    pub(super) fn entries(self: &Arc<Self>) -> Option<Vec<Entry>> {
-        self.entries_in(0..256)
-    }
-
-    /// The block files of `shards`, one call into the folder per shard
-    /// (each bounded by the stall timeout); `None` when one does not
-    /// answer.
-    pub(super) fn entries_in(
-        self: &Arc<Self>,
-        shards: impl Iterator<Item = usize>,
-    ) -> Option<Vec<Entry>> {
-        let mut out = Vec::new();
-        for idx in shards {
-            let me = self.clone();
-            let found = self
-                .folder
-                .run_blocking_patient("list a cache shard", move || Ok(me.shard_entries(idx)))
-                .ok()?;
-            out.extend(found);
-        }
-        Some(out)
-    }
-
-    /// The block files of shard `idx`; files a writer that died left
-    /// behind are removed on the way. Blocking: a call into the folder.
-    fn shard_entries(&self, idx: usize) -> Vec<Entry> {
-        let mut out = Vec::new();
-        let sub = format!("{idx:02x}");
-        let Ok(dir_fd) = open_dir_at(&self.root, sub.as_str()) else {
-            return out;
-        };
-        let Ok(dup) = dir_fd.try_clone() else {
-            return out;
-        };
-        let Ok(mut dir) = nix::dir::Dir::from_fd(dup) else {
-            return out;
-        };
-        for e in dir.iter().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == "." || name == ".." {
-                continue;
-            }
-            self.meta_ops.fetch_add(1, Ordering::Relaxed);
-            let Ok(st) = fstatat(&dir_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                continue;
-            }
-            let mtime = st.st_mtime;
-            if name.starts_with(".tmp-") || name.starts_with(".claim-") {
-                // A writer that died mid-block (on any node) left this.
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                // A claim may hold a whole block's data (its owner died
-                // while filling it): gone sooner than a temporary file,
-                // yet long after any claim's deadline.
-                let max_age = if name.starts_with(".claim-") {
-                    600
-                } else {
-                    3600
-                };
-                if now - mtime > max_age {
-                    let _ = unlinkat(&dir_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
-                }
-                continue;
-            }
-            out.push(Entry {
-                shard: idx,
-                name,
-                size: st.st_size.max(0) as u64,
-                mtime,
-            });
-        }
-        out
-    }
-
-    /// Removes `victims` (oldest first) until `enough` bytes are freed, one
-    /// call into the folder per shard; the bytes and blocks freed.
-    pub(super) fn remove_entries(self: &Arc<Self>, victims: Vec<Entry>, enough: u64) -> (u64, u64) {
-        let mut by_shard: std::collections::BTreeMap<usize, Vec<Entry>> = Default::default();
-        let mut planned = 0u64;
-        for e in victims {
-            if planned >= enough {
-                break;
-            }
-            planned += e.size;
-            by_shard.entry(e.shard).or_default().push(e);
-        }
-        let (mut freed, mut removed) = (0u64, 0u64);
-        for (shard, entries) in by_shard {
-            let me = self.clone();
-            let done = self
-                .folder
-                .run_blocking_patient("trim a cache shard", move || {
-                    let dir_fd = open_dir_at(&me.root, format!("{shard:02x}").as_str())?;
-                    let mut out = (0u64, 0u64);
-                    for e in entries {
-                        if unlinkat(&dir_fd, e.name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
-                            out.0 += e.size;
-                            out.1 += 1;
-                        }
-                    }
-                    Ok(out)
-                });
-            match done {
-                Ok((f, r)) => {
-                    freed += f;
-                    removed += r;
-                }
-                Err(FolderError::Io(_)) => {}
-                // Not answering: the rest waits for the next pass.
-                Err(_) => break,
-            }
-        }
-        (freed, removed)
-    }
-
-    /// Starts a trimming pass on a thread of its own if the folder is
-    /// over its bound (or, shared, due to be measured again after a tenth
-    /// of the bound was written here), unless one is running.
-    pub(super) fn trim_if_needed(self: &Arc<Self>) {
-        if !self.trim_due() {
-            return;
-        }
-        if self.trimming.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let me = self.clone();
-        let pass = move || {
-            // Passes until the folder is within its bound: what was written
-            // during a pass (whose own triggers found it running) is
-            // trimmed by the next.
-            for _ in 0..MAX_PASSES {
-                if !me.trim() {
-                    break;
-                }
-            }
-            me.trimming.store(false, Ordering::Release);
-        };
-        if std::thread::Builder::new()
-            .name("provenafs-trim".into())
-            .spawn(pass)
-            .is_err()
-        {
-            self.trimming.store(false, Ordering::Release);
-        }
-    }
-
-    /// Whether the folder is over its bound, or (shared) due to be
-    /// measured again after a tenth of the bound was written here.
-    fn trim_due(&self) -> bool {
-        let remeasure = self.shared && self.since_scan.load(Ordering::Relaxed) > self.limit / 10;
-        self.used.load(Ordering::Relaxed) > self.limit || remeasure
-    }
-
-    /// One trimming pass: least recently used blocks go, down to 90% of
-    /// the bound. Returns whether another pass is due (more was written
-    /// meanwhile; the folder did not answer is not a reason). One process trims a folder at a time, under its lock;
-    /// while another holds it (trimming, or stopped mid-pass: a suspended
-    /// job, a debugger, a member of the group) a folder over its bound is
-    /// trimmed anyway (a removal that loses a race is harmless), so no
-    /// holder can make the folder grow without bound.
-    fn trim(self: &Arc<Self>) -> bool {
-        let over = self.used.load(Ordering::Relaxed) > self.limit;
-        self.since_scan.store(0, Ordering::Relaxed);
-        let lock = EvictLock::take(self);
-        if lock.is_busy() && !over {
-            // Only due to be measured: the holder does that.
-            return false;
-        }
-        if !self.folder.answering() {
-            return false;
-        }
-        if self.shared {
-            self.evict_sampled();
-            drop(lock);
-            return self.trim_due();
-        }
-        let Some(mut entries) = self.entries() else {
-            return false;
-        };
-        let total: u64 = entries.iter().map(|e| e.size).sum();
-        entries.sort_by_key(|e| e.mtime);
-        let target = self.limit / 10 * 9;
-        let (freed, evicted) = self.remove_entries(entries, total.saturating_sub(target));
-        self.used.store(total - freed, Ordering::Relaxed);
-        if evicted > 0 {
-            debug!(evicted, total, "disk cache evicted");
-        }
-        drop(lock);
-        self.trim_due()
-    }
-}
-
-pub(super) struct Entry {
-    pub(super) shard: usize,
-    pub(super) name: String,
-    pub(super) size: u64,
-    pub(super) mtime: i64,
-}
-
-/// Creates `d` (and parents) with `mode`, set explicitly so the umask
-/// cannot drop the group bits of a group cache.
-pub(super) fn make_dir(d: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match fs::DirBuilder::new().mode(mode & 0o777).create(d) {
-        Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = d.parent() {
-                fs::DirBuilder::new().recursive(true).create(parent)?;
-            }
-            make_dir(d, mode)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// A private cache that other users can read would leak data they may not
-/// be allowed to see, and one another user owns could be steered by them
-/// (blocks of their making, read as ours): refuse both, as ssh refuses a
-/// readable key. `dir` is checked on its open descriptor `fd` (the name
-/// may be replaced meanwhile); a group cache may be another member's
-/// folder, but must be closed to others.
-pub(super) fn check_private(dir: &Path, fd: &OwnedFd, group: bool) -> std::io::Result<()> {
-    let st = fstat(fd)?;
-    let mode = st.st_mode & 0o7777;
-    let open_bits = if group { 0o007 } else { 0o077 };
-    if mode & open_bits != 0 {
-        return Err(std::io::Error::other(format!(
-            "cache folder {} is open to {} (mode {:o}); run `chmod {} {}`{}",
-            dir.display(),
-            if group {
-                "other users"
-            } else {
-                "other users or the group"
-            },
-            mode,
-            if group { "3770" } else { "700" },
-            dir.display(),
-            if group {
-                ""
-            } else {
-                ", or pass --cache-group to share it with the group"
-            }
-        )));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if !group && st.st_uid != me {
-        return Err(std::io::Error::other(format!(
-            "cache folder {} belongs to another user (uid {}); use a folder of your own",
-            dir.display(),
-            st.st_uid
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
