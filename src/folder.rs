@@ -431,6 +431,16 @@ impl Folder {
         self.spawn_kind(op, Kind::Normal, f)
     }
 
+    /// [`Folder::spawn`] for a call that may rightly take longer than the
+    /// stall timeout (a whole file written): not taken for a stall before
+    /// [`PATIENCE`] stall timeouts.
+    pub fn spawn_patient<F>(&self, op: &'static str, f: F) -> Result<(), FolderError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.spawn_kind(op, Kind::Patient, f)
+    }
+
     /// [`Folder::spawn`] for a call that ends what another started (a
     /// claim, a lock): it may use a few reserve slots when the others are
     /// all taken, so a busy folder still gets its claims ended. Refused

@@ -351,6 +351,11 @@ pub struct MountArgs {
     /// bytes per file version, so the next open asks for them at once).
     #[arg(long)]
     pub no_read_hints: bool,
+    /// Never hand a file kept whole in the disk cache to the kernel (FUSE
+    /// passthrough: Linux 6.9 and later, a root daemon): every read then
+    /// comes through provenafs.
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Disk cache budget [default: 10GiB].
     #[arg(long, value_parser = parse_size)]
     pub cache_size: Option<u64>,
@@ -736,6 +741,7 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
                 .then(crate::logfile::state_dir)
                 .flatten()
                 .map(|d| d.join("hints")),
+            passthrough: !a.no_passthrough,
             ..read_defaults
         },
         fuse,

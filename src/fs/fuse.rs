@@ -33,6 +33,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{debug, info_span, Instrument, Span};
 
+use super::passthrough::Passthrough;
 use super::tree::{Attr, Chunk, DirStream, FileKind, Tree};
 use super::FsError;
 use crate::provenance::{Manifest, Opened, Tally, WhoCache};
@@ -129,6 +130,7 @@ pub struct MountStats {
     files: Arc<Mutex<HashMap<u64, OpenHandle>>>,
     ops: Arc<OpCounts>,
     manifest: Arc<Manifest>,
+    passthrough: Arc<Passthrough>,
 }
 
 /// An open file and what its reads add to in the read manifest.
@@ -169,7 +171,7 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        let fields: [(&str, u64); 24] = [
+        let fields: [(&str, u64); 25] = [
             ("inodes", t.inodes as u64),
             ("listings", t.listings as u64),
             ("negative", t.negative as u64),
@@ -183,6 +185,7 @@ impl MountStats {
             ("buys", n(&s.buys)),
             ("follows_stopped", n(&s.follows_stopped)),
             ("hinted", n(&s.hinted)),
+            ("passthrough_opens", n(&self.passthrough.opens)),
             ("lookups", n(&o.lookup)),
             ("forgets", n(&o.forget)),
             ("getattrs", n(&o.getattr)),
@@ -288,6 +291,8 @@ pub struct ProvenaFs {
     /// Operations in flight on tasks, by request id: how to interrupt each.
     interrupts: Arc<Mutex<HashMap<u64, InFlight>>>,
     ops: Arc<OpCounts>,
+    /// Inodes read through a backing file (see `passthrough.rs`).
+    passthrough: Arc<Passthrough>,
 }
 
 impl ProvenaFs {
@@ -311,6 +316,7 @@ impl ProvenaFs {
             next_fh: AtomicU64::new(1),
             interrupts: Default::default(),
             ops: Default::default(),
+            passthrough: Default::default(),
         }
     }
 
@@ -321,6 +327,7 @@ impl ProvenaFs {
 
     pub fn stats(&self) -> MountStats {
         MountStats {
+            passthrough: self.passthrough.clone(),
             tree: self.tree.clone(),
             reader: self.reader.clone(),
             files: self.files.clone(),
@@ -476,6 +483,28 @@ impl Filesystem for ProvenaFs {
         // then queue behind them until the stall times out.
         let _ = config.set_max_background(128);
         let _ = config.set_congestion_threshold(96);
+        // Passthrough: whole files in the disk cache read by the kernel
+        // itself. Only a daemon with CAP_SYS_ADMIN may open backing files
+        // (root, here), on Linux 6.9 and later; elsewhere every read comes
+        // to us, as before.
+        if self.reader.keeps_whole_files() && nix::unistd::geteuid().is_root() {
+            let granted = config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .and_then(|()| {
+                    config
+                        .set_max_stack_depth(2)
+                        .map(drop)
+                        .map_err(|_| InitFlags::FUSE_PASSTHROUGH)
+                });
+            match granted {
+                Ok(()) => {
+                    self.passthrough.enable();
+                    self.reader.enable_whole_files();
+                    debug!("FUSE passthrough on: files kept whole in the disk cache are read by the kernel");
+                }
+                Err(_) => debug!("the kernel has no FUSE passthrough (Linux 6.9 and later): every read comes here"),
+            }
+        }
         Ok(())
     }
 
@@ -594,14 +623,23 @@ impl Filesystem for ProvenaFs {
                     self.who.get(req.uid(), req.pid()),
                 );
                 let of = Arc::new(self.reader.open(f));
-                if let Some(recall) = self.reader.recall(&of) {
-                    self.rt
-                        .spawn(recall.instrument(info_span!("read_hints", ino = ino.0)));
+                let through = self
+                    .passthrough
+                    .open(ino.0, &reply, || self.reader.whole_file(&of));
+                if through.is_none() {
+                    if let Some(recall) = self.reader.recall(&of) {
+                        self.rt
+                            .spawn(recall.instrument(info_span!("read_hints", ino = ino.0)));
+                    }
                 }
                 lock(&self.files).insert(fh, (of, tally));
-                // Its content never changes: whatever the kernel cached of
-                // this inode stays valid across opens.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                match through {
+                    // Read by the kernel from the cache folder's file.
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    // Its content never changes: whatever the kernel
+                    // cached of this inode stays valid across opens.
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                }
             }
             Err(e) => {
                 self.ops.errors.record("open", &e);
@@ -654,7 +692,7 @@ impl Filesystem for ProvenaFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
@@ -662,6 +700,7 @@ impl Filesystem for ProvenaFs {
         reply: ReplyEmpty,
     ) {
         lock(&self.files).remove(&fh.0);
+        self.passthrough.release(ino.0);
         reply.ok();
     }
 

@@ -5,6 +5,7 @@
 pub mod errors;
 pub mod fuse;
 pub mod names;
+pub mod passthrough;
 pub mod tree;
 
 use thiserror::Error;

@@ -328,6 +328,31 @@ impl Reader {
             async move {
                 me.buy(&file, at).await;
                 version.state.store(BOUGHT, Ordering::Release);
+                // For the next opens: the kernel reads it from disk.
+                if let (Some(disk), true) = (&me.disk, me.whole_files.load(Ordering::Relaxed)) {
+                    // A block the folder lacks: from memory, else S3 (this
+                    // runs on a folder thread, outside the runtime).
+                    let (r, f) = (me.clone(), file.file.clone());
+                    let (rt, id) = (tokio::runtime::Handle::current(), file.id.clone());
+                    let fill = move |index: u64, len: u64| {
+                        let key = super::cache::BlockKey {
+                            object: id.clone(),
+                            index,
+                        };
+                        r.mem.get(&key).or_else(|| {
+                            let start = index * r.cfg.block_size;
+                            let deadline = Deadline::after(r.cfg.request_timeout);
+                            let get = f.dataset.store.get_range(
+                                &f.meta.key,
+                                start..start + len,
+                                Some(&f.meta),
+                                deadline,
+                            );
+                            rt.block_on(get).ok()
+                        })
+                    };
+                    disk.keep_whole(file.id.clone(), file.size(), me.cfg.block_size, fill);
+                }
             }
             .instrument(span),
         );

@@ -92,6 +92,10 @@ pub struct ReadConfig {
     /// the next open (`$XDG_STATE_HOME/provenafs/hints`; see `hints.rs`);
     /// None: not kept.
     pub hints_dir: Option<PathBuf>,
+    /// Files kept whole in a private disk cache may be handed to the
+    /// kernel (FUSE passthrough, where the kernel and the daemon's
+    /// privileges allow it); false: every read comes to the daemon.
+    pub passthrough: bool,
 }
 
 /// Where and how blocks are kept on disk.
@@ -130,6 +134,7 @@ impl Default for ReadConfig {
             disk: None,
             request_timeout: crate::retry::DEFAULT_REQUEST_TIMEOUT,
             hints_dir: None,
+            passthrough: true,
         }
     }
 }
@@ -154,6 +159,9 @@ pub struct Reader {
     pace: buy::Pace,
     /// Ranges earlier readers needed first (see `hints.rs`).
     hints: Option<Arc<hints::Hints>>,
+    /// Bought files are kept whole too: the FUSE layer hands them to the
+    /// kernel (passthrough; see `fs/passthrough.rs`).
+    whole_files: std::sync::atomic::AtomicBool,
     pub stats: CacheStats,
 }
 
@@ -201,6 +209,7 @@ impl Reader {
                 .as_deref()
                 .and_then(|d| hints::Hints::open(d, stall)),
             stats: CacheStats::default(),
+            whole_files: Default::default(),
             cfg,
         }))
     }
@@ -223,6 +232,31 @@ impl Reader {
         self.disk
             .as_ref()
             .map_or(0, |d| d.meta_ops.load(Ordering::Relaxed))
+    }
+
+    /// Whether a file kept whole could be read by the kernel: a disk
+    /// cache no one else writes.
+    pub fn keeps_whole_files(&self) -> bool {
+        self.cfg.passthrough && self.disk.as_ref().is_some_and(|d| d.keeps_whole_files())
+    }
+
+    /// The kernel reads whole files itself: keep bought files whole.
+    pub fn enable_whole_files(&self) {
+        self.whole_files.store(true, Ordering::Relaxed);
+    }
+
+    /// `f`'s version kept whole in the disk cache, open for reading, if it
+    /// is there (within the cache folder's stall timeout).
+    pub fn whole_file(&self, f: &OpenFile) -> Option<std::os::fd::OwnedFd> {
+        let disk = self.disk.as_ref()?;
+        if !self.whole_files.load(Ordering::Relaxed) || !disk.folder().answering() {
+            return None;
+        }
+        let (d, id, size) = (disk.clone(), f.id.clone(), f.size());
+        disk.folder()
+            .run_blocking("open a whole file", move || Ok(d.open_whole(&id, size)))
+            .ok()
+            .flatten()
     }
 
     /// Blocks being fetched right now (for stats and tests).

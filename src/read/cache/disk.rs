@@ -20,6 +20,7 @@ use tracing::warn;
 
 mod evict;
 mod fd;
+mod whole;
 
 pub(super) use fd::{check_private, make_dir};
 pub(crate) use fd::{open_dir_at, open_folder, open_untrusted, probe_by_a_file, remove_stale};

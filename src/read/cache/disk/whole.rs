@@ -1,0 +1,152 @@
+//! Whole files: a version whose every block is in the folder (bought, see
+//! `read/buy.rs`) is also kept as one plain file, `<hash>.whole` in its
+//! shard, which the kernel can read directly (FUSE passthrough, Linux 6.9
+//! and later, a root daemon) at the speed of the disk under it: no block
+//! files opened, checked and copied per read. Counted and evicted with
+//! the blocks (the same shards, the same bound).
+//!
+//! Only in a folder no one else may write (a private cache, or one shared
+//! by one user's mounts, never a `--cache-group` one): a plain file has no
+//! header to check, and the kernel would hand its bytes to readers as the
+//! object's.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fstat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use sha2::{Digest, Sha256};
+
+use super::fd::open_untrusted;
+use super::DiskCache;
+use crate::read::cache::{BlockKey, ObjectId};
+
+impl DiskCache {
+    /// The name of `id`'s whole file: a hash (its first two hex digits are
+    /// its shard, as a block's), then `.whole`.
+    fn whole_name(id: &ObjectId) -> String {
+        let mut h = Sha256::new();
+        h.update(b"whole\n");
+        for part in [&id.bucket, &id.key, &id.etag] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("{}.whole", hex::encode(h.finalize()))
+    }
+
+    /// Whether whole files may be kept and handed to the kernel: nobody
+    /// but this user can write the folder.
+    pub fn keeps_whole_files(&self) -> bool {
+        self.file_mode & 0o077 == 0
+    }
+
+    /// `id`'s whole file, open for reading, if it is there, a regular file
+    /// of this user's, written by nobody else, of exactly `size` bytes.
+    /// Blocking: a call into the folder.
+    pub fn open_whole(&self, id: &ObjectId, size: u64) -> Option<OwnedFd> {
+        if !self.keeps_whole_files() {
+            return None;
+        }
+        let name = Self::whole_name(id);
+        let shard = self.shard(&name)?;
+        let fd = open_untrusted(shard, name.as_str()).ok()?;
+        let st = fstat(&fd).ok()?;
+        let ours = st.st_uid == nix::unistd::geteuid().as_raw();
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        if !ours || !regular || st.st_mode & 0o022 != 0 || st.st_size as u64 != size {
+            return None;
+        }
+        // Opened without blocking on a FIFO; read as a plain file now.
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty())).ok()?;
+        // Recently used, for eviction (a minute's precision, as blocks).
+        let now = std::time::SystemTime::now();
+        let age = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            - st.st_mtime;
+        if age >= 60 {
+            let _ = std::fs::File::from(fd.try_clone().ok()?).set_modified(now);
+        }
+        Some(fd)
+    }
+
+    /// Puts `id`'s blocks (of `block_size`; `size` bytes in all) together
+    /// as its whole file, in the background, if there is room: from the
+    /// folder, a block missing there (a write dropped while the folder was
+    /// busy) from `fill(index, len)`; nothing if that fails too.
+    pub fn keep_whole(
+        self: &Arc<Self>,
+        id: Arc<ObjectId>,
+        size: u64,
+        block_size: u64,
+        fill: impl Fn(u64, u64) -> Option<bytes::Bytes> + Send + 'static,
+    ) {
+        if !self.keeps_whole_files() || size == 0 || !self.room_for(size) {
+            return;
+        }
+        let me = self.clone();
+        let _ = self.folder.spawn_patient("write a whole file", move || {
+            match me.write_whole(&id, size, block_size, &fill) {
+                Ok(true) => {
+                    tracing::debug!(key = %id.key, size, "kept whole for passthrough");
+                    me.added(size);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(key = %id.key, error = %e, "not kept whole"),
+            }
+        });
+    }
+
+    /// Blocking: `Ok(false)` when it is already there.
+    fn write_whole(
+        &self,
+        id: &Arc<ObjectId>,
+        size: u64,
+        bs: u64,
+        fill: &dyn Fn(u64, u64) -> Option<bytes::Bytes>,
+    ) -> std::io::Result<bool> {
+        let name = Self::whole_name(id);
+        let shard = self
+            .shard(&name)
+            .ok_or_else(|| std::io::Error::other("no shard folder"))?;
+        if self.open_whole(id, size).is_some() {
+            return Ok(false);
+        }
+        let tmp = format!(".tmp-whole-{:x}", rand::random::<u64>());
+        let fd = openat(
+            shard,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(self.file_mode & 0o700),
+        )?;
+        let written = (|| {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
+            for index in 0..size.div_ceil(bs) {
+                let len = (size - index * bs).min(bs);
+                let k = BlockKey {
+                    object: id.clone(),
+                    index,
+                };
+                let block = self
+                    .get(&k, len)
+                    .or_else(|| fill(index, len))
+                    .filter(|b| b.len() as u64 == len)
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("block {index} could not be had"))
+                    })?;
+                out.write_all(&block)?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()
+        })();
+        let installed = written.and_then(|()| {
+            renameat(shard, tmp.as_str(), shard, name.as_str()).map_err(std::io::Error::from)
+        });
+        if let Err(e) = installed {
+            let _ = unlinkat(shard.as_fd(), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        Ok(true)
+    }
+}

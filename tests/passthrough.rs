@@ -1,0 +1,94 @@
+//! Issue 22: a file kept whole in the disk cache (bought) is read by the
+//! kernel itself on the next open (FUSE passthrough, Linux 6.9 and later,
+//! a root daemon): the bytes are the object's, no read reaches the daemon,
+//! and an inode open in the kernel's cached mode is never opened the other
+//! way (which the kernel refuses with EIO).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// Whether this kernel and user can use passthrough: Linux 6.9 or later,
+/// as root.
+fn passthrough_expected() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    (major, minor) >= (6, 9) && unsafe { libc::geteuid() } == 0
+}
+
+#[test]
+fn a_bought_file_is_read_by_the_kernel_from_the_cache_on_the_next_open() {
+    if !fuse_available() {
+        return;
+    }
+    let size = 8 * MIB;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/index.sqlite", &bytes(7, size));
+    let sim = Sim::start(
+        d,
+        &[
+            "--first-byte-ms",
+            "20",
+            "--stream-mib-per-s",
+            "200",
+            "--link-mib-per-s",
+            "1000",
+        ],
+    );
+    let rel = "10378.1/1/index.sqlite";
+    let want = sha256(&sim.root().join(rel));
+    let m = sim.mount(&[]);
+    std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
+    // Dependent page reads: the file is bought after a few round trips.
+    let f = std::fs::File::open(m.join(rel)).unwrap();
+    let mut page = vec![0u8; 4096];
+    for i in 0..24 {
+        f.read_exact_at(&mut page, ((i * 2_654_435) % (size - 4096)) as u64)
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let st = m.stats();
+    assert_eq!(st.get("buys"), Some(&1), "{st:?}");
+    // A second handle while the first (cached mode) is open: cached too,
+    // right bytes, no EIO.
+    assert_eq!(sha256(&m.join(rel)), want);
+    assert_eq!(m.stats().get("passthrough_opens"), Some(&0));
+    drop(f);
+    drop(m);
+    // A fresh mount: the file is whole in the cache folder.
+    let m = sim.mount(&[]);
+    std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
+    let before = m.stats();
+    let gets0 = sim.stat("s3_get");
+    assert_eq!(sha256(&m.join(rel)), want);
+    // Two handles at once share the backing file.
+    let a = std::fs::File::open(m.join(rel)).unwrap();
+    let b = std::fs::File::open(m.join(rel)).unwrap();
+    let (mut x, mut y) = (vec![0u8; 65536], vec![0u8; 65536]);
+    a.read_exact_at(&mut x, 3 * MIB as u64).unwrap();
+    b.read_exact_at(&mut y, 3 * MIB as u64).unwrap();
+    assert_eq!(x, y);
+    let after = m.stats();
+    eprintln!("before {before:?}\nafter {after:?}");
+    assert_eq!(sim.stat("s3_get"), gets0, "a cached file made GETs");
+    if passthrough_expected() {
+        assert!(
+            after.get("passthrough_opens").is_some_and(|&n| n >= 3),
+            "no passthrough on a kernel that has it: {after:?}"
+        );
+        assert_eq!(
+            after.get("reads"),
+            before.get("reads"),
+            "reads reached the daemon"
+        );
+    } else {
+        eprintln!("no FUSE passthrough here: read through the daemon");
+    }
+}
