@@ -40,6 +40,8 @@ pub struct FileSettings {
     pub max_read_ahead: Option<String>,
     pub cache_dir: Option<PathBuf>,
     pub no_disk_cache: Option<bool>,
+    pub no_read_hints: Option<bool>,
+    pub no_passthrough: Option<bool>,
     pub cache_size: Option<String>,
     pub cache_shared: Option<bool>,
     pub cache_group: Option<bool>,

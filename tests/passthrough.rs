@@ -88,7 +88,36 @@ fn a_bought_file_is_read_by_the_kernel_from_the_cache_on_the_next_open() {
             before.get("reads"),
             "reads reached the daemon"
         );
+        // Kept once: the whole file, its blocks removed.
+        let mut files = Vec::new();
+        for shard in std::fs::read_dir(sim.state.path().join("cache/provenafs/v1")).unwrap() {
+            let shard = shard.unwrap().path();
+            if shard.is_dir() {
+                for e in std::fs::read_dir(&shard).unwrap() {
+                    let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                    if !name.starts_with('.') {
+                        files.push(name);
+                    }
+                }
+            }
+        }
+        assert!(
+            files.len() == 1 && files[0].ends_with(".whole"),
+            "{files:?}"
+        );
     } else {
         eprintln!("no FUSE passthrough here: read through the daemon");
     }
+    drop((a, b));
+    drop(m);
+    // Without passthrough, reads come to the daemon and are served from
+    // the whole file (no GET).
+    let m = sim.mount(&["--no-passthrough"]);
+    std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
+    let gets0 = sim.stat("s3_get");
+    assert_eq!(sha256(&m.join(rel)), want);
+    let st = m.stats();
+    assert_eq!(st.get("passthrough_opens"), Some(&0), "{st:?}");
+    assert!(st.get("reads").is_some_and(|&n| n > 0), "{st:?}");
+    assert_eq!(sim.stat("s3_get"), gets0, "the cached file made GETs");
 }

@@ -737,11 +737,11 @@ fn mount_config(a: &MountArgs, file: &FileSettings) -> Result<(MountConfig, Toke
                 default: default_cache,
             }),
             request_timeout,
-            hints_dir: (!a.no_read_hints)
+            hints_dir: (!(a.no_read_hints || file.no_read_hints.unwrap_or(false)))
                 .then(crate::logfile::state_dir)
                 .flatten()
                 .map(|d| d.join("hints")),
-            passthrough: !a.no_passthrough,
+            passthrough: !(a.no_passthrough || file.no_passthrough.unwrap_or(false)),
             ..read_defaults
         },
         fuse,

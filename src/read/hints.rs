@@ -204,9 +204,18 @@ impl Hints {
             names.push(n.own.clone());
         }
         let _ = self.folder.spawn("write read hints", move || {
+            use std::os::unix::fs::OpenOptionsExt;
             for name in names {
-                let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-                let ok = std::fs::write(&tmp, &body)
+                let tmp = dir.join(format!(".{name}.{:x}", rand::random::<u64>()));
+                // 0600, as everything of the user's in the state folder; a
+                // name of our own making, never an existing file.
+                let ok = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&tmp)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, body.as_bytes()))
                     .and_then(|_| std::fs::rename(&tmp, dir.join(&name)));
                 if ok.is_err() {
                     let _ = std::fs::remove_file(&tmp);

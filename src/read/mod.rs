@@ -193,6 +193,9 @@ impl Reader {
             Some(d) => Some(DiskCache::open(d, stall)?),
             None => None,
         };
+        if let Some(d) = &disk {
+            d.set_block_size(cfg.block_size);
+        }
         let permits = (cfg.max_inflight / cfg.block_size) as usize;
         Ok(Arc::new(Self {
             mem: MemoryCache::new(cfg.memory_cache),

@@ -99,6 +99,9 @@ pub struct DiskCache {
     /// The free space kept on the folder's file system (see
     /// [`DiskCache::room_for`]).
     pub(super) floor: Floor,
+    /// Bytes per block of the mount using it (where a block lies in a
+    /// whole file; see `disk/whole.rs`).
+    pub(super) block_size: AtomicU64,
 }
 
 /// The free-space floor of a cache folder's file system: at least 5% of it
@@ -253,6 +256,7 @@ impl DiskCache {
             folder,
             default: cfg.default,
             floor,
+            block_size: AtomicU64::new(1 << 20),
         });
         let c = cache.clone();
         let measure = move || {
@@ -495,7 +499,8 @@ impl DiskCache {
                 self.reject(shard, &name, why);
                 None
             }
-            Err(None) => None,
+            // Not there: the version may be kept whole instead.
+            Err(None) => self.whole_block(k, len),
         }
     }
 

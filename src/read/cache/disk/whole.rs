@@ -72,6 +72,38 @@ impl DiskCache {
         Some(fd)
     }
 
+    /// Sets the block size of the mount using the cache (default 1 MiB).
+    pub fn set_block_size(&self, bs: u64) {
+        self.block_size
+            .store(bs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Block `k` (`len` bytes) from its version's whole file, if that is
+    /// there (the block files of a version kept whole are removed).
+    /// Blocking: a call into the folder.
+    pub(super) fn whole_block(&self, k: &BlockKey, len: u64) -> Option<bytes::Bytes> {
+        use std::os::unix::fs::FileExt;
+        if !self.keeps_whole_files() {
+            return None;
+        }
+        let name = Self::whole_name(&k.object);
+        let fd = open_untrusted(self.shard(&name)?, name.as_str()).ok()?;
+        let st = fstat(&fd).ok()?;
+        let start = k.index * self.block_size.load(std::sync::atomic::Ordering::Relaxed);
+        if st.st_uid != nix::unistd::geteuid().as_raw()
+            || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || st.st_mode & 0o022 != 0
+            || (st.st_size as u64) < start + len
+        {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::from(fd)
+            .read_exact_at(&mut buf, start)
+            .ok()?;
+        Some(bytes::Bytes::from(buf))
+    }
+
     /// Puts `id`'s blocks (of `block_size`; `size` bytes in all) together
     /// as its whole file, in the background, if there is room: from the
     /// folder, a block missing there (a write dropped while the folder was
@@ -91,12 +123,38 @@ impl DiskCache {
             match me.write_whole(&id, size, block_size, &fill) {
                 Ok(true) => {
                     tracing::debug!(key = %id.key, size, "kept whole for passthrough");
+                    // Its blocks are the same bytes again: gone, and read
+                    // from the whole file from now on (`whole_block`).
+                    let freed = me.remove_blocks(&id, size, block_size);
+                    let used = me.used.load(std::sync::atomic::Ordering::Relaxed);
+                    me.used
+                        .fetch_sub(freed.min(used), std::sync::atomic::Ordering::Relaxed);
                     me.added(size);
                 }
                 Ok(false) => {}
                 Err(e) => tracing::debug!(key = %id.key, error = %e, "not kept whole"),
             }
         });
+    }
+
+    /// Removes the block files of `id` (kept whole now); the bytes freed.
+    /// Blocking: calls into the folder.
+    fn remove_blocks(&self, id: &Arc<ObjectId>, size: u64, bs: u64) -> u64 {
+        let mut freed = 0;
+        for index in 0..size.div_ceil(bs) {
+            let k = BlockKey {
+                object: id.clone(),
+                index,
+            };
+            let name = Self::name(&k);
+            let Some(shard) = self.shard(&name) else {
+                continue;
+            };
+            if unlinkat(shard.as_fd(), name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+                freed += super::header_len(&k) as u64 + (size - index * bs).min(bs);
+            }
+        }
+        freed
     }
 
     /// Blocking: `Ok(false)` when it is already there.
