@@ -486,13 +486,16 @@ impl Filesystem for ProvenaFs {
         // Passthrough: whole files in the disk cache read by the kernel
         // itself. Only a daemon with CAP_SYS_ADMIN may open backing files
         // (root, here), on Linux 6.9 and later; elsewhere every read comes
-        // to us, as before.
+        // to us, as before. A stack depth of 1: a backing file on a plain
+        // file system (a cache on overlayfs is refused at open_backing,
+        // and that open is then cached), and the mount itself can still
+        // be an overlay's lower layer.
         if self.reader.keeps_whole_files() && nix::unistd::geteuid().is_root() {
             let granted = config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
                 .and_then(|()| {
                     config
-                        .set_max_stack_depth(2)
+                        .set_max_stack_depth(1)
                         .map(drop)
                         .map_err(|_| InitFlags::FUSE_PASSTHROUGH)
                 });

@@ -57,19 +57,24 @@ impl Passthrough {
         reply: &ReplyOpen,
         whole: impl FnOnce() -> Option<OwnedFd>,
     ) -> Option<Arc<BackingId>> {
-        let mut inodes = lock(&self.inodes);
-        match inodes.get_mut(&ino) {
+        // Joins the inode's mode if it has handles open.
+        let join = |inodes: &mut HashMap<u64, Mode>| match inodes.get_mut(&ino) {
             Some(Mode::Through(id, n)) => {
                 *n += 1;
                 self.opens.fetch_add(1, Ordering::Relaxed);
-                return Some(id.clone());
+                Some(Some(id.clone()))
             }
             Some(Mode::Cached(n)) => {
                 *n += 1;
-                return None;
+                Some(None)
             }
-            None => {}
+            None => None,
+        };
+        if let Some(mode) = join(&mut lock(&self.inodes)) {
+            return mode;
         }
+        // Found outside the lock (a call into the cache folder, bounded by
+        // its stall timeout): other opens and releases go on meanwhile.
         let id =
             self.enabled()
                 .then(whole)
@@ -81,6 +86,12 @@ impl Passthrough {
                         None
                     }
                 });
+        let mut inodes = lock(&self.inodes);
+        // Another open of the inode got there first: its mode it is (our
+        // backing id, if any, is closed as it goes).
+        if let Some(mode) = join(&mut inodes) {
+            return mode;
+        }
         match id {
             Some(id) => {
                 inodes.insert(ino, Mode::Through(id.clone(), 1));

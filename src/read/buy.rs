@@ -36,6 +36,11 @@ use crate::retry::Deadline;
 /// (sqlite's indexed query, 96 MiB): 8 GETs of 4 MiB 0.62 s, 16 of
 /// 2 MiB 0.58 s, 32 of 1 MiB 0.66 s.
 const BUY_STREAMS: u64 = 16;
+/// Buys running at once in this process: each holds up to
+/// [`BUY_STREAMS`] x [`BUY_PART`] in memory on its way to disk, and many
+/// files bought at once would take the link from every reader.
+static BUYS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Bytes of one GET of a buy: small enough that a block a reader waits for
 /// in the middle of one comes soon.
 const BUY_PART: u64 = 2 * MIB;
@@ -272,9 +277,11 @@ impl Reader {
     /// Whether a file of `size` bytes may be bought: where its blocks can
     /// be kept (the disk cache, with room under its bound; else half the
     /// memory cache).
+    /// A disk cache past its free-space floor, or not answering, keeps
+    /// nothing: buying would fetch the file only to let it go.
     fn may_buy(&self, size: u64) -> bool {
         match &self.disk {
-            Some(d) => size <= d.limit() / 2,
+            Some(d) => size <= d.limit() / 2 && d.keeps_blocks(),
             None => size <= self.cfg.memory_cache / 2,
         }
     }
@@ -326,29 +333,23 @@ impl Reader {
         let span = info_span!("buy", key = %f.file.meta.key, size = f.size());
         tokio::spawn(
             async move {
-                me.buy(&file, at).await;
+                let _one_of_few = BUYS.acquire().await;
+                if !me.buy(&file, at).await {
+                    // Parts failed: still renting (a later wait may buy
+                    // again, for the blocks still missing).
+                    version.state.store(RENTING, Ordering::Release);
+                    return;
+                }
                 version.state.store(BOUGHT, Ordering::Release);
                 // For the next opens: the kernel reads it from disk.
                 if let (Some(disk), true) = (&me.disk, me.whole_files.load(Ordering::Relaxed)) {
-                    // A block the folder lacks: from memory, else S3 (this
-                    // runs on a folder thread, outside the runtime).
-                    let (r, f) = (me.clone(), file.file.clone());
-                    let (rt, id) = (tokio::runtime::Handle::current(), file.id.clone());
-                    let fill = move |index: u64, len: u64| {
-                        let key = super::cache::BlockKey {
+                    // A block the folder lacks (a write dropped while it was
+                    // busy) from memory; not there either: not kept whole.
+                    let (r, id) = (me.clone(), file.id.clone());
+                    let fill = move |index: u64, _len: u64| {
+                        r.mem.get(&super::cache::BlockKey {
                             object: id.clone(),
                             index,
-                        };
-                        r.mem.get(&key).or_else(|| {
-                            let start = index * r.cfg.block_size;
-                            let deadline = Deadline::after(r.cfg.request_timeout);
-                            let get = f.dataset.store.get_range(
-                                &f.meta.key,
-                                start..start + len,
-                                Some(&f.meta),
-                                deadline,
-                            );
-                            rt.block_on(get).ok()
                         })
                     };
                     disk.keep_whole(file.id.clone(), file.size(), me.cfg.block_size, fill);
@@ -361,7 +362,8 @@ impl Reader {
     /// Fetches every block of `f` not cached yet, in parts of [`BUY_PART`],
     /// [`BUY_STREAMS`] at a time, starting at the part of byte `at` and
     /// going outward.
-    async fn buy(self: &Arc<Self>, f: &OpenFile, at: u64) {
+    /// Whether every part came.
+    async fn buy(self: &Arc<Self>, f: &OpenFile, at: u64) -> bool {
         let started = Instant::now();
         let bs = self.cfg.block_size;
         let blocks = f.size().div_ceil(bs);
@@ -379,20 +381,91 @@ impl Reader {
             }
         }
         let to_disk = self.disk.is_some();
-        futures::stream::iter(order)
+        let order = futures::stream::iter(order)
             .map(|p| {
                 let (i, j) = (p * per_part, ((p + 1) * per_part).min(blocks) - 1);
                 async move {
                     let deadline = Deadline::after(self.cfg.request_timeout);
                     let waits = self.start_fetch_as(f, i, j, deadline, None, to_disk);
+                    let mut ok = true;
                     for (_, w) in waits {
-                        let _ = wait_for(w, deadline).await;
+                        ok &= wait_for(w, deadline).await.is_ok();
                     }
+                    ok
                 }
             })
             .buffer_unordered(BUY_STREAMS as usize)
-            .collect::<Vec<()>>()
+            .collect::<Vec<bool>>()
             .await;
-        debug!(took = ?started.elapsed(), "bought");
+        let ok = order.iter().all(|&b| b);
+        debug!(took = ?started.elapsed(), ok, "bought");
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_only_where_a_streams_transfer_costs_a_round_trip() {
+        let p = Pace::default();
+        // Nothing measured: the defaults are a guess, no GET is split.
+        assert_eq!(p.parts(MIB), 1);
+        // The WAN profile: 20 ms to the first byte, 50 MiB/s a stream.
+        p.record_small(Duration::from_millis(20));
+        assert_eq!(p.parts(MIB), 4);
+        // Smaller ranges: parts of about a quarter round trip's transfer,
+        // at least 128 KiB each.
+        assert_eq!(p.parts(512 * 1024), 2);
+        assert_eq!(p.parts(256 * 1024), 1);
+        assert_eq!(p.parts(64 * 1024), 1);
+        // A fast local store: a block's transfer is under SPLIT_FROM.
+        let fast = Pace::default();
+        fast.record_small(Duration::from_micros(50));
+        fast.record(
+            8 * MIB,
+            64 * 1024,
+            Duration::from_micros(60),
+            Duration::from_millis(4),
+        );
+        assert_eq!(fast.parts(MIB), 1);
+    }
+
+    #[test]
+    fn the_price_is_a_round_trip_and_the_size_over_the_buys_streams() {
+        let p = Pace::default();
+        p.record_small(Duration::from_millis(20));
+        // 96 MiB over 16 streams of 50 MiB/s, the link not yet seen: 8
+        // streams' worth (400 MiB/s): 20 ms + 240 ms.
+        let price = p.price(96 * MIB);
+        assert!(
+            price >= Duration::from_millis(250) && price <= Duration::from_millis(270),
+            "{price:?}"
+        );
+    }
+
+    #[test]
+    fn the_first_wait_is_not_rent_and_overlapping_waits_count_once() {
+        let v = Arc::new(Version {
+            rent_ns: AtomicU64::new(0),
+            first_paid: Default::default(),
+            waiting: Mutex::new((0, None)),
+            state: AtomicU8::new(RENTING),
+            first: Default::default(),
+        });
+        drop(v.wait());
+        assert_eq!(v.rent_ns.load(Ordering::Relaxed), 0, "the first wait");
+        let (a, b) = (v.wait(), v.wait());
+        std::thread::sleep(Duration::from_millis(20));
+        drop(a);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(b);
+        let rent = Duration::from_nanos(v.rent_ns.load(Ordering::Relaxed));
+        // One span of 40 ms, not 20 + 40.
+        assert!(
+            rent >= Duration::from_millis(40) && rent < Duration::from_millis(55),
+            "{rent:?}"
+        );
     }
 }

@@ -160,6 +160,18 @@ impl Reader {
         self.spawn_fetch(f, i, j, deadline, permit, Why::Demand).0
     }
 
+    /// Block `i` of `f` as read-ahead holding `permit` of the budget.
+    pub(super) fn start_fetch_permitted(
+        self: &Arc<Self>,
+        f: &OpenFile,
+        i: u64,
+        deadline: Deadline,
+        permit: OwnedSemaphorePermit,
+    ) -> Vec<(u64, Pending)> {
+        self.spawn_fetch(f, i, i, deadline, Some(permit), Why::Ahead)
+            .0
+    }
+
     /// [`Reader::start_fetch`]; `bought` blocks (a buy's: kept on disk)
     /// leave memory first once they land.
     pub(super) fn start_fetch_as(
@@ -452,7 +464,9 @@ impl Reader {
                 let from = key.index * bs;
                 async move {
                     let got = self.get_in_parts(file, from..from + len, deadline).await;
-                    self.pace.landed(len);
+                    if got.is_ok() {
+                        self.pace.landed(len);
+                    }
                     let r = match got {
                         Ok(b) if b.len() as u64 == len => {
                             self.keep_on_disk(&key, &b, claim);

@@ -43,6 +43,9 @@ const MAX_BLOCKS: u64 = 16;
 const MAX_RECORD: u64 = 64 * 1024;
 /// Records kept in the folder; past it the oldest go, at a mount's start.
 const KEPT: usize = 4096;
+/// Records written between two trims of the folder (a mount that opens
+/// a million versions must not leave a million files).
+const TRIM_EVERY: u64 = 1024;
 /// Sizes within this fraction of each other may share a series' record.
 const SERIES_SIZE_SLACK: f64 = 0.25;
 
@@ -54,6 +57,8 @@ pub struct Hints {
     /// recorded (a series is read file after file: the next file opens
     /// before the one before is closed and its record written).
     latest: Mutex<std::collections::HashMap<String, (u64, Recalled)>>,
+    /// Records written, for [`TRIM_EVERY`].
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// Which records an open version reads and writes: its own and its
@@ -86,20 +91,33 @@ impl Hints {
     /// Records in `dir` (made 0700 if missing), its calls bounded by
     /// `stall`. None when it cannot be made: a mount without hints.
     pub fn open(dir: &Path, stall: Duration) -> Option<Arc<Hints>> {
-        use std::os::unix::fs::DirBuilderExt;
-        if let Err(e) = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-        {
-            tracing::debug!(folder = %dir.display(), error = %e, "no read hints: the folder cannot be made");
+        let folder = Folder::new("state folder (read hints)", dir, "no read hints", stall, 2);
+        // Made (0700) and checked through the folder: a home folder that
+        // stalls at the mount's start costs the hints, not the mount; one
+        // another user can write is not used (they could plant records or
+        // links).
+        let d = dir.to_path_buf();
+        let made = folder.run_blocking("make the read hints folder", move || {
+            use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)?;
+            let m = std::fs::symlink_metadata(&d)?;
+            if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+                return Err(std::io::Error::other("not a folder of this user's alone"));
+            }
+            Ok(())
+        });
+        if let Err(e) = made {
+            tracing::warn!(folder = %dir.display(), error = %e, "no read hints: the folder cannot be used");
             return None;
         }
-        let folder = Folder::new("state folder (read hints)", dir, "no read hints", stall, 2);
         let hints = Arc::new(Hints {
             folder,
             dir: dir.to_path_buf(),
             latest: Default::default(),
+            writes: Default::default(),
         });
         let d = hints.dir.clone();
         let _ = hints.folder.spawn("trim read hints", move || trim(&d));
@@ -167,7 +185,7 @@ impl Hints {
     }
 
     /// A series' latest first second in this mount, as it is recorded.
-    fn latest(&self, n: &Names, ranges: &[(u64, u64)], bought: bool) {
+    fn latest(&self, n: &Names, ranges: &[(u64, u64)]) {
         let Some(s) = &n.series else {
             return;
         };
@@ -181,7 +199,7 @@ impl Hints {
                 n.size,
                 Recalled {
                     ranges: ranges.to_vec(),
-                    bought,
+                    bought: false,
                 },
             ),
         );
@@ -191,21 +209,29 @@ impl Hints {
     /// background: a new file renamed into place, never a file half
     /// written.
     fn write(&self, n: &Names, ranges: &[(u64, u64)], bought: bool, own_too: bool) {
-        let body = serde_json::json!({
-            "v": 1,
-            "size": n.size,
-            "bought": bought,
-            "ranges": ranges.iter().map(|&(s, e)| [s, e - s]).collect::<Vec<_>>(),
-        })
-        .to_string();
+        let body = |bought: bool| {
+            serde_json::json!({
+                "v": 1,
+                "size": n.size,
+                "bought": bought,
+                "ranges": ranges.iter().map(|&(s, e)| [s, e - s]).collect::<Vec<_>>(),
+            })
+            .to_string()
+        };
         let dir = self.dir.clone();
-        let mut names: Vec<String> = n.series.iter().cloned().collect();
+        // A series' record never says bought (see `recall`).
+        let mut names: Vec<(String, String)> =
+            n.series.iter().map(|s| (s.clone(), body(false))).collect();
         if own_too {
-            names.push(n.own.clone());
+            names.push((n.own.clone(), body(bought)));
+        }
+        if self.writes.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY == TRIM_EVERY - 1 {
+            let d = self.dir.clone();
+            let _ = self.folder.spawn("trim read hints", move || trim(&d));
         }
         let _ = self.folder.spawn("write read hints", move || {
             use std::os::unix::fs::OpenOptionsExt;
-            for name in names {
+            for (name, body) in names {
                 let tmp = dir.join(format!(".{name}.{:x}", rand::random::<u64>()));
                 // 0600, as everything of the user's in the state folder; a
                 // name of our own making, never an existing file.
@@ -348,7 +374,7 @@ impl FirstSecond {
             return;
         }
         if let Some((hints, names)) = &r.to {
-            hints.latest(names, &r.ranges, r.bought);
+            hints.latest(names, &r.ranges);
         }
     }
 }
@@ -420,10 +446,13 @@ impl Reader {
                 r.written = true;
                 r.bought |= rec.bought;
             }
-            if rec.bought {
+            if rec.bought && own {
                 // Its readers paid the rent before: the first of them to
                 // need it is the one to wait for, and buying starts where
-                // they started.
+                // they started. Only the version's own record says so: a
+                // sibling's purchase says nothing of what this file's
+                // readers will need (a year of daily files, one bought,
+                // must not buy the other 364 at open).
                 me.stats.hinted.fetch_add(1, Ordering::Relaxed);
                 let at = rec.ranges.first().map_or(0, |r| r.0);
                 me.ask_hinted(&f, &rec.ranges[..rec.ranges.len().min(1)]);
@@ -466,7 +495,12 @@ impl Reader {
         );
         let deadline = Deadline::after(self.cfg.request_timeout);
         for i in blocks {
-            drop(self.start_fetch_as(f, i, i, deadline, None, false));
+            // Within the read-ahead budget, as read-ahead: many files
+            // opened at once must not reserve memory past it.
+            let Ok(permit) = self.budget.clone().try_acquire_owned() else {
+                break;
+            };
+            drop(self.start_fetch_permitted(f, i, deadline, permit));
         }
     }
 }

@@ -421,18 +421,23 @@ impl Reader {
                 let mut blocks = Vec::with_capacity(waits.len());
                 for (i, wait) in waits.iter_mut().enumerate() {
                     let index = b0 + i as u64;
-                    let got = match deadline.run(wait.clone()).await {
-                        // A fetch that died: once more, afresh.
-                        Some(Err(FetchError::Abandoned)) => {
-                            let again = self.demand(f, index, index, deadline).remove(0);
-                            deadline
-                                .run(again)
-                                .await
-                                .unwrap_or(Err(FetchError::TimedOut))
+                    let mut got = deadline
+                        .run(wait.clone())
+                        .await
+                        .unwrap_or(Err(FetchError::TimedOut));
+                    // A fetch that died (a follower stopped, a task gone):
+                    // afresh, a few times (the one joined may be another
+                    // reader's follower, stopped in turn).
+                    for _ in 0..3 {
+                        if !matches!(got, Err(FetchError::Abandoned)) {
+                            break;
                         }
-                        Some(r) => r,
-                        None => Err(FetchError::TimedOut),
-                    };
+                        let again = self.demand(f, index, index, deadline).remove(0);
+                        got = deadline
+                            .run(again)
+                            .await
+                            .unwrap_or(Err(FetchError::TimedOut));
+                    }
                     match got {
                         Ok(b) => blocks.push(b),
                         Err(e) => {

@@ -145,8 +145,10 @@ impl Reader {
         // Forward: at most a few MiB past the end of the reads so far, or
         // back within the run (the kernel sends a reader's read-ahead
         // asynchronously, so reads of one run arrive out of order).
+        // Within what is being fetched ahead of it is forward too (a jump
+        // into the followed range must not stop the GET it needs).
         let forward = !first
-            && offset <= p.last_end + FOLLOW_GAP
+            && offset <= (p.last_end + FOLLOW_GAP).max(p.follow_to)
             && (offset + slack >= p.last_end || (p.fwd_reads > 0 && offset >= p.fwd_start));
         if p.fwd_recent.len() >= FOLLOW_RECENT {
             p.fwd_recent.pop_front();

@@ -235,7 +235,7 @@ impl DiskCache {
             let total = s.blocks() * s.fragment_size();
             floor
                 .keep
-                .store((total / 20).max(1 << 30), Ordering::Relaxed);
+                .store((total / 20).clamp(1 << 30, 50 << 30), Ordering::Relaxed);
             floor
                 .free
                 .store(s.blocks_available() * s.fragment_size(), Ordering::Relaxed);
@@ -314,6 +314,20 @@ impl DiskCache {
     /// said once each in the log and shown by `status`, never once per
     /// block. Blocking when the free space is due to be asked again: a
     /// call into the folder.
+    /// Whether blocks are being kept: the folder answers and the floor is
+    /// not reached (what the last check found; no call into the folder).
+    pub fn keeps_blocks(&self) -> bool {
+        self.folder.answering() && !self.floor.reached.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` bytes fit above the floor, as last measured, without
+    /// saying anything of it (a whole file's size must not flip the
+    /// floor's state that blocks set).
+    pub(super) fn fits(&self, n: u64) -> bool {
+        let f = &self.floor;
+        f.free.load(Ordering::Relaxed) >= f.keep.load(Ordering::Relaxed).saturating_add(n)
+    }
+
     pub(super) fn room_for(&self, n: u64) -> bool {
         let f = &self.floor;
         let now = std::time::SystemTime::now()

@@ -115,11 +115,15 @@ impl DiskCache {
         block_size: u64,
         fill: impl Fn(u64, u64) -> Option<bytes::Bytes> + Send + 'static,
     ) {
-        if !self.keeps_whole_files() || size == 0 || !self.room_for(size) {
+        if !self.keeps_whole_files() || size == 0 {
             return;
         }
         let me = self.clone();
         let _ = self.folder.spawn_patient("write a whole file", move || {
+            // On the folder's thread: the floor's check may call into it.
+            if !me.room_for(0) || !me.fits(size) {
+                return;
+            }
             match me.write_whole(&id, size, block_size, &fill) {
                 Ok(true) => {
                     tracing::debug!(key = %id.key, size, "kept whole for passthrough");
