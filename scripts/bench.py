@@ -17,8 +17,16 @@ default, loopback, writes bench/RESULTS.md. Environment:
     BENCH_VENV        venv of the science readers (/tmp/provenafs-bench-venv),
                       made from scripts/bench-requirements.txt when missing
     BENCH_TOOLS="provenafs,rclone full"   only these tools (a quick look)
+
+Every provenafs mount has an empty cache folder and an empty state folder
+(XDG_CACHE_HOME, XDG_STATE_HOME) of its own: "provenafs" is a first reader
+ever, with no disk cache and no read hints from an earlier mount. The
+science rows add "provenafs recalled": a version another node read before
+(one untimed read of the same reader through a mount of its own, whose
+state folder, so whose read hints, the timed mounts share; their cache
+folders are still new each mount).
 """
-import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time, datetime, math
+import argparse, json, os, platform, shutil, signal, statistics, subprocess, sys, tempfile, time, datetime, math
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINDIR = os.environ.get("PROVENAFS_BINDIR", os.path.join(ROOT, "target/release"))
@@ -72,10 +80,11 @@ def drop_caches(data):
         sh(f"cat {data}/10378.1/1/big.bin {data}/10378.1/2/* > /dev/null")
         sh(f"find {data}/10378.1/3 -type f -exec cat {{}} + > /dev/null")
 
-def warm_science(data, fname):
-    # As drop_caches, for the one science fixture about to be read
-    # (re-reading everything before each read would only cost CPU).
-    sh(f"cat '{data}/{SCI_HANDLE}/{fname}' > /dev/null")
+def warm_science(data, files):
+    # As drop_caches, for the science fixtures about to be read (one file,
+    # or a series' files; re-reading everything before each read would
+    # only cost CPU).
+    sh("cat " + " ".join(f"'{data}/{SCI_HANDLE}/{f}'" for f in files) + " > /dev/null")
 
 def gen(data):
     def rnd(path, size):
@@ -175,12 +184,122 @@ class Tool:
         return m
 
 class Provenafs(Tool):
+    """provenafs, a first reader ever: each mount has an empty cache folder
+    and an empty state folder of its own."""
+    def __init__(self, name, sim):
+        super().__init__(name, sim)
+        # The state folder shared by this tool's mounts, or None: a new one
+        # each mount (see mount()).
+        self.state = None
+        self.logs = {}  # mountpoint -> (its log file, the pid serving it)
+
     def mount(self, handle):
         m = self.new_mountpoint()
-        env = dict(os.environ, **self.sim.env)
-        subprocess.run([BIN, "mount", m], env=env, check=True)
-        self.pids += pids_of("provenafs", "mount", m, "--foreground")[:1]
+        # provenafs keeps a disk cache by default, in $XDG_CACHE_HOME/provenafs,
+        # kept across mounts: left there, every repetition after the first
+        # read its blocks from disk, not S3 (and the runs leaked into
+        # /root/.cache). Each mount gets an empty one of its own, as each
+        # rclone mount gets a new cache folder; through XDG_CACHE_HOME, not
+        # --cache-dir, so that it is still the default folder to provenafs
+        # (whose first reads act on that).
+        cache = tempfile.mkdtemp(prefix="bench-provenafs-cache-")
+        self.scratch.append(cache)
+        # Likewise the state folder, $XDG_STATE_HOME/provenafs: besides the
+        # mount's log, status and read manifest it keeps the read hints, the
+        # ranges each file version's (and series') readers asked for first,
+        # which the next open of that version asks for at once. Kept across
+        # mounts, every repetition after the first would be a reader that
+        # had been there before (and the runs leaked into /root/.local/state).
+        # A tool with a shared folder (ProvenafsRecalled) keeps it.
+        state = self.state
+        if state is None:
+            state = tempfile.mkdtemp(prefix="bench-provenafs-state-")
+            self.scratch.append(state)
+        env = dict(os.environ, **self.sim.env, XDG_CACHE_HOME=cache, XDG_STATE_HOME=state)
+        r = subprocess.run([BIN, "mount", m], env=env, check=True, capture_output=True, text=True)
+        sys.stderr.write(r.stderr)
+        pid = pids_of("provenafs", "mount", m, "--foreground")[:1]
+        self.pids += pid
+        # Its log, in that state folder: "mounted at M; logs in PATH".
+        logf = next((l.split("logs in ", 1)[1].strip() for l in r.stderr.splitlines() if "logs in " in l), None)
+        if logf and pid:
+            self.logs[m] = (logf, pid[0])
         return f"{m}/{handle}"
+
+    def umount_all(self):
+        super().umount_all()
+        self.logs = {}
+
+    def mount_stats(self, d):
+        """The figures of the mount serving folder d: the `stats:` line its
+        process logs on SIGUSR1 (in its log, in the mount's own state
+        folder), as numbers by name; {} when there are none within 5 s."""
+        m = next((m for m in self.logs if d == m or d.startswith(m + "/")), None)
+        if m is None:
+            return {}
+        logf, pid = self.logs[m]
+        def lines():
+            try:
+                return [l for l in open(logf, errors="replace") if "stats: " in l]
+            except OSError:
+                return []
+        before = len(lines())
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            return {}
+        end = time.perf_counter() + 5
+        while time.perf_counter() < end:
+            found = lines()
+            if len(found) > before:
+                kv = (x.split("=", 1) for x in found[-1].rsplit("stats: ", 1)[1].split() if "=" in x)
+                return {k: int(v) for k, v in kv if v.isdigit()}
+            time.sleep(0.05)
+        return {}
+
+class ProvenafsRecalled(Provenafs):
+    """provenafs where another node read this version before: its mounts
+    share one state folder (so its read hints), set up per science read by
+    new_state() and primed by one untimed read through a mount of its own
+    (science()). Each mount still has an empty cache folder of its own (no
+    disk cache shared): what carries over is the hints alone. Science rows
+    only."""
+    def __init__(self, name, sim):
+        super().__init__(name, sim)
+        self.kept = []
+
+    def new_state(self):
+        self.forget()
+        self.state = tempfile.mkdtemp(prefix="bench-provenafs-recalled-state-")
+        self.kept.append(self.state)
+
+    def forget(self):
+        for d in self.kept:
+            shutil.rmtree(d, ignore_errors=True)
+        self.kept, self.state = [], None
+
+    def hint_records(self):
+        d = os.path.join(self.state or "", "provenafs/hints")
+        try:
+            return sum(1 for f in os.listdir(d) if not f.startswith("."))
+        except OSError:
+            return 0
+
+# The ways that are provenafs itself: never a peer, never an "other way".
+PROVENAFS_WAYS = ("provenafs", "provenafs recalled")
+
+def wait_exit(pids, secs=10.0):
+    """Waits (up to secs) for processes not our children to be gone (a
+    zombie counts as gone)."""
+    end = time.perf_counter() + secs
+    for p in pids:
+        while time.perf_counter() < end:
+            try:
+                if open(f"/proc/{p}/stat").read().split(")")[-1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
 
 class Rclone(Tool):
     def __init__(self, name, sim, mode):
@@ -431,6 +550,46 @@ def sci_read(py, reader, path):
 
 SIM_KEYS = ("s3_get", "s3_get_bytes", "s3_head", "s3_list", "api_fetch", "api_credentials")
 
+def download(sim, files, dest, parallel):
+    """Download first: the dataset's `files` into dest (same relative
+    paths) with provenafs-getbench --out, `parallel` 8 MiB parts each.
+    Returns the transfer's seconds: for one file getbench's own time (from
+    its first GET to the file written: its token, API calls and HEAD
+    before that are left out, as they are for the mounts); for several
+    (a series), one getbench per file, all started at once, each file's
+    parts in parallel as for one file, and the time from the first of
+    them to start its GETs to the last to finish (each one's start is its
+    exit less its own time), so the API calls every getbench makes first,
+    side by side, are left out in the same way."""
+    for f in files:
+        os.makedirs(os.path.dirname(f"{dest}/{f}"), exist_ok=True)
+    if len(files) == 1:
+        return getbench(sim, SCI_HANDLE, files[0], parallel, out=f"{dest}/{files[0]}")[1]
+    env = dict(os.environ, **sim.env)
+    procs = [subprocess.Popen([GETBENCH, SCI_HANDLE, f, str(parallel), "8", "--out", f"{dest}/{f}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for f in files]
+    spans, errors = [], []
+    pending = dict(zip(procs, files))
+    deadline = time.perf_counter() + 900  # as a reader's (sci_read)
+    while pending:  # polled, so that each exit is timed when it happens
+        if time.perf_counter() > deadline:
+            for p in pending:
+                p.kill()
+                p.wait()
+            raise RuntimeError(f"getbench: {len(pending)} of {len(files)} files not downloaded in 900 s")
+        for p in [p for p in pending if p.poll() is not None]:
+            end, f = time.perf_counter(), pending.pop(p)
+            out, err = p.communicate()
+            if p.returncode != 0:
+                errors.append(f"{f}: {(err.strip() or f'exit {p.returncode}').splitlines()[-1]}")
+            else:
+                spans.append((end - float(out.split()[1]), end))
+        time.sleep(0.002)
+    if errors:
+        raise RuntimeError(f"getbench failed for {len(errors)} of {len(files)} files: {errors[0]}")
+    return max(e for _, e in spans) - min(s for s, _ in spans)
+
 def sim_delta(s0, s1):
     return {k: s1.get(k, 0) - s0.get(k, 0) for k in SIM_KEYS}
 
@@ -440,21 +599,28 @@ def sim_delta(s0, s1):
 SETTLE = float(os.environ.get("BENCH_SETTLE_SECS", "0.5"))
 
 def science(tools, sim, data, py, dl_parallel):
-    """For each reader: a fresh mount of each tool per read (cold), the
-    whole file downloaded first, and the local file (page cache warm).
+    """For each reader: a fresh mount of each tool per read (cold; for
+    "provenafs recalled" after one untimed priming read, see
+    ProvenafsRecalled), the whole file (a series: all its files) downloaded
+    first, and the local file (page cache warm).
     Returns {reader: {way: {seconds, s3_get_bytes, s3_get, ..., rchar,
     ok, runs}}}."""
     sci = sci_module()
     fixtures = f"{data}/{SCI_HANDLE}"
     out = {}
     for reader, (fname, _) in sci.READERS.items():
-        log(f"science: {reader} ({fname})")
+        files = sci.reader_files(reader)
+        log(f"science: {reader} ({fname}" + (f", {len(files)} files" if len(files) > 1 else "") + ")")
         row = out[reader] = {}
         local = f"{fixtures}/{fname}"
+        # The folders the reader's files are in, listed before each timed
+        # read with the dataset's own (below): a series' folder too.
+        folders = sorted({os.path.dirname(f) for f in files} - {""})
 
         def record(way, runs):
             agg = {"runs": runs, "seconds": med([r["seconds"] for r in runs])}
-            for k in SIM_KEYS + ("rchar", "download_seconds", "download_wall_seconds", "peak_rss_mib"):
+            for k in SIM_KEYS + ("rchar", "download_seconds", "download_wall_seconds", "peak_rss_mib", "hinted",
+                                 "buys"):
                 if any(k in r for r in runs):
                     agg[k] = med([r.get(k) for r in runs])
             agg["result"] = runs[0]["result"]
@@ -464,59 +630,97 @@ def science(tools, sim, data, py, dl_parallel):
         # reader asks for.
         runs = []
         for _ in range(REPS):
-            sh(f"cat '{local}' > /dev/null")
+            warm_science(data, files)
             runs.append(sci_read(py, reader, local))
         record("local disk", runs)
         ref = row["local disk"]["result"]
 
+        def list_first(d):
+            # The dataset's folder listed first, untimed: the read is timed
+            # with the dataset's API calls (provenafs: token, fetch-dataset,
+            # credentials) and the listing done, as the peers get their
+            # credentials before they mount. A dataset's first file is issue
+            # 14's time-to-first-byte row. A series' folder is listed too:
+            # every row starts with the folder of its files listed (the
+            # read's own glob lists it again, timed, from the tool's cache
+            # when it keeps one).
+            sh("ls -l " + " ".join(f"'{d}/{f}'" for f in [""] + folders) + " > /dev/null")
+
+        def one_read(t):
+            warm_science(data, files)
+            d = t.mount(SCI_HANDLE)
+            list_first(d)
+            s0 = sim.stats()
+            r = sci_read(py, reader, f"{d}/{fname}")
+            time.sleep(SETTLE)
+            r.update(sim_delta(s0, sim.stats()))
+            r["peak_rss_mib"] = peak_rss_mib(t.pids)
+            if isinstance(t, Provenafs):
+                st = t.mount_stats(d)
+                for k in ("hinted", "buys"):
+                    if k in st:
+                        r[k] = st[k]
+                if not st:
+                    log(f"science: {reader}: {t.name}: no stats line in the mount's log")
+            pids = list(t.pids)
+            t.umount_all()
+            return r, pids
+
         for t in tools:
             runs = []
             try:
+                prime = None
+                if isinstance(t, ProvenafsRecalled):
+                    # Another node read this version before: one untimed read
+                    # of the same reader (a series: the same open_mfdataset)
+                    # through a mount of its own, with the state folder the
+                    # timed mounts then share; its cache folder goes with it.
+                    # Its process gone, its read hints are written.
+                    t.new_state()
+                    prime, pids = one_read(t)
+                    wait_exit(pids)
+                    prime["hint_records"] = t.hint_records()
+                    prime["ok"] = prime["result"] == ref
+                    log(f"science: {reader}: {t.name}: primed in {fmt(prime['seconds'])} s, "
+                        f"{prime['hint_records']} hint records")
+                    if not prime["hint_records"]:
+                        log(f"science: {reader}: {t.name}: the priming read left no read hints")
                 for _ in range(REPS):
-                    warm_science(data, fname)
-                    d = t.mount(SCI_HANDLE)
-                    # The dataset's folder listed first, untimed: the read is
-                    # timed with the dataset's API calls (provenafs: token,
-                    # fetch-dataset, credentials) and the listing done, as
-                    # the peers get their credentials before they mount. A
-                    # dataset's first file is issue 14's time-to-first-byte
-                    # row.
-                    sh(f"ls -l '{d}' > /dev/null")
-                    s0 = sim.stats()
-                    r = sci_read(py, reader, f"{d}/{fname}")
-                    time.sleep(SETTLE)
-                    r.update(sim_delta(s0, sim.stats()))
-                    r["peak_rss_mib"] = peak_rss_mib(t.pids)
-                    t.umount_all()
-                    runs.append(r)
+                    runs.append(one_read(t)[0])
                 record(t.name, runs)
+                if prime is not None:
+                    row[t.name]["prime"] = prime
             except Exception as e:  # a peer failing must not lose the others' figures
                 log(f"science: {reader} on {t.name} failed: {e}")
                 row[t.name] = {"error": str(e)[-300:]}
             finally:
                 t.umount_all()
+                if isinstance(t, ProvenafsRecalled):
+                    t.forget()
 
-        # Download the whole file (parallel ranged GETs into a local file),
-        # then read it there: time = getbench's own transfer time (from its
-        # first GET to the file written; its token, API calls and HEAD
-        # before that are left out, as they are for the mounts) + the
-        # reader. The whole process's time is kept in the JSON.
+        # Download the whole file, or every file of a series (parallel
+        # ranged GETs into local files, see download()), then read there:
+        # time = the transfer time (API calls before the first GET left
+        # out, as they are for the mounts) + the reader. The whole
+        # download's time is kept in the JSON.
         runs = []
         tmp = tempfile.mkdtemp(prefix="bench-download-")
         try:
             for _ in range(REPS):
-                warm_science(data, fname)
-                dst = f"{tmp}/{fname}"
+                warm_science(data, files)
                 s0 = sim.stats()
                 t0 = time.perf_counter()
-                _, dl, _ = getbench(sim, SCI_HANDLE, fname, dl_parallel, out=dst)
+                dl = download(sim, files, tmp, dl_parallel)
                 wall = time.perf_counter() - t0
-                r = sci_read(py, reader, dst)
+                r = sci_read(py, reader, f"{tmp}/{fname}")
                 time.sleep(SETTLE)
                 r.update(sim_delta(s0, sim.stats()))
                 r["download_seconds"], r["download_wall_seconds"] = dl, wall
                 r["seconds"] += dl
-                os.remove(dst)
+                if os.path.isdir(f"{tmp}/{fname}"):
+                    shutil.rmtree(f"{tmp}/{fname}")
+                else:
+                    os.remove(f"{tmp}/{fname}")
                 runs.append(r)
             record("download first", runs)
             row["download first"]["parallel"] = dl_parallel
@@ -592,9 +796,13 @@ def main():
         tools += [Rclone("rclone full", sim, "full"), Rclone("rclone off", sim, "off")]
     if shutil.which("s3fs"):
         tools.append(S3fs("s3fs", sim))
+    # The science rows also have provenafs where another node read the
+    # version before (its read hints there): next to provenafs, science only.
+    sci_tools = tools[:1] + [ProvenafsRecalled("provenafs recalled", sim)] + tools[1:]
     only_tools = os.environ.get("BENCH_TOOLS")  # e.g. "provenafs,rclone full": a quick look
     if only_tools:
         tools = [t for t in tools if t.name in only_tools.split(",")]
+        sci_tools = [t for t in sci_tools if t.name in only_tools.split(",")]
     results = {"profile": args.profile, "sim_flags": flags, "groups": ONLY}
     try:
         if "core" in ONLY:
@@ -617,8 +825,18 @@ def main():
             # "Download first" at the direct GET column's best parallelism
             # when this run measured it.
             dl_parallel = results.get("direct GET", {}).get("parallel", 16)
-            results["science"] = science(tools, sim, data, py, dl_parallel)
+            results["science"] = science(sci_tools, sim, data, py, dl_parallel)
+            results["science_tools"] = [t.name for t in sci_tools]
             results["science_files"] = json.load(open(f"{data}/{SCI_HANDLE}/fixtures.json"))["sizes"]
+            # The headline, as soon as it is known (the tables follow at the end).
+            rows, medians = sci_ratios(results, results["science_tools"])
+            r2 = lambda x: "n/a" if x is None else f"{x:.2f}"
+            for r in rows:
+                log(f"science: {r['reader']}: provenafs {fmt(r['provenafs'])} s, recalled {fmt(r['recalled'])} s, "
+                    f"fastest other way {fmt(r['fastest'])} s ({r['fastest_way']}): {r2(r['ratio'])}, recalled "
+                    f"{r2(r['ratio_recalled'])}")
+            log(f"science: median of the ratios: provenafs {r2(medians['provenafs'])}, recalled "
+                f"{r2(medians['provenafs recalled'])}")
     finally:
         sim.stop()
     write(results, [t.name for t in tools], args.profile)
@@ -663,7 +881,7 @@ def fmt_req(d):
     return ", ".join(parts) or "none"
 
 def core_table(res, names):
-    peers = [n for n in names if n != "provenafs"]
+    peers = [n for n in names if n not in PROVENAFS_WAYS]
     cols = names + ["direct GET"]
     local = res.get("local file", {}).get("warm")
     hdr = "| figure | " + " | ".join(cols) + " | provenafs ÷ best peer | provenafs ÷ direct GET |"
@@ -721,7 +939,7 @@ def sim_flag(res, flag):
 def targets_section(res, names):
     """Issue 14's targets, each with this run's measured ratio: WAN profile."""
     p = res.get("provenafs", {})
-    peers = [n for n in names if n != "provenafs"]
+    peers = [n for n in names if n not in PROVENAFS_WAYS]
     fb, stream, api = (sim_flag(res, k) for k in ("--first-byte-ms", "--stream-mib-per-s", "--api-latency-ms"))
     rows = []
     def row(target, measured, ratio, ok):
@@ -818,15 +1036,54 @@ SCI_LABELS = {
     "pyarrow": "pyarrow: column `value` (float32, every row group) of `table.parquet`",
     "rasterio": "rasterio: an 800 × 600 window of `dem.tif` (COG)",
     "sqlite3": "sqlite3: `WHERE station = ?` through the index of `index.sqlite`",
+    "xarray_mf": "xarray `open_mfdataset`: one point's hourly series (720 float32) across the 30 daily files "
+                 "of `series/`",
 }
+
+def sci_ratios(res, names):
+    """Per science row, the time of provenafs (a first reader ever) and of
+    provenafs recalled (another node read the version before) over the
+    fastest other way's (every peer and download first; never provenafs in
+    any form; local disk is no way to get the data), and their bytes from
+    S3 over what the reader asked them for (`rchar` of the reader in their
+    own runs). Returns (rows, {"provenafs": median of its time ratios,
+    "provenafs recalled": median of its}); a row's missing figure is None."""
+    sci = res.get("science") or {}
+    others = [n for n in names if n not in PROVENAFS_WAYS] + ["download first"]
+    def get(ways, way, key):
+        v = ways.get(way, {})
+        return v.get(key) if v.get("ok", True) and "error" not in v else None
+    div = lambda a, b: a / b if a is not None and b else None
+    rows = []
+    for reader, ways in sci.items():
+        o = {w: get(ways, w, "seconds") for w in others}
+        o = {w: v for w, v in o.items() if v is not None}
+        fw = min(o, key=o.get) if o else None
+        r = {"reader": reader, "fastest_way": fw, "fastest": o.get(fw),
+             "missing": [w for w in others if w not in o]}
+        for way, sfx in (("provenafs", ""), ("provenafs recalled", "_recalled")):
+            pv = get(ways, way, "seconds")
+            fetched, asked = get(ways, way, "s3_get_bytes"), get(ways, way, "rchar")
+            r.update({("provenafs" if not sfx else "recalled"): pv, "ratio" + sfx: div(pv, o.get(fw)),
+                      "fetched" + sfx: fetched, "asked" + sfx: asked, "fetch_ratio" + sfx: div(fetched, asked),
+                      "gets" + sfx: get(ways, way, "s3_get"), "hinted" + sfx: get(ways, way, "hinted")})
+        prime = ways.get("provenafs recalled", {}).get("prime") or {}
+        r["prime_fetched"], r["prime_seconds"] = prime.get("s3_get_bytes"), prime.get("seconds")
+        rows.append(r)
+    return rows, {"provenafs": med([r["ratio"] for r in rows]),
+                  "provenafs recalled": med([r["ratio_recalled"] for r in rows])}
 
 def science_section(res, names):
     sci, sizes = res["science"], res.get("science_files", {})
-    peers = [n for n in names if n != "provenafs"]
-    files = {reader: f for reader, (f, _) in sci_module().READERS.items()}
+    peers = [n for n in names if n not in PROVENAFS_WAYS]
+    sm = sci_module()
+    files = {reader: sm.reader_files(reader) for reader in sm.READERS}
     def label(reader):
-        f = files.get(reader)
-        size = f" ({sizes[f] / 1e6:.0f} MB)" if f in sizes else ""
+        fs = files.get(reader, [])
+        size = ""
+        if fs and all(f in sizes for f in fs):
+            total = sum(sizes[f] for f in fs) / 1e6
+            size = f" ({total:.0f} MB)" if len(fs) == 1 else f" ({len(fs)} files, {total:.0f} MB)"
         return SCI_LABELS.get(reader, reader) + size
     def get(reader, way, key):
         v = sci.get(reader, {}).get(way, {})
@@ -843,8 +1100,15 @@ def science_section(res, names):
         "its file's data cold; the dataset's folder is listed first, untimed, so the API calls that open a dataset "
         "(provenafs) are not in these times (the peers are handed their credentials before they mount). "
         f"\"Download first\" is `provenafs-getbench --out` ({dl_par or '?'} parallel 8 MiB GETs, timed from its "
-        "first GET to the file written) into a local file, then the same read there; \"local disk\" reads the "
-        "fixture in the emulator's folder with its pages in memory. Files: `scripts/science.py`; "
+        "first GET to the file written) into a local file, then the same read there (a series: one getbench per "
+        "file, all at once, timed from the first GET of any to the last file written); the series' folder is "
+        "listed, untimed, with the dataset's; \"local disk\" reads the "
+        "fixture in the emulator's folder with its pages in memory. \"provenafs\" is a first reader ever: each "
+        "mount has an empty cache folder and an empty state folder (so no read hints) of its own. \"provenafs "
+        "recalled\" is a reader of a version another node read before: before its timed reads, one untimed read "
+        "of the same reader (a series: the same `open_mfdataset`) through a mount of its own, whose state folder "
+        "(its read hints: the ranges the version's readers asked for first) the timed mounts then share; every "
+        "mount still has an empty cache folder of its own, so no data carries over. Files: `scripts/science.py`; "
         f"median of {REPS}.", "",
         "Seconds (lower is better):", "",
         "| read | " + " | ".join(ways) + " | provenafs ÷ fastest peer | provenafs ÷ download first |",
@@ -865,8 +1129,8 @@ def science_section(res, names):
         "", "Bytes asked of S3 for that read (MiB in GET ranges / GET requests; the emulator counts a GET's "
         "whole range when it is asked, so a tool that asks for more than it then reads is counted in full), "
         "and what the reader asked the file system for (`rchar` of `/proc/self/io` in the reader, local disk run):", "",
-        "| read | reader asked (MiB) | " + " | ".join(fetch_ways) + " | provenafs ÷ asked | best peer ÷ asked |",
-        "|" + "---|" * (len(fetch_ways) + 4),
+        "| read | reader asked (MiB) | " + " | ".join(fetch_ways) + " | provenafs ÷ asked | recalled ÷ asked | best peer ÷ asked |",
+        "|" + "---|" * (len(fetch_ways) + 5),
     ]
     for reader in sci:
         asked = mib(get(reader, "local disk", "rchar"))
@@ -877,9 +1141,41 @@ def science_section(res, names):
         pb = mib(get(reader, "provenafs", "s3_get_bytes"))
         peer_b = [mib(get(reader, n, "s3_get_bytes")) for n in peers]
         peer_b = [b for b in peer_b if b is not None]
+        rb = mib(get(reader, "provenafs recalled", "s3_get_bytes"))
         r1 = f"{pb / asked:.2f}" if pb is not None and asked else "n/a"
+        r1b = f"{rb / asked:.2f}" if rb is not None and asked else "n/a"
         r2 = f"{min(peer_b) / asked:.2f}" if peer_b and asked else "n/a"
-        lines.append(f"| {label(reader)} | {fmt(asked)} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+        lines.append(f"| {label(reader)} | {fmt(asked)} | " + " | ".join(cells) + f" | {r1} | {r1b} | {r2} |")
+    rows, medians = sci_ratios(res, names)
+    r2 = lambda x: "n/a" if x is None else f"{x:.2f}"
+    lines += [
+        "", "### provenafs against the fastest other way", "",
+        "Per read, the time of provenafs (a first reader ever) and of provenafs recalled (another node read the "
+        "version before) over the fastest of the other ways (rclone full, rclone off, s3fs and download first, "
+        "whichever ran; below 1: provenafs is faster), and the bytes each asked of S3 over what the reader asked "
+        "it for (`rchar` in that way's own runs; the emulator's counters as above). Recalled, hinted: blocks its "
+        "mounts asked for at an open from read hints (the `stats:` line the mount logs on SIGUSR1), median of the "
+        "timed reads; primed: what the untimed priming read fetched.", "",
+        "| read | provenafs (s) | recalled (s) | fastest other way (s) | provenafs ÷ fastest other way "
+        "| recalled ÷ fastest other way | provenafs from S3 (MiB / GETs) | recalled from S3 (MiB / GETs) "
+        "| reader asked (MiB) | provenafs fetched ÷ asked | recalled fetched ÷ asked | recalled: hinted | "
+        "primed from S3 (MiB) |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        fastest = "n/a" if r["fastest_way"] is None else f"{fmt(r['fastest'])} ({r['fastest_way']})"
+        if r["missing"]:
+            fastest += f"; no figure: {', '.join(r['missing'])}"
+        lines.append(f"| {r['reader']} | {fmt(r['provenafs'])} | {fmt(r['recalled'])} | {fastest} | "
+                     f"{r2(r['ratio'])} | {r2(r['ratio_recalled'])} | "
+                     f"{fmt(mib(r['fetched']))} / {fmt(r['gets'])} | "
+                     f"{fmt(mib(r['fetched_recalled']))} / {fmt(r['gets_recalled'])} | "
+                     f"{fmt(mib(r['asked']))} | {r2(r['fetch_ratio'])} | {r2(r['fetch_ratio_recalled'])} | "
+                     f"{fmt(r['hinted_recalled'])} | {fmt(mib(r['prime_fetched']))} |")
+    for way, key in (("provenafs", "ratio"), ("provenafs recalled", "ratio_recalled")):
+        n = sum(r[key] is not None for r in rows)
+        lines += ["", f"**Median of the {n} ratios ({way} ÷ fastest other way): {r2(medians[way])}**"
+                  + (f" ({len(rows) - n} of {len(rows)} rows without a ratio)" if n < len(rows) else "")]
     return lines
 
 def write(res, names, profile="loopback"):
@@ -887,7 +1183,7 @@ def write(res, names, profile="loopback"):
     where = PROFILES[profile][1]
     body = core_table(res, names) if "direct GET" in res else []
     if res.get("science"):
-        body += science_section(res, names)
+        body += science_section(res, res.get("science_tools", names))
     if profile == "wan":
         body += targets_section(res, names)
     text = "\n".join([

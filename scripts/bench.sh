@@ -9,9 +9,13 @@
 #   BENCH_SCALE=16 scripts/bench.sh  sizes divided by 16 (written to bench/out/)
 #   BENCH_REPS=3                     repetitions per figure (median reported)
 #   BENCH_ONLY=science|core          only the science reads, or only the rest
-# The science reads (xarray, h5py, pyarrow, rasterio, sqlite3) run in a venv
+# The science reads (xarray, h5py, pyarrow, rasterio, sqlite3, and xarray's
+# open_mfdataset over a series of 30 files) run in a venv
 # of their own (BENCH_VENV, default /tmp/provenafs-bench-venv) made from
-# scripts/bench-requirements.txt.
+# scripts/bench-requirements.txt. Each provenafs mount has new, empty cache
+# and state folders (no disk cache, no read hints of an earlier mount); the
+# science reads also have "provenafs recalled", whose mounts share read hints
+# left by one untimed read before (another node read the version before).
 # Needs root (mounts), fuse3, fio; rclone and s3fs are used
 # when installed (apt-get install -y rclone s3fs fio).
 # Writes bench/RESULTS.md (or $BENCH_OUT).

@@ -8,8 +8,9 @@ store and the one small read each kind of file usually gets.
 Needs the packages of scripts/bench-requirements.txt (bench.py runs this
 file with the python of its own venv).
 
-`gen` writes five files, deterministically (seeded), into the folder
-(bench.py gives it {data}/10378.1/5, dataset 10378.1/5 of the emulator):
+`gen` writes five files and a series of 30, deterministically (seeded),
+into the folder (bench.py gives it {data}/10378.1/5, dataset 10378.1/5 of
+the emulator):
 
     ocean.nc       NetCDF4 (HDF5), temp(time, lat, lon) float32, chunks
                    (1, 256, 256), zlib + shuffle; 24 hourly steps of a
@@ -20,15 +21,24 @@ file with the python of its own venv).
     dem.tif        Cloud-Optimized GeoTIFF, 5632 x 5632 float32, 512 x 512
                    tiles, deflate, internal overviews, about 100 MB
     index.sqlite   1,600,000 rows and an index on `station`, about 100 MB
+    series/ocean_20240101.nc ... series/ocean_20240130.nc
+                   30 daily NetCDF4 files of one model run, about 6.3 MB
+                   each (a little more or less: each day's data compresses
+                   differently): temp(time, lat, lon) float32, 24 hourly
+                   steps of a 256 x 384 regional grid (1/8 degree, as
+                   ocean.nc), chunks (1, 128, 128), zlib + shuffle
 
 SCALE (BENCH_SCALE) divides the outermost dimension (time steps, layers,
-rows); the chunking, the grids and so the reads' shapes stay. A file is
-written again only when its size differs from what `fixtures.json` in the
-same folder recorded for the same parameters.
+rows; a series file's hourly steps, the 30 files stay); the chunking, the
+grids and so the reads' shapes stay. A file is written again only when its
+parameters (and VERSION) differ from what `fixtures.json` in the same
+folder recorded for it, or its size from the size recorded: adding a file
+does not rewrite the others.
 
 `read` imports its library and opens a tiny local file of the same format
 first (xarray finds its backends, GDAL registers its drivers, ...), then
-times `open` to result on PATH, and prints one JSON line: {"seconds",
+times `open` to result on PATH (a file, or for a series the folder of its
+files), and prints one JSON line: {"seconds",
 "result" (shape and CRC-32 of what was read, equal for every tool),
 "rchar" (bytes the process read through read(2) and friends meanwhile,
 from /proc/self/io: what the reader asked the file system for)}.
@@ -36,7 +46,12 @@ from /proc/self/io: what the reader asked the file system for)}.
 import json, os, sys, tempfile, time, zlib
 
 VERSION = 1
-FILES = ["ocean.nc", "grid.h5", "table.parquet", "dem.tif", "index.sqlite"]
+# A series: daily files of one run in a folder of the dataset, read together
+# (xarray.open_mfdataset). Its own folder, so that the read's glob and every
+# tool's listing see the series alone.
+SERIES_DIR, SERIES_DAYS = "series", 30
+SERIES = [f"{SERIES_DIR}/ocean_202401{d:02d}.nc" for d in range(1, SERIES_DAYS + 1)]
+FILES = ["ocean.nc", "grid.h5", "table.parquet", "dem.tif", "index.sqlite"] + SERIES
 
 # Full-size parameters; SCALE divides the first of each.
 OCEAN_T, OCEAN_LAT, OCEAN_LON = 24, 1440, 2880
@@ -44,14 +59,26 @@ GRID_N, GRID_Y, GRID_X = 12, 2048, 2048
 TABLE_ROWS, TABLE_GROUPS = 2_400_000, 12
 DEM_H, DEM_W = 5632, 5632
 SQL_ROWS, SQL_STATIONS = 1_600_000, 10_000
+# A series file: hourly steps of a regional grid at 1/8 degree (32 x 48
+# degrees, the Tasman Sea), south-west corner of its first cell.
+SERIES_T, SERIES_LAT, SERIES_LON = 24, 256, 384
+SERIES_ORIGIN = (-50.0, 130.0)
 
 # The reads. xarray: one time step, a 50 x 90 degree lat/lon box
 # (400 x 720 points, 1.1 MiB); h5py: 600 x 600 of the middle layer
 # (1.4 MiB); pyarrow: column `value` (float32) of every row group; rasterio:
 # an 800 x 600 window (1.8 MiB) across 3 x 3 tiles; sqlite: the readings of
-# one station through the index.
+# one station through the index; xarray_mf (open_mfdataset): the hourly
+# series of one point across the 30 files (720 values; in each file 24 of
+# its 144 chunks, about 1 MB of its 6.3, but the netCDF library reads the
+# first 4 MiB of every file it opens, ocean.nc's too: about 5.3 MB a file
+# asked in all).
 LAT_BOX, LON_BOX = (-20.0, 29.99), (100.0, 189.99)
 STATION = 4242
+POINT = (-33.95, 151.2)
+# What the series read globs in the folder it is given: the series' files
+# alone (a stray file in the folder, e.g. a writer's .tmp, would be left out).
+SERIES_GLOB = "ocean_2024*.nc"
 
 
 def params(scale):
@@ -63,7 +90,14 @@ def params(scale):
         "table.parquet": [max(TABLE_GROUPS * 1000, TABLE_ROWS // s), TABLE_GROUPS],
         "dem.tif": [max(1024, DEM_H // s // 512 * 512), DEM_W],
         "index.sqlite": [max(50_000, SQL_ROWS // s), SQL_STATIONS],
+        # Every file of the series has these parameters.
+        "series": [max(1, SERIES_T // s), SERIES_LAT, SERIES_LON, SERIES_DAYS],
     }
+
+
+def param_key(name):
+    """The key of params() that holds a fixture's parameters."""
+    return "series" if name in SERIES else name
 
 
 def _smooth(lat, lon, phase):
@@ -181,13 +215,49 @@ def gen_sqlite(path, p):
     con.close()
 
 
+def gen_series_day(path, p, day):
+    """Day `day` (1-based) of the series: its hours continue the previous
+    day's (time is hours since 2024-01-01), its noise has a seed of its own,
+    so each file is different and compresses a little differently, as a
+    real run's daily files do."""
+    import numpy as np, netCDF4
+    nt, ny, nx, _ = p
+    rng = np.random.default_rng(100 + day)
+    lat = SERIES_ORIGIN[0] + 0.0625 + 0.125 * np.arange(ny)
+    lon = SERIES_ORIGIN[1] + 0.0625 + 0.125 * np.arange(nx)
+    with netCDF4.Dataset(path, "w", format="NETCDF4") as ds:
+        ds.title = f"provenafs bench: synthetic sea temperature, 2024-01-{day:02d}"
+        ds.createDimension("time", None)
+        ds.createDimension("lat", ny)
+        ds.createDimension("lon", nx)
+        t = ds.createVariable("time", "f8", ("time",))
+        t.units, t.calendar, t.standard_name = "hours since 2024-01-01 00:00:00", "standard", "time"
+        v = ds.createVariable("lat", "f8", ("lat",))
+        v.units, v.standard_name = "degrees_north", "latitude"
+        v[:] = lat
+        v = ds.createVariable("lon", "f8", ("lon",))
+        v.units, v.standard_name = "degrees_east", "longitude"
+        v[:] = lon
+        temp = ds.createVariable("temp", "f4", ("time", "lat", "lon"), zlib=True, complevel=4,
+                                 shuffle=True, chunksizes=(1, 128, 128), fill_value=np.float32(-999))
+        temp.units, temp.standard_name = "degC", "sea_water_temperature"
+        for k in range(nt):
+            hour = (day - 1) * 24 + k * (24 // nt)
+            t[k] = hour
+            temp[k] = _smooth(lat, lon, hour / 4) + rng.standard_normal((ny, nx), dtype="f4") * 0.8
+
+
 GEN = {"ocean.nc": gen_ocean, "grid.h5": gen_grid, "table.parquet": gen_table,
        "dem.tif": gen_dem, "index.sqlite": gen_sqlite}
+GEN.update({name: (lambda day: lambda path, p: gen_series_day(path, p, day))(i + 1)
+            for i, name in enumerate(SERIES)})
 
 
 def gen(dirpath, scale=1, log=lambda *a: print(*a, file=sys.stderr, flush=True)):
     """Write the fixtures into dirpath unless fixtures.json there says
-    they are already written with these parameters and sizes."""
+    they are already written with these parameters and sizes. The
+    parameters are compared per file (VERSION for all of them), so a
+    fixture added to the set is written alone."""
     os.makedirs(dirpath, exist_ok=True)
     prm = params(scale)
     man_path = os.path.join(dirpath, "fixtures.json")
@@ -195,17 +265,21 @@ def gen(dirpath, scale=1, log=lambda *a: print(*a, file=sys.stderr, flush=True))
         man = json.load(open(man_path))
     except (OSError, ValueError):
         man = {}
-    sizes = man.get("sizes", {}) if man.get("params") == prm else {}
+    old = man.get("params", {})
+    same = lambda name: (old.get("version") == prm["version"]
+                         and old.get(param_key(name)) == prm[param_key(name)])
+    sizes = {k: v for k, v in man.get("sizes", {}).items() if k in FILES and same(k)}
     for name in FILES:
         path = os.path.join(dirpath, name)
         if name in sizes and os.path.exists(path) and os.path.getsize(path) == sizes[name]:
             continue
         log(f"science: writing {path}")
         t = time.perf_counter()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         if os.path.exists(tmp):
             os.remove(tmp)
-        GEN[name](tmp, prm[name])
+        GEN[name](tmp, prm[param_key(name)])
         os.replace(tmp, path)
         sizes[name] = os.path.getsize(path)
         log(f"science: {name} {sizes[name] / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s")
@@ -267,14 +341,47 @@ def read_sqlite(path):
     return {"rows": n, "sum": round(s or 0.0, 6), "t": [t0, t1]}
 
 
-# reader name -> (file, function); the order of the benchmark's rows.
+# The options of both open_mfdataset calls (the read and its warm-up). What
+# a careful user passes: the files in name order are the days in order, so
+# they are put end to end along time ("nested") rather than ordered by
+# reading every file's time values first ("by_coords"); lat, lon and the
+# attributes are taken from the first file instead of being read and
+# compared in all 30 ("minimal", "override", the performance advice of
+# xarray's documentation), yet the grids must be the same (join="exact":
+# the indexes are read at open anyway); one process, no dask workers
+# (parallel=False); the netCDF4 library, as read_xarray. Explicit, too,
+# because xarray's defaults for these have been changing between releases.
+MF_OPTIONS = dict(engine="netcdf4", combine="nested", concat_dim="time", data_vars="minimal",
+                  coords="minimal", compat="override", join="exact", parallel=False)
+
+
+def read_xarray_mf(path):
+    import glob, xarray as xr
+    files = sorted(glob.glob(os.path.join(path, SERIES_GLOB)))
+    if len(files) != SERIES_DAYS:  # a tool that lists the folder short would read a shorter series
+        raise RuntimeError(f"{len(files)} files match {SERIES_GLOB} in {path}, not {SERIES_DAYS}")
+    with xr.open_mfdataset(files, **MF_OPTIONS) as ds:
+        a = ds["temp"].sel(lat=POINT[0], lon=POINT[1], method="nearest").load().values
+    return summary(a)
+
+
+# reader name -> (file, function); the order of the benchmark's rows. The
+# file of a series is its folder (see reader_files).
 READERS = {
     "xarray": ("ocean.nc", read_xarray),
     "h5py": ("grid.h5", read_h5py),
     "pyarrow": ("table.parquet", read_pyarrow),
     "rasterio": ("dem.tif", read_rasterio),
     "sqlite3": ("index.sqlite", read_sqlite),
+    "xarray_mf": (SERIES_DIR, read_xarray_mf),
 }
+
+
+def reader_files(reader):
+    """The fixtures (paths in the dataset folder) a reader reads: its file,
+    or the files of its series folder."""
+    fname = READERS[reader][0]
+    return SERIES if fname == SERIES_DIR else [fname]
 
 
 def warm_up(reader, tmp):
@@ -292,6 +399,25 @@ def warm_up(reader, tmp):
             ds.createVariable("temp", "f4", ("lat", "lon"), zlib=True)[:] = a
         with xr.open_dataset(p, engine="netcdf4") as ds:
             ds["temp"].isel(lat=slice(0, 2)).values
+    elif reader == "xarray_mf":
+        # Two tiny days, combined as the series will be: dask and xarray's
+        # combining code are imported and run once.
+        import xarray as xr, netCDF4
+        paths = []
+        for day in range(2):
+            paths.append(f"{p}{day}.nc")
+            with netCDF4.Dataset(paths[-1], "w") as ds:
+                ds.createDimension("time", None)
+                ds.createDimension("lat", 8)
+                ds.createDimension("lon", 8)
+                t = ds.createVariable("time", "f8", ("time",))
+                t.units = "hours since 2024-01-01 00:00:00"
+                t[:] = [day * 2, day * 2 + 1]
+                ds.createVariable("lat", "f8", ("lat",))[:] = np.arange(8)
+                ds.createVariable("lon", "f8", ("lon",))[:] = np.arange(8)
+                ds.createVariable("temp", "f4", ("time", "lat", "lon"), zlib=True)[:] = np.stack([a, a])
+        with xr.open_mfdataset(paths, **MF_OPTIONS) as ds:
+            ds["temp"].sel(lat=3.2, lon=4.9, method="nearest").load().values
     elif reader == "h5py":
         import h5py
         with h5py.File(p, "w") as f:
