@@ -120,11 +120,20 @@ fn random_small_reads_fetch_at_most_twice_what_they_ask() {
         asked += 4096;
     }
     let fetched = d.get("s3_get_bytes");
+    let bought = m.stats().get("buys") == Some(&1);
     eprintln!(
-        "random 4 KiB: asked {asked}, fetched {fetched}, {} GETs",
+        "random 4 KiB: asked {asked}, fetched {fetched}, {} GETs, bought: {bought}",
         d.get("s3_get")
     );
-    assert!(fetched <= 2 * asked, "fetched {fetched} for {asked} asked");
+    // Issue 22's rule: reads whose waits reach the price of the rest of
+    // the file (on loopback, soon) buy it, once: at most its size and
+    // what was asked before; until then at most twice what is asked.
+    let bound = if bought {
+        64 * MIB as u64 + asked
+    } else {
+        2 * asked
+    };
+    assert!(fetched <= bound, "fetched {fetched} for {asked} asked");
 }
 
 #[test]
@@ -200,7 +209,16 @@ fn disk_cache_serves_a_remount_without_gets() {
     let sim = Sim::start(data(), &[]);
     let cache = tempfile::tempdir().unwrap();
     let dir = cache.path().join("blocks");
-    let flags = ["--cache-dir", dir.to_str().unwrap(), "--cache-size", "1GiB"];
+    // Blocks, not a whole file handed to the kernel: a whole file is not
+    // checked at each read (it is kept only where no one else may write;
+    // see SEMANTICS.md), and this checks the blocks' checks.
+    let flags = [
+        "--cache-dir",
+        dir.to_str().unwrap(),
+        "--cache-size",
+        "1GiB",
+        "--no-passthrough",
+    ];
     let want = sha256(&sim.root().join("10378.1/1/big.bin"));
     {
         let m = sim.mount(&flags);

@@ -348,6 +348,9 @@ fn eight_readers_stuck_on_one_object_slow_nothing_else() {
         ("another dataset", "10378.1/2/elsewhere.bin", 5 * MIB),
         ("a disk-cache hit", "10378.1/1/cached.bin", 2 * MIB),
     ] {
+        // The step before may have left its block's GETs (in parts) on
+        // their way after its read was answered: let them land first.
+        std::thread::sleep(Duration::from_millis(300));
         let gets_before = sim.stat("s3_get");
         let mut p = Py::start();
         p.open("f", &m.join(path)).unwrap();

@@ -446,15 +446,36 @@ impl Reader {
                 r.written = true;
                 r.bought |= rec.bought;
             }
-            if rec.bought && own {
-                // Its readers paid the rent before: the first of them to
-                // need it is the one to wait for, and buying starts where
-                // they started. Only the version's own record says so: a
-                // sibling's purchase says nothing of what this file's
-                // readers will need (a year of daily files, one bought,
-                // must not buy the other 364 at open).
-                me.stats.hinted.fetch_add(1, Ordering::Relaxed);
+            // Readers that needed most of the file in their first second
+            // (a series read file after file, as open_mfdataset does:
+            // netCDF-C reads the first 4 MiB of each): it is fetched
+            // whole at open, in parallel, not a round trip per range;
+            // from S3 at most its size. And a version its own readers
+            // bought (they paid the rent before). Never because a sibling
+            // was bought: that says nothing of what this file's readers
+            // need (one of a year of daily files bought must not buy the
+            // other 364 at open).
+            let covered: u64 = rec.ranges.iter().map(|(s, e)| e - s).sum();
+            let most = covered.saturating_mul(2) >= f.size();
+            if (rec.bought && own) || most {
                 let at = rec.ranges.first().map_or(0, |r| r.0);
+                // Already on disk (a remount, another node of a shared
+                // folder): nothing to buy; its first block is brought to
+                // memory for the reader about to ask for it, the rest is
+                // read from disk as read. One look, not one per block.
+                if let Some(disk) = &me.disk {
+                    let i = at / me.cfg.block_size;
+                    let (key, len) = (me.key(&f, i), me.block_len(&f, i));
+                    let deadline = me.disk_deadline(Deadline::after(me.cfg.request_timeout));
+                    if let Some(b) = disk.load_block(key.clone(), len, deadline).await {
+                        me.mem.insert(key, b);
+                        me.ask_hinted(&f, &rec.ranges);
+                        return;
+                    }
+                }
+                // The first range is the one a reader waits for first;
+                // buying starts there.
+                me.stats.hinted.fetch_add(1, Ordering::Relaxed);
                 me.ask_hinted(&f, &rec.ranges[..rec.ranges.len().min(1)]);
                 me.start_buy(&f, at);
                 return;

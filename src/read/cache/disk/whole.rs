@@ -5,10 +5,10 @@
 //! files opened, checked and copied per read. Counted and evicted with
 //! the blocks (the same shards, the same bound).
 //!
-//! Only in a folder no one else may write (a private cache, or one shared
-//! by one user's mounts, never a `--cache-group` one): a plain file has no
-//! header to check, and the kernel would hand its bytes to readers as the
-//! object's.
+//! Only in a folder no one else may write and no other mount uses (not
+//! `--cache-shared`, not `--cache-group`): a plain file has no header to
+//! check, the kernel hands its bytes to readers as the object's, and a
+//! shared folder's nodes wait on each other's blocks by name.
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -37,9 +37,11 @@ impl DiskCache {
     }
 
     /// Whether whole files may be kept and handed to the kernel: nobody
-    /// but this user can write the folder.
+    /// but this user can write the folder, and no other mount uses it (a
+    /// shared folder's nodes wait on each other's blocks, by name: a
+    /// version's blocks must not go while they do).
     pub fn keeps_whole_files(&self) -> bool {
-        self.file_mode & 0o077 == 0
+        self.file_mode & 0o077 == 0 && !self.shared
     }
 
     /// `id`'s whole file, open for reading, if it is there, a regular file
