@@ -59,7 +59,9 @@ fn sequential_read_uses_few_large_gets_and_rereads_none() {
     // the kernel loses a few pages of a completed read (see the re-read
     // below) and asks for each again, a small GET each (34 GETs, 70 MiB
     // seen in a full suite run): the bytes bound below is the property.
-    assert!(gets <= 40, "{gets} GETs for 64 MiB");
+    // On loopback the first 16 MiB's waits soon reach the price of the
+    // rest (issue 22's rent or buy): the rest then comes in 2 MiB parts.
+    assert!(gets <= 48, "{gets} GETs for 64 MiB");
     assert!(
         bytes <= (64 * MIB) as u64 * 11 / 10,
         "{bytes} bytes fetched"
