@@ -409,3 +409,56 @@ fn a_second_mount_asks_at_once_for_what_the_first_mounts_readers_needed_first() 
     let m = sim.mount(&["--no-disk-cache", "--no-read-hints"]);
     assert!(run(&m) >= 4);
 }
+
+#[test]
+fn a_series_read_file_after_file_has_its_next_files_fetched_ahead() {
+    if !fuse_available() {
+        return;
+    }
+    let size = 2 * MIB;
+    let names: Vec<String> = (1..=6)
+        .map(|d| format!("10378.1/1/series/ocean_202401{d:02}.nc"))
+        .collect();
+    let files: Vec<(&str, usize)> = names
+        .iter()
+        .map(|n| (n.as_str(), size + 4096 * names.len()))
+        .collect();
+    let sim = wan_sim(&files);
+    let m = sim.mount(&[]);
+    // The reader's glob: the folder listed, every file known.
+    std::fs::read_dir(m.join("10378.1/1/series"))
+        .unwrap()
+        .count();
+    // The first file read whole (as netCDF-C reads most of a small file).
+    let want = |i: usize| sha256(&sim.root().join(&names[i]));
+    assert_eq!(sha256(&m.join(&names[0])), want(0));
+    // The second one opened: it, and the two after it, come at once.
+    let bytes0 = sim.stat("s3_get_bytes");
+    let f = std::fs::File::open(m.join(&names[1])).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let ahead = sim.stat("s3_get_bytes") - bytes0;
+    eprintln!("opening the second file fetched {ahead} bytes");
+    assert!(
+        ahead >= 3 * size as u64,
+        "{ahead} bytes fetched at the second open"
+    );
+    assert!(
+        ahead <= 3 * (size + 4096 * 6) as u64 + MIB as u64,
+        "{ahead} bytes"
+    );
+    drop(f);
+    // Each file then read is already here: the last two were fetched
+    // ahead as the ones before them opened.
+    for (i, name) in names.iter().enumerate().skip(1) {
+        assert_eq!(sha256(&m.join(name)), want(i));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let total = sim.stat("s3_get_bytes") - bytes0;
+    // Every file once: at most the five files' bytes (and a first block's
+    // small GETs).
+    eprintln!("files 2-6: {total} bytes from S3");
+    assert!(
+        total <= 5 * (size + 4096 * 6) as u64 + MIB as u64,
+        "{total} bytes"
+    );
+}

@@ -634,6 +634,16 @@ impl Filesystem for ProvenaFs {
                         self.rt
                             .spawn(recall.instrument(info_span!("read_hints", ino = ino.0)));
                     }
+                    // A series read file after file: the next files too.
+                    if self.reader.series_hot(&of) {
+                        let next = self.tree.files_after(ino.0, 6, |key, size| {
+                            self.reader.in_series_of(&of, key, size)
+                        });
+                        if let Some(ahead) = self.reader.series_ahead(next) {
+                            self.rt
+                                .spawn(ahead.instrument(info_span!("series_ahead", ino = ino.0)));
+                        }
+                    }
                 }
                 lock(&self.files).insert(fh, (of, tally));
                 match through {

@@ -36,10 +36,13 @@ use crate::retry::Deadline;
 /// (sqlite's indexed query, 96 MiB): 8 GETs of 4 MiB 0.62 s, 16 of
 /// 2 MiB 0.58 s, 32 of 1 MiB 0.66 s.
 const BUY_STREAMS: u64 = 16;
-/// Buys running at once in this process: each holds up to
-/// [`BUY_STREAMS`] x [`BUY_PART`] in memory on its way to disk, and many
-/// files bought at once would take the link from every reader.
-static BUYS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// Buys running at once in this process (a series' next files are bought
+/// side by side, a few MiB each)...
+static BUYS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+/// ...and their parts on their way, all buys together: [`BUY_STREAMS`] x
+/// [`BUY_PART`] (32 MiB) of memory at most, and never the whole link
+/// taken from readers.
+static BUY_PARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUY_STREAMS as usize);
 
 /// Bytes of one GET of a buy: small enough that a block a reader waits for
 /// in the middle of one comes soon.
@@ -59,7 +62,7 @@ pub(super) struct Version {
     /// [`RENTING`], [`BUYING`] or [`BOUGHT`].
     state: AtomicU8,
     /// Its readers' first second, for the next open (see `hints.rs`).
-    pub(super) first: super::hints::FirstSecond,
+    pub(super) first: Arc<super::hints::FirstSecond>,
 }
 
 /// A read of a version waiting on a round trip (see [`Version::wait`]).
@@ -100,8 +103,15 @@ const BOUGHT: u8 = 2;
 
 /// The versions open now (held by their handles: one that no handle holds
 /// any more goes, and with it what its readers paid).
+/// Beside them, each version's first second of reads (see `hints.rs`),
+/// which outlives its handles until that second is over: a reader that
+/// closes a file and opens it again at once (xarray does) goes on
+/// recording in the same one.
 #[derive(Default)]
-pub(super) struct Versions(Mutex<HashMap<Arc<ObjectId>, Weak<Version>>>);
+pub(super) struct Versions(
+    Mutex<HashMap<Arc<ObjectId>, Weak<Version>>>,
+    Mutex<HashMap<Arc<ObjectId>, Weak<super::hints::FirstSecond>>>,
+);
 
 impl Versions {
     /// The state of `id`, shared by every handle open on it.
@@ -113,12 +123,26 @@ impl Versions {
         if map.len() > 1024 {
             map.retain(|_, v| v.strong_count() > 0);
         }
+        let first = {
+            let mut firsts = lock(&self.1);
+            match firsts.get(id).and_then(Weak::upgrade) {
+                Some(f) => f,
+                None => {
+                    if firsts.len() > 1024 {
+                        firsts.retain(|_, f| f.strong_count() > 0);
+                    }
+                    let f = Arc::new(super::hints::FirstSecond::default());
+                    firsts.insert(id.clone(), Arc::downgrade(&f));
+                    f
+                }
+            }
+        };
         let v = Arc::new(Version {
             rent_ns: AtomicU64::new(0),
             first_paid: Default::default(),
             waiting: Mutex::new((0, None)),
             state: AtomicU8::new(RENTING),
-            first: Default::default(),
+            first,
         });
         map.insert(id.clone(), Arc::downgrade(&v));
         v
@@ -385,6 +409,7 @@ impl Reader {
             .map(|p| {
                 let (i, j) = (p * per_part, ((p + 1) * per_part).min(blocks) - 1);
                 async move {
+                    let _part = BUY_PARTS.acquire().await;
                     let deadline = Deadline::after(self.cfg.request_timeout);
                     let waits = self.start_fetch_as(f, i, j, deadline, None, to_disk);
                     let mut ok = true;

@@ -357,8 +357,20 @@ fn trim(dir: &Path) {
 impl FirstSecond {
     /// A read of `start..end` ended: recorded while the version's first
     /// second lasts; the first read after it writes the record.
-    pub(super) fn note(&self, start: u64, end: u64) {
+    pub(super) fn note(self: &Arc<Self>, start: u64, end: u64) {
         let mut r = lock(&self.0);
+        if r.since.is_none() {
+            // Written when the second is over, whether or not a read comes
+            // then (and whatever handles closed meanwhile: this task holds
+            // the record till then).
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let me = self.clone();
+                rt.spawn(async move {
+                    tokio::time::sleep(FIRST_SECOND).await;
+                    lock(&me.0).finish();
+                });
+            }
+        }
         let since = *r.since.get_or_insert_with(Instant::now);
         if since.elapsed() > FIRST_SECOND {
             r.finish();
@@ -463,15 +475,9 @@ impl Reader {
                 // folder): nothing to buy; its first block is brought to
                 // memory for the reader about to ask for it, the rest is
                 // read from disk as read. One look, not one per block.
-                if let Some(disk) = &me.disk {
-                    let i = at / me.cfg.block_size;
-                    let (key, len) = (me.key(&f, i), me.block_len(&f, i));
-                    let deadline = me.disk_deadline(Deadline::after(me.cfg.request_timeout));
-                    if let Some(b) = disk.load_block(key.clone(), len, deadline).await {
-                        me.mem.insert(key, b);
-                        me.ask_hinted(&f, &rec.ranges);
-                        return;
-                    }
+                if me.on_disk(&f, at).await {
+                    me.ask_hinted(&f, &rec.ranges);
+                    return;
                 }
                 // The first range is the one a reader waits for first;
                 // buying starts there.
@@ -482,6 +488,83 @@ impl Reader {
             }
             me.ask_hinted(&f, &rec.ranges);
         })
+    }
+
+    /// Whether `f` is of a series whose readers in this mount needed half
+    /// or more of each file in their first second: worth fetching its
+    /// next files ([`Reader::series_ahead`]). No I/O.
+    pub fn series_hot(&self, f: &OpenFile) -> bool {
+        let Some(hints) = &self.hints else {
+            return false;
+        };
+        let Some(series) = Hints::names(&f.file, &f.id).series else {
+            return false;
+        };
+        let latest = lock(&hints.latest);
+        latest.get(&series).is_some_and(|(size, r)| {
+            r.ranges
+                .iter()
+                .map(|(s, e)| e - s)
+                .sum::<u64>()
+                .saturating_mul(2)
+                >= *size
+        })
+    }
+
+    /// Whether the object `key` of `size` bytes is of `f`'s series (see
+    /// the module docs): what [`Reader::series_ahead`] may fetch.
+    pub fn in_series_of(&self, f: &OpenFile, key: &str, size: u64) -> bool {
+        series_name(&f.id.key).is_some_and(|s| series_name(key).as_deref() == Some(s.as_str()))
+            && close_enough(size, f.size(), SERIES_SIZE_SLACK)
+    }
+
+    /// At an open of a file of a hot series ([`Reader::series_hot`]: a
+    /// series read file after file): the `next` files of the series (see
+    /// [`crate::fs::tree::Tree::files_after`]) are bought now, while the
+    /// reader is on this one, as a download of the whole series would
+    /// have them. Bounded by the caller (the next six) and by the buys'
+    /// own bounds (8 files, 16 parts at once), each only if not on disk
+    /// already. A
+    /// future for the caller to spawn (None: nothing to do).
+    pub fn series_ahead(
+        self: &Arc<Self>,
+        next: Vec<crate::fs::tree::FileRef>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if next.is_empty() {
+            return None;
+        }
+        let me = self.clone();
+        Some(async move {
+            for file in next {
+                let of = me.open(file);
+                if !me.on_disk(&of, 0).await {
+                    me.start_buy(&of, 0);
+                }
+            }
+        })
+    }
+
+    /// Whether block of byte `at` of `f` is in the disk cache (one look;
+    /// brought to memory if so, for the reader about to ask for it): a
+    /// version already there (a remount, another node) is not bought
+    /// again.
+    async fn on_disk(&self, f: &OpenFile, at: u64) -> bool {
+        let Some(disk) = &self.disk else {
+            return false;
+        };
+        let i = at / self.cfg.block_size;
+        let (key, len) = (self.key(f, i), self.block_len(f, i));
+        if self.mem.contains(&key) {
+            return true;
+        }
+        let deadline = self.disk_deadline(Deadline::after(self.cfg.request_timeout));
+        match disk.load_block(key.clone(), len, deadline).await {
+            Some(b) => {
+                self.mem.insert(key, b);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Fetches the blocks covering `ranges` (the first [`MAX_BLOCKS`], in
@@ -549,7 +632,7 @@ mod tests {
 
     #[test]
     fn first_second_merges_and_bounds() {
-        let fs = FirstSecond::default();
+        let fs = Arc::new(FirstSecond::default());
         fs.note(0, 16384);
         fs.note(16384, 81920);
         fs.note(59_715_584, 59_723_776);

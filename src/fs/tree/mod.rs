@@ -688,6 +688,62 @@ impl Tree {
         })
     }
 
+    /// The next `n` files after file `ino` in its folder, in name order,
+    /// among those this mount knows (listed or looked up) and `keep`
+    /// accepts (given the full key and the size): what a reader of a
+    /// series of files (`ocean_20240101.nc`, `ocean_20240102.nc`, ...)
+    /// opens next. No network: only what the inode table holds.
+    pub fn files_after(
+        &self,
+        ino: u64,
+        n: usize,
+        keep: impl Fn(&str, u64) -> bool,
+    ) -> Vec<FileRef> {
+        let st = self.state();
+        let Some(node) = st.inodes.get(ino) else {
+            return Vec::new();
+        };
+        let Some(dir) = st
+            .inodes
+            .get(node.parent)
+            .and_then(|p| p.kind.folder().map(|(_, dir)| dir.to_string()))
+        else {
+            return Vec::new();
+        };
+        // The few names right after this one (a folder may hold 100,000:
+        // no sort of them all per open), then those `keep` accepts.
+        let mut kids: Vec<(Arc<str>, u64)> = Vec::with_capacity(4 * n + 1);
+        for (name, i) in st.inodes.children(node.parent) {
+            if *name <= *node.name {
+                continue;
+            }
+            let at = kids.partition_point(|k| k.0 < name);
+            if at < 4 * n {
+                kids.insert(at, (name, i));
+                kids.truncate(4 * n);
+            }
+        }
+        kids.into_iter()
+            .filter_map(|(name, i)| {
+                let sib = st.inodes.get(i)?;
+                let Kind::File { ds, version } = &sib.kind else {
+                    return None;
+                };
+                let key = format!("{dir}{name}");
+                (!sib.stale && keep(&key, version.size)).then(|| FileRef {
+                    dataset: ds.clone(),
+                    meta: ObjectMeta {
+                        key,
+                        size: version.size,
+                        etag: version.etag.to_string(),
+                        last_modified: version.mtime(),
+                    },
+                })
+            })
+            .take(n)
+            .collect()
+    }
+
     /// A read of `ino` met another version of its object (or none): the
     /// next open looks it up again, and no listing already on its way can
     /// make it current. Returns its folder and name (to tell the kernel).
