@@ -54,8 +54,9 @@ fn a_cold_copy_fetches_the_file_once_in_part_sized_gets() {
     assert!(fetched as f64 <= 1.02 * size as f64, "{fetched} bytes");
     // 4 MiB parts once the window is open, a few smaller ones on the ramp
     // (the first blocks, before the run is seen, in parts side by side:
-    // see `Pace::parts`).
-    assert!(gets <= 40, "{gets} GETs");
+    // see `Pace::parts`); or, once the ramp's waits reach the price of the
+    // rest (rent or buy), the rest in 2 MiB parts.
+    assert!(gets <= 48, "{gets} GETs");
 }
 
 #[test]
@@ -432,7 +433,8 @@ fn a_series_read_file_after_file_has_its_next_files_fetched_ahead() {
     // The first file read whole (as netCDF-C reads most of a small file).
     let want = |i: usize| sha256(&sim.root().join(&names[i]));
     assert_eq!(sha256(&m.join(&names[0])), want(0));
-    // The second one opened: it, and the two after it, come at once.
+    // The second one opened: it, and the ones after it (up to six), come
+    // at once.
     let bytes0 = sim.stat("s3_get_bytes");
     let f = std::fs::File::open(m.join(&names[1])).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1000));
@@ -443,7 +445,7 @@ fn a_series_read_file_after_file_has_its_next_files_fetched_ahead() {
         "{ahead} bytes fetched at the second open"
     );
     assert!(
-        ahead <= 3 * (size + 4096 * 6) as u64 + MIB as u64,
+        ahead <= 5 * (size + 4096 * 6) as u64 + MIB as u64,
         "{ahead} bytes"
     );
     drop(f);
