@@ -26,6 +26,7 @@ use futures::StreamExt;
 use tracing::{debug, info_span, Instrument};
 
 use super::cache::ObjectId;
+use super::fetch::Why;
 use super::inflight::wait_for;
 use super::pattern::OpenFile;
 use super::{lock, Reader, MIB};
@@ -411,7 +412,9 @@ impl Reader {
                 async move {
                     let _part = BUY_PARTS.acquire().await;
                     let deadline = Deadline::after(self.cfg.request_timeout);
-                    let waits = self.start_fetch_as(f, i, j, deadline, None, to_disk);
+                    // Kept on disk: they leave memory first once they land.
+                    let why = if to_disk { Why::Buy } else { Why::Ahead };
+                    let waits = self.start_fetch(f, i, j, deadline, None, why);
                     let mut ok = true;
                     for (_, w) in waits {
                         ok &= wait_for(w, deadline).await.is_ok();

@@ -78,7 +78,7 @@ impl Reader {
             // deadline, so the read answers with what happened (and the
             // failure is remembered for the kernel's retry).
             let fetch_deadline = deadline.sooner_by(Duration::from_millis(50));
-            for (idx, p) in self.start_fetch(f, i, j, fetch_deadline, permit) {
+            for (idx, p) in self.start_fetch(f, i, j, fetch_deadline, permit, Why::Demand) {
                 out[(idx - b0) as usize] = Some(p);
             }
             i = j + 1;
@@ -147,7 +147,8 @@ impl Reader {
     }
 
     /// Registers blocks `i..=j` as in flight (those not already cached or
-    /// on their way) and spawns one fetch for them. Returns the wait of
+    /// on their way) and spawns one fetch for them, for `why` (holding
+    /// `permit` of the read-ahead budget, if any). Returns the wait of
     /// each block it registered.
     pub(super) fn start_fetch(
         self: &Arc<Self>,
@@ -156,38 +157,12 @@ impl Reader {
         j: u64,
         deadline: Deadline,
         permit: Option<OwnedSemaphorePermit>,
+        why: Why,
     ) -> Vec<(u64, Pending)> {
-        self.spawn_fetch(f, i, j, deadline, permit, Why::Demand).0
-    }
-
-    /// Block `i` of `f` as read-ahead holding `permit` of the budget.
-    pub(super) fn start_fetch_permitted(
-        self: &Arc<Self>,
-        f: &OpenFile,
-        i: u64,
-        deadline: Deadline,
-        permit: OwnedSemaphorePermit,
-    ) -> Vec<(u64, Pending)> {
-        self.spawn_fetch(f, i, i, deadline, Some(permit), Why::Ahead)
-            .0
-    }
-
-    /// [`Reader::start_fetch`]; `bought` blocks (a buy's: kept on disk)
-    /// leave memory first once they land.
-    pub(super) fn start_fetch_as(
-        self: &Arc<Self>,
-        f: &OpenFile,
-        i: u64,
-        j: u64,
-        deadline: Deadline,
-        permit: Option<OwnedSemaphorePermit>,
-        bought: bool,
-    ) -> Vec<(u64, Pending)> {
-        let why = if bought { Why::Buy } else { Why::Ahead };
         self.spawn_fetch(f, i, j, deadline, permit, why).0
     }
 
-    /// [`Reader::start_fetch_as`], and the fetch's task if one was
+    /// [`Reader::start_fetch`], and the fetch's task if one was
     /// started (to stop it: its blocks are then fetched afresh by whoever
     /// wants them, see [`Unregister`]).
     fn spawn_fetch(

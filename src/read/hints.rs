@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::cache::ObjectId;
+use super::fetch::Why;
 use super::pattern::OpenFile;
 use super::{lock, Reader};
 use crate::folder::Folder;
@@ -604,7 +605,7 @@ impl Reader {
             let Ok(permit) = self.budget.clone().try_acquire_owned() else {
                 break;
             };
-            drop(self.start_fetch_permitted(f, i, deadline, permit));
+            drop(self.start_fetch(f, i, i, deadline, Some(permit), Why::Ahead));
         }
     }
 }
