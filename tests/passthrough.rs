@@ -31,17 +31,7 @@ fn a_bought_file_is_read_by_the_kernel_from_the_cache_on_the_next_open() {
     let size = 8 * MIB;
     let d = tempfile::tempdir().unwrap();
     write(d.path(), "10378.1/1/index.sqlite", &bytes(7, size));
-    let sim = Sim::start(
-        d,
-        &[
-            "--first-byte-ms",
-            "20",
-            "--stream-mib-per-s",
-            "200",
-            "--link-mib-per-s",
-            "1000",
-        ],
-    );
+    let sim = Sim::start(d, WAN);
     let rel = "10378.1/1/index.sqlite";
     let want = sha256(&sim.root().join(rel));
     let m = sim.mount(&[]);

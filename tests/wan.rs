@@ -14,19 +14,6 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-/// The WAN profile, faster than `bench.sh --profile wan` (CI time), same
-/// shape: a first-byte wait, paced streams, a slow API.
-const WAN: &[&str] = &[
-    "--first-byte-ms",
-    "20",
-    "--stream-mib-per-s",
-    "200",
-    "--link-mib-per-s",
-    "1000",
-    "--api-latency-ms",
-    "50",
-];
-
 fn wan_sim(files: &[(&str, usize)]) -> Sim {
     let d = tempfile::tempdir().unwrap();
     for (i, (rel, len)) in files.iter().enumerate() {

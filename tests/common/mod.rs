@@ -9,6 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The WAN profile, faster than `bench.sh --profile wan` (CI time), same
+/// shape: a first-byte wait, paced streams, a slow API.
+pub const WAN: &[&str] = &[
+    "--first-byte-ms",
+    "20",
+    "--stream-mib-per-s",
+    "200",
+    "--link-mib-per-s",
+    "1000",
+    "--api-latency-ms",
+    "50",
+];
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_provenafs");
 
 /// Whether this machine can mount FUSE. Under CI a missing FUSE is a
