@@ -53,7 +53,11 @@ fn a_netcdf_like_open_and_slice_fetches_at_most_four_times_what_it_reads() {
     }
     let size = 64 * MIB;
     let sim = wan_sim(&[("10378.1/1/ocean.nc", size)]);
-    let m = sim.mount(&[]);
+    // Without a disk cache a 64 MiB file is never bought (a buy is bounded
+    // by the 48 MiB memory budget): what is checked here is the reads'
+    // own cost, on every machine (CI's, whose disk may be below the
+    // free-space floor, never buys; this one, with room, buys at once).
+    let m = sim.mount(&["--no-disk-cache"]);
     std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
     let f = std::fs::File::open(m.join("10378.1/1/ocean.nc")).unwrap();
     let bytes0 = sim.stat("s3_get_bytes");
@@ -81,18 +85,16 @@ fn a_netcdf_like_open_and_slice_fetches_at_most_four_times_what_it_reads() {
         "netCDF-like slice: asked {asked}, fetched {fetched} ({:.1}×), bought: {bought}",
         fetched as f64 / asked as f64
     );
-    // Issue 22's rule: a file whose readers' waits reach the price of
-    // the rest of it (here, two dozen round trips against one round trip
-    // and 64 MiB at the link's pace) is bought, and fetched once; until
-    // then, at most 4x what was asked.
-    let bound = if bought {
-        (size + asked) as u64
-    } else {
-        4 * asked as u64
-    };
+    // Issue 22's bound on reads that end before buying: at most 4x what
+    // was asked. The 4 MiB first read's read-ahead (the kernel's, 1 MiB
+    // requests answered out of order) and the scattered metadata reads
+    // after it are not a walk to follow: following them fetched 8 MiB
+    // nobody read (4.0x, a CI failure).
+    // Without that, it costs 2.3x here: held to 3x, so a misfire shows.
+    assert!(!bought, "bought without a disk cache");
     assert!(
-        fetched <= bound,
-        "fetched {fetched} bytes for {asked} asked (bought: {bought})"
+        fetched <= 3 * asked as u64,
+        "fetched {fetched} bytes for {asked} asked"
     );
 }
 

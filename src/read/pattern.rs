@@ -153,9 +153,16 @@ impl Reader {
         if p.fwd_recent.len() >= FOLLOW_RECENT {
             p.fwd_recent.pop_front();
         }
+        // Only small reads are a walk's steps: large ones are the kernel's
+        // read-ahead (1 MiB requests, several in flight, planned in any
+        // order, so a run shows holes that are filled a moment later) or a
+        // reader's large read, both the sequential path's business.
+        let step = size < bs / 2;
         if forward {
             p.fwd_reads += 1;
-            p.fwd_recent.push_back((offset, size));
+            if step {
+                p.fwd_recent.push_back((offset, size));
+            }
         } else {
             if p.follow_to > 0 {
                 // The reader jumped away: what was fetched ahead of it is
@@ -166,7 +173,9 @@ impl Reader {
             p.fwd_start = offset;
             p.fwd_reads = 1;
             p.fwd_recent.clear();
-            p.fwd_recent.push_back((offset, size));
+            if step {
+                p.fwd_recent.push_back((offset, size));
+            }
         }
         p.reads += 1;
         p.streak = if near { p.streak + 1 } else { 0 };
@@ -262,8 +271,7 @@ impl Reader {
     /// The plan for a reader that has moved forward by small jumps
     /// [`FOLLOW_AFTER`] reads in a row (HDF5's chunks row after row, a
     /// netCDF variable's chunks, a GeoTIFF's tiles in order), if it is worth
-    /// following (its recent reads skip, but read a third or more of what
-    /// they pass): the blocks ahead of it, half as far as its recent reads
+    /// following (see [`Walk::worth_following`]): the blocks ahead of it, half as far as its recent reads
     /// spanned, never so far that S3 brings more than [`FOLLOW_BOUND`]
     /// times what they asked for; fetched as block-sized GETs in parallel (one
     /// response stream is a tenth of the link: one open-ended GET, as rclone
@@ -273,17 +281,11 @@ impl Reader {
             return None;
         }
         let bs = self.cfg.block_size;
-        let from = p.fwd_recent.iter().map(|r| r.0).min().unwrap_or(end);
-        let asked: u64 = p.fwd_recent.iter().map(|r| r.1).sum();
-        let span = end.saturating_sub(from);
-        // Worth following: a walk that skips (a reader reading all of a
-        // run is sequential, and the kernel's read-ahead and ours serve
-        // it), and reads at least a third of what it passes (fetching the
-        // blocks it passes costs at most three times what it asks).
-        let skips = span >= asked + asked / 8;
-        if !skips || asked * FOLLOW_DENSITY < span {
+        let w = Walk::of(p.fwd_recent.iter().copied())?;
+        if !w.worth_following() {
             return None;
         }
+        let (span, asked) = (end.max(w.end).saturating_sub(w.from), w.covered);
         // Half as far ahead as the recent reads spanned: the walk may end
         // (or jump) any time, and blocks round what is fetched up.
         let allowed = (FOLLOW_BOUND * asked).saturating_sub(span);
@@ -293,7 +295,7 @@ impl Reader {
         }
         let ahead = (end + window).min(size);
         let ahead = if p.follow_to + bs / 2 <= ahead {
-            tracing::trace!(end, window, span, asked, "following a reader");
+            tracing::trace!(end, window, span, asked, walk = ?w, "following a reader");
             p.follow_to = ahead;
             ahead
         } else {
@@ -320,5 +322,112 @@ impl Reader {
                 .follows_stopped
                 .fetch_add(stopped, Ordering::Relaxed);
         }
+    }
+}
+
+/// The shape of a reader's recent reads, merged where they touch or
+/// overlap (the kernel sends one run's reads out of order).
+#[derive(Debug, PartialEq)]
+struct Walk {
+    from: u64,
+    end: u64,
+    /// Bytes the reads cover (each counted once).
+    covered: u64,
+    /// Jumps between the merged pieces.
+    gaps: usize,
+    median_gap: u64,
+    median_piece: u64,
+}
+
+impl Walk {
+    /// `None` for no reads. Reads are (offset, length) in bytes; pieces
+    /// closer than a page count as one.
+    fn of(reads: impl Iterator<Item = (u64, u64)>) -> Option<Walk> {
+        let mut r: Vec<(u64, u64)> = reads.map(|(o, l)| (o, o + l)).collect();
+        r.sort_unstable();
+        let mut pieces: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+        for (s, e) in r {
+            match pieces.last_mut() {
+                Some(last) if s <= last.1 + 4096 => last.1 = last.1.max(e),
+                _ => pieces.push((s, e)),
+            }
+        }
+        let (from, end) = (pieces.first()?.0, pieces.last()?.1);
+        let mut sizes: Vec<u64> = pieces.iter().map(|p| p.1 - p.0).collect();
+        let mut gaps: Vec<u64> = pieces.windows(2).map(|w| w[1].0 - w[0].1).collect();
+        let covered = sizes.iter().sum();
+        Some(Walk {
+            from,
+            end,
+            covered,
+            gaps: gaps.len(),
+            median_gap: median(&mut gaps),
+            median_piece: median(&mut sizes),
+        })
+    }
+
+    /// A walk that skips (a reader reading all of a run is sequential,
+    /// and the kernel's read-ahead and ours serve it), at least twice, and
+    /// whose typical jump passes at most twice what it typically reads (so
+    /// the blocks it passes cost at most [`FOLLOW_DENSITY`] times what it
+    /// asks). Judged on medians: one large run among the recent reads
+    /// (netCDF's 4 MiB format check, the kernel's read-ahead of it answered
+    /// out of order) says nothing about the scattered reads after it.
+    fn worth_following(&self) -> bool {
+        self.gaps >= 2 && self.median_gap <= (FOLLOW_DENSITY - 1) * self.median_piece
+    }
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worth(reads: &[(u64, u64)]) -> bool {
+        Walk::of(reads.iter().copied()).unwrap().worth_following()
+    }
+
+    #[test]
+    fn a_chunk_row_with_small_gaps_is_worth_following() {
+        let row: Vec<_> = (0..6).map(|i| (i * 300_000, 150_000)).collect();
+        assert!(worth(&row));
+    }
+
+    #[test]
+    fn a_run_read_out_of_order_is_not_a_walk() {
+        // The kernel's read-ahead of netCDF's 4 MiB format check.
+        let run = [(MIB, MIB), (2 * MIB, MIB), (4 * MIB, MIB), (3 * MIB, MIB)];
+        let w = Walk::of(run.iter().copied()).unwrap();
+        assert_eq!(w.gaps, 0);
+        assert_eq!(w.covered, 4 * MIB);
+        assert!(!worth(&run));
+    }
+
+    #[test]
+    fn scattered_metadata_after_a_large_run_is_not_a_walk() {
+        // A large run, then small reads megabytes apart: the run makes
+        // the bytes read look dense; the medians do not.
+        let reads = [
+            (4 * MIB, MIB),
+            (5 * MIB, MIB),
+            (6 * MIB, MIB),
+            (7 * MIB, MIB),
+            (9 * MIB, 3_000),
+            (9 * MIB + 2_900_000, 3_000),
+        ];
+        assert!(!worth(&reads));
+    }
+
+    #[test]
+    fn a_walk_with_one_jump_is_not_followed() {
+        assert!(!worth(&[
+            (0, 100_000),
+            (100_000, 100_000),
+            (300_000, 100_000)
+        ]));
     }
 }

@@ -356,8 +356,11 @@ impl Drop for Sim {
                 "a session token header leaked into {name}"
             );
         }
-        for p in &logs {
-            let _ = std::fs::remove_file(p);
+        // PROVENAFS_TEST_KEEP_LOGS keeps them for a look at a passing run.
+        if std::env::var_os("PROVENAFS_TEST_KEEP_LOGS").is_none() {
+            for p in &logs {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
