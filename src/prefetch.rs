@@ -51,6 +51,11 @@ pub struct PrefetchConfig {
     pub parts_in_flight: usize,
     /// Bound of one LIST or one part's GET, retries included.
     pub request_timeout: Duration,
+    /// Keep each file that is all in the folder also as one plain file
+    /// (see `read/cache/disk/whole.rs`), which a mount's kernel reads by
+    /// itself (FUSE passthrough): only where mounts can (a private folder,
+    /// root, Linux 6.9 and later), as it costs one more write of the file.
+    pub keep_whole: bool,
 }
 
 impl Default for PrefetchConfig {
@@ -61,6 +66,7 @@ impl Default for PrefetchConfig {
             part_size: 8 * MIB,
             parts_in_flight: 16,
             request_timeout: read.request_timeout,
+            keep_whole: false,
         }
     }
 }
@@ -247,6 +253,9 @@ pub struct Summary {
     pub cached_bytes: u64,
     /// Files whose every block was already cached.
     pub files_already_cached: u64,
+    /// Files also kept as one plain file, for the kernel to read (see
+    /// [`PrefetchConfig::keep_whole`]).
+    pub files_kept_whole: u64,
     /// Ranged GETs sent (before the store's own retries).
     pub gets: u64,
     /// Wall time of the fetching, seconds.
@@ -273,6 +282,12 @@ impl Summary {
             s.push_str(&format!(
                 " ({} files already cached in full)",
                 self.files_already_cached
+            ));
+        }
+        if self.files_kept_whole > 0 {
+            s.push_str(&format!(
+                "; {} kept whole (read by the kernel itself)",
+                self.files_kept_whole
             ));
         }
         if let Some(f) = self.failed.first() {
@@ -396,6 +411,22 @@ pub async fn run(
         .collect::<Vec<()>>()
         .await;
     let seconds = started.elapsed().as_secs_f64();
+    // Then each file all in the folder also as one plain file, for the
+    // kernel to read (after the fetching, which it would slow: one more
+    // write of every byte).
+    let mut kept_whole = 0;
+    if cfg.keep_whole {
+        let failed: Vec<usize> = lock(&shared.failed).keys().copied().collect();
+        for (i, item) in items.iter().enumerate() {
+            if failed.contains(&i) || item.meta.size == 0 {
+                continue;
+            }
+            let id = Arc::new(object_id(&item.bucket, &item.meta));
+            if shared.disk.keep_whole_now(id, item.meta.size, bs).await {
+                kept_whole += 1;
+            }
+        }
+    }
     let fetched = shared.fetched.load(Ordering::Relaxed);
     let mut failed: Vec<Failure> = lock(&shared.failed)
         .iter()
@@ -411,6 +442,7 @@ pub async fn run(
         fetched_bytes: fetched,
         cached_bytes: shared.cached.load(Ordering::Relaxed),
         files_already_cached: shared.files_cached.load(Ordering::Relaxed),
+        files_kept_whole: kept_whole,
         gets: shared.gets.load(Ordering::Relaxed),
         seconds,
         mib_per_s: if seconds > 0.0 {

@@ -111,3 +111,41 @@ fn a_bought_file_is_read_by_the_kernel_from_the_cache_on_the_next_open() {
     assert!(st.get("reads").is_some_and(|&n| n > 0), "{st:?}");
     assert_eq!(sim.stat("s3_get"), gets0, "the cached file made GETs");
 }
+
+#[test]
+fn a_prefetched_file_is_read_by_the_kernel_from_the_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let size = 6 * MIB + 12_345;
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "10378.1/1/grid.h5", &bytes(9, size));
+    let sim = Sim::start(d, &[]);
+    let rel = "10378.1/1/grid.h5";
+    let want = sha256(&sim.root().join(rel));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let out = sim.run(&mut sim.command(&["prefetch", "10378.1/1", "--cache-dir", cache, "--json"]));
+    assert!(out.status.success(), "{out:?}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("prefetch: {s}");
+    let m = sim.mount(&["--cache-dir", cache]);
+    std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
+    let (before, gets0) = (m.stats(), sim.stat("s3_get"));
+    assert_eq!(sha256(&m.join(rel)), want);
+    let after = m.stats();
+    assert_eq!(sim.stat("s3_get"), gets0, "a prefetched file made GETs");
+    if passthrough_expected() {
+        // Kept whole by `prefetch` (root, Linux 6.9 and later): the
+        // kernel reads it, none of its reads reach the daemon.
+        assert_eq!(s["files_kept_whole"], 1, "{s}");
+        assert_eq!(after.get("passthrough_opens"), Some(&1), "{after:?}");
+        assert_eq!(after.get("reads"), before.get("reads"), "{after:?}");
+    } else {
+        // Elsewhere it stays as blocks: a whole file no mount could hand
+        // to the kernel is one more write of it for nothing.
+        assert_eq!(s["files_kept_whole"], 0, "{s}");
+        eprintln!("no FUSE passthrough here: read through the daemon");
+    }
+}

@@ -42,7 +42,8 @@ pub struct PrefetchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: Option<u32>,
     /// Print one JSON object (files, bytes, fetched_bytes, cached_bytes,
-    /// files_already_cached, gets, seconds, mib_per_s, failed) on
+    /// files_already_cached, files_kept_whole, gets, seconds, mib_per_s,
+    /// failed) on
     /// standard output instead of the summary line.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +83,9 @@ pub fn prefetch(a: PrefetchArgs) -> Result<(), Exit> {
     let cfg = PrefetchConfig {
         parts_in_flight: a.parallel.map_or(16, |n| n as usize),
         request_timeout,
+        // A mount's kernel reads a whole file itself (FUSE passthrough):
+        // worth one more write of it where mounts can, and are let.
+        keep_whole: crate::fs::passthrough::possible() && !file.no_passthrough.unwrap_or(false),
         ..PrefetchConfig::default()
     };
     let terminal = std::io::stderr().is_terminal();

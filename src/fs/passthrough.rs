@@ -20,6 +20,27 @@ use fuser::{BackingId, ReplyOpen};
 
 use crate::read::lock;
 
+/// Whether a mount started now by this user could read whole files
+/// through the kernel: root (`CAP_SYS_ADMIN` opens backing files) on
+/// Linux 6.9 or later. The kernel's own answer comes at a mount's `init`;
+/// this is for commands that prepare files for mounts to come
+/// (`provenafs prefetch` keeps them whole only where that pays).
+pub fn possible() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    nix::unistd::geteuid().is_root() && kernel_at_least(&release, (6, 9))
+}
+
+/// `release` (as `uname -r` prints it: `6.18.0-1-amd64`) is `want` or later.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (v.next().flatten(), v.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
+}
+
 /// How each open inode is held by the kernel now.
 enum Mode {
     /// Handles open with our reads (and the kernel's page cache).
@@ -119,5 +140,20 @@ impl Passthrough {
         if last {
             inodes.remove(&ino);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_releases_are_compared_by_major_then_minor() {
+        assert!(kernel_at_least("6.18.0-1-amd64", (6, 9)));
+        assert!(kernel_at_least("6.9.0", (6, 9)));
+        assert!(!kernel_at_least("6.8.12-200.fc39.x86_64", (6, 9)));
+        assert!(!kernel_at_least("5.14.0-427.el9_4.x86_64", (6, 9)));
+        assert!(kernel_at_least("7.0", (6, 9)));
+        assert!(!kernel_at_least("", (6, 9)));
     }
 }

@@ -122,25 +122,63 @@ impl DiskCache {
         }
         let me = self.clone();
         let _ = self.folder.spawn_patient("write a whole file", move || {
-            // On the folder's thread: the floor's check may call into it.
-            if !me.room_for(0) || !me.fits(size) {
-                return;
-            }
-            match me.write_whole(&id, size, block_size, &fill) {
-                Ok(true) => {
-                    tracing::debug!(key = %id.key, size, "kept whole for passthrough");
-                    // Its blocks are the same bytes again: gone, and read
-                    // from the whole file from now on (`whole_block`).
-                    let freed = me.remove_blocks(&id, size, block_size);
-                    let used = me.used.load(std::sync::atomic::Ordering::Relaxed);
-                    me.used
-                        .fetch_sub(freed.min(used), std::sync::atomic::Ordering::Relaxed);
-                    me.added(size);
-                }
-                Ok(false) => {}
-                Err(e) => tracing::debug!(key = %id.key, error = %e, "not kept whole"),
-            }
+            me.make_whole(&id, size, block_size, &fill);
         });
+    }
+
+    /// [`DiskCache::keep_whole`], waited for (`provenafs prefetch`, whose
+    /// process ends when it is done), with no fill: a block missing from
+    /// the folder means not kept whole. Whether the file is whole now.
+    pub async fn keep_whole_now(
+        self: &Arc<Self>,
+        id: Arc<ObjectId>,
+        size: u64,
+        block_size: u64,
+    ) -> bool {
+        if !self.keeps_whole_files() || size == 0 {
+            return false;
+        }
+        let me = self.clone();
+        self.folder
+            .run_patient("write a whole file", move || {
+                Ok(me.make_whole(&id, size, block_size, &|_, _| None))
+            })
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Blocking: writes `id`'s whole file if there is room, then removes
+    /// its blocks. Whether the file is whole now (`true` too when it was
+    /// already).
+    fn make_whole(
+        self: &Arc<Self>,
+        id: &Arc<ObjectId>,
+        size: u64,
+        block_size: u64,
+        fill: &dyn Fn(u64, u64) -> Option<bytes::Bytes>,
+    ) -> bool {
+        // On the folder's thread: the floor's check may call into it.
+        if !self.room_for(0) || !self.fits(size) {
+            return false;
+        }
+        match self.write_whole(id, size, block_size, fill) {
+            Ok(true) => {
+                tracing::debug!(key = %id.key, size, "kept whole for passthrough");
+                // Its blocks are the same bytes again: gone, and read
+                // from the whole file from now on (`whole_block`).
+                let freed = self.remove_blocks(id, size, block_size);
+                let used = self.used.load(std::sync::atomic::Ordering::Relaxed);
+                self.used
+                    .fetch_sub(freed.min(used), std::sync::atomic::Ordering::Relaxed);
+                self.added(size);
+                true
+            }
+            Ok(false) => true,
+            Err(e) => {
+                tracing::debug!(key = %id.key, error = %e, "not kept whole");
+                false
+            }
+        }
     }
 
     /// Removes the block files of `id` (kept whole now); the bytes freed.
