@@ -620,7 +620,7 @@ def science(tools, sim, data, py, dl_parallel):
         def record(way, runs):
             agg = {"runs": runs, "seconds": med([r["seconds"] for r in runs])}
             for k in SIM_KEYS + ("rchar", "download_seconds", "download_wall_seconds", "peak_rss_mib", "hinted",
-                                 "buys"):
+                                 "buys", "waits"):
                 if any(k in r for r in runs):
                     agg[k] = med([r.get(k) for r in runs])
             agg["result"] = runs[0]["result"]
@@ -657,7 +657,7 @@ def science(tools, sim, data, py, dl_parallel):
             r["peak_rss_mib"] = peak_rss_mib(t.pids)
             if isinstance(t, Provenafs):
                 st = t.mount_stats(d)
-                for k in ("hinted", "buys"):
+                for k in ("hinted", "buys", "waits"):
                     if k in st:
                         r[k] = st[k]
                 if not st:
@@ -1066,7 +1066,8 @@ def sci_ratios(res, names):
             fetched, asked = get(ways, way, "s3_get_bytes"), get(ways, way, "rchar")
             r.update({("provenafs" if not sfx else "recalled"): pv, "ratio" + sfx: div(pv, o.get(fw)),
                       "fetched" + sfx: fetched, "asked" + sfx: asked, "fetch_ratio" + sfx: div(fetched, asked),
-                      "gets" + sfx: get(ways, way, "s3_get"), "hinted" + sfx: get(ways, way, "hinted")})
+                      "gets" + sfx: get(ways, way, "s3_get"), "hinted" + sfx: get(ways, way, "hinted"),
+                      "waits" + sfx: get(ways, way, "waits")})
         prime = ways.get("provenafs recalled", {}).get("prime") or {}
         r["prime_fetched"], r["prime_seconds"] = prime.get("s3_get_bytes"), prime.get("seconds")
         rows.append(r)
@@ -1155,12 +1156,14 @@ def science_section(res, names):
         "whichever ran; below 1: provenafs is faster), and the bytes each asked of S3 over what the reader asked "
         "it for (`rchar` in that way's own runs; the emulator's counters as above). Recalled, hinted: blocks its "
         "mounts asked for at an open from read hints (the `stats:` line the mount logs on SIGUSR1), median of the "
-        "timed reads; primed: what the untimed priming read fetched.", "",
+        "timed reads; primed: what the untimed priming read fetched. Waits: the reader's reads that waited on a "
+        "fetch started for them (a round trip neither read-ahead nor read hints had started: the links of a chain "
+        "of dependent reads), median, the same stats line.", "",
         "| read | provenafs (s) | recalled (s) | fastest other way (s) | provenafs ÷ fastest other way "
         "| recalled ÷ fastest other way | provenafs from S3 (MiB / GETs) | recalled from S3 (MiB / GETs) "
         "| reader asked (MiB) | provenafs fetched ÷ asked | recalled fetched ÷ asked | recalled: hinted | "
-        "primed from S3 (MiB) |",
-        "|" + "---|" * 13,
+        "primed from S3 (MiB) | provenafs: waits | recalled: waits |",
+        "|" + "---|" * 15,
     ]
     for r in rows:
         fastest = "n/a" if r["fastest_way"] is None else f"{fmt(r['fastest'])} ({r['fastest_way']})"
@@ -1171,7 +1174,8 @@ def science_section(res, names):
                      f"{fmt(mib(r['fetched']))} / {fmt(r['gets'])} | "
                      f"{fmt(mib(r['fetched_recalled']))} / {fmt(r['gets_recalled'])} | "
                      f"{fmt(mib(r['asked']))} | {r2(r['fetch_ratio'])} | {r2(r['fetch_ratio_recalled'])} | "
-                     f"{fmt(r['hinted_recalled'])} | {fmt(mib(r['prime_fetched']))} |")
+                     f"{fmt(r['hinted_recalled'])} | {fmt(mib(r['prime_fetched']))} | "
+                     f"{fmt(r['waits'])} | {fmt(r['waits_recalled'])} |")
     for way, key in (("provenafs", "ratio"), ("provenafs recalled", "ratio_recalled")):
         n = sum(r[key] is not None for r in rows)
         lines += ["", f"**Median of the {n} ratios ({way} ÷ fastest other way): {r2(medians[way])}**"

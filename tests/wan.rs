@@ -395,6 +395,10 @@ fn a_second_mount_asks_at_once_for_what_the_first_mounts_readers_needed_first() 
     // Every block the walk needs was asked for at the open.
     assert_eq!(gets_recalled, 0, "the recalled walk made GETs of its own");
     assert!(stats.get("hinted").is_some_and(|&n| n >= 4), "{stats:?}");
+    // Not one read of the walk started a round trip of its own: the open's
+    // one round trip (all its ranges at once) is the chain's only link
+    // (issue 22: at most 2 before the first chunk).
+    assert_eq!(stats.get("waits"), Some(&0), "{stats:?}");
     // And --no-read-hints means no record is read.
     let m = sim.mount(&["--no-disk-cache", "--no-read-hints"]);
     assert!(run(&m) >= 4);

@@ -171,7 +171,7 @@ impl MountStats {
         let s = &self.reader.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let o = &self.ops;
-        let fields: [(&str, u64); 25] = [
+        let fields: [(&str, u64); 26] = [
             ("inodes", t.inodes as u64),
             ("listings", t.listings as u64),
             ("negative", t.negative as u64),
@@ -185,6 +185,7 @@ impl MountStats {
             ("buys", n(&s.buys)),
             ("follows_stopped", n(&s.follows_stopped)),
             ("hinted", n(&s.hinted)),
+            ("waits", n(&s.waits)),
             ("passthrough_opens", n(&self.passthrough.opens)),
             ("lookups", n(&o.lookup)),
             ("forgets", n(&o.forget)),

@@ -283,7 +283,10 @@ impl Reader {
         let end = offset.saturating_add(size as u64).min(f.size());
         let uncovered = offset < end
             && (offset / bs..=(end - 1) / bs).any(|i| self.known(&self.key(f, i)).is_none());
-        let waiting = uncovered.then(|| f.version.wait());
+        let waiting = uncovered.then(|| {
+            self.stats.waits.fetch_add(1, Ordering::Relaxed);
+            f.version.wait()
+        });
         let started = std::time::Instant::now();
         let r = self.read_blocks(f, offset, size, deadline).await;
         drop(waiting);

@@ -77,6 +77,10 @@ pub struct CacheStats {
     /// Blocks asked for at an open because earlier readers needed them
     /// first (see `read/hints.rs`).
     pub hinted: AtomicU64,
+    /// Reads that waited on a fetch started for them: a round trip (to S3,
+    /// or to the disk cache) that neither read-ahead nor read hints had
+    /// started, the latency a chain of dependent reads pays per link.
+    pub waits: AtomicU64,
 }
 
 /// Keys and folders for the cache's unit tests.
