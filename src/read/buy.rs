@@ -11,6 +11,14 @@
 //! file of a few MiB read by dependent seeks is bought after a few round
 //! trips, a 10 GiB file read for one slice never.
 //!
+//! What a file's format says its readers do counts too: an SQLite
+//! database (its first bytes say so) is read by B-tree descents, page by
+//! dependent page, with no locality to read ahead on, so the rent its
+//! readers are about to pay ([`SQLITE_EXPECTED_TRIPS`] round trips) is
+//! counted from its first read. A database of a few hundred MiB is then
+//! bought at once, as "download first" would; one of many GiB still only
+//! once its readers have paid for it.
+//!
 //! A buy goes on beside the readers: its parts start from where they read
 //! and go outward, and a block they ask for that the buy has not reached
 //! is fetched for them at once, as ever. Bought blocks land in the disk
@@ -49,6 +57,17 @@ static BUY_PARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUY
 /// in the middle of one comes soon.
 const BUY_PART: u64 = 2 * MIB;
 
+/// The round trips an SQLite query is expected to wait on, counted as rent
+/// from a database's first read: an indexed query descends the index's
+/// B-tree and then the table's for each row it finds, three or four
+/// dependent pages each (the bench's `WHERE station = ?` waits on about
+/// 60).
+pub(super) const SQLITE_EXPECTED_TRIPS: u32 = 16;
+
+/// The first 16 bytes of every SQLite 3 database (its file format,
+/// section 1.3.1: "The header string").
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
 /// What the mount knows of one object version across its open handles.
 pub(super) struct Version {
     /// Time its readers waited on round trips read-ahead did not cover:
@@ -58,6 +77,9 @@ pub(super) struct Version {
     /// The first wait was paid: it is not rent (buying the file would have
     /// waited that round trip too).
     first_paid: std::sync::atomic::AtomicBool,
+    /// Rent its readers are expected to pay, by what its format says they
+    /// do (see [`Reader::format_prior`]); counted as paid.
+    expected_ns: AtomicU64,
     /// Readers waiting now, and since when the first of them has.
     waiting: Mutex<(usize, Option<Instant>)>,
     /// [`RENTING`], [`BUYING`] or [`BOUGHT`].
@@ -141,6 +163,7 @@ impl Versions {
         let v = Arc::new(Version {
             rent_ns: AtomicU64::new(0),
             first_paid: Default::default(),
+            expected_ns: AtomicU64::new(0),
             waiting: Mutex::new((0, None)),
             state: AtomicU8::new(RENTING),
             first,
@@ -283,6 +306,11 @@ impl Pace {
         );
     }
 
+    /// S3's time to a first byte, as measured (zero before any GET).
+    pub(super) fn round_trip(&self) -> Duration {
+        Duration::from_micros(self.first_byte_us.load(Ordering::Relaxed))
+    }
+
     /// What fetching `bytes` with the parallel GETs of a buy takes: as
     /// many streams as a buy runs, no faster than the link was seen to go
     /// (eight streams' worth until it has been seen).
@@ -317,7 +345,7 @@ impl Reader {
     /// price (see the module docs).
     pub(super) fn rented(self: &Arc<Self>, f: &OpenFile, at: u64) {
         let v = &f.version;
-        let rent = v.rent_ns.load(Ordering::Relaxed);
+        let rent = v.rent_ns.load(Ordering::Relaxed) + v.expected_ns.load(Ordering::Relaxed);
         if v.state.load(Ordering::Relaxed) != RENTING {
             return;
         }
@@ -334,6 +362,26 @@ impl Reader {
             "buying the rest of the file"
         );
         self.start_buy(f, at);
+    }
+
+    /// `f`'s first bytes (`head`, from byte 0) have been read: if they
+    /// say its readers will wait on many dependent round trips (an SQLite
+    /// database), that rent counts as paid already, and the rule may buy
+    /// the file at once.
+    pub(super) fn format_prior(self: &Arc<Self>, f: &OpenFile, head: &[u8]) {
+        if !head.starts_with(SQLITE_MAGIC) {
+            return;
+        }
+        let trip = self.pace.round_trip();
+        let expected = trip * SQLITE_EXPECTED_TRIPS;
+        if f.version
+            .expected_ns
+            .fetch_max(expected.as_nanos() as u64, Ordering::Relaxed)
+            == 0
+        {
+            debug!(key = %f.file.meta.key, ?expected, "an SQLite database: its readers' rent expected");
+        }
+        self.rented(f, 0);
     }
 
     /// Buys the rest of `f` from byte `at` outward, unless it is bought or
@@ -478,6 +526,7 @@ mod tests {
         let v = Arc::new(Version {
             rent_ns: AtomicU64::new(0),
             first_paid: Default::default(),
+            expected_ns: AtomicU64::new(0),
             waiting: Mutex::new((0, None)),
             state: AtomicU8::new(RENTING),
             first: Default::default(),

@@ -295,8 +295,11 @@ impl Reader {
             waited_us = started.elapsed().as_micros() as u64,
             "read answered"
         );
-        if r.is_ok() {
+        if let Ok(b) = &r {
             f.version.first.note(offset, end);
+            if offset == 0 {
+                self.format_prior(f, b);
+            }
             if uncovered {
                 self.rented(f, offset);
             }
