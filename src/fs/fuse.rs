@@ -637,7 +637,8 @@ impl Filesystem for ProvenaFs {
                     }
                     // A series read file after file: the next files too.
                     if self.reader.series_hot(&of) {
-                        let next = self.tree.files_after(ino.0, 6, |key, size| {
+                        let depth = self.reader.series_depth(&of);
+                        let next = self.tree.files_after(ino.0, depth, |key, size| {
                             self.reader.in_series_of(&of, key, size)
                         });
                         if let Some(ahead) = self.reader.series_ahead(next) {

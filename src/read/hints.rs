@@ -49,6 +49,15 @@ const KEPT: usize = 4096;
 const TRIM_EVERY: u64 = 1024;
 /// Sizes within this fraction of each other may share a series' record.
 const SERIES_SIZE_SLACK: f64 = 0.25;
+/// A hot series' next files are bought up to this many bytes ahead of its
+/// reader (a quarter second of a 500 MiB/s link): xarray's
+/// `open_mfdataset` opens every file of the series in a row, its CPU a
+/// few ms a file, faster than six files ahead could come; a download of
+/// the series would have them all on their way.
+const SERIES_AHEAD_BYTES: u64 = 128 << 20;
+/// ...and never fewer files than this, nor more than [`SERIES_AHEAD_MOST`].
+const SERIES_AHEAD_LEAST: u64 = 6;
+const SERIES_AHEAD_MOST: u64 = 24;
 
 /// The records of one state folder.
 pub struct Hints {
@@ -512,6 +521,12 @@ impl Reader {
         })
     }
 
+    /// How many of a hot series' next files to buy ahead of a reader of
+    /// `f` (see [`SERIES_AHEAD_BYTES`]).
+    pub fn series_depth(&self, f: &OpenFile) -> usize {
+        (SERIES_AHEAD_BYTES / f.size().max(1)).clamp(SERIES_AHEAD_LEAST, SERIES_AHEAD_MOST) as usize
+    }
+
     /// Whether the object `key` of `size` bytes is of `f`'s series (see
     /// the module docs): what [`Reader::series_ahead`] may fetch.
     pub fn in_series_of(&self, f: &OpenFile, key: &str, size: u64) -> bool {
@@ -523,9 +538,9 @@ impl Reader {
     /// series read file after file): the `next` files of the series (see
     /// [`crate::fs::tree::Tree::files_after`]) are bought now, while the
     /// reader is on this one, as a download of the whole series would
-    /// have them. Bounded by the caller (the next six) and by the buys'
-    /// own bounds (8 files, 16 parts at once), each only if not on disk
-    /// already. A
+    /// have them. Bounded by the caller ([`Reader::series_depth`]) and by
+    /// the buys' own bounds (8 files, 16 parts at once), each only if not
+    /// on disk already. A
     /// future for the caller to spawn (None: nothing to do).
     pub fn series_ahead(
         self: &Arc<Self>,
