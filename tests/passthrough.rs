@@ -114,6 +114,17 @@ fn a_bought_file_is_read_by_the_kernel_from_the_cache_on_the_next_open() {
 
 #[test]
 fn a_prefetched_file_is_read_by_the_kernel_from_the_cache() {
+    prefetched_then_read(&[]);
+}
+
+/// A job array's stage-in: `prefetch` into the folder its nodes share,
+/// then every node's mount reads the file at disk speed.
+#[test]
+fn a_file_prefetched_into_a_job_arrays_folder_is_read_by_every_nodes_kernel() {
+    prefetched_then_read(&["--cache-shared"]);
+}
+
+fn prefetched_then_read(folder: &[&str]) {
     if !fuse_available() {
         return;
     }
@@ -126,22 +137,32 @@ fn a_prefetched_file_is_read_by_the_kernel_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let cache = cache.to_str().unwrap();
-    let out = sim.run(&mut sim.command(&["prefetch", "10378.1/1", "--cache-dir", cache, "--json"]));
+    let mut args = vec!["prefetch", "10378.1/1", "--cache-dir", cache, "--json"];
+    args.extend_from_slice(folder);
+    let out = sim.run(&mut sim.command(&args));
     assert!(out.status.success(), "{out:?}");
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("prefetch: {s}");
-    let m = sim.mount(&["--cache-dir", cache]);
-    std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
-    let (before, gets0) = (m.stats(), sim.stat("s3_get"));
-    assert_eq!(sha256(&m.join(rel)), want);
-    let after = m.stats();
-    assert_eq!(sim.stat("s3_get"), gets0, "a prefetched file made GETs");
+    let mut flags = vec!["--cache-dir", cache];
+    flags.extend_from_slice(folder);
+    // Two mounts at once: two nodes of an array (one is enough for a
+    // private folder, but costs nothing).
+    let nodes = [sim.mount(&flags), sim.mount(&flags)];
+    for m in &nodes {
+        std::fs::read_dir(m.join("10378.1/1")).unwrap().count();
+        let (before, gets0) = (m.stats(), sim.stat("s3_get"));
+        assert_eq!(sha256(&m.join(rel)), want);
+        let after = m.stats();
+        assert_eq!(sim.stat("s3_get"), gets0, "a prefetched file made GETs");
+        if passthrough_expected() {
+            // Kept whole by `prefetch` (root, Linux 6.9 and later): the
+            // kernel reads it, none of its reads reach the daemon.
+            assert_eq!(after.get("passthrough_opens"), Some(&1), "{after:?}");
+            assert_eq!(after.get("reads"), before.get("reads"), "{after:?}");
+        }
+    }
     if passthrough_expected() {
-        // Kept whole by `prefetch` (root, Linux 6.9 and later): the
-        // kernel reads it, none of its reads reach the daemon.
         assert_eq!(s["files_kept_whole"], 1, "{s}");
-        assert_eq!(after.get("passthrough_opens"), Some(&1), "{after:?}");
-        assert_eq!(after.get("reads"), before.get("reads"), "{after:?}");
     } else {
         // Elsewhere it stays as blocks: a whole file no mount could hand
         // to the kernel is one more write of it for nothing.

@@ -1,14 +1,17 @@
 //! Whole files: a version whose every block is in the folder (bought, see
-//! `read/buy.rs`) is also kept as one plain file, `<hash>.whole` in its
-//! shard, which the kernel can read directly (FUSE passthrough, Linux 6.9
-//! and later, a root daemon) at the speed of the disk under it: no block
-//! files opened, checked and copied per read. Counted and evicted with
-//! the blocks (the same shards, the same bound).
+//! `read/buy.rs`, or prefetched) is also kept as one plain file,
+//! `<hash>.whole` in its shard, which the kernel can read directly (FUSE
+//! passthrough, Linux 6.9 and later, a root daemon) at the speed of the
+//! disk under it: no block files opened, checked and copied per read.
+//! Counted and evicted with the blocks (the same shards, the same bound).
 //!
-//! Only in a folder no one else may write and no other mount uses (not
-//! `--cache-shared`, not `--cache-group`): a plain file has no header to
-//! check, the kernel hands its bytes to readers as the object's, and a
-//! shared folder's nodes wait on each other's blocks by name.
+//! Only in a folder no one else may write (not `--cache-group`): a plain
+//! file has no header to check, and the kernel hands its bytes to readers
+//! as the object's. A folder of one user's mounts on many nodes
+//! (`--cache-shared`, a job array's) keeps them too: the second node of an
+//! array reads at disk speed. Its blocks go once it is whole; a node
+//! waiting on one of them by name finds it in the whole file (see
+//! `DiskCache::get`, which falls back to it).
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -37,11 +40,10 @@ impl DiskCache {
     }
 
     /// Whether whole files may be kept and handed to the kernel: nobody
-    /// but this user can write the folder, and no other mount uses it (a
-    /// shared folder's nodes wait on each other's blocks, by name: a
-    /// version's blocks must not go while they do).
+    /// but this user can write the folder (its own mounts on other nodes
+    /// may: see the module docs).
     pub fn keeps_whole_files(&self) -> bool {
-        self.file_mode & 0o077 == 0 && !self.shared
+        self.file_mode & 0o077 == 0
     }
 
     /// `id`'s whole file, open for reading, if it is there, a regular file
