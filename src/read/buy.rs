@@ -414,8 +414,12 @@ impl Reader {
                     return;
                 }
                 version.state.store(BOUGHT, Ordering::Release);
-                // For the next opens: the kernel reads it from disk.
-                if let (Some(disk), true) = (&me.disk, me.whole_files.load(Ordering::Relaxed)) {
+                // For the next opens: the kernel reads it from disk. Not in
+                // a folder other nodes share: an array's nodes buying one
+                // file would each write it whole again (its stage-in,
+                // `provenafs prefetch`, writes it once).
+                let whole = me.whole_files.load(Ordering::Relaxed);
+                if let Some(disk) = me.disk.as_ref().filter(|d| whole && !d.is_shared()) {
                     // A block the folder lacks (a write dropped while it was
                     // busy) from memory; not there either: not kept whole.
                     let (r, id) = (me.clone(), file.id.clone());
@@ -436,6 +440,33 @@ impl Reader {
     /// [`BUY_STREAMS`] at a time, starting at the part of byte `at` and
     /// going outward.
     /// Whether every part came.
+    /// The runs (first, last) of blocks `i..=j` of `f` a buy must fetch:
+    /// those not kept in the disk cache already (one `stat` each: a block
+    /// there is not read back only to be let go, which in a job array's
+    /// folder, where the other nodes fetched most of the file, doubled
+    /// the reads of every block). The memory cache and fetches on their
+    /// way are the fetch's own business.
+    async fn not_kept(&self, f: &OpenFile, i: u64, j: u64, deadline: Deadline) -> Vec<(u64, u64)> {
+        let Some(disk) = &self.disk else {
+            return vec![(i, j)];
+        };
+        let blocks: Vec<_> = (i..=j)
+            .map(|b| (self.key(f, b), self.block_len(f, b)))
+            .collect();
+        let kept = disk.kept(blocks, self.disk_deadline(deadline)).await;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (b, kept) in (i..=j).zip(kept) {
+            if kept {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if run.1 + 1 == b => run.1 = b,
+                _ => runs.push((b, b)),
+            }
+        }
+        runs
+    }
+
     async fn buy(self: &Arc<Self>, f: &OpenFile, at: u64) -> bool {
         let started = Instant::now();
         let bs = self.cfg.block_size;
@@ -462,10 +493,11 @@ impl Reader {
                     let deadline = Deadline::after(self.cfg.request_timeout);
                     // Kept on disk: they leave memory first once they land.
                     let why = if to_disk { Why::Buy } else { Why::Ahead };
-                    let waits = self.start_fetch(f, i, j, deadline, None, why);
                     let mut ok = true;
-                    for (_, w) in waits {
-                        ok &= wait_for(w, deadline).await.is_ok();
+                    for (a, b) in self.not_kept(f, i, j, deadline).await {
+                        for (_, w) in self.start_fetch(f, a, b, deadline, None, why) {
+                            ok &= wait_for(w, deadline).await.is_ok();
+                        }
                     }
                     ok
                 }

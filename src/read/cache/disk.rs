@@ -487,6 +487,47 @@ impl DiskCache {
             .await
     }
 
+    /// Which of `blocks` (key, data bytes) look kept already: a regular
+    /// file of the right length under the block's name, or the version's
+    /// whole file. One `stat` each (no open, no read, not checked: a buy
+    /// skips them, and a reader reads and checks them as ever), in one
+    /// call into the folder; none while it does not answer.
+    pub async fn kept(
+        self: &Arc<Self>,
+        blocks: Vec<(BlockKey, u64)>,
+        deadline: Deadline,
+    ) -> Vec<bool> {
+        let n = blocks.len();
+        let me = self.clone();
+        self.folder
+            .run("look for kept blocks", Some(deadline), move || {
+                let bs = me.block_size.load(Ordering::Relaxed);
+                let whole = blocks.first().and_then(|(k, _)| me.whole_size(&k.object));
+                Ok(blocks
+                    .iter()
+                    .map(|(k, len)| {
+                        if whole.is_some_and(|s| s >= k.index * bs + len) {
+                            return true;
+                        }
+                        let name = Self::name(k);
+                        me.shard(&name).is_some_and(|shard| {
+                            nix::sys::stat::fstatat(
+                                shard,
+                                name.as_str(),
+                                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                            )
+                            .is_ok_and(|st| {
+                                st.st_mode & libc::S_IFMT == libc::S_IFREG
+                                    && st.st_size as u64 == header_len(k) as u64 + len
+                            })
+                        })
+                    })
+                    .collect())
+            })
+            .await
+            .unwrap_or_else(|_| vec![false; n])
+    }
+
     /// The block, if a valid copy of exactly `len` data bytes is on disk.
     /// Blocking: a call into the folder (see [`DiskCache::load_block`]).
     pub fn get(&self, k: &BlockKey, len: u64) -> Option<Bytes> {
@@ -611,6 +652,20 @@ mod tests {
     use crate::read::cache::test_keys::STALL;
     use crate::read::cache::test_keys::{disk, key};
     use crate::read::cache::ObjectId;
+
+    #[tokio::test]
+    async fn kept_blocks_are_told_by_name_and_length_without_reading_them() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&disk(d.path(), 1 << 20), STALL).unwrap();
+        c.put(&key(1), b"hello").unwrap();
+        let deadline = Deadline::after(STALL);
+        let kept = c
+            .kept(vec![(key(1), 5), (key(2), 5), (key(1), 6)], deadline)
+            .await;
+        // Block 1 is there; block 2 is not; a block 1 of another length
+        // is not this one.
+        assert_eq!(kept, vec![true, false, false]);
+    }
 
     #[test]
     fn disk_blocks_round_trip_and_reject_corruption() {

@@ -76,6 +76,24 @@ impl DiskCache {
         Some(fd)
     }
 
+    /// The size of `id`'s whole file, if one of this user's is there (not
+    /// checked further: see [`DiskCache::open_whole`] for that). Blocking:
+    /// one `stat` in the folder.
+    pub(super) fn whole_size(&self, id: &ObjectId) -> Option<u64> {
+        if !self.keeps_whole_files() {
+            return None;
+        }
+        let name = Self::whole_name(id);
+        let st = nix::sys::stat::fstatat(
+            self.shard(&name)?,
+            name.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .ok()?;
+        let ours = st.st_uid == nix::unistd::geteuid().as_raw();
+        (ours && st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some(st.st_size as u64)
+    }
+
     /// Sets the block size of the mount using the cache (default 1 MiB).
     pub fn set_block_size(&self, bs: u64) {
         self.block_size
