@@ -38,6 +38,12 @@ use crate::wire::split_target;
 
 const MIB: u64 = 1 << 20;
 
+/// The largest file `run` keeps whole: one patient call into the folder
+/// writes it (six stall timeouts, a minute by default), which a local
+/// disk's 100 MB/s or more does for 4 GiB. A larger one stays as blocks
+/// rather than leave a half-written file behind when the command ends.
+const KEEP_WHOLE_MOST: u64 = 4 << 30;
+
 /// How `run` fetches.
 #[derive(Clone, Debug)]
 pub struct PrefetchConfig {
@@ -53,8 +59,10 @@ pub struct PrefetchConfig {
     pub request_timeout: Duration,
     /// Keep each file that is all in the folder also as one plain file
     /// (see `read/cache/disk/whole.rs`), which a mount's kernel reads by
-    /// itself (FUSE passthrough): only where mounts can (a private folder,
-    /// root, Linux 6.9 and later), as it costs one more write of the file.
+    /// itself (FUSE passthrough): only where mounts can (root, Linux 6.9
+    /// and later; and the folder private, on a local file system, which
+    /// `run` checks), as it costs one more write of the file. At most
+    /// [`KEEP_WHOLE_MOST`] bytes a file.
     pub keep_whole: bool,
 }
 
@@ -256,6 +264,9 @@ pub struct Summary {
     /// Files also kept as one plain file, for the kernel to read (see
     /// [`PrefetchConfig::keep_whole`]).
     pub files_kept_whole: u64,
+    /// Wall time of writing them, after the fetching, seconds (not in
+    /// `seconds`: that is the fetching's, for `mib_per_s`).
+    pub kept_whole_seconds: f64,
     /// Ranged GETs sent (before the store's own retries).
     pub gets: u64,
     /// Wall time of the fetching, seconds.
@@ -286,8 +297,8 @@ impl Summary {
         }
         if self.files_kept_whole > 0 {
             s.push_str(&format!(
-                "; {} kept whole (read by the kernel itself)",
-                self.files_kept_whole
+                "; {} kept whole in {:.1}s more (read by the kernel itself)",
+                self.files_kept_whole, self.kept_whole_seconds
             ));
         }
         if let Some(f) = self.failed.first() {
@@ -414,11 +425,11 @@ pub async fn run(
     // Then each file all in the folder also as one plain file, for the
     // kernel to read (after the fetching, which it would slow: one more
     // write of every byte).
-    let mut kept_whole = 0;
-    if cfg.keep_whole {
+    let (mut kept_whole, whole_started) = (0, Instant::now());
+    if cfg.keep_whole && shared.disk.hands_whole_files_to_the_kernel() {
         let failed: Vec<usize> = lock(&shared.failed).keys().copied().collect();
         for (i, item) in items.iter().enumerate() {
-            if failed.contains(&i) || item.meta.size == 0 {
+            if failed.contains(&i) || item.meta.size == 0 || item.meta.size > KEEP_WHOLE_MOST {
                 continue;
             }
             let id = Arc::new(object_id(&item.bucket, &item.meta));
@@ -443,6 +454,7 @@ pub async fn run(
         cached_bytes: shared.cached.load(Ordering::Relaxed),
         files_already_cached: shared.files_cached.load(Ordering::Relaxed),
         files_kept_whole: kept_whole,
+        kept_whole_seconds: whole_started.elapsed().as_secs_f64(),
         gets: shared.gets.load(Ordering::Relaxed),
         seconds,
         mib_per_s: if seconds > 0.0 {

@@ -376,6 +376,9 @@ fn a_second_mount_asks_at_once_for_what_the_first_mounts_readers_needed_first() 
     // No disk cache: the second mount finds nothing of the first's bytes.
     let m = sim.mount(&["--no-disk-cache"]);
     let gets_cold = run(&m);
+    // Cold, each link of the walk waited on a fetch of its own.
+    let cold = m.stats();
+    assert!(cold.get("waits").is_some_and(|&n| n >= 4), "{cold:?}");
     drop(m);
     // The record: in the state folder, named by a hash (no key in sight).
     let hints = sim.state.path().join("provenafs/hints");

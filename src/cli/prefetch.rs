@@ -42,8 +42,8 @@ pub struct PrefetchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: Option<u32>,
     /// Print one JSON object (files, bytes, fetched_bytes, cached_bytes,
-    /// files_already_cached, files_kept_whole, gets, seconds, mib_per_s,
-    /// failed) on
+    /// files_already_cached, files_kept_whole, kept_whole_seconds, gets,
+    /// seconds, mib_per_s, failed) on
     /// standard output instead of the summary line.
     #[arg(long)]
     pub json: bool,

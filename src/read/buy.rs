@@ -64,6 +64,11 @@ const BUY_PART: u64 = 2 * MIB;
 /// 60).
 pub(super) const SQLITE_EXPECTED_TRIPS: u32 = 16;
 
+/// The longest round trip [`SQLITE_EXPECTED_TRIPS`] are counted at:
+/// with 16 of them, a prior worth at most 1.6 s of rent, a database of
+/// about 800 MiB at 500 MiB/s.
+const PRIOR_TRIP_MOST: Duration = Duration::from_millis(100);
+
 /// The first 16 bytes of every SQLite 3 database (its file format,
 /// section 1.3.1: "The header string").
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -306,7 +311,8 @@ impl Pace {
         );
     }
 
-    /// S3's time to a first byte, as measured (zero before any GET).
+    /// S3's time to a first byte: a moving average of what was measured
+    /// (a guess of 30 ms before any GET).
     pub(super) fn round_trip(&self) -> Duration {
         Duration::from_micros(self.first_byte_us.load(Ordering::Relaxed))
     }
@@ -372,7 +378,10 @@ impl Reader {
         if !head.starts_with(SQLITE_MAGIC) {
             return;
         }
-        let trip = self.pace.round_trip();
+        // A slow moment (S3 throttling, a congested link) must not make
+        // one `.schema` buy gigabytes: a round trip counts for at most
+        // PRIOR_TRIP_MOST.
+        let trip = self.pace.round_trip().min(PRIOR_TRIP_MOST);
         let expected = trip * SQLITE_EXPECTED_TRIPS;
         if f.version
             .expected_ns
@@ -414,12 +423,9 @@ impl Reader {
                     return;
                 }
                 version.state.store(BOUGHT, Ordering::Release);
-                // For the next opens: the kernel reads it from disk. Not in
-                // a folder other nodes share: an array's nodes buying one
-                // file would each write it whole again (its stage-in,
-                // `provenafs prefetch`, writes it once).
+                // For the next opens: the kernel reads it from disk.
                 let whole = me.whole_files.load(Ordering::Relaxed);
-                if let Some(disk) = me.disk.as_ref().filter(|d| whole && !d.is_shared()) {
+                if let Some(disk) = me.disk.as_ref().filter(|_| whole) {
                     // A block the folder lacks (a write dropped while it was
                     // busy) from memory; not there either: not kept whole.
                     let (r, id) = (me.clone(), file.id.clone());
@@ -436,10 +442,6 @@ impl Reader {
         );
     }
 
-    /// Fetches every block of `f` not cached yet, in parts of [`BUY_PART`],
-    /// [`BUY_STREAMS`] at a time, starting at the part of byte `at` and
-    /// going outward.
-    /// Whether every part came.
     /// The runs (first, last) of blocks `i..=j` of `f` a buy must fetch:
     /// those not kept in the disk cache already (one `stat` each: a block
     /// there is not read back only to be let go, which in a job array's
@@ -467,6 +469,9 @@ impl Reader {
         runs
     }
 
+    /// Fetches every block of `f` not kept yet, in parts of [`BUY_PART`],
+    /// [`BUY_STREAMS`] at a time, starting at the part of byte `at` and
+    /// going outward. Whether every part came.
     async fn buy(self: &Arc<Self>, f: &OpenFile, at: u64) -> bool {
         let started = Instant::now();
         let bs = self.cfg.block_size;

@@ -523,8 +523,16 @@ impl Reader {
 
     /// How many of a hot series' next files to buy ahead of a reader of
     /// `f` (see [`SERIES_AHEAD_BYTES`]).
+    /// Without a disk cache, what half the memory cache holds (at least
+    /// one file): buys there land in memory, and more would evict each
+    /// other and the reader's blocks.
     pub fn series_depth(&self, f: &OpenFile) -> usize {
-        (SERIES_AHEAD_BYTES / f.size().max(1)).clamp(SERIES_AHEAD_LEAST, SERIES_AHEAD_MOST) as usize
+        let size = f.size().max(1);
+        let depth = match self.disk {
+            Some(_) => (SERIES_AHEAD_BYTES / size).max(SERIES_AHEAD_LEAST),
+            None => (self.cfg.memory_cache / 2 / size).max(1),
+        };
+        depth.min(SERIES_AHEAD_MOST) as usize
     }
 
     /// Whether the object `key` of `size` bytes is of `f`'s series (see

@@ -238,9 +238,14 @@ impl Reader {
     }
 
     /// Whether a file kept whole could be read by the kernel: a disk
-    /// cache no one else writes.
+    /// cache no one else writes, on a local file system (see
+    /// `read/cache/disk/whole.rs`), and passthrough not turned off.
     pub fn keeps_whole_files(&self) -> bool {
-        self.cfg.passthrough && self.disk.as_ref().is_some_and(|d| d.keeps_whole_files())
+        self.cfg.passthrough
+            && self
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.hands_whole_files_to_the_kernel())
     }
 
     /// The kernel reads whole files itself: keep bought files whole.

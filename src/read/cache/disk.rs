@@ -81,6 +81,8 @@ pub struct DiskCache {
     /// Bytes written since the last full measurement.
     pub(super) since_scan: AtomicU64,
     pub(super) shared: bool,
+    /// On a local file system (see [`DiskCache::local`]).
+    pub(super) local: bool,
     pub(super) dir_mode: u32,
     pub(super) file_mode: u32,
     /// A trimming pass is running (one at a time per process).
@@ -143,7 +145,35 @@ pub(super) fn header_len(k: &BlockKey) -> usize {
     8 + 3 * 4 + k.object.bucket.len() + k.object.key.len() + k.object.etag.len() + 8 + 8 + 4
 }
 
+/// Whether a file system (its `statfs` type, `f_type`) is a local one a
+/// read can be handed to the kernel on (see `disk/whole.rs`): the disk
+/// file systems Linux mounts from a block device, and tmpfs. Network and
+/// cluster file systems (NFS, Lustre, GPFS, CephFS, BeeGFS, SMB, FUSE...)
+/// are not: their server may stall any read. Types from `statfs(2)` and
+/// the kernel's `magic.h`; unknown types count as not local.
+pub(crate) fn local_file_system(f_type: i64) -> bool {
+    const LOCAL: [i64; 10] = [
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0xF2F5_2010, // f2fs
+        0x2FC1_2FC1, // zfs
+        0xCA45_1A4E, // bcachefs
+        0x5265_4973, // reiserfs
+        0x3153_464A, // jfs
+        0x8584_58F6, // ramfs
+    ];
+    LOCAL.contains(&(f_type & 0xFFFF_FFFF))
+}
+
 impl DiskCache {
+    /// Whether the folder is on a local file system (see
+    /// [`local_file_system`]), as `fstatfs` said when it was opened.
+    pub fn local(&self) -> bool {
+        self.local
+    }
+
     /// Opens (creating) the cache folder, 0700 (3770 for a group cache:
     /// setgid, so the group carries over, and sticky, so no member can
     /// rename or remove another's `creds-<uid>/`). Its calls answer within
@@ -240,6 +270,8 @@ impl DiskCache {
                 .free
                 .store(s.blocks_available() * s.fragment_size(), Ordering::Relaxed);
         }
+        let local = nix::sys::statfs::fstatfs(&root_fd)
+            .is_ok_and(|s| local_file_system(s.filesystem_type().0));
         let cache = Arc::new(Self {
             dir: root,
             root: root_fd,
@@ -248,6 +280,7 @@ impl DiskCache {
             used: AtomicU64::new(0),
             since_scan: AtomicU64::new(0),
             shared: cfg.shared,
+            local,
             dir_mode: dir_mode & 0o2777,
             file_mode,
             trimming: AtomicBool::new(true),
@@ -652,6 +685,18 @@ mod tests {
     use crate::read::cache::test_keys::STALL;
     use crate::read::cache::test_keys::{disk, key};
     use crate::read::cache::ObjectId;
+
+    #[test]
+    fn only_local_file_systems_have_reads_handed_to_the_kernel() {
+        assert!(local_file_system(0xEF53)); // ext4
+        assert!(local_file_system(0x5846_5342)); // xfs
+        assert!(local_file_system(0x0102_1994)); // tmpfs
+        assert!(!local_file_system(0x6969)); // NFS
+        assert!(!local_file_system(0x0BD0_0BD0)); // Lustre
+        assert!(!local_file_system(0x4750_4653)); // GPFS
+        assert!(!local_file_system(0x6573_5546)); // FUSE
+        assert!(!local_file_system(0x1234)); // unknown
+    }
 
     #[tokio::test]
     async fn kept_blocks_are_told_by_name_and_length_without_reading_them() {

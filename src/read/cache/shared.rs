@@ -189,6 +189,35 @@ fn recently_modified(dir: impl AsFd, name: &str) -> bool {
     (now - st.st_mtime).abs() < 30
 }
 
+/// How long a claim may stay empty, by this process's clock from when it
+/// first saw it so, before it is taken over.
+const EMPTY_CLAIM_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether the claim file `name` in `dir` is empty and has been, the same
+/// file, for [`EMPTY_CLAIM_GRACE`] since this process first saw it so.
+fn empty_for_long(dir: impl AsFd, name: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static SEEN: OnceLock<Mutex<HashMap<(u64, String), Instant>>> = OnceLock::new();
+    let Ok(st) = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        return false;
+    };
+    if st.st_size != 0 {
+        return false;
+    }
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    // Forgotten a minute on: bounded however many claims come and go.
+    seen.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+    let first = *seen
+        .entry((st.st_ino, name.to_string()))
+        .or_insert_with(Instant::now);
+    first.elapsed() >= EMPTY_CLAIM_GRACE
+}
+
 /// Whether the file at `name` in `dir` is still the inode `ino`.
 fn still(dir: impl AsFd, name: &str, ino: u64) -> bool {
     fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_ino == ino)
@@ -275,6 +304,13 @@ impl DiskCache {
                                 until: SystemTime::now(),
                             };
                         }
+                        // Empty: its line is written right after it is
+                        // made (and on NFS reaches us at its close, a
+                        // moment later), so one empty for longer was left
+                        // by a claimant killed in between (a `scancel`):
+                        // taken over after EMPTY_CLAIM_GRACE by our own
+                        // clock, not after 30 s by the file's.
+                        None if empty_for_long(shard, &name) => {}
                         // Being written: a claim's line not there yet, or
                         // (on NFS, whose writes reach other nodes in any
                         // order until closed) a block's header before its
@@ -783,6 +819,26 @@ mod tests {
         assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
         f.set_modified(SystemTime::now() - std::time::Duration::from_secs(120))
             .unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Mine(_)));
+    }
+
+    #[test]
+    fn a_claim_left_empty_by_a_killed_claimant_is_taken_over_in_seconds() {
+        // Found by a user: a prefetch killed between making a claim and
+        // writing its line cost the next run 15 s (the claim was fresh by
+        // its mtime for 30 s, and waiting gives up after half the request
+        // timeout).
+        let d = tempfile::tempdir().unwrap();
+        let c = shared_cache(d.path());
+        let k = long_key(6);
+        c.get(&k, 1);
+        let claim = c
+            .path(&k)
+            .with_file_name(format!(".claim-{}", DiskCache::name(&k)));
+        fs::File::create(&claim).unwrap();
+        assert!(matches!(c.claim(&k, 4096, later()), Claim::Theirs { .. }));
+        std::thread::sleep(EMPTY_CLAIM_GRACE + std::time::Duration::from_millis(100));
+        // Its mtime is still fresh: only our own clock says it is stale.
         assert!(matches!(c.claim(&k, 4096, later()), Claim::Mine(_)));
     }
 

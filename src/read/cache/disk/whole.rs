@@ -5,13 +5,14 @@
 //! disk under it: no block files opened, checked and copied per read.
 //! Counted and evicted with the blocks (the same shards, the same bound).
 //!
-//! Only in a folder no one else may write (not `--cache-group`): a plain
-//! file has no header to check, and the kernel hands its bytes to readers
-//! as the object's. A folder of one user's mounts on many nodes
-//! (`--cache-shared`, a job array's) keeps them too: the second node of an
-//! array reads at disk speed. Its blocks go once it is whole; a node
-//! waiting on one of them by name finds it in the whole file (see
-//! `DiskCache::get`, which falls back to it).
+//! Only in a folder no one else may write and no other mount uses (not
+//! `--cache-shared`, not `--cache-group`): a plain file has no header to
+//! check, and the kernel hands its bytes to readers as the object's; a
+//! shared folder is trimmed by sampling, which a few large files would
+//! throw off. And the kernel reads it only where the folder is on a local
+//! file system ([`DiskCache::local`]): a read the kernel sends to a stalled
+//! NFS or Lustre server waits as long as the server does, past every
+//! bound the mount keeps on its own calls into the folder.
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,11 +40,16 @@ impl DiskCache {
         format!("{}.whole", hex::encode(h.finalize()))
     }
 
-    /// Whether whole files may be kept and handed to the kernel: nobody
-    /// but this user can write the folder (its own mounts on other nodes
-    /// may: see the module docs).
+    /// Whether whole files may be kept: nobody but this user can write the
+    /// folder, and no other mount uses it (see the module docs).
     pub fn keeps_whole_files(&self) -> bool {
-        self.file_mode & 0o077 == 0
+        self.file_mode & 0o077 == 0 && !self.shared
+    }
+
+    /// Whether the kernel may read this folder's whole files itself: they
+    /// are kept, and the folder is on a local file system.
+    pub fn hands_whole_files_to_the_kernel(&self) -> bool {
+        self.keeps_whole_files() && self.local
     }
 
     /// `id`'s whole file, open for reading, if it is there, a regular file
@@ -91,7 +97,8 @@ impl DiskCache {
         )
         .ok()?;
         let ours = st.st_uid == nix::unistd::geteuid().as_raw();
-        (ours && st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some(st.st_size as u64)
+        let plain = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o022 == 0;
+        (ours && plain).then_some(st.st_size as u64)
     }
 
     /// Sets the block size of the mount using the cache (default 1 MiB).
