@@ -18,6 +18,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+mod buffers;
 mod evict;
 mod fd;
 mod whole;
@@ -624,12 +625,12 @@ impl DiskCache {
         // Read exactly `want` bytes: never more, whatever the file claims
         // (into spare capacity: no zeroing of a buffer about to be filled).
         let file = std::fs::File::from(fd);
-        let mut raw = Vec::with_capacity(want as usize);
+        let mut raw = buffers::take(want as usize);
         (&file).take(want).read_to_end(&mut raw).map_err(|_| None)?;
         if raw.len() as u64 != want || Self::header(k, &raw[hlen..]) != raw[..hlen] {
             return Err(Some("failed its check"));
         }
-        Ok((Bytes::from(raw).slice(hlen..), file, st.st_mtime))
+        Ok((buffers::share(raw).slice(hlen..), file, st.st_mtime))
     }
 
     /// Removes an unusable entry (only a name in our own folder: safe).

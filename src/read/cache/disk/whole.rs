@@ -126,11 +126,12 @@ impl DiskCache {
         {
             return None;
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = super::buffers::take(len as usize);
+        buf.resize(len as usize, 0);
         std::fs::File::from(fd)
             .read_exact_at(&mut buf, start)
             .ok()?;
-        Some(bytes::Bytes::from(buf))
+        Some(super::buffers::share(buf))
     }
 
     /// Puts `id`'s blocks (of `block_size`; `size` bytes in all) together
