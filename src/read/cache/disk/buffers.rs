@@ -11,19 +11,29 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-/// Buffers kept for reuse at most: 8 MiB of resident memory, enough for
-/// a sequential reader's blocks streaming through the memory cache.
+/// Buffers kept for reuse at most: 8 of about a block each (8 MiB of
+/// resident memory at the default 1 MiB), enough for a sequential reader's
+/// blocks streaming through the memory cache.
 const KEPT: usize = 8;
+
+/// Only buffers of a full block's size are kept (a block and its header,
+/// for block sizes of 512 KiB to 4 MiB): a file's short last block would
+/// fill the pool with buffers no full block fits, and a huge one would
+/// hold memory the memory cache does not count.
+const KEEP_FROM: usize = 512 << 10;
+const KEEP_UP_TO: usize = (4 << 20) + (64 << 10);
 
 static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// An empty buffer of at least `cap` bytes' capacity: a kept one if one is
-/// large enough (and not more than twice as large), else a new one.
+/// An empty buffer of at least `cap` bytes' capacity: a kept one if one
+/// fits it closely (at most an eighth larger: the memory cache counts a
+/// block by its length, so a buffer much larger than its block would be
+/// memory it does not see), else a new one.
 pub(super) fn take(cap: usize) -> Vec<u8> {
     let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
     match free
         .iter()
-        .position(|b| b.capacity() >= cap && b.capacity() <= 2 * cap.max(4096))
+        .position(|b| b.capacity() >= cap && b.capacity() <= cap + cap / 8)
     {
         Some(i) => {
             let mut b = free.swap_remove(i);
@@ -40,6 +50,11 @@ pub(super) fn share(buf: Vec<u8>) -> Bytes {
     Bytes::from_owner(Kept(buf))
 }
 
+/// Whether a buffer of `capacity` bytes is kept for reuse.
+fn worth_keeping(capacity: usize) -> bool {
+    (KEEP_FROM..=KEEP_UP_TO).contains(&capacity)
+}
+
 struct Kept(Vec<u8>);
 
 impl AsRef<[u8]> for Kept {
@@ -51,6 +66,9 @@ impl AsRef<[u8]> for Kept {
 impl Drop for Kept {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
+        if !worth_keeping(buf.capacity()) {
+            return;
+        }
         let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < KEPT {
             free.push(buf);
@@ -63,25 +81,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_buffer_comes_back_when_its_last_bytes_go_and_is_used_again() {
+    fn a_buffer_is_never_handed_out_while_its_bytes_live_and_comes_back_after() {
         let mut b = take(1 << 20);
         b.extend_from_slice(&[7u8; 1 << 20]);
         let ptr = b.as_ptr();
         let bytes = share(b);
         let part = bytes.slice(10..20);
         drop(bytes);
-        // Still held by its slice: not free, and its bytes intact.
+        // Held by its slice: any buffer handed out now is another one.
+        let other = take(1 << 20);
+        assert_ne!(other.as_ptr(), ptr);
         assert_eq!(&part[..], &[7u8; 10]);
         drop(part);
-        // Back, and handed out again, empty.
+        // Back now (unless another test took it in between), empty.
         let again = take(1 << 20);
         assert!(again.is_empty());
-        let reused = again.as_ptr() == ptr;
-        drop(again);
-        // Another test may have taken it in between: only when it was
-        // ours again must it be the same memory.
-        if reused {
-            assert!(FREE.lock().unwrap().len() <= KEPT);
-        }
+        assert!(again.capacity() >= 1 << 20);
+        drop((other, again));
+        assert!(FREE.lock().unwrap().len() <= KEPT);
+    }
+
+    #[test]
+    fn only_buffers_of_a_full_blocks_size_are_kept() {
+        assert!(worth_keeping((1 << 20) + 200));
+        assert!(worth_keeping((4 << 20) + 200));
+        assert!(!worth_keeping(300 << 10)); // a file's short last block
+        assert!(!worth_keeping(64 << 20)); // a huge block size
     }
 }

@@ -111,7 +111,7 @@ impl DiskCache {
     /// there (the block files of a version kept whole are removed).
     /// Blocking: a call into the folder.
     pub(super) fn whole_block(&self, k: &BlockKey, len: u64) -> Option<bytes::Bytes> {
-        use std::os::unix::fs::FileExt;
+        use std::io::{Read, Seek};
         if !self.keeps_whole_files() {
             return None;
         }
@@ -126,12 +126,13 @@ impl DiskCache {
         {
             return None;
         }
+        // Into a kept buffer's spare room, exactly `len` bytes or none (no
+        // zeroing of what the read is about to fill).
+        let mut file = std::fs::File::from(fd);
+        file.seek(std::io::SeekFrom::Start(start)).ok()?;
         let mut buf = super::buffers::take(len as usize);
-        buf.resize(len as usize, 0);
-        std::fs::File::from(fd)
-            .read_exact_at(&mut buf, start)
-            .ok()?;
-        Some(super::buffers::share(buf))
+        (&file).take(len).read_to_end(&mut buf).ok()?;
+        (buf.len() as u64 == len).then(|| super::buffers::share(buf))
     }
 
     /// Puts `id`'s blocks (of `block_size`; `size` bytes in all) together
