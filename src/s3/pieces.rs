@@ -16,6 +16,16 @@ use bytes::Bytes;
 /// Idle buffers kept for reuse, at most.
 const KEEP: usize = 8;
 
+/// Whether a buffer of `capacity` bytes is worth keeping for reuse: about
+/// a cache block's size (512 KiB to 4 MiB, and room for a disk block's
+/// header). A file's short last piece would otherwise take a place in the
+/// pool that no full block ever reuses, and once every place is taken so,
+/// no buffer is reused at all; a huge one would hold memory nothing
+/// counts. Shared with the disk cache's pool (`read/cache/disk/buffers.rs`).
+pub fn block_sized(capacity: usize) -> bool {
+    ((512 << 10)..=((4 << 20) + (64 << 10))).contains(&capacity)
+}
+
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A piece being filled: becomes [`Bytes`] with [`Piece::freeze`], and its
@@ -65,7 +75,7 @@ impl AsRef<[u8]> for Piece {
 impl Drop for Piece {
     fn drop(&mut self) {
         let mut b = std::mem::take(&mut self.0);
-        if b.capacity() == 0 {
+        if !block_sized(b.capacity()) {
             return;
         }
         b.clear();
@@ -82,18 +92,19 @@ mod tests {
 
     #[test]
     fn a_freed_piece_is_reused_and_never_shows_old_bytes() {
-        let mut p = Piece::with_capacity(4096);
-        p.extend_from_slice(&[9u8; 4096]);
+        // Block-sized: only those are kept (see `block_sized`).
+        let mut p = Piece::with_capacity(1 << 20);
+        p.extend_from_slice(&[9u8; 1 << 20]);
         let b = p.freeze();
         let addr = b.as_ptr();
         let copy = b.clone();
         drop(b);
         // Still in use through its clone: not reused yet.
-        assert_eq!(copy, Bytes::from(vec![9u8; 4096]));
+        assert_eq!(copy, Bytes::from(vec![9u8; 1 << 20]));
         drop(copy);
-        let q = Piece::with_capacity(4096);
+        let q = Piece::with_capacity(1 << 20);
         assert!(q.is_empty());
-        assert_eq!(q.room(), 4096);
+        assert_eq!(q.room(), 1 << 20);
         // Another test may have taken it meanwhile; if it is ours, it is
         // the same memory.
         if q.0.as_ptr() == addr {

@@ -5,7 +5,9 @@
 //! `main.rs`). Measured reading 512 MiB of blocks on a fresh mount: about
 //! a fifth of the daemon's CPU. A block read from disk lives in the memory
 //! cache until evicted; its buffer comes back here when the last `Bytes`
-//! of it goes, and the next block read takes it.
+//! of it goes, and the next block read takes it. (S3's GET pieces have a
+//! pool of their own, `s3/pieces.rs`, of exact sizes: a piece's capacity
+//! is where it ends. Both keep only block-sized buffers.)
 
 use std::sync::Mutex;
 
@@ -15,13 +17,6 @@ use bytes::Bytes;
 /// resident memory at the default 1 MiB), enough for a sequential reader's
 /// blocks streaming through the memory cache.
 const KEPT: usize = 8;
-
-/// Only buffers of a full block's size are kept (a block and its header,
-/// for block sizes of 512 KiB to 4 MiB): a file's short last block would
-/// fill the pool with buffers no full block fits, and a huge one would
-/// hold memory the memory cache does not count.
-const KEEP_FROM: usize = 512 << 10;
-const KEEP_UP_TO: usize = (4 << 20) + (64 << 10);
 
 static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
@@ -50,11 +45,6 @@ pub(super) fn share(buf: Vec<u8>) -> Bytes {
     Bytes::from_owner(Kept(buf))
 }
 
-/// Whether a buffer of `capacity` bytes is kept for reuse.
-fn worth_keeping(capacity: usize) -> bool {
-    (KEEP_FROM..=KEEP_UP_TO).contains(&capacity)
-}
-
 struct Kept(Vec<u8>);
 
 impl AsRef<[u8]> for Kept {
@@ -66,7 +56,8 @@ impl AsRef<[u8]> for Kept {
 impl Drop for Kept {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
-        if !worth_keeping(buf.capacity()) {
+        // Only a full block's size (see `block_sized`).
+        if !crate::s3::pieces::block_sized(buf.capacity()) {
             return;
         }
         let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,9 +94,10 @@ mod tests {
 
     #[test]
     fn only_buffers_of_a_full_blocks_size_are_kept() {
-        assert!(worth_keeping((1 << 20) + 200));
-        assert!(worth_keeping((4 << 20) + 200));
-        assert!(!worth_keeping(300 << 10)); // a file's short last block
-        assert!(!worth_keeping(64 << 20)); // a huge block size
+        use crate::s3::pieces::block_sized;
+        assert!(block_sized((1 << 20) + 200));
+        assert!(block_sized((4 << 20) + 200));
+        assert!(!block_sized(300 << 10)); // a file's short last block
+        assert!(!block_sized(64 << 20)); // a huge block size
     }
 }
