@@ -676,7 +676,10 @@ async fn the_wan_profile_paces_s3_and_delays_the_api() {
     // twice the time says the pacing itself is off.
     let paced = (all - first).as_secs_f64();
     assert!((1.216..2.56).contains(&paced), "64 MiB in {paced} s");
-    assert!(cpu < 0.4, "{cpu} CPU seconds to pace 64 MiB");
+    // Paced by sleeping, not spinning: a spin would burn the whole 1.3 s.
+    // The bound is twice what a quiet machine measures (0.2-0.4 s of a
+    // debug build's CPU; 0.41 s once under a loaded machine's contention).
+    assert!(cpu < 0.8, "{cpu} CPU seconds to pace 64 MiB");
 
     // Set at run time: two streams of 200 MiB/s share a 100 MiB/s link, so
     // two 16 MiB GETs together take 0.32 s (each alone would take 0.08).
