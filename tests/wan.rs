@@ -466,7 +466,7 @@ fn an_sqlite_database_is_bought_at_its_first_read_a_look_alike_is_not() {
     if !fuse_available() {
         return;
     }
-    let size = 32 * MIB;
+    let size = 48 * MIB;
     let d = tempfile::tempdir().unwrap();
     let mut db = bytes(3, size);
     db[..16].copy_from_slice(b"SQLite format 3\0");
@@ -479,8 +479,10 @@ fn an_sqlite_database_is_bought_at_its_first_read_a_look_alike_is_not() {
     let pages = |name: &str| {
         let f = std::fs::File::open(m.join("10378.1/1").join(name)).unwrap();
         let mut page = [0u8; 4096];
-        // The header page, then two pages of a B-tree descent.
-        for off in [0, 21 * MIB + 8192, 7 * MIB + 4096] {
+        // The header page, then a page of a B-tree descent: one wait of
+        // rent (the first is not rent), a third of the look-alike's price
+        // (48 MiB at the link's pace) even on a slow machine.
+        for off in [0, 21 * MIB + 8192] {
             f.read_exact_at(&mut page, off as u64).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -493,11 +495,11 @@ fn an_sqlite_database_is_bought_at_its_first_read_a_look_alike_is_not() {
     pages("index.sqlite");
     let fetched = sim.stat("s3_get_bytes") - bytes0;
     let st = m.stats();
-    eprintln!("three pages: {other} bytes of other.bin, {fetched} of the database; {st:?}");
+    eprintln!("two pages: {other} bytes of other.bin, {fetched} of the database; {st:?}");
     // Its first read says what it is: the rent its queries will pay (16
-    // round trips) is more than the 32 MiB cost, so it is bought at once,
+    // round trips) is more than the 48 MiB cost, so it is bought at once,
     // and fetched once.
     assert_eq!(st.get("buys"), Some(&1), "{st:?}");
-    assert!(fetched <= (size + 3 * 4096 * 4) as u64, "{fetched} bytes");
+    assert!(fetched <= (size + 2 * 4096 * 4) as u64, "{fetched} bytes");
     assert!(fetched >= size as u64 - MIB as u64, "{fetched} bytes");
 }
